@@ -1,0 +1,556 @@
+"""The `mailflow` command: parses, calls a service, prints. Human output, or --json.
+
+User errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any, Optional
+
+import orjson
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import embedded, log
+from .app import Runtime
+from .config import Settings, load_settings, mask_url
+from .consumers.dlq import DeadLetters
+from .consumers.runtime import ConsumerRunner
+from .errors import MailflowError
+from .events.envelope import Envelope, Metadata, NewEvent
+from .events.relay import Relay
+from .lifecycle import stop_on_signals
+from .migrate import migrate as apply_migrations
+from .projectors import available as available_projections
+from .projectors import event_counts
+from .projectors import get as get_projection
+
+app = typer.Typer(
+    help="mailflow: an event-sourced email pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+events_app = typer.Typer(help="Append, read and follow events.", no_args_is_help=True)
+projections_app = typer.Typer(help="Inspect and rebuild projections.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead letters: events a consumer gave up on.", no_args_is_help=True)
+services_app = typer.Typer(help="The embedded PostgreSQL and Redis.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+app.add_typer(projections_app, name="projections")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(services_app, name="services")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+class _State:
+    settings: Settings | None = None
+    runtime: Runtime | None = None
+
+
+_state = _State()
+
+
+def settings() -> Settings:
+    if _state.settings is None:
+        try:
+            _state.settings = load_settings()
+        except Exception as exc:  # pydantic ValidationError -> one line
+            raise MailflowError(f"bad MAILFLOW_* setting: {str(exc).splitlines()[0:3]}") from exc
+    return _state.settings
+
+
+def runtime(pool_size: int = 4) -> Runtime:
+    if _state.runtime is None:
+        _state.runtime = Runtime(settings(), pool_size=pool_size)
+    return _state.runtime
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_logs() -> None:
+    s = settings()
+    log.configure(level="warning" if s.log_level == "info" else s.log_level, fmt=s.log_format)
+
+
+# -- top level ----------------------------------------------------------------------------
+
+
+@app.command()
+def migrate(as_json: bool = JsonOpt) -> None:
+    """Apply pending database migrations (safe to run twice, or from two processes)."""
+    rt = runtime()
+    with rt.connect() as conn:
+        done = apply_migrations(conn)
+    if as_json:
+        emit_json({"applied": done, "database": mask_url(rt.services.database_url)})
+    elif done:
+        out.print(f"applied {len(done)} migration(s): {', '.join(done)}")
+    else:
+        out.print("database is up to date")
+
+
+@app.command()
+def relay() -> None:
+    """Publish committed events to Redis (one leader; more instances wait as hot standbys)."""
+    s = settings()
+    log.configure(s.log_level, s.log_format, stream=sys.stdout)
+    stop = stop_on_signals()
+    rt = runtime()
+    Relay(rt.store, rt.services.redis_url, s).run(stop)
+
+
+@app.command()
+def consume(
+    name: str = typer.Argument(..., help="Projection to run, e.g. event_counts."),
+    consumer_id: Optional[str] = typer.Option(None, help="Name within the consumer group (default host-pid)."),
+) -> None:
+    """Run a consumer: catch up from PostgreSQL, then follow the live stream. SIGTERM stops it."""
+    s = settings()
+    log.configure(s.log_level, s.log_format, stream=sys.stdout)
+    stop = stop_on_signals()
+    rt = runtime()
+    runner = ConsumerRunner(get_projection(name), rt.store, rt.services.redis_url, s, consumer_id=consumer_id)
+    runner.run(stop)
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+def _parse_json_object(raw: str, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MailflowError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise MailflowError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+@events_app.command("append")
+def events_append(
+    stream: str = typer.Argument(..., help="Stream name, e.g. campaign-42."),
+    event_type: str = typer.Argument(..., metavar="TYPE", help="Event type, e.g. CampaignCreated."),
+    data: str = typer.Option(..., "--data", help="Event data as a JSON object."),
+    expected_version: Optional[int] = typer.Option(
+        None, "--expected-version", help="Fail unless the stream is at this version (0 = new stream)."
+    ),
+    schema: int = typer.Option(1, "--schema", min=1, help="Schema version of the data."),
+    event_id: Optional[str] = typer.Option(None, "--id", help="Event id (UUID); retries with the same id are no-ops."),
+    correlation_id: Optional[str] = typer.Option(None, "--correlation-id"),
+    causation_id: Optional[str] = typer.Option(None, "--causation-id"),
+    tenant: Optional[str] = typer.Option(None, "--tenant"),
+    actor: Optional[str] = typer.Option(None, "--actor"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Append one event (an operator's tool, like a console producer)."""
+    _quiet_logs()
+    payload = _parse_json_object(data, "--data")
+    try:
+        eid = uuid.UUID(event_id) if event_id else uuid.uuid4()
+    except ValueError as exc:
+        raise MailflowError(f"--id {event_id!r} is not a UUID") from exc
+    md = Metadata(correlation_id=correlation_id, causation_id=causation_id, tenant=tenant, actor=actor)
+    store = runtime().store
+    [env] = store.append(
+        stream, [NewEvent(event_type, payload, schema=schema, id=eid, metadata=md)], expected_version
+    )
+    # Give it a position now when we can (the relay does it too); appended is committed already.
+    if env.position is None:
+        store.sequence(wait=False)
+        env = store.get_by_id(env.id)
+    if as_json:
+        emit_json(env.to_dict())
+    else:
+        where = f"position {env.position}" if env.position else "position pending (an older transaction is open)"
+        out.print(f"appended {env.type} to {env.stream} at version {env.version}, {where}, id {env.id}")
+
+
+def _fmt_event_line(env: Envelope) -> str:
+    data = orjson.dumps(env.data).decode()
+    if len(data) > 120:
+        data = data[:117] + "..."
+    ts = env.recorded_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{env.position:>8}  {ts}  {env.stream}@{env.version}  {env.type}  {data}"
+
+
+@events_app.command("tail")
+def events_tail(
+    from_position: Optional[int] = typer.Option(None, "--from", min=1, help="Start at this position (default: the last --limit events)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until interrupted."),
+    types: Optional[list[str]] = typer.Option(None, "--type", help="Only this type (repeatable)."),
+    stream: Optional[str] = typer.Option(None, "--stream", help="Only this stream."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many to show without --from."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Print events in position order; with --follow, wait for more (Ctrl-C or SIGTERM stops)."""
+    _quiet_logs()
+    rt = runtime()
+    store = rt.store
+    store.sequence(wait=False)
+    head = store.head()
+    after = from_position - 1 if from_position is not None else max(head - limit, 0)
+    stop = stop_on_signals() if follow else threading.Event()
+
+    def show(batch: list[Envelope]) -> None:
+        for env in batch:
+            if as_json:
+                emit_json(env.to_dict())
+            else:
+                out.print(_fmt_event_line(env), markup=False)
+
+    listen = rt.connect() if follow else None
+    if listen is not None:
+        listen.execute(f"LISTEN {store.channel}")
+    try:
+        while True:
+            batch = store.read_all(after, 1000, types=types, stream=stream)
+            if batch:
+                show(batch)
+                after = batch[-1].position or after
+                continue
+            if types or stream:
+                # Filtered reads may skip over the head; remember how far we looked.
+                after = max(after, store.head())
+            if not follow or stop.is_set():
+                return
+            for _ in listen.notifies(timeout=0.5, stop_after=1):  # type: ignore[union-attr]
+                pass
+            if stop.is_set():
+                return
+            store.sequence(wait=False)
+    finally:
+        if listen is not None:
+            listen.close()
+
+
+@events_app.command("show")
+def events_show(position: int = typer.Argument(..., min=1), as_json: bool = JsonOpt) -> None:
+    """Show the full envelope of the event at POSITION."""
+    _quiet_logs()
+    env = runtime().store.get(position)
+    if as_json:
+        emit_json(env.to_dict())
+    else:
+        out.print_json(orjson.dumps(env.to_dict()).decode())
+
+
+@events_app.command("stream")
+def events_stream(stream: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
+    """Show every event of STREAM in version order."""
+    _quiet_logs()
+    envs = runtime().store.read_stream(stream)
+    if not envs:
+        raise MailflowError(f"stream {stream!r} has no events")
+    if as_json:
+        emit_json([e.to_dict() for e in envs])
+        return
+    for env in envs:
+        pos = env.position if env.position is not None else "-"
+        ts = env.recorded_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        out.print(f"v{env.version:<5} pos {pos!s:<8} {ts}  {env.type}  {orjson.dumps(env.data).decode()}", markup=False)
+
+
+@events_app.command("stats")
+def events_stats(
+    hourly: bool = typer.Option(False, "--hourly", help="Per-hour counts for the last 24 hours."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Events per type (from the event_counts projection; see `projections list` for its lag)."""
+    _quiet_logs()
+    rt = runtime()
+    rt.store.sequence(wait=False)
+    head = rt.store.head()
+    with rt.connect() as conn:
+        row = conn.execute("SELECT position FROM consumer_checkpoints WHERE consumer = 'event_counts'").fetchone()
+        checkpoint = int(row[0]) if row else 0
+        if hourly:
+            since = datetime.now(timezone.utc) - timedelta(hours=24)
+            rows = event_counts.hourly(conn, since)
+        else:
+            rows = event_counts.stats(conn)
+    lag = head - checkpoint
+    if as_json:
+        emit_json({"head": head, "checkpoint": checkpoint, "lag": lag, "rows": rows})
+        return
+    table = Table(title=f"event_counts (checkpoint {checkpoint} of {head})")
+    if hourly:
+        for col in ("hour (UTC)", "type", "count"):
+            table.add_column(col, justify="right" if col == "count" else "left")
+        for r in rows:
+            table.add_row(str(r["hour"]), str(r["type"]), str(r["count"]))
+    else:
+        for col in ("type", "total", "last 24h", "latest hour"):
+            table.add_column(col, justify="right" if col in ("total", "last 24h") else "left")
+        for r in rows:
+            table.add_row(str(r["type"]), str(r["total"]), str(r["last_24h"]), str(r["last_hour"]))
+    out.print(table)
+    if lag > 0:
+        err.print(f"note: event_counts is {lag} event(s) behind; is `mailflow consume event_counts` running?")
+
+
+# -- projections ------------------------------------------------------------------------
+
+
+@projections_app.command("list")
+def projections_list(as_json: bool = JsonOpt) -> None:
+    """Name, checkpoint, head position and lag (in events) of every projection."""
+    _quiet_logs()
+    rt = runtime()
+    rt.store.sequence(wait=False)
+    head = rt.store.head()
+    with rt.connect() as conn:
+        cps = {c: (p, u) for c, p, u in conn.execute("SELECT consumer, position, updated_at FROM consumer_checkpoints")}
+        dead = dict(conn.execute(
+            "SELECT consumer, count(*) FROM dead_letters WHERE status = 'open' GROUP BY consumer"
+        ).fetchall())
+    known = available_projections()
+    rows = []
+    for name in sorted(set(known) | set(cps)):
+        cp, updated = cps.get(name, (0, None))
+        rows.append({
+            "name": name,
+            "description": known[name].description if name in known else "(not installed here)",
+            "checkpoint": cp,
+            "head": head,
+            "lag": head - cp,
+            "dead_letters": int(dead.get(name, 0)),
+            "updated_at": updated.isoformat() if updated else None,
+        })
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table()
+    for col in ("name", "checkpoint", "head", "lag", "dead letters", "description"):
+        table.add_column(col, justify="right" if col in ("checkpoint", "head", "lag", "dead letters") else "left")
+    for r in rows:
+        table.add_row(r["name"], str(r["checkpoint"]), str(r["head"]), str(r["lag"]), str(r["dead_letters"]), r["description"])
+    out.print(table)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: str = typer.Argument(...),
+    from_position: int = typer.Option(1, "--from", min=1, help="Rewind to this position (default: from scratch)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Undo and re-apply events from PostgreSQL, with a progress bar."""
+    _quiet_logs()
+    rt = runtime()
+    runner = ConsumerRunner(get_projection(name), rt.store, rt.services.redis_url, rt.settings)
+    stop_on_signals(runner.stop)
+    started = datetime.now(timezone.utc)
+    try:
+        if as_json:
+            applied = runner.rebuild(from_position)
+        else:
+            with Progress(
+                TextColumn(f"rebuilding {name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            ) as bar:
+                task = bar.add_task("rebuild", total=None)
+                first: list[int] = []
+
+                def progress(pos: int, upto: int) -> None:
+                    if not first:
+                        first.append(pos)
+                    bar.update(task, total=max(upto - from_position + 1, 1), completed=pos - from_position + 1)
+
+                applied = runner.rebuild(from_position, progress)
+        checkpoint = runner.checkpoint()
+    finally:
+        runner.close()
+    seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    result = {
+        "projection": name,
+        "from": from_position,
+        "applied": applied,
+        "checkpoint": checkpoint,
+        "dead_lettered": runner.dead_lettered,
+        "seconds": round(seconds, 3),
+        "interrupted": runner.stop.is_set(),
+    }
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(
+            f"rebuilt {name}: {applied} event(s) applied, checkpoint {checkpoint}, "
+            f"{runner.dead_lettered} dead-lettered, {seconds:.1f} s"
+            + (" (interrupted)" if runner.stop.is_set() else "")
+        )
+    if runner.stop.is_set():
+        raise typer.Exit(130)
+
+
+# -- dlq ----------------------------------------------------------------------------------
+
+
+def _dead_letters(rt: Runtime) -> tuple[DeadLetters, psycopg.Connection]:
+    conn = rt.connect()
+    return DeadLetters(conn, rt.store, rt.redis, rt.keys), conn
+
+
+@dlq_app.command("list")
+def dlq_list(
+    consumer: Optional[str] = typer.Option(None, "--consumer", help="Only this consumer."),
+    include_resolved: bool = typer.Option(False, "--all", help="Include retried and dropped ones."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Dead letters (open ones unless --all)."""
+    _quiet_logs()
+    dl, conn = _dead_letters(runtime())
+    with conn:
+        letters = dl.list(consumer, include_resolved=include_resolved)
+    if as_json:
+        emit_json([d.to_dict() for d in letters])
+        return
+    if not letters:
+        out.print("no dead letters")
+        return
+    table = Table()
+    for col in ("id", "consumer", "position", "type", "attempts", "status", "error"):
+        table.add_column(col)
+    for d in letters:
+        table.add_row(str(d.id), d.consumer, str(d.position), d.event_type, str(d.attempts), d.status, d.error[:100])
+    out.print(table)
+
+
+def _dlq_act(action: str, ids: list[int], every: bool, consumer: Optional[str], as_json: bool) -> None:
+    _quiet_logs()
+    rt = runtime()
+    dl, conn = _dead_letters(rt)
+    done, failed = [], []
+    with conn:
+        letters = dl.select(ids, consumer, every)
+        for letter in letters:
+            try:
+                if action == "retry":
+                    dl.retry(letter, get_projection)
+                else:
+                    dl.drop(letter)
+                done.append(letter.id)
+            except MailflowError as exc:
+                failed.append({"id": letter.id, "error": str(exc)})
+    if as_json:
+        emit_json({action: done, "failed": failed})
+    else:
+        verb = "re-applied" if action == "retry" else "dropped"
+        out.print(f"{verb} {len(done)} dead letter(s)" + (f": {', '.join(map(str, done))}" if done else ""))
+        for f in failed:
+            err.print(f"error: {f['error']}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    ids: Optional[list[int]] = typer.Argument(None, help="Dead letter ids."),
+    every: bool = typer.Option(False, "--all", help="Every open dead letter (of --consumer)."),
+    consumer: Optional[str] = typer.Option(None, "--consumer"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-apply dead-lettered events (after the fault is fixed)."""
+    _dlq_act("retry", ids or [], every, consumer, as_json)
+
+
+@dlq_app.command("drop")
+def dlq_drop(
+    ids: Optional[list[int]] = typer.Argument(None, help="Dead letter ids."),
+    every: bool = typer.Option(False, "--all", help="Every open dead letter (of --consumer)."),
+    consumer: Optional[str] = typer.Option(None, "--consumer"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Give up on dead letters for good (the events stay in the log)."""
+    _dlq_act("drop", ids or [], every, consumer, as_json)
+
+
+# -- services -----------------------------------------------------------------------------
+
+
+@services_app.command("status")
+def services_status(as_json: bool = JsonOpt) -> None:
+    """Show the embedded PostgreSQL and Redis (or the configured URLs)."""
+    s = settings()
+    rows = []
+    for svc in embedded.status(s.home):
+        configured = s.database_url if svc.name == "postgres" else s.redis_url
+        rows.append({
+            "name": svc.name,
+            "mode": "configured" if configured else "embedded",
+            "running": svc.running,
+            "pid": svc.pid,
+            "url": mask_url(configured) if configured else svc.url,
+            "detail": svc.detail,
+        })
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        if r["mode"] == "configured":
+            out.print(f"{r['name']:<9} configured  {r['url']}")
+        else:
+            state = f"running (pid {r['pid']})" if r["running"] else "stopped"
+            out.print(f"{r['name']:<9} embedded    {state}  {r['url'] or r['detail']}")
+
+
+@services_app.command("stop")
+def services_stop(as_json: bool = JsonOpt) -> None:
+    """Stop the embedded PostgreSQL and Redis under MAILFLOW_HOME."""
+    s = settings()
+    after = embedded.stop(s.home)
+    if as_json:
+        emit_json([{"name": x.name, "running": x.running} for x in after])
+    else:
+        for x in after:
+            out.print(f"{x.name:<9} {'still running' if x.running else 'stopped'}")
+
+
+def main() -> None:
+    try:
+        app()
+    except MailflowError as exc:
+        err.print(f"error: {exc}", markup=False)
+        _close()
+        sys.exit(exc.exit_code)
+    except psycopg.errors.UndefinedTable as exc:
+        err.print(f"error: the database is not migrated ({exc.diag.message_primary}); run `mailflow migrate`", markup=False)
+        _close()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _close()
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("MAILFLOW_DEBUG"):
+            raise
+        err.print(f"error: unexpected {type(exc).__name__}: {exc} (set MAILFLOW_DEBUG=1 for a traceback)", markup=False)
+        _close()
+        sys.exit(70)
+    _close()
+
+
+def _close() -> None:
+    if _state.runtime is not None:
+        _state.runtime.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Configuration room: every setting comes from MAILFLOW_* environment variables, read once.
+
+With no MAILFLOW_DATABASE_URL / MAILFLOW_REDIS_URL the embedded PostgreSQL and Redis
+under MAILFLOW_HOME are used (started on demand, shared by every process).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """mailflow settings; see docs/operations.md for each variable."""
+
+    model_config = SettingsConfigDict(env_prefix="MAILFLOW_", extra="ignore")
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    home: Path = Path(".mailflow")
+    redis_prefix: str = "mailflow"
+    log_level: str = "info"
+    log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
+
+    # Relay
+    relay_batch_size: int = Field(default=2000, ge=1)
+    relay_poll_interval_s: float = Field(default=1.0, gt=0)
+    relay_retry_interval_s: float = Field(default=0.002, gt=0)
+    stream_maxlen: int = Field(default=200_000, ge=1000)
+
+    # Consumers
+    consumer_batch_size: int = Field(default=500, ge=1)
+    consumer_block_ms: int = Field(default=2000, ge=1)
+    consumer_claim_idle_ms: int = Field(default=30_000, ge=1)
+    consumer_max_attempts: int = Field(default=5, ge=1)
+    consumer_retry_backoff_s: float = Field(default=0.2, ge=0)
+    catchup_batch_size: int = Field(default=5000, ge=1)
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.redis_url is None
+
+
+def load_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def mask_url(url: str) -> str:
+    """Return url with any password replaced by ***, for error messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    host = netloc[1] if len(netloc) == 2 else parts.netloc
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

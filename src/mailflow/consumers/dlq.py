@@ -1,0 +1,104 @@
+"""Consumers room: dead letters - list them, re-apply them after a fix, or drop them.
+
+PostgreSQL's dead_letters table is the truth; the Redis stream mailflow:dlq:<consumer>
+mirrors the open ones for integrators and loses nothing that matters if Redis is flushed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import redis
+
+from ..errors import MailflowError, NotFoundError
+from ..events.keys import Keys
+from ..events.store import EventStore
+from . import queries as q
+from .projection import Projection
+from .runtime import describe
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    consumer: str
+    position: int
+    event_id: str
+    event_type: str
+    attempts: int
+    error: str
+    status: str
+    created_at: datetime
+    resolved_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["created_at"] = self.created_at.isoformat()
+        d["resolved_at"] = self.resolved_at.isoformat() if self.resolved_at else None
+        return d
+
+
+def _row(r: tuple[Any, ...]) -> DeadLetter:
+    return DeadLetter(r[0], r[1], r[2], str(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+
+
+class DeadLetters:
+    def __init__(self, conn: psycopg.Connection, store: EventStore, redis_client: redis.Redis, keys: Keys) -> None:
+        self.conn = conn
+        self.store = store
+        self.redis = redis_client
+        self.keys = keys
+
+    def list(self, consumer: str | None = None, *, include_resolved: bool = False) -> list[DeadLetter]:
+        rows = self.conn.execute(
+            q.LIST_DEAD_LETTERS, {"consumer": consumer, "all": include_resolved}
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def select(self, ids: list[int], consumer: str | None, every: bool) -> list[DeadLetter]:
+        if every:
+            return self.list(consumer)
+        if not ids:
+            raise MailflowError("name dead letter ids, or pass --all")
+        open_ = {d.id: d for d in self.list(None)}
+        missing = [i for i in ids if i not in open_]
+        if missing:
+            raise NotFoundError(f"no open dead letter with id {', '.join(map(str, missing))}")
+        return [open_[i] for i in ids]
+
+    def retry(self, letter: DeadLetter, projection_for: Callable[[str], Projection]) -> None:
+        """Apply the event again; on success the dead letter is closed. Raises on failure."""
+        projection = projection_for(letter.consumer)
+        event = self.store.get(letter.position)
+        try:
+            with self.conn.transaction():
+                row = self.conn.execute(q.LOCK_DEAD_LETTER, (letter.id,)).fetchone()
+                if row is None or row[7] != "open":
+                    raise NotFoundError(f"dead letter {letter.id} is no longer open")
+                projection.apply(self.conn, [event])
+                self.conn.execute(q.RESOLVE_DEAD_LETTER, ("retried", letter.id))
+        except MailflowError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - report the projection's error in one line
+            raise MailflowError(
+                f"dead letter {letter.id} (position {letter.position}) failed again: {describe(exc)}"
+            ) from exc
+        self._unmirror(letter)
+
+    def drop(self, letter: DeadLetter) -> None:
+        with self.conn.transaction():
+            self.conn.execute(q.RESOLVE_DEAD_LETTER, ("dropped", letter.id))
+        self._unmirror(letter)
+
+    def _unmirror(self, letter: DeadLetter) -> None:
+        key = self.keys.dlq(letter.consumer)
+        try:
+            for entry_id, fields in self.redis.xrange(key):
+                if fields.get(b"dead_letter_id") == str(letter.id).encode():
+                    self.redis.xdel(key, entry_id)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # the mirror is best effort; PostgreSQL has the status

@@ -1,0 +1,33 @@
+"""Consumers room: what a projection must provide to be run by the consumer runtime."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import psycopg
+
+from ..events.envelope import Envelope
+
+
+class Projection(ABC):
+    """A read model built from events.
+
+    The runtime calls apply() inside a transaction that also moves the projection's
+    checkpoint, so each event is applied exactly once. apply() receives consecutive
+    events in position order and must do all its writes through `conn`.
+    """
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def apply(self, conn: psycopg.Connection, events: list[Envelope]) -> None:
+        """Apply a batch of consecutive events (one or many)."""
+
+    @abstractmethod
+    def reset(self, conn: psycopg.Connection, from_position: int, applied_upto: int) -> None:
+        """Undo the effect of events with position >= from_position (1 = everything).
+
+        applied_upto is the checkpoint: events after it were never applied. Called in the
+        same transaction that rewinds the checkpoint to from_position - 1.
+        """

@@ -1,0 +1,380 @@
+"""Consumers room: the consumer-group runtime that runs a projection.
+
+A consumer is a named Redis consumer group on the events stream. Each batch is applied in
+one PostgreSQL transaction that also moves the consumer's checkpoint, so an event is applied
+exactly once: entries at or below the checkpoint are acknowledged and skipped, and a hole
+between the checkpoint and the next entry (new consumer, trimmed stream, Redis flushed) is
+filled from PostgreSQL, the truth. XACK follows the commit. Pending entries of a dead
+consumer are reclaimed with XAUTOCLAIM. An event that keeps failing goes to the DLQ after
+`consumer_max_attempts` tries, and the consumer moves on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+import redis
+import structlog
+
+from ..config import Settings
+from ..events.envelope import Envelope
+from ..events.keys import Keys
+from ..events.store import EventStore
+from ..log import get_logger
+from ..services import connect, redis_client
+from . import queries as q
+from .projection import Projection
+
+log = get_logger("mailflow.consumer")
+
+_INFRA_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+ProgressFn = Callable[[int, int], None]
+
+
+class _ApplyFailed(Exception):
+    """The projection raised while applying events (not an infrastructure failure)."""
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text[:2000]
+
+
+class ConsumerRunner:
+    def __init__(
+        self,
+        projection: Projection,
+        store: EventStore,
+        redis_url: str,
+        settings: Settings,
+        *,
+        consumer_id: str | None = None,
+    ) -> None:
+        self.projection = projection
+        self.name = projection.name
+        self.store = store
+        self.redis_url = redis_url
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.consumer_id = consumer_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.stop = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._redis: redis.Redis | None = None
+        self.applied = 0
+        self.dead_lettered = 0
+
+    # -- connections -------------------------------------------------------------------
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.store.pool.conninfo)
+        return self._conn
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            # Blocking reads need a socket timeout longer than BLOCK (redis-py's default is 5 s).
+            timeout = self.settings.consumer_block_ms / 1000 + 10
+            self._redis = redis_client(self.redis_url, socket_timeout=timeout)
+        return self._redis
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Catch up from PostgreSQL, then follow the live stream until `stop` is set."""
+        if stop is not None:
+            self.stop = stop
+        structlog.contextvars.bind_contextvars(consumer=self.name)
+        log.info("consumer.start", consumer_id=self.consumer_id)
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.ensure_checkpoint()
+                    self.catch_up()
+                    self._ensure_group()
+                    self._claim_stale()
+                    self._follow()
+                except _INFRA_ERRORS + _REDIS_ERRORS as exc:
+                    log.warning("consumer.connection_lost", error=describe(exc))
+                    self.close()
+                    self.stop.wait(1.0)
+        finally:
+            log.info("consumer.stopped", applied=self.applied, dead_lettered=self.dead_lettered)
+            self.close()
+            structlog.contextvars.unbind_contextvars("consumer", "position", "correlation_id")
+
+    def _follow(self) -> None:
+        last_claim = time.monotonic()
+        claim_every = self.settings.consumer_claim_idle_ms / 2000
+        while not self.stop.is_set():
+            try:
+                resp = self.redis.xreadgroup(
+                    self.name,
+                    self.consumer_id,
+                    {self.keys.events: ">"},
+                    count=self.settings.consumer_batch_size,
+                    block=self.settings.consumer_block_ms,
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    log.warning("consumer.group_missing", detail="Redis lost its data; recreating")
+                    self.catch_up()
+                    self._ensure_group()
+                    continue
+                raise
+            entries = resp[0][1] if resp else []
+            if entries:
+                self.handle_entries(entries)
+            else:
+                # Quiet stream: make sure nothing was missed (relay down, Redis flushed).
+                self.catch_up()
+            if time.monotonic() - last_claim > claim_every:
+                self._claim_stale()
+                last_claim = time.monotonic()
+
+    def _ensure_group(self) -> None:
+        cp = self.checkpoint()
+        try:
+            self.redis.xgroup_create(self.keys.events, self.name, id=f"{cp}-0", mkstream=True)
+            log.info("consumer.group_created", from_position=cp)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _claim_stale(self) -> None:
+        """Take over entries a dead consumer of this group read but never acknowledged."""
+        cursor: bytes | str = "0-0"
+        while not self.stop.is_set():
+            res = self.redis.xautoclaim(
+                self.keys.events,
+                self.name,
+                self.consumer_id,
+                min_idle_time=self.settings.consumer_claim_idle_ms,
+                start_id=cursor,
+                count=self.settings.consumer_batch_size,
+            )
+            cursor, claimed = res[0], res[1]
+            live = [(eid, f) for eid, f in claimed if f]
+            gone = [eid for eid, f in claimed if not f]
+            if gone:
+                self.redis.xack(self.keys.events, self.name, *gone)
+            if live:
+                log.info("consumer.reclaimed", count=len(live))
+                self.handle_entries(live)
+            if cursor in (b"0-0", "0-0"):
+                break
+        self._forget_dead_consumers()
+
+    def _forget_dead_consumers(self) -> None:
+        idle_limit = self.settings.consumer_claim_idle_ms * 4
+        for info in self.redis.xinfo_consumers(self.keys.events, self.name):
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name != self.consumer_id and info["pending"] == 0 and info["idle"] > idle_limit:
+                self.redis.xgroup_delconsumer(self.keys.events, self.name, name)
+
+    # -- applying ----------------------------------------------------------------------
+
+    def handle_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        envs: list[Envelope] = []
+        ids = []
+        for entry_id, fields in entries:
+            ids.append(entry_id)
+            try:
+                env = Envelope.from_json(fields[b"event"])
+                pos = int(entry_id.split(b"-")[0])
+                if env.position != pos:
+                    raise ValueError(f"entry {entry_id!r} carries position {env.position}")
+                envs.append(env)
+            except Exception as exc:  # noqa: BLE001 - a malformed entry must not stop the consumer
+                self._dead_letter_entry(entry_id, fields, describe(exc))
+        if envs:
+            envs.sort(key=lambda e: e.position or 0)
+            if not self.apply_events(envs):
+                return  # stopping: leave the rest pending, to be reclaimed
+        self.redis.xack(self.keys.events, self.name, *ids)
+
+    def apply_events(self, envs: list[Envelope]) -> bool:
+        """Apply consecutive events; returns False if asked to stop before finishing."""
+        try:
+            self._apply_tx(envs)
+            return True
+        except _ApplyFailed:
+            pass
+        # Find the poison: apply one at a time, retrying each failure before giving up on it.
+        for env in envs:
+            if not self._apply_one(env):
+                return False
+        return True
+
+    def _apply_tx(self, envs: list[Envelope]) -> None:
+        conn = self.conn
+        refill = False
+        with conn.transaction():
+            cp = self._lock_checkpoint(conn)
+            todo = [e for e in envs if (e.position or 0) > cp]
+            if not todo:
+                return
+            last = todo[-1].position or 0
+            if todo[0].position != cp + 1 or last - cp != len(todo):
+                if last - cp > self.settings.catchup_batch_size:
+                    refill = True  # too big a hole for one transaction: catch up in batches
+                else:
+                    todo = self.store.read_all(cp, last - cp, upto=last, conn=conn)
+            if not refill:
+                tail = todo[-1]
+                structlog.contextvars.bind_contextvars(
+                    position=tail.position, correlation_id=tail.metadata.correlation_id
+                )
+                try:
+                    self.projection.apply(conn, todo)
+                except _INFRA_ERRORS:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - projection code may raise anything
+                    raise _ApplyFailed(describe(exc)) from exc
+                conn.execute(q.SET_CHECKPOINT, (tail.position, self.name))
+                self.applied += len(todo)
+        if refill:
+            self.catch_up(upto=max(e.position or 0 for e in envs))
+            self._apply_tx(envs)
+
+    def _apply_one(self, env: Envelope) -> bool:
+        structlog.contextvars.bind_contextvars(
+            position=env.position, correlation_id=env.metadata.correlation_id
+        )
+        failed_before = False
+        while True:
+            try:
+                self._apply_tx([env])
+                if failed_before:
+                    with self.conn.transaction():
+                        self.conn.execute(q.CLEAR_FAILURE, (self.name, env.position))
+                return True
+            except _ApplyFailed as failure:
+                failed_before = True
+                error = str(failure)
+                with self.conn.transaction():
+                    attempts = self.conn.execute(
+                        q.RECORD_FAILURE,
+                        {"consumer": self.name, "position": env.position, "error": error},
+                    ).fetchone()[0]
+                limit = self.settings.consumer_max_attempts
+                log.warning("consumer.apply_failed", attempts=attempts, max_attempts=limit, error=error)
+                if attempts >= limit:
+                    self._dead_letter(env, attempts, error)
+                    return True
+                backoff = min(self.settings.consumer_retry_backoff_s * 2 ** (attempts - 1), 30)
+                if self.stop.wait(backoff):
+                    return False
+
+    def _dead_letter(self, env: Envelope, attempts: int, error: str) -> None:
+        conn = self.conn
+        with conn.transaction():
+            cp = self._lock_checkpoint(conn)
+            if env.position != cp + 1:
+                return  # someone else applied or dead-lettered it meanwhile
+            dl_id = conn.execute(
+                q.DEAD_LETTER,
+                {
+                    "consumer": self.name,
+                    "position": env.position,
+                    "event_id": env.id,
+                    "event_type": env.type,
+                    "attempts": attempts,
+                    "error": error,
+                },
+            ).fetchone()[0]
+            conn.execute(q.CLEAR_FAILURE, (self.name, env.position))
+            conn.execute(q.SET_CHECKPOINT, (env.position, self.name))
+        self.dead_lettered += 1
+        log.error("consumer.dead_lettered", dead_letter_id=dl_id, attempts=attempts, error=error)
+        try:
+            self.redis.xadd(
+                self.keys.dlq(self.name),
+                {
+                    "dead_letter_id": str(dl_id),
+                    "consumer": self.name,
+                    "position": str(env.position),
+                    "event_id": str(env.id),
+                    "type": env.type,
+                    "attempts": str(attempts),
+                    "error": error,
+                    "event": env.to_json(),
+                },
+                maxlen=100_000,
+                approximate=True,
+            )
+        except _REDIS_ERRORS as exc:  # PostgreSQL holds the dead letter; the mirror can wait
+            log.warning("consumer.dlq_mirror_failed", error=describe(exc))
+
+    def _dead_letter_entry(self, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
+        """A stream entry that is not a valid envelope (not written by the relay)."""
+        log.error("consumer.malformed_entry", entry_id=entry_id.decode(), error=error)
+        mirror = {k.decode(errors="replace"): v for k, v in fields.items()}
+        mirror.update({"consumer": self.name, "entry_id": entry_id, "error": error})
+        self.redis.xadd(self.keys.dlq(self.name), mirror, maxlen=100_000, approximate=True)
+
+    # -- checkpoints, catch-up, rebuild --------------------------------------------------
+
+    def ensure_checkpoint(self) -> None:
+        self.conn.execute(q.ENSURE_CHECKPOINT, (self.name,))
+
+    def checkpoint(self) -> int:
+        row = self.conn.execute(q.GET_CHECKPOINT, (self.name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _lock_checkpoint(self, conn: psycopg.Connection) -> int:
+        row = conn.execute(q.LOCK_CHECKPOINT, (self.name,)).fetchone()
+        if row is None:
+            conn.execute(q.ENSURE_CHECKPOINT, (self.name,))
+            row = conn.execute(q.LOCK_CHECKPOINT, (self.name,)).fetchone()
+        return int(row[0])
+
+    def catch_up(self, upto: int | None = None, progress: ProgressFn | None = None) -> int:
+        """Apply events from PostgreSQL in batches until the head (or `upto`); returns the count."""
+        if upto is None:
+            self.store.sequence()  # harmless if the relay is sequencing already
+            upto = self.store.head()
+        cp = self.checkpoint()
+        start, done = cp, 0
+        if cp < upto:
+            log.info("consumer.catching_up", checkpoint=cp, head=upto)
+        while cp < upto and not self.stop.is_set():
+            batch = self.store.read_all(cp, self.settings.catchup_batch_size, upto=upto)
+            if not batch:
+                break
+            if not self.apply_events(batch):
+                break
+            cp = batch[-1].position or cp
+            done = cp - start
+            if progress is not None:
+                progress(cp, upto)
+        return done
+
+    def rebuild(self, from_position: int = 1, progress: ProgressFn | None = None) -> int:
+        """Undo events >= from_position and apply them again from PostgreSQL."""
+        from_position = max(from_position, 1)
+        self.ensure_checkpoint()
+        upto = self.store.sync()
+        conn = self.conn
+        with conn.transaction():
+            cp = self._lock_checkpoint(conn)
+            self.projection.reset(conn, from_position, cp)
+            conn.execute(q.SUPERSEDE_DEAD_LETTERS, (self.name, from_position))
+            conn.execute(q.SET_CHECKPOINT, (min(cp, from_position - 1), self.name))
+        log.info("consumer.rebuild", from_position=from_position, head=upto)
+        return self.catch_up(upto=upto, progress=progress)

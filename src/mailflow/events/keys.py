@@ -1,0 +1,29 @@
+"""Events room: names of the Redis keys that are public contracts (docs/events.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "mailflow"
+
+    @property
+    def events(self) -> str:
+        """Every event, entry ID <position>-0."""
+        return f"{self.prefix}:events"
+
+    def dlq(self, consumer: str) -> str:
+        """Entries `consumer` gave up on, with the error."""
+        return f"{self.prefix}:dlq:{consumer}"
+
+    @property
+    def relay_epoch(self) -> str:
+        """Set by the relay; its disappearance means Redis lost its data (restart, FLUSHALL)."""
+        return f"{self.prefix}:relay:epoch"
+
+    @property
+    def metrics(self) -> str:
+        """Pub/sub channel for real-time metric deltas."""
+        return f"{self.prefix}:metrics"

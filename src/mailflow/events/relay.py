@@ -1,0 +1,180 @@
+"""Events room: the relay publishes committed events, in order, to the Redis stream.
+
+One relay is active at a time (PostgreSQL advisory lock); a second instance waits as a hot
+standby. Entry IDs are `<position>-0`, so Redis itself rejects a republish of an entry it
+already has: a relay that crashed mid-batch restarts from the stream's last ID and nothing
+is lost or duplicated. The relay is also the sequencer that gives committed events their
+positions. It wakes on NOTIFY (sent once per burst of commits) and polls as a fallback.
+Redis is disposable: when the relay's epoch key vanishes (restart without persistence,
+FLUSHALL) it republishes from the oldest checkpoint a consumer still needs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import psycopg
+import redis
+
+from ..config import Settings
+from ..log import get_logger
+from ..services import connect, redis_client
+from .envelope import Envelope
+from .keys import Keys
+from .store import EventStore
+
+RELAY_LOCK_KEY = 7_300_003
+_MIN_CHECKPOINT = "SELECT min(position) FROM consumer_checkpoints"
+
+log = get_logger("mailflow.relay")
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    last_position: int = 0
+    republished_from: int | None = None
+
+
+class Relay:
+    def __init__(self, store: EventStore, redis_url: str, settings: Settings) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.stats = RelayStats()
+        self._epoch: bytes | None = None
+        self._published = 0
+        self.is_leader = threading.Event()
+
+    # -- leadership ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Wait to become leader, then publish until `stop` is set; survives lost connections."""
+        while not stop.is_set():
+            try:
+                with connect(self.store.pool.conninfo) as lock_conn:
+                    if not self._acquire(lock_conn, stop):
+                        return
+                    log.info("relay.leader", pid=lock_conn.info.backend_pid)
+                    self.is_leader.set()
+                    try:
+                        self._lead(lock_conn, stop)
+                    finally:
+                        self.is_leader.clear()
+            except (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("relay.connection_lost", error=str(exc))
+                stop.wait(1.0)
+        log.info("relay.stopped", published=self.stats.published, position=self._published)
+
+    def _acquire(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
+        announced = False
+        while not stop.is_set():
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,)).fetchone()[0]:
+                return True
+            if not announced:
+                log.info("relay.standby", reason="another relay holds the leader lock")
+                announced = True
+            stop.wait(1.0)
+        return False
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _lead(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+        conn.execute(f"LISTEN {self.store.channel}")
+        r = redis_client(self.redis_url)
+        try:
+            self._resume(r)
+            while not stop.is_set():
+                if r.get(self.keys.relay_epoch) != self._epoch:
+                    log.warning("relay.redis_reset", detail="epoch key missing; republishing")
+                    self._resume(r)
+                self.store.sequence(self.settings.relay_batch_size * 4)
+                batch = self.store.read_all(self._published, self.settings.relay_batch_size)
+                if batch:
+                    self._publish(r, batch)
+                    continue
+                if self.store.has_unsequenced():
+                    # Committed events wait behind an older open transaction: look again soon.
+                    stop.wait(self.settings.relay_retry_interval_s)
+                    continue
+                self._wait_for_notify(conn, stop)
+        finally:
+            r.close()
+
+    def _wait_for_notify(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+        # Short slices so SIGTERM is honoured quickly; the full slice is the polling fallback.
+        deadline = time.monotonic() + self.settings.relay_poll_interval_s
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            woke = any(True for _ in conn.notifies(timeout=min(left, 0.25), stop_after=1))
+            if woke:
+                # Drain whatever else arrived; one wake-up covers them all. (Not inside the
+                # loop above: a notifies() generator holds the connection's lock.)
+                for _ in conn.notifies(timeout=0.001):
+                    pass
+                return
+
+    def _resume(self, r: redis.Redis) -> None:
+        """Find where to continue: the stream's last ID, or (stream lost) the oldest checkpoint."""
+        last = _last_id(r, self.keys.events)
+        head = self.store.head()
+        if last is not None:
+            start = last
+            if last > head:
+                log.warning(
+                    "relay.stream_ahead_of_database",
+                    stream_last=last,
+                    head=head,
+                    detail="the Redis stream holds positions this database has not reached; "
+                    "is another database publishing to the same prefix?",
+                )
+        else:
+            with self.store.pool.connection() as c:
+                oldest = c.execute(_MIN_CHECKPOINT).fetchone()[0]
+            start = head if oldest is None else int(oldest)
+            start = max(start, head - self.settings.stream_maxlen, 0)
+            self.stats.republished_from = start
+            log.info("relay.republish", from_position=start + 1, head=head)
+        self._published = min(start, head) if last is None else start
+        self._epoch = uuid.uuid4().hex.encode()
+        r.set(self.keys.relay_epoch, self._epoch)
+
+    def _publish(self, r: redis.Redis, batch: list[Envelope]) -> None:
+        pipe = r.pipeline(transaction=False)
+        for env in batch:
+            pipe.xadd(
+                self.keys.events,
+                {
+                    "type": env.type,
+                    "stream": env.stream,
+                    "position": str(env.position),
+                    "event": env.to_json(),
+                },
+                id=f"{env.position}-0",
+                maxlen=self.settings.stream_maxlen,
+                approximate=True,
+            )
+        results = pipe.execute(raise_on_error=False)
+        for res in results:
+            if isinstance(res, redis.ResponseError) and "equal or smaller" not in str(res):
+                raise res
+        self._published = batch[-1].position or self._published
+        self.stats.published += len(batch)
+        self.stats.last_position = self._published
+
+
+def _last_id(r: redis.Redis, key: str) -> int | None:
+    """The stream's last generated ID as a position, or None when the stream does not exist."""
+    try:
+        info = r.xinfo_stream(key)
+    except redis.ResponseError:
+        return None
+    raw = info["last-generated-id"]
+    raw = raw.decode() if isinstance(raw, bytes) else raw
+    return int(raw.split("-")[0])

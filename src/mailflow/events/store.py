@@ -1,0 +1,292 @@
+"""Events room: the PostgreSQL event store.
+
+Append with optimistic concurrency and idempotency by event id; read one stream; read
+every event after a global position. Positions are dense and assigned by the sequencer
+(see migrations/0001_event_store.sql for why that keeps tailing readers from skipping
+late commits).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from ..errors import ConcurrencyError, DuplicateEventError, InvalidEventError, NotFoundError
+from . import queries as q
+from .envelope import Envelope, Metadata, NewEvent, default_actor
+from .notify import Notifier
+from .registry import EventRegistry, registry as default_registry
+
+ANY: int | None = None
+"""expected_version: append whatever the stream's version is."""
+NO_STREAM = 0
+"""expected_version: the stream must not exist yet."""
+
+NOTIFY_CHANNEL = "mailflow_events"
+_MAX_STREAM_NAME = 255
+
+
+class EventStore:
+    """Append and read events. Safe to share between threads (it borrows pool connections)."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        *,
+        registry: EventRegistry = default_registry,
+        channel: str = NOTIFY_CHANNEL,
+        actor: str | None = None,
+        notify_min_interval_s: float = 0.01,
+    ) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.channel = channel
+        self.actor = actor or default_actor()
+        self.notifier = Notifier(pool.conninfo, channel, notify_min_interval_s)
+
+    def close(self) -> None:
+        """Send any NOTIFY still owed, then release the notifier (the pool is the caller's)."""
+        self.notifier.close()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None = ANY,
+    ) -> list[Envelope]:
+        """Append events to `stream` atomically and return their envelopes (position None).
+
+        expected_version: ANY (None), NO_STREAM (0), or the version the stream must be at.
+        A mismatch raises ConcurrencyError and writes nothing. Appending the same event ids
+        again returns the stored envelopes instead of writing twice.
+        """
+        if not events:
+            return []
+        _check_stream_name(stream)
+        if expected_version is not None and expected_version < 0:
+            raise InvalidEventError("expected_version must be >= 0")
+        params = self._append_params(stream, events, expected_version)
+        sql = (
+            q.APPEND_ANY
+            if expected_version is None
+            else q.APPEND_NO_STREAM if expected_version == 0 else q.APPEND_EXPECTED
+        )
+        try:
+            with self.pool.connection() as conn:
+                # Binary parameters: text-format arrays would be quoted by regex, per element.
+                rows = conn.execute(sql, params, binary=True).fetchall()
+        except pg_errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "events_id_key":
+                raise
+            return self._existing_or_raise(stream, events, duplicate=True)
+        if not rows:
+            return self._existing_or_raise(stream, events, expected=expected_version)
+        self.notifier.poke()
+        return [
+            Envelope(
+                id=ev.id,
+                position=None,
+                stream=stream,
+                version=version,
+                type=ev.type,
+                schema=params["schemas"][i],
+                data=ev.data,
+                metadata=ev.metadata,
+                recorded_at=recorded_at,
+            )
+            for i, (ev, (version, recorded_at)) in enumerate(zip(events, rows))
+        ]
+
+    def _append_params(
+        self, stream: str, events: Sequence[NewEvent], expected: int | None
+    ) -> dict[str, Any]:
+        ids, types, schemas, datas, metas = [], [], [], [], []
+        validate = self.registry.validate if self.registry.types() else None
+        for ev in events:
+            if not ev.type or len(ev.type) > 200:
+                raise InvalidEventError("an event type must be 1 to 200 characters")
+            data = ev.data
+            if not isinstance(data, dict):
+                raise InvalidEventError(f"{ev.type} data must be a JSON object")
+            schema = ev.schema
+            if validate is not None and self.registry.model(ev.type) is not None:
+                data = validate(ev.type, schema, data)
+                schema = self.registry.current_schema(ev.type) or schema
+                ev.data = data
+            md = ev.metadata
+            if md.actor is None:
+                md.actor = self.actor
+            if md.correlation_id is None:
+                md.correlation_id = str(ev.id)
+            try:
+                datas.append(orjson.dumps(data).decode())
+            except TypeError as exc:
+                raise InvalidEventError(f"{ev.type} data is not JSON-serialisable: {exc}") from exc
+            ids.append(ev.id)
+            types.append(ev.type)
+            schemas.append(schema)
+            metas.append(orjson.dumps(md.to_dict()).decode())
+        return {
+            "stream": stream,
+            "count": len(events),
+            "expected": expected,
+            "ids": ids,
+            "types": types,
+            "schemas": schemas,
+            "datas": datas,
+            "metas": metas,
+        }
+
+    def _existing_or_raise(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected: int | None = None,
+        duplicate: bool = False,
+    ) -> list[Envelope]:
+        """After a conflict: a retried append of stored events succeeds; anything else raises."""
+        ids = [ev.id for ev in events]
+        with self.pool.connection() as conn:
+            found = [self._envelope(r) for r in conn.execute(q.EVENTS_BY_ID, (ids,)).fetchall()]
+            actual_row = conn.execute(q.STREAM_VERSION, (stream,)).fetchone()
+        by_id = {env.id: env for env in found}
+        if len(by_id) == len(ids) and all(by_id[i].stream == stream for i in ids):
+            return [by_id[i] for i in ids]
+        if found or duplicate:
+            clash = found[0] if found else None
+            where = f" (already stored in stream {clash.stream!r})" if clash else ""
+            raise DuplicateEventError(
+                f"event ids of this append were already used by other events{where}; nothing was written"
+            )
+        raise ConcurrencyError(stream, expected or 0, actual_row[0] if actual_row else 0)
+
+    # -- the sequencer -----------------------------------------------------------------
+
+    def sequence(self, limit: int = 10_000, *, wait: bool = False) -> int:
+        """Give positions to committed events; return how many got one.
+
+        Only one sequencer runs at a time (advisory lock). With wait=False a busy lock
+        returns 0 at once: the other sequencer is doing the work.
+        """
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                if wait:
+                    conn.execute(q.SEQUENCER_LOCK, (q.SEQUENCER_LOCK_KEY,))
+                elif not conn.execute(q.SEQUENCER_TRY_LOCK, (q.SEQUENCER_LOCK_KEY,)).fetchone()[0]:
+                    return 0
+                row = conn.execute(q.SEQUENCE, {"limit": limit}).fetchone()
+        return int(row[1]) if row else 0
+
+    def sync(self, limit: int = 10_000) -> int:
+        """Sequence everything that is below the horizon now; return the head position."""
+        while self.sequence(limit, wait=True) >= limit:
+            pass
+        return self.head()
+
+    def has_unsequenced(self) -> bool:
+        with self.pool.connection() as conn:
+            return bool(conn.execute(q.UNSEQUENCED_EXIST).fetchone()[0])
+
+    # -- reading -----------------------------------------------------------------------
+
+    def head(self) -> int:
+        """The highest position given so far (0 when empty)."""
+        with self.pool.connection() as conn:
+            return int(conn.execute(q.HEAD_POSITION).fetchone()[0])
+
+    def stream_version(self, stream: str) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute(q.STREAM_VERSION, (stream,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def read_stream(self, stream: str, after_version: int = 0, limit: int = 10_000) -> list[Envelope]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                q.READ_STREAM, {"stream": stream, "after": after_version, "limit": limit}
+            ).fetchall()
+        return [self._envelope(r) for r in rows]
+
+    def read_all(
+        self,
+        after: int = 0,
+        limit: int = 1000,
+        *,
+        upto: int | None = None,
+        types: Sequence[str] | None = None,
+        stream: str | None = None,
+        conn: psycopg.Connection | None = None,
+    ) -> list[Envelope]:
+        """Events with position > after (and <= upto), in position order."""
+        upto = upto if upto is not None else 2**62
+        if types or stream:
+            sql, params = q.READ_ALL_FILTERED, {
+                "after": after,
+                "upto": upto,
+                "limit": limit,
+                "types": list(types) if types else None,
+                "stream": stream,
+            }
+        else:
+            sql, params = q.READ_ALL, {"after": after, "upto": upto, "limit": limit}
+        if conn is not None:
+            rows = conn.execute(sql, params).fetchall()
+        else:
+            with self.pool.connection() as c:
+                rows = c.execute(sql, params).fetchall()
+        return [self._envelope(r) for r in rows]
+
+    def iter_all(self, after: int = 0, *, upto: int | None = None, batch: int = 5000) -> Iterator[list[Envelope]]:
+        """Batches of events after `after` up to `upto` (default: the head when called)."""
+        upto = self.head() if upto is None else upto
+        while after < upto:
+            chunk = self.read_all(after, batch, upto=upto)
+            if not chunk:
+                return
+            yield chunk
+            after = chunk[-1].position or after
+
+    def get(self, position: int) -> Envelope:
+        found = self.read_all(position - 1, 1, upto=position)
+        if not found:
+            raise NotFoundError(f"no event at position {position} (head is {self.head()})")
+        return found[0]
+
+    def get_by_id(self, event_id: uuid.UUID) -> Envelope:
+        with self.pool.connection() as conn:
+            rows = conn.execute(q.EVENTS_BY_ID, ([event_id],)).fetchall()
+        if not rows:
+            raise NotFoundError(f"no event with id {event_id}")
+        return self._envelope(rows[0])
+
+    def _envelope(self, row: tuple[Any, ...]) -> Envelope:
+        event_id, position, stream, version, etype, schema, data, md, recorded_at = row
+        schema, data = self.registry.upcast(etype, schema, data)
+        return Envelope(
+            id=event_id,
+            position=position,
+            stream=stream,
+            version=version,
+            type=etype,
+            schema=schema,
+            data=data,
+            metadata=Metadata(
+                md.get("correlation_id"), md.get("causation_id"), md.get("tenant"), md.get("actor")
+            ),
+            recorded_at=recorded_at,
+        )
+
+
+def _check_stream_name(stream: str) -> None:
+    if not stream or len(stream) > _MAX_STREAM_NAME or stream != stream.strip():
+        raise InvalidEventError(
+            f"stream name must be 1 to {_MAX_STREAM_NAME} characters without surrounding spaces"
+        )
