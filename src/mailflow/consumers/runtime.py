@@ -22,6 +22,7 @@ import redis
 import structlog
 
 from ..config import Settings
+from ..errors import ServiceUnavailable
 from ..events.envelope import Envelope
 from ..events.keys import Keys
 from ..events.store import EventStore
@@ -42,7 +43,7 @@ class _ApplyFailed(Exception):
 
 
 def describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text[:2000]
 
 
@@ -109,7 +110,7 @@ class ConsumerRunner:
                     self._ensure_group()
                     self._claim_stale()
                     self._follow()
-                except _INFRA_ERRORS + _REDIS_ERRORS as exc:
+                except _INFRA_ERRORS + _REDIS_ERRORS + (ServiceUnavailable,) as exc:
                     log.warning("consumer.connection_lost", error=describe(exc))
                     self.close()
                     self.stop.wait(1.0)

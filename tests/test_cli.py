@@ -1,0 +1,137 @@
+"""The `mailflow` CLI as a user runs it: human output, --json, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import psycopg
+
+from mailflow.services import connect
+
+from .conftest import run_cli
+
+
+def one_line_error(res) -> str:
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {res.stderr!r}"
+    assert "Traceback" not in res.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_append_then_show_stream_and_tail_round_trip_as_json(env):
+    res = run_cli(env, "events", "append", "order-9", "OrderPlaced", "--data", '{"total": 42}', "--json")
+    assert res.returncode == 0, res.stderr
+    appended = json.loads(res.stdout)
+    assert appended["position"] == 1 and appended["version"] == 1 and appended["data"] == {"total": 42}
+    shown = json.loads(run_cli(env, "events", "show", "1", "--json").stdout)
+    assert shown == appended
+    run_cli(env, "events", "append", "order-9", "OrderShipped", "--data", "{}", "--expected-version", "1")
+    stream = json.loads(run_cli(env, "events", "stream", "order-9", "--json").stdout)
+    assert [e["type"] for e in stream] == ["OrderPlaced", "OrderShipped"]
+    tail = run_cli(env, "events", "tail", "--from", "1", "--json")
+    assert [json.loads(line)["position"] for line in tail.stdout.splitlines()] == [1, 2]
+    only = run_cli(env, "events", "tail", "--from", "1", "--type", "OrderShipped", "--json")
+    assert [json.loads(line)["type"] for line in only.stdout.splitlines()] == ["OrderShipped"]
+    human = run_cli(env, "events", "tail")
+    assert "order-9@2" in human.stdout and "OrderShipped" in human.stdout
+
+
+def test_a_stale_expected_version_is_one_line_and_exit_code_4(env):
+    run_cli(env, "events", "append", "acct", "Opened", "--data", "{}")
+    res = run_cli(env, "events", "append", "acct", "Opened", "--data", "{}", "--expected-version", "0")
+    assert res.returncode == 4
+    line = one_line_error(res)
+    assert "'acct'" in line and "expected version 0" in line and "nothing was written" in line
+
+
+def test_bad_json_data_is_one_line_and_nothing_is_written(env, db_url):
+    res = run_cli(env, "events", "append", "x", "T", "--data", "{not json")
+    assert res.returncode != 0
+    assert "--data is not valid JSON" in one_line_error(res)
+    res = run_cli(env, "events", "append", "x", "T", "--data", "[1, 2]")
+    assert "must be a JSON object" in one_line_error(res)
+    with connect(db_url) as c:
+        assert c.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+def test_unreachable_database_names_the_url_with_the_password_masked(env):
+    bad = dict(env, MAILFLOW_DATABASE_URL="postgresql://bob:s3cret@127.0.0.1:1/nowhere")
+    res = run_cli(bad, "events", "tail")
+    assert res.returncode == 3
+    line = one_line_error(res)
+    assert "postgresql://bob:***@127.0.0.1:1/nowhere" in line and "s3cret" not in res.stderr
+
+
+def test_unreachable_redis_names_the_url_with_the_password_masked(env):
+    bad = dict(env, MAILFLOW_REDIS_URL="redis://:hunter2@127.0.0.1:1/0")
+    res = run_cli(bad, "dlq", "list")
+    assert res.returncode == 3
+    line = one_line_error(res)
+    assert "redis://:***@127.0.0.1:1/0" in line and "hunter2" not in res.stderr
+
+
+def test_a_malformed_database_url_is_one_clear_line(env):
+    res = run_cli(dict(env, MAILFLOW_DATABASE_URL="postgresql://[::1"), "events", "tail")
+    assert res.returncode != 0
+    assert "PostgreSQL" in one_line_error(res)
+
+
+def test_an_unmigrated_configured_database_asks_for_migrate_then_migrate_is_idempotent(env, pg_admin_url):
+    name = f"mftest_empty_{uuid.uuid4().hex[:8]}"
+    with connect(pg_admin_url) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        e = dict(env, MAILFLOW_DATABASE_URL=psycopg.conninfo.make_conninfo(pg_admin_url, dbname=name))
+        res = run_cli(e, "events", "tail")
+        assert res.returncode != 0 and "mailflow migrate" in one_line_error(res)
+        first = run_cli(e, "migrate", "--json")
+        assert first.returncode == 0 and len(json.loads(first.stdout)["applied"]) >= 3
+        second = run_cli(e, "migrate")
+        assert second.returncode == 0 and "up to date" in second.stdout
+        assert run_cli(e, "events", "tail").returncode == 0
+    finally:
+        with connect(pg_admin_url) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_unknown_projection_and_missing_event_are_one_line_errors(env):
+    res = run_cli(env, "projections", "rebuild", "nope")
+    assert "unknown projection 'nope'" in one_line_error(res)
+    res = run_cli(env, "events", "show", "99")
+    assert res.returncode == 5 and "no event at position 99" in one_line_error(res)
+
+
+def test_rebuild_then_stats_and_projection_lag(env):
+    for i in range(5):
+        run_cli(env, "events", "append", f"c-{i}", "Clicked" if i % 2 else "Opened", "--data", "{}")
+    before = json.loads(run_cli(env, "projections", "list", "--json").stdout)
+    ec = next(p for p in before if p["name"] == "event_counts")
+    assert (ec["checkpoint"], ec["head"], ec["lag"]) == (0, 5, 5)
+    rebuilt = run_cli(env, "projections", "rebuild", "event_counts", "--json")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads(rebuilt.stdout)["applied"] == 5
+    stats = json.loads(run_cli(env, "events", "stats", "--json").stdout)
+    assert {r["type"]: r["total"] for r in stats["rows"]} == {"Opened": 3, "Clicked": 2}
+    assert stats["lag"] == 0
+    human = run_cli(env, "projections", "rebuild", "event_counts")
+    assert human.returncode == 0 and "rebuilt event_counts: 5 event(s) applied" in human.stdout
+
+
+def test_embedded_default_starts_shared_services_and_stops_them(tmp_path):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MAILFLOW_")}
+    e["MAILFLOW_HOME"] = str(tmp_path / "home")
+    try:
+        res = run_cli(e, "events", "append", "hello", "Greeted", "--data", '{"who": "world"}', timeout=180)
+        assert res.returncode == 0, res.stderr
+        status = {s["name"]: s for s in json.loads(run_cli(e, "services", "status", "--json").stdout)}
+        assert status["postgres"]["running"] and status["redis"]["running"]
+        assert status["postgres"]["mode"] == "embedded"
+        # A second process shares the same servers and sees the event.
+        again = json.loads(run_cli(e, "events", "show", "1", "--json").stdout)
+        assert again["data"] == {"who": "world"}
+    finally:
+        stopped = json.loads(run_cli(e, "services", "stop", "--json").stdout)
+    assert all(not s["running"] for s in stopped)

@@ -1,0 +1,213 @@
+"""Consumer runtime and relay, in process: exactly-once application, gaps, poison, rebuild."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from mailflow.consumers import ConsumerRunner, Projection
+from mailflow.events import EventStore, NewEvent
+from mailflow.events.relay import Relay
+from mailflow.projectors.event_counts import EventCounts
+from mailflow.services import connect, redis_client
+
+from .conftest import wait_until
+
+TRUTH = """
+SELECT type, date_trunc('hour', recorded_at, 'UTC') AS hour, count(*)
+FROM events e JOIN event_positions p USING (seq)
+WHERE p.position <= %s {extra}
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
+def counts(db_url: str) -> list[tuple]:
+    with connect(db_url) as c:
+        return c.execute("SELECT type, hour, count FROM event_counts WHERE count > 0 ORDER BY 1, 2").fetchall()
+
+
+def truth(db_url: str, upto: int = 2**62, exclude_types: tuple[str, ...] = ()) -> list[tuple]:
+    extra = "AND type <> ALL(%s)" if exclude_types else ""
+    params = (upto, list(exclude_types)) if exclude_types else (upto,)
+    with connect(db_url) as c:
+        return c.execute(TRUTH.format(extra=extra), params).fetchall()
+
+
+def fill(store: EventStore, n: int, types=("Sent", "Opened", "Bounced")) -> None:
+    for i in range(0, n, 50):
+        store.append(f"s-{i}", [NewEvent(types[(i + k) % len(types)], {"i": i + k}) for k in range(min(50, n - i))])
+    store.sync()
+
+
+def entries_for(store: EventStore, after: int, limit: int):
+    return [
+        (f"{e.position}-0".encode(), {b"event": e.to_json()})
+        for e in store.read_all(after, limit)
+    ]
+
+
+def test_catch_up_from_postgres_applies_every_event_once(rt, store, settings, db_url):
+    fill(store, 730)
+    runner = ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings)
+    runner.ensure_checkpoint()
+    assert runner.catch_up() == 730
+    assert runner.catch_up() == 0
+    assert counts(db_url) == truth(db_url)
+    assert runner.checkpoint() == 730
+    runner.close()
+
+
+def test_entries_at_or_below_the_checkpoint_are_skipped_and_holes_are_filled_from_postgres(rt, store, settings, db_url):
+    fill(store, 100)
+    runner = ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings)
+    runner.ensure_checkpoint()
+    runner._ensure_group()
+    # Redis delivers 41..60 first: 1..40 must come from PostgreSQL, in the same transaction.
+    runner.handle_entries(entries_for(store, 40, 20))
+    assert runner.checkpoint() == 60
+    assert counts(db_url) == truth(db_url, upto=60)
+    # The same entries again (a redelivery) change nothing.
+    runner.handle_entries(entries_for(store, 0, 60))
+    assert counts(db_url) == truth(db_url, upto=60)
+    runner.close()
+
+
+class FailsOn(Projection):
+    """event_counts, but a given type raises - a stand-in for a projection bug."""
+
+    name = "event_counts"
+
+    def __init__(self, bad_type: str, fail_times: int = 10**9) -> None:
+        self.inner = EventCounts()
+        self.bad_type = bad_type
+        self.fail_times = fail_times
+        self.calls = 0
+
+    def apply(self, conn, events):
+        if any(e.type == self.bad_type for e in events) and self.calls < self.fail_times:
+            self.calls += 1
+            raise ValueError(f"cannot count {self.bad_type}")
+        self.inner.apply(conn, events)
+
+    def reset(self, conn, from_position, applied_upto):
+        self.inner.reset(conn, from_position, applied_upto)
+
+
+def test_a_poison_event_is_dead_lettered_after_max_attempts_and_the_rest_is_applied(rt, store, settings, db_url):
+    fill(store, 40)
+    store.append("p", [NewEvent("Poison", {"x": 1})])
+    fill(store, 40)
+    runner = ConsumerRunner(FailsOn("Poison"), store, rt.services.redis_url, settings)
+    runner.ensure_checkpoint()
+    runner.catch_up()
+    assert runner.checkpoint() == 81
+    assert counts(db_url) == truth(db_url, exclude_types=("Poison",))
+    with connect(db_url) as c:
+        dl = c.execute("SELECT position, event_type, attempts, error, status FROM dead_letters").fetchall()
+        assert c.execute("SELECT count(*) FROM consumer_failures").fetchone()[0] == 0
+    assert dl == [(41, "Poison", settings.consumer_max_attempts, "ValueError: cannot count Poison", "open")]
+    r = redis_client(rt.services.redis_url)
+    [(_, fields)] = r.xrange(rt.keys.dlq("event_counts"))
+    assert fields[b"position"] == b"41" and b"cannot count Poison" in fields[b"error"]
+    runner.close()
+
+
+def test_a_transient_failure_is_retried_and_not_dead_lettered(rt, store, settings, db_url):
+    fill(store, 10)
+    store.append("p", [NewEvent("Flaky", {})])
+    store.sync()
+    runner = ConsumerRunner(FailsOn("Flaky", fail_times=2), store, rt.services.redis_url, settings)
+    runner.ensure_checkpoint()
+    runner.catch_up()
+    assert counts(db_url) == truth(db_url)
+    with connect(db_url) as c:
+        assert c.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM consumer_failures").fetchone()[0] == 0
+    runner.close()
+
+
+def test_rebuild_from_a_position_gives_the_same_result_as_from_scratch(rt, store, settings, db_url):
+    fill(store, 300, types=("A", "B"))
+    runner = ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings)
+    runner.ensure_checkpoint()
+    runner.catch_up()
+    before = counts(db_url)
+    assert runner.rebuild(from_position=151) == 150
+    assert counts(db_url) == before == truth(db_url)
+    assert runner.rebuild() == 300
+    assert counts(db_url) == before
+    runner.close()
+
+
+def test_two_runners_of_one_projection_never_apply_an_event_twice(rt, store, settings, db_url):
+    fill(store, 1200)
+    runners = [ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings, consumer_id=f"c{i}") for i in range(2)]
+    for r in runners:
+        r.ensure_checkpoint()
+    ts = [threading.Thread(target=r.catch_up) for r in runners]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert counts(db_url) == truth(db_url)
+    for r in runners:
+        r.close()
+
+
+def test_relay_publishes_every_event_with_its_position_as_entry_id(rt, store, settings):
+    stop = threading.Event()
+    relay = Relay(store, rt.services.redis_url, settings)
+    t = threading.Thread(target=relay.run, args=(stop,))
+    t.start()
+    try:
+        wait_until(relay.is_leader.is_set, what="relay leadership")
+        fill(store, 500)
+        r = redis_client(rt.services.redis_url)
+        wait_until(lambda: r.xlen(rt.keys.events) == 500, what="500 entries in Redis")
+        entries = r.xrange(rt.keys.events)
+        assert [e[0] for e in entries] == [f"{i}-0".encode() for i in range(1, 501)]
+        assert all(f[b"position"] == eid.split(b"-")[0] for eid, f in entries)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_a_restarted_relay_continues_after_the_last_entry_without_duplicates(rt, store, settings):
+    r = redis_client(rt.services.redis_url)
+    fill(store, 100)
+    for round_ in range(2):
+        stop = threading.Event()
+        relay = Relay(store, rt.services.redis_url, settings)
+        t = threading.Thread(target=relay.run, args=(stop,))
+        t.start()
+        try:
+            wait_until(lambda: r.xlen(rt.keys.events) == 100 * (round_ + 1), what="entries")
+        finally:
+            stop.set()
+            t.join(10)
+        fill(store, 100)
+    relay = Relay(store, rt.services.redis_url, settings)
+    stop = threading.Event()
+    t = threading.Thread(target=relay.run, args=(stop,))
+    t.start()
+    try:
+        wait_until(lambda: r.xlen(rt.keys.events) == 300, what="entries")
+    finally:
+        stop.set()
+        t.join(10)
+    ids = [int(e[0].split(b"-")[0]) for e in r.xrange(rt.keys.events)]
+    assert ids == list(range(1, 301))
+
+
+def test_republishing_a_batch_after_a_crash_is_rejected_by_redis_and_duplicates_nothing(rt, store, settings):
+    fill(store, 50)
+    r = redis_client(rt.services.redis_url)
+    relay = Relay(store, rt.services.redis_url, settings)
+    batch = store.read_all(0, 50)
+    relay._publish(r, batch[:30])  # the crash: only part of the batch got out
+    relay._publish(r, batch)  # the restarted leader publishes the whole batch again
+    ids = [int(e[0].split(b"-")[0]) for e in r.xrange(rt.keys.events)]
+    assert ids == list(range(1, 51))
