@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import threading
+import time
 import uuid
 
 import psycopg
 
+from mailflow.events import NewEvent
 from mailflow.services import connect
 
-from .conftest import run_cli
+from .conftest import mailflow_cmd, run_cli, wait_until
 
 
 def one_line_error(res) -> str:
@@ -135,3 +140,24 @@ def test_embedded_default_starts_shared_services_and_stops_them(tmp_path):
     finally:
         stopped = json.loads(run_cli(e, "services", "stop", "--json").stdout)
     assert all(not s["running"] for s in stopped)
+
+
+def test_tail_follow_prints_new_events_as_they_commit_and_stops_on_sigterm(env, store):
+    store.append("before", [NewEvent("Old", {})])
+    p = subprocess.Popen(
+        mailflow_cmd("events", "tail", "--follow", "--json", "--type", "New"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[dict] = []
+    reader = threading.Thread(target=lambda: [lines.append(json.loads(x)) for x in p.stdout], daemon=True)
+    reader.start()
+    try:
+        time.sleep(1.0)  # let it start and print the (filtered-out) backlog
+        for i in range(3):
+            store.append(f"live-{i}", [NewEvent("New", {"i": i}), NewEvent("Other", {})])
+        wait_until(lambda: len(lines) == 3, timeout=15, what="three followed events")
+        assert [e["data"]["i"] for e in lines] == [0, 1, 2]
+        assert [e["position"] for e in lines] == [2, 4, 6]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0

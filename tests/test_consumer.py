@@ -211,3 +211,28 @@ def test_republishing_a_batch_after_a_crash_is_rejected_by_redis_and_duplicates_
     relay._publish(r, batch)  # the restarted leader publishes the whole batch again
     ids = [int(e[0].split(b"-")[0]) for e in r.xrange(rt.keys.events)]
     assert ids == list(range(1, 51))
+
+
+def test_consumer_log_lines_are_json_with_position_and_correlation_id(rt, store, settings):
+    import io
+    import json
+
+    from mailflow import log as mflog
+    from mailflow.events import Metadata
+
+    buf = io.StringIO()
+    mflog.configure("info", "auto", stream=buf)  # not a terminal -> JSON lines
+    try:
+        store.append("p", [NewEvent("Poison", {}, metadata=Metadata(correlation_id="corr-42"))])
+        store.sync()
+        runner = ConsumerRunner(FailsOn("Poison"), store, rt.services.redis_url, settings)
+        runner.ensure_checkpoint()
+        runner.catch_up()
+        runner.close()
+    finally:
+        mflog.configure("warning", "console")
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    working = [x for x in lines if x["event"] in ("consumer.apply_failed", "consumer.dead_lettered")]
+    assert len(working) == settings.consumer_max_attempts + 1
+    assert all(x["position"] == 1 and x["correlation_id"] == "corr-42" for x in working)
+    assert all(x["consumer"] == "event_counts" for x in working)

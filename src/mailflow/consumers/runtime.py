@@ -69,6 +69,7 @@ class ConsumerRunner:
         self._redis: redis.Redis | None = None
         self.applied = 0
         self.dead_lettered = 0
+        self.log = log.bind(consumer=self.name)
 
     # -- connections -------------------------------------------------------------------
 
@@ -100,8 +101,7 @@ class ConsumerRunner:
         """Catch up from PostgreSQL, then follow the live stream until `stop` is set."""
         if stop is not None:
             self.stop = stop
-        structlog.contextvars.bind_contextvars(consumer=self.name)
-        log.info("consumer.start", consumer_id=self.consumer_id)
+        self.log.info("consumer.start", consumer_id=self.consumer_id)
         try:
             while not self.stop.is_set():
                 try:
@@ -111,13 +111,13 @@ class ConsumerRunner:
                     self._claim_stale()
                     self._follow()
                 except _INFRA_ERRORS + _REDIS_ERRORS + (ServiceUnavailable,) as exc:
-                    log.warning("consumer.connection_lost", error=describe(exc))
+                    self.log.warning("consumer.connection_lost", error=describe(exc))
                     self.close()
                     self.stop.wait(1.0)
         finally:
-            log.info("consumer.stopped", applied=self.applied, dead_lettered=self.dead_lettered)
+            self.log.info("consumer.stopped", applied=self.applied, dead_lettered=self.dead_lettered)
             self.close()
-            structlog.contextvars.unbind_contextvars("consumer", "position", "correlation_id")
+            structlog.contextvars.unbind_contextvars("position", "correlation_id")
 
     def _follow(self) -> None:
         last_claim = time.monotonic()
@@ -133,7 +133,7 @@ class ConsumerRunner:
                 )
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):
-                    log.warning("consumer.group_missing", detail="Redis lost its data; recreating")
+                    self.log.warning("consumer.group_missing", detail="Redis lost its data; recreating")
                     self.catch_up()
                     self._ensure_group()
                     continue
@@ -152,7 +152,7 @@ class ConsumerRunner:
         cp = self.checkpoint()
         try:
             self.redis.xgroup_create(self.keys.events, self.name, id=f"{cp}-0", mkstream=True)
-            log.info("consumer.group_created", from_position=cp)
+            self.log.info("consumer.group_created", from_position=cp)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -175,7 +175,7 @@ class ConsumerRunner:
             if gone:
                 self.redis.xack(self.keys.events, self.name, *gone)
             if live:
-                log.info("consumer.reclaimed", count=len(live))
+                self.log.info("consumer.reclaimed", count=len(live))
                 self.handle_entries(live)
             if cursor in (b"0-0", "0-0"):
                 break
@@ -207,7 +207,8 @@ class ConsumerRunner:
             envs.sort(key=lambda e: e.position or 0)
             if not self.apply_events(envs):
                 return  # stopping: leave the rest pending, to be reclaimed
-        self.redis.xack(self.keys.events, self.name, *ids)
+        if ids:
+            self.redis.xack(self.keys.events, self.name, *ids)
 
     def apply_events(self, envs: list[Envelope]) -> bool:
         """Apply consecutive events; returns False if asked to stop before finishing."""
@@ -274,7 +275,7 @@ class ConsumerRunner:
                         {"consumer": self.name, "position": env.position, "error": error},
                     ).fetchone()[0]
                 limit = self.settings.consumer_max_attempts
-                log.warning("consumer.apply_failed", attempts=attempts, max_attempts=limit, error=error)
+                self.log.warning("consumer.apply_failed", attempts=attempts, max_attempts=limit, error=error)
                 if attempts >= limit:
                     self._dead_letter(env, attempts, error)
                     return True
@@ -302,7 +303,7 @@ class ConsumerRunner:
             conn.execute(q.CLEAR_FAILURE, (self.name, env.position))
             conn.execute(q.SET_CHECKPOINT, (env.position, self.name))
         self.dead_lettered += 1
-        log.error("consumer.dead_lettered", dead_letter_id=dl_id, attempts=attempts, error=error)
+        self.log.error("consumer.dead_lettered", dead_letter_id=dl_id, attempts=attempts, error=error)
         try:
             self.redis.xadd(
                 self.keys.dlq(self.name),
@@ -320,11 +321,11 @@ class ConsumerRunner:
                 approximate=True,
             )
         except _REDIS_ERRORS as exc:  # PostgreSQL holds the dead letter; the mirror can wait
-            log.warning("consumer.dlq_mirror_failed", error=describe(exc))
+            self.log.warning("consumer.dlq_mirror_failed", error=describe(exc))
 
     def _dead_letter_entry(self, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
         """A stream entry that is not a valid envelope (not written by the relay)."""
-        log.error("consumer.malformed_entry", entry_id=entry_id.decode(), error=error)
+        self.log.error("consumer.malformed_entry", entry_id=entry_id.decode(), error=error)
         mirror = {k.decode(errors="replace"): v for k, v in fields.items()}
         mirror.update({"consumer": self.name, "entry_id": entry_id, "error": error})
         self.redis.xadd(self.keys.dlq(self.name), mirror, maxlen=100_000, approximate=True)
@@ -353,7 +354,7 @@ class ConsumerRunner:
         cp = self.checkpoint()
         start, done = cp, 0
         if cp < upto:
-            log.info("consumer.catching_up", checkpoint=cp, head=upto)
+            self.log.info("consumer.catching_up", checkpoint=cp, head=upto)
         while cp < upto and not self.stop.is_set():
             batch = self.store.read_all(cp, self.settings.catchup_batch_size, upto=upto)
             if not batch:
@@ -377,5 +378,5 @@ class ConsumerRunner:
             self.projection.reset(conn, from_position, cp)
             conn.execute(q.SUPERSEDE_DEAD_LETTERS, (self.name, from_position))
             conn.execute(q.SET_CHECKPOINT, (min(cp, from_position - 1), self.name))
-        log.info("consumer.rebuild", from_position=from_position, head=upto)
+        self.log.info("consumer.rebuild", from_position=from_position, head=upto)
         return self.catch_up(upto=upto, progress=progress)

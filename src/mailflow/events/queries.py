@@ -92,8 +92,12 @@ UNSEQUENCED_EXIST = """
 SELECT EXISTS (
     SELECT 1 FROM events e, event_sequencer s
     WHERE (e.txid, e.seq) > (s.cursor_txid, s.cursor_seq)
+      AND (%(below)s::xid8 IS NULL OR e.txid < %(below)s::xid8)
 )
 """
+
+# Transactions that started after this point have ids >= it.
+SNAPSHOT_XMAX = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"
 
 # -- the sequencer ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ late commits).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
-from ..errors import ConcurrencyError, DuplicateEventError, InvalidEventError, NotFoundError
+from ..errors import ConcurrencyError, DuplicateEventError, InvalidEventError, MailflowError, NotFoundError
 from . import queries as q
 from .envelope import Envelope, Metadata, NewEvent, default_actor
 from .notify import Notifier
@@ -186,15 +187,32 @@ class EventStore:
                 row = conn.execute(q.SEQUENCE, {"limit": limit}).fetchone()
         return int(row[1]) if row else 0
 
-    def sync(self, limit: int = 10_000) -> int:
-        """Sequence everything that is below the horizon now; return the head position."""
-        while self.sequence(limit, wait=True) >= limit:
-            pass
-        return self.head()
+    def sync(self, limit: int = 10_000, timeout_s: float = 60.0) -> int:
+        """Wait until every event committed before this call has a position; return the head.
 
-    def has_unsequenced(self) -> bool:
+        Events of transactions still open elsewhere on the server hold the horizon back;
+        if that lasts longer than timeout_s, raise instead of waiting forever.
+        """
         with self.pool.connection() as conn:
-            return bool(conn.execute(q.UNSEQUENCED_EXIST).fetchone()[0])
+            below = conn.execute(q.SNAPSHOT_XMAX).fetchone()[0]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.sequence(limit, wait=True) >= limit:
+                continue
+            if not self.has_unsequenced(below):
+                return self.head()
+            if time.monotonic() > deadline:
+                raise MailflowError(
+                    f"events are still waiting for a position after {timeout_s:.0f} s: an open "
+                    "transaction on the PostgreSQL server holds back the visibility horizon "
+                    "(see docs/operations.md)"
+                )
+            time.sleep(0.002)
+
+    def has_unsequenced(self, below: str | None = None) -> bool:
+        """Are there committed events without a position (of transactions older than `below`)?"""
+        with self.pool.connection() as conn:
+            return bool(conn.execute(q.UNSEQUENCED_EXIST, {"below": below}).fetchone()[0])
 
     # -- reading -----------------------------------------------------------------------
 
