@@ -11,14 +11,19 @@ CREATE TABLE consumer_checkpoints (
 CREATE TABLE dead_letters (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     consumer    text NOT NULL,
-    position    bigint NOT NULL,
-    event_id    uuid NOT NULL,
-    event_type  text NOT NULL,
+    -- An event the consumer could not apply: its position, id and type.
+    position    bigint,
+    event_id    uuid,
+    event_type  text,
+    -- A stream entry that was not a valid envelope (not written by the relay): as received.
+    entry_id    text,
+    entry       jsonb,
     attempts    integer NOT NULL,
     error       text NOT NULL,
     status      text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'retried', 'dropped')),
     created_at  timestamptz NOT NULL DEFAULT now(),
     resolved_at timestamptz,
+    CHECK ((position IS NOT NULL AND event_id IS NOT NULL AND event_type IS NOT NULL) OR entry_id IS NOT NULL),
     UNIQUE (consumer, position)
 );
 CREATE INDEX dead_letters_open ON dead_letters (consumer, position) WHERE status = 'open';

@@ -161,3 +161,12 @@ def test_tail_follow_prints_new_events_as_they_commit_and_stops_on_sigterm(env, 
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 0
+
+
+def test_usage_errors_and_bad_settings_are_one_line_with_exit_code_2(env):
+    res = run_cli(env, "events", "append")
+    assert res.returncode == 2 and "Missing argument" in one_line_error(res)
+    res = run_cli(env, "events", "tail", "--from", "0")
+    assert res.returncode == 2 and "--from" in one_line_error(res)
+    res = run_cli(dict(env, MAILFLOW_CONSUMER_BATCH_SIZE="lots"), "events", "tail")
+    assert res.returncode == 2 and "MAILFLOW_CONSUMER_BATCH_SIZE" in one_line_error(res)

@@ -236,3 +236,60 @@ def test_consumer_log_lines_are_json_with_position_and_correlation_id(rt, store,
     assert len(working) == settings.consumer_max_attempts + 1
     assert all(x["position"] == 1 and x["correlation_id"] == "corr-42" for x in working)
     assert all(x["consumer"] == "event_counts" for x in working)
+
+
+def test_a_malformed_stream_entry_is_recorded_acknowledged_and_cannot_be_retried(rt, store, settings, db_url):
+    from mailflow.consumers.dlq import DeadLetters
+    from mailflow.errors import MailflowError
+    from mailflow.projectors import get as get_projection
+
+    fill(store, 5)
+    runner = ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings)
+    runner.ensure_checkpoint()
+    runner._ensure_group()
+    good = entries_for(store, 0, 5)
+    runner.handle_entries([good[0], (b"2-0", {b"event": b"{not json"}), *good[1:]])
+    assert counts(db_url) == truth(db_url)  # position 2 came from PostgreSQL instead
+    with connect(db_url) as conn:
+        dl = DeadLetters(conn, store, redis_client(rt.services.redis_url), rt.keys)
+        [letter] = dl.list()
+        assert (letter.entry_id, letter.position) == ("2-0", None)
+        assert "malformed event envelope JSON" in letter.error
+        with pytest.raises(MailflowError, match="drop it"):
+            dl.retry(letter, get_projection)
+        dl.drop(letter)
+        assert dl.list() == []
+    assert redis_client(rt.services.redis_url).xlen(rt.keys.dlq("event_counts")) == 0
+
+
+def test_envelopes_read_from_redis_are_upcast_like_those_read_from_postgres(rt, settings):
+    from mailflow.events import EventRegistry, Event
+
+    reg = EventRegistry()
+
+    class Renamed(Event):
+        schema_version = 2
+        new_name: str
+
+    reg.register(Renamed)
+    reg.upcaster("Renamed", 1)(lambda d: {"new_name": d["old_name"]})
+    old_store = EventStore(rt.pool, registry=EventRegistry())
+    old_store.append("r", [NewEvent("Renamed", {"old_name": "x"}, schema=1)])
+    old_store.sync()
+    raw = old_store.read_all(0, 1)[0]
+    assert raw.schema == 1
+    seen = []
+
+    class Spy(EventCounts):
+        def apply(self, conn, events):
+            seen.extend((e.schema, e.data) for e in events)
+            super().apply(conn, events)
+
+    store = EventStore(rt.pool, registry=reg)
+    runner = ConsumerRunner(Spy(), store, rt.services.redis_url, settings)
+    runner.ensure_checkpoint()
+    runner.handle_entries([(b"1-0", {b"event": raw.to_json()})])
+    assert seen == [(2, {"new_name": "x"})]
+    runner.close()
+    store.close()
+    old_store.close()

@@ -222,3 +222,11 @@ def test_only_one_of_two_racing_writers_with_the_same_expectation_wins(store: Ev
         t.join()
     assert results.count("ok") == 1 and results.count("conflict") == 7
     assert store.stream_version("race") == 2
+
+
+def test_retrying_with_the_same_id_but_different_content_is_refused(store: EventStore):
+    e = NewEvent("Priced", {"amount": 10})
+    store.append("p", [e])
+    with pytest.raises(DuplicateEventError, match="other content"):
+        store.append("p", [NewEvent("Priced", {"amount": 99}, id=e.id)])
+    assert [x.data for x in store.read_stream("p")] == [{"amount": 10}]

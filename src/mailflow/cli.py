@@ -22,10 +22,10 @@ from rich.table import Table
 
 from . import embedded, log
 from .app import Runtime
-from .config import Settings, load_settings, mask_url
+from .config import Settings, debug_enabled, load_settings, mask_url
 from .consumers.dlq import DeadLetters
-from .consumers.runtime import ConsumerRunner
-from .errors import MailflowError
+from .consumers.runtime import ConsumerRunner, checkpoints
+from .errors import MailflowError, UsageError
 from .events.envelope import Envelope, Metadata, NewEvent
 from .events.relay import Relay
 from .lifecycle import stop_on_signals
@@ -65,10 +65,7 @@ _state = _State()
 
 def settings() -> Settings:
     if _state.settings is None:
-        try:
-            _state.settings = load_settings()
-        except Exception as exc:  # pydantic ValidationError -> one line
-            raise MailflowError(f"bad MAILFLOW_* setting: {str(exc).splitlines()[0:3]}") from exc
+        _state.settings = load_settings()
     return _state.settings
 
 
@@ -187,9 +184,9 @@ def _parse_json_object(raw: str, what: str) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise MailflowError(f"{what} is not valid JSON: {exc}") from exc
+        raise UsageError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise MailflowError(f"{what} must be a JSON object, got {type(value).__name__}")
+        raise UsageError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -215,7 +212,7 @@ def events_append(
     try:
         eid = uuid.UUID(event_id) if event_id else uuid.uuid4()
     except ValueError as exc:
-        raise MailflowError(f"--id {event_id!r} is not a UUID") from exc
+        raise UsageError(f"--id {event_id!r} is not a UUID") from exc
     md = Metadata(correlation_id=correlation_id, causation_id=causation_id, tenant=tenant, actor=actor)
     store = runtime().store
     [env] = store.append(
@@ -228,7 +225,11 @@ def events_append(
     if as_json:
         emit_json(env.to_dict())
     else:
-        where = f"position {env.position}" if env.position else "position pending (an older transaction is open)"
+        where = (
+            f"position {env.position}"
+            if env.position
+            else "position pending (the sequencer assigns it once older transactions finish)"
+        )
         out.print(f"appended {env.type} to {env.stream} at version {env.version}, {where}, id {env.id}")
 
 
@@ -328,8 +329,7 @@ def events_stats(
     rt.store.sequence(wait=False)
     head = rt.store.head()
     with rt.connect() as conn:
-        row = conn.execute("SELECT position FROM consumer_checkpoints WHERE consumer = 'event_counts'").fetchone()
-        checkpoint = int(row[0]) if row else 0
+        checkpoint = checkpoints(conn).get("event_counts", (0, None))[0]
         if hourly:
             since = datetime.now(timezone.utc) - timedelta(hours=24)
             rows = event_counts.hourly(conn, since)
@@ -366,10 +366,8 @@ def projections_list(as_json: bool = JsonOpt) -> None:
     rt.store.sequence(wait=False)
     head = rt.store.head()
     with rt.connect() as conn:
-        cps = {c: (p, u) for c, p, u in conn.execute("SELECT consumer, position, updated_at FROM consumer_checkpoints")}
-        dead = dict(conn.execute(
-            "SELECT consumer, count(*) FROM dead_letters WHERE status = 'open' GROUP BY consumer"
-        ).fetchall())
+        cps = checkpoints(conn)
+        dead = DeadLetters(conn, rt.store, rt.redis, rt.keys).open_counts()
     known = available_projections()
     rows = []
     for name in sorted(set(known) | set(cps)):
@@ -381,7 +379,7 @@ def projections_list(as_json: bool = JsonOpt) -> None:
             "head": head,
             "lag": head - cp,
             "dead_letters": int(dead.get(name, 0)),
-            "updated_at": updated.isoformat() if updated else None,
+            "updated_at": updated.isoformat() if isinstance(updated, datetime) else None,
         })
     if as_json:
         emit_json(rows)
@@ -481,7 +479,8 @@ def dlq_list(
     for col in ("id", "consumer", "position", "type", "attempts", "status", "error"):
         table.add_column(col)
     for d in letters:
-        table.add_row(str(d.id), d.consumer, str(d.position), d.event_type, str(d.attempts), d.status, d.error[:100])
+        where = str(d.position) if d.position is not None else f"entry {d.entry_id}"
+        table.add_row(str(d.id), d.consumer, where, d.event_type or "(malformed)", str(d.attempts), d.status, d.error[:100])
     out.print(table)
 
 
@@ -575,27 +574,43 @@ def services_stop(as_json: bool = JsonOpt) -> None:
             out.print(f"{x.name:<9} {'still running' if x.running else 'stopped'}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every failure a user can cause ends as one `error:` line and an exit code."""
+    code = 0
     try:
-        app()
+        result = typer.main.get_command(app).main(args=argv, prog_name="mailflow", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.Abort:
+        code = 130
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.TyperException as exc:  # usage errors: bad option, missing argument
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"error: {' '.join(message.split())} (see --help)", markup=False)
+        code = getattr(exc, "exit_code", 2)
     except MailflowError as exc:
         err.print(f"error: {exc}", markup=False)
-        _close()
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except psycopg.errors.UndefinedTable as exc:
-        err.print(f"error: the database is not migrated ({exc.diag.message_primary}); run `mailflow migrate`", markup=False)
-        _close()
-        sys.exit(2)
+        err.print(
+            f"error: the database is not migrated ({exc.diag.message_primary}); run `mailflow migrate`",
+            markup=False,
+        )
+        code = 2
     except KeyboardInterrupt:
-        _close()
-        sys.exit(130)
+        code = 130
     except Exception as exc:  # noqa: BLE001
-        if os.environ.get("MAILFLOW_DEBUG"):
+        if debug_enabled():
             raise
-        err.print(f"error: unexpected {type(exc).__name__}: {exc} (set MAILFLOW_DEBUG=1 for a traceback)", markup=False)
+        err.print(
+            f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
+            "(set MAILFLOW_DEBUG=1 for a traceback)",
+            markup=False,
+        )
+        code = 70
+    finally:
         _close()
-        sys.exit(70)
-    _close()
+    sys.exit(code)
 
 
 def _close() -> None:

@@ -6,11 +6,14 @@ under MAILFLOW_HOME are used (started on demand, shared by every process).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
 
 
 class Settings(BaseSettings):
@@ -45,7 +48,18 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    return Settings(**overrides)  # type: ignore[arg-type]
+    """Read MAILFLOW_* once; a bad value becomes one ConfigurationError line naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "MAILFLOW_" + "_".join(str(p) for p in first["loc"]).upper()
+        raise ConfigurationError(f"bad setting {name}: {first['msg']}") from exc
+
+
+def debug_enabled() -> bool:
+    """MAILFLOW_DEBUG=1 shows tracebacks for unexpected errors (read even if settings are bad)."""
+    return os.environ.get("MAILFLOW_DEBUG", "") not in ("", "0", "false")
 
 
 def mask_url(url: str) -> str:

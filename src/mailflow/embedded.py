@@ -244,7 +244,7 @@ def stop(home: Path, timeout_s: float = 30) -> list[ServiceStatus]:
 
 
 def remove(home: Path) -> None:
-    """Stop the services and delete their data (used by tests and `services stop --purge`)."""
+    """Stop the services and delete their data."""
     stop(home)
     home = home.expanduser().resolve()
     for sub in ("postgres", "redis"):

@@ -15,6 +15,12 @@ class ConfigurationError(MailflowError):
     exit_code = 2
 
 
+class UsageError(MailflowError):
+    """A command was called with bad arguments or input."""
+
+    exit_code = 2
+
+
 class ServiceUnavailable(MailflowError):
     """PostgreSQL or Redis could not be reached at the configured URL."""
 

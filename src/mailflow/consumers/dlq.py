@@ -26,14 +26,15 @@ from .runtime import describe
 class DeadLetter:
     id: int
     consumer: str
-    position: int
-    event_id: str
-    event_type: str
+    position: int | None
+    event_id: str | None
+    event_type: str | None
     attempts: int
     error: str
     status: str
     created_at: datetime
     resolved_at: datetime | None
+    entry_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -43,7 +44,9 @@ class DeadLetter:
 
 
 def _row(r: tuple[Any, ...]) -> DeadLetter:
-    return DeadLetter(r[0], r[1], r[2], str(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+    return DeadLetter(
+        r[0], r[1], r[2], None if r[3] is None else str(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]
+    )
 
 
 class DeadLetters:
@@ -52,6 +55,9 @@ class DeadLetters:
         self.store = store
         self.redis = redis_client
         self.keys = keys
+
+    def open_counts(self) -> dict[str, int]:
+        return {c: int(n) for c, n in self.conn.execute(q.OPEN_DEAD_LETTER_COUNTS).fetchall()}
 
     def list(self, consumer: str | None = None, *, include_resolved: bool = False) -> list[DeadLetter]:
         rows = self.conn.execute(
@@ -72,6 +78,11 @@ class DeadLetters:
 
     def retry(self, letter: DeadLetter, projection_for: Callable[[str], Projection]) -> None:
         """Apply the event again; on success the dead letter is closed. Raises on failure."""
+        if letter.position is None:
+            raise MailflowError(
+                f"dead letter {letter.id} is a malformed stream entry ({letter.entry_id}), not an event; "
+                "there is nothing to re-apply - drop it"
+            )
         projection = projection_for(letter.consumer)
         event = self.store.get(letter.position)
         try:

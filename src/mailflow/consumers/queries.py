@@ -28,20 +28,28 @@ SET attempts = excluded.attempts, error = excluded.error, status = 'open',
 RETURNING id
 """
 
+DEAD_LETTER_ENTRY = """
+INSERT INTO dead_letters (consumer, entry_id, entry, attempts, error)
+VALUES (%(consumer)s, %(entry_id)s, %(entry)s, 1, %(error)s)
+RETURNING id
+"""
+
 OPEN_DEAD_LETTER_POSITIONS = """
 SELECT position FROM dead_letters
 WHERE consumer = %s AND status = 'open' AND position BETWEEN %s AND %s
 """
 
 LIST_DEAD_LETTERS = """
-SELECT id, consumer, position, event_id, event_type, attempts, error, status, created_at, resolved_at
+SELECT id, consumer, position, event_id, event_type, attempts, error, status, created_at, resolved_at,
+       entry_id
 FROM dead_letters
 WHERE (%(consumer)s::text IS NULL OR consumer = %(consumer)s::text)
   AND (%(all)s OR status = 'open')
 ORDER BY id
 """
 LOCK_DEAD_LETTER = """
-SELECT id, consumer, position, event_id, event_type, attempts, error, status, created_at, resolved_at
+SELECT id, consumer, position, event_id, event_type, attempts, error, status, created_at, resolved_at,
+       entry_id
 FROM dead_letters WHERE id = %s FOR UPDATE
 """
 RESOLVE_DEAD_LETTER = """
@@ -50,4 +58,8 @@ UPDATE dead_letters SET status = %s, resolved_at = now() WHERE id = %s
 SUPERSEDE_DEAD_LETTERS = """
 UPDATE dead_letters SET status = 'retried', resolved_at = now()
 WHERE consumer = %s AND status = 'open' AND position >= %s
+"""
+
+OPEN_DEAD_LETTER_COUNTS = """
+SELECT consumer, count(*) FROM dead_letters WHERE status = 'open' GROUP BY consumer
 """

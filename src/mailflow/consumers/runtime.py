@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import psycopg
 import redis
+from psycopg.types.json import Jsonb
 import structlog
 
 from ..config import Settings
@@ -36,6 +37,11 @@ log = get_logger("mailflow.consumer")
 _INFRA_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 ProgressFn = Callable[[int, int], None]
+
+
+def checkpoints(conn: psycopg.Connection) -> dict[str, tuple[int, object]]:
+    """Every consumer's checkpoint and when it last moved."""
+    return {c: (int(p), u) for c, p, u in conn.execute(q.ALL_CHECKPOINTS).fetchall()}
 
 
 class _ApplyFailed(Exception):
@@ -117,7 +123,6 @@ class ConsumerRunner:
         finally:
             self.log.info("consumer.stopped", applied=self.applied, dead_lettered=self.dead_lettered)
             self.close()
-            structlog.contextvars.unbind_contextvars("position", "correlation_id")
 
     def _follow(self) -> None:
         last_claim = time.monotonic()
@@ -196,10 +201,10 @@ class ConsumerRunner:
         for entry_id, fields in entries:
             ids.append(entry_id)
             try:
-                env = Envelope.from_json(fields[b"event"])
+                env = self.store.upcast(Envelope.from_json(fields[b"event"]))
                 pos = int(entry_id.split(b"-")[0])
                 if env.position != pos:
-                    raise ValueError(f"entry {entry_id!r} carries position {env.position}")
+                    raise ValueError(f"entry {entry_id.decode()} carries position {env.position}")
                 envs.append(env)
             except Exception as exc:  # noqa: BLE001 - a malformed entry must not stop the consumer
                 self._dead_letter_entry(entry_id, fields, describe(exc))
@@ -239,11 +244,11 @@ class ConsumerRunner:
                     todo = self.store.read_all(cp, last - cp, upto=last, conn=conn)
             if not refill:
                 tail = todo[-1]
-                structlog.contextvars.bind_contextvars(
-                    position=tail.position, correlation_id=tail.metadata.correlation_id
-                )
                 try:
-                    self.projection.apply(conn, todo)
+                    with structlog.contextvars.bound_contextvars(
+                        position=tail.position, correlation_id=tail.metadata.correlation_id
+                    ):
+                        self.projection.apply(conn, todo)
                 except _INFRA_ERRORS:
                     raise
                 except Exception as exc:  # noqa: BLE001 - projection code may raise anything
@@ -255,9 +260,12 @@ class ConsumerRunner:
             self._apply_tx(envs)
 
     def _apply_one(self, env: Envelope) -> bool:
-        structlog.contextvars.bind_contextvars(
+        with structlog.contextvars.bound_contextvars(
             position=env.position, correlation_id=env.metadata.correlation_id
-        )
+        ):
+            return self._apply_one_with_retries(env)
+
+    def _apply_one_with_retries(self, env: Envelope) -> bool:
         failed_before = False
         while True:
             try:
@@ -324,11 +332,26 @@ class ConsumerRunner:
             self.log.warning("consumer.dlq_mirror_failed", error=describe(exc))
 
     def _dead_letter_entry(self, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
-        """A stream entry that is not a valid envelope (not written by the relay)."""
+        """A stream entry that is not a valid envelope (not written by the relay).
+
+        Nothing is lost by skipping it: events come from PostgreSQL whenever the stream has
+        a hole. It is recorded so an operator can see who wrote it, then acknowledged.
+        """
         self.log.error("consumer.malformed_entry", entry_id=entry_id.decode(), error=error)
-        mirror = {k.decode(errors="replace"): v for k, v in fields.items()}
-        mirror.update({"consumer": self.name, "entry_id": entry_id, "error": error})
-        self.redis.xadd(self.keys.dlq(self.name), mirror, maxlen=100_000, approximate=True)
+        raw = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+        with self.conn.transaction():
+            dl_id = self.conn.execute(
+                q.DEAD_LETTER_ENTRY,
+                {"consumer": self.name, "entry_id": entry_id.decode(), "entry": Jsonb(raw), "error": error},
+            ).fetchone()[0]
+        mirror: dict[str, str | bytes] = dict(raw)
+        mirror.update(
+            {"dead_letter_id": str(dl_id), "consumer": self.name, "entry_id": entry_id, "error": error}
+        )
+        try:
+            self.redis.xadd(self.keys.dlq(self.name), mirror, maxlen=100_000, approximate=True)
+        except _REDIS_ERRORS as exc:
+            self.log.warning("consumer.dlq_mirror_failed", error=describe(exc))
 
     # -- checkpoints, catch-up, rebuild --------------------------------------------------
 

@@ -94,6 +94,7 @@ class Relay:
         r = redis_client(self.redis_url)
         try:
             self._resume(r)
+            blocked_wait = self.settings.relay_retry_interval_s
             while not stop.is_set():
                 if r.get(self.keys.relay_epoch) != self._epoch:
                     log.warning("relay.redis_reset", detail="epoch key missing; republishing")
@@ -102,11 +103,15 @@ class Relay:
                 batch = self.store.read_all(self._published, self.settings.relay_batch_size)
                 if batch:
                     self._publish(r, batch)
+                    blocked_wait = self.settings.relay_retry_interval_s
                     continue
                 if self.store.has_unsequenced():
-                    # Committed events wait behind an older open transaction: look again soon.
-                    stop.wait(self.settings.relay_retry_interval_s)
+                    # Committed events wait behind an older open transaction: look again soon,
+                    # backing off (up to 100 ms) while it stays open.
+                    stop.wait(blocked_wait)
+                    blocked_wait = min(blocked_wait * 2, max(0.1, self.settings.relay_retry_interval_s))
                     continue
+                blocked_wait = self.settings.relay_retry_interval_s
                 self._wait_for_notify(conn, stop)
         finally:
             r.close()

@@ -160,13 +160,16 @@ class EventStore:
             found = [self._envelope(r) for r in conn.execute(q.EVENTS_BY_ID, (ids,)).fetchall()]
             actual_row = conn.execute(q.STREAM_VERSION, (stream,)).fetchone()
         by_id = {env.id: env for env in found}
-        if len(by_id) == len(ids) and all(by_id[i].stream == stream for i in ids):
+        if len(by_id) == len(ids) and all(
+            by_id[ev.id].stream == stream and by_id[ev.id].type == ev.type and by_id[ev.id].data == ev.data
+            for ev in events
+        ):
             return [by_id[i] for i in ids]
         if found or duplicate:
             clash = found[0] if found else None
             where = f" (already stored in stream {clash.stream!r})" if clash else ""
             raise DuplicateEventError(
-                f"event ids of this append were already used by other events{where}; nothing was written"
+                f"event ids of this append were already used for other content{where}; nothing was written"
             )
         raise ConcurrencyError(stream, expected or 0, actual_row[0] if actual_row else 0)
 
@@ -284,6 +287,13 @@ class EventStore:
         if not rows:
             raise NotFoundError(f"no event with id {event_id}")
         return self._envelope(rows[0])
+
+    def upcast(self, env: Envelope) -> Envelope:
+        """Bring an envelope that did not come from this store (e.g. from Redis) to the current schema."""
+        schema, data = self.registry.upcast(env.type, env.schema, env.data)
+        if schema != env.schema:
+            env.schema, env.data = schema, data
+        return env
 
     def _envelope(self, row: tuple[Any, ...]) -> Envelope:
         event_id, position, stream, version, etype, schema, data, md, recorded_at = row
