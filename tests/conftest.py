@@ -219,15 +219,6 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    """A redis-server of this test's own, for tests that FLUSHALL or restart Redis."""
-    home = tmp_path / "private"
-    url = embedded.ensure_redis(home)
-    yield url
-    embedded.stop(home)
-
-
 def _redis_server_version(binary: Path) -> str | None:
     """major.minor of a redis-server binary, e.g. "7.0"."""
     import re
