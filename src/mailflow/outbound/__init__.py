@@ -1,0 +1,1 @@
+"""Outbound room: contacts, segments, templates, senders, campaigns, jobs, MIME and SMTP out."""

@@ -1,0 +1,83 @@
+"""Pure outbound decisions (no servers): job transitions, SMTP reply verdicts, retry delays, rate limits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mailflow.outbound.jobs import ALLOWED, IllegalTransition, JobState, check_transition
+from mailflow.outbound.ratelimit import RateLimiter
+from mailflow.outbound.replies import FailureKind, Outcome, RetrySchedule, classify, retry_hint_seconds, transient
+
+S = JobState
+
+
+def test_only_the_documented_job_transitions_are_allowed():
+    legal = {(a, b) for a, targets in ALLOWED.items() for b in targets}
+    assert legal == {
+        (S.PENDING, S.QUEUED),
+        (S.QUEUED, S.ACTIVE),
+        (S.ACTIVE, S.COMPLETED),
+        (S.ACTIVE, S.FAILED),
+        (S.ACTIVE, S.RETRY),
+        (S.RETRY, S.QUEUED),
+    }
+    for a in S:
+        for b in S:
+            if (a, b) in legal:
+                check_transition("j", a, b)
+            else:
+                with pytest.raises(IllegalTransition):
+                    check_transition("j", a, b)
+
+
+@pytest.mark.parametrize(
+    "code,msg,outcome,kind,suppress",
+    [
+        (250, "2.0.0 Ok: queued as 4XyZ", Outcome.DELIVERED, FailureKind.NONE, False),
+        (421, "4.7.0 Try again later", Outcome.RETRY, FailureKind.TRANSIENT, False),
+        (451, "4.3.0 temporary failure", Outcome.RETRY, FailureKind.TRANSIENT, False),
+        (550, "5.1.1 <x@example.org>: Recipient address rejected: User unknown", Outcome.FAILED, FailureKind.BAD_MAILBOX, True),
+        (550, "5.7.1 Message rejected due to poor reputation", Outcome.FAILED, FailureKind.POLICY, False),
+        (552, "5.2.2 Mailbox full", Outcome.FAILED, FailureKind.MAILBOX_FULL, False),
+        (552, "5.3.4 Message size exceeds fixed limit", Outcome.FAILED, FailureKind.MESSAGE, False),
+        (550, "No such user here", Outcome.FAILED, FailureKind.BAD_MAILBOX, True),
+        (554, "Transaction failed", Outcome.FAILED, FailureKind.PERMANENT, False),
+    ],
+)
+def test_smtp_replies_are_classified_by_code_and_enhanced_status(code, msg, outcome, kind, suppress):
+    v = classify(code, msg)
+    assert (v.outcome, v.kind, v.suppress) == (outcome, kind, suppress)
+
+
+def test_retry_hints_in_replies_are_honoured():
+    assert retry_hint_seconds("4.7.0 Greylisted, please try again in 120 seconds") == 120
+    assert retry_hint_seconds("450 4.2.0 retry after 5 minutes") == 300
+    assert retry_hint_seconds("451 4.3.0 temporary failure") is None
+    assert classify(450, "Greylisted: try again in 90 seconds").retry_after_s == 90
+    assert transient("timed out").outcome is Outcome.RETRY
+
+
+def test_retry_delays_grow_with_full_jitter_and_stop_after_the_last_attempt():
+    sched = RetrySchedule(base_s=300, factor=1.3, max_attempts=18, jitter=False)
+    assert sched.delay(1) == 300
+    assert sched.delay(2) == pytest.approx(390)
+    assert sched.delay(17) == pytest.approx(min(6 * 3600, 300 * 1.3**16))
+    assert sched.delay(18) is None
+    jittered = RetrySchedule()
+    rnd = random.Random(7)
+    samples = [jittered.delay(3, rnd=rnd) for _ in range(500)]
+    assert all(0 <= s <= 300 * 1.3**2 for s in samples)
+    assert max(samples) - min(samples) > 300  # spread out, not a thundering herd
+    assert jittered.delay(1, hint_s=900, rnd=rnd) >= 900
+
+
+def test_token_buckets_limit_each_sender_and_domain_separately():
+    rl = RateLimiter(limits={"*": 10, "gmail.com": 2}, burst_seconds=1)
+    assert rl.take("news", "gmail.com", 100, now=0.0) == 2
+    assert rl.take("news", "gmail.com", 100, now=0.0) == 0
+    assert rl.take("news", "example.org", 100, now=0.0) == 10
+    assert rl.take("alerts", "gmail.com", 100, now=0.0) == 2  # another sender, its own bucket
+    assert rl.take("news", "gmail.com", 100, now=0.5) == 1  # refills at 2/s
+    assert rl.take("news", "GMAIL.com", 100, now=10.0) == 2  # never beyond the burst
