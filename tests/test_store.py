@@ -230,3 +230,28 @@ def test_retrying_with_the_same_id_but_different_content_is_refused(store: Event
     with pytest.raises(DuplicateEventError, match="other content"):
         store.append("p", [NewEvent("Priced", {"amount": 99}, id=e.id)])
     assert [x.data for x in store.read_stream("p")] == [{"amount": 10}]
+
+
+def test_append_many_writes_many_streams_in_one_commit_with_per_stream_versions(store: EventStore, db_url: str):
+    store.append("job-1", [ev(n=0)])
+    out = store.append_many([("job-1", ev(n=1)), ("job-2", ev(n=2)), ("job-1", ev(n=3)), ("job-3", ev(n=4))])
+    assert [(e.stream, e.version) for e in out] == [("job-1", 2), ("job-2", 1), ("job-1", 3), ("job-3", 1)]
+    assert [e.data["n"] for e in store.read_stream("job-1")] == [0, 1, 3]
+    store.sync()
+    assert [e.data["n"] for e in store.read_all(0, 10)] == [0, 1, 2, 3, 4]
+
+
+def test_append_many_inside_a_caller_transaction_rolls_back_with_it(store: EventStore, db_url: str):
+    conn = connect(db_url)
+    try:
+        with pytest.raises(RuntimeError):
+            with conn.transaction():
+                store.append_many([("a", ev()), ("b", ev())], conn=conn)
+                raise RuntimeError("the caller's work failed")
+        with conn.transaction():
+            store.append_many([("a", ev())], conn=conn)
+        store.notify()
+    finally:
+        conn.close()
+    assert store.sync() == 1
+    assert [e.version for e in store.read_stream("a")] == [1]

@@ -45,6 +45,30 @@ WITH s AS (
     + _APPEND_EVENTS
 )
 
+# Many streams in one statement (expected version ANY): bump each stream once, in stream
+# order so that concurrent batches lock stream rows in the same order, then insert.
+APPEND_MANY = """
+WITH u AS (
+    SELECT * FROM unnest(%(streams)b::text[], %(ids)b::uuid[], %(types)b::text[], %(schemas)b::int[],
+                         %(datas)b::text[]::jsonb[], %(metas)b::text[]::jsonb[])
+        WITH ORDINALITY AS u(stream, id, type, schema, data, metadata, ord)
+), c AS (
+    SELECT stream, count(*) AS n FROM u GROUP BY stream
+), s AS (
+    INSERT INTO streams AS st (stream, version)
+    SELECT stream, n FROM c ORDER BY stream
+    ON CONFLICT (stream) DO UPDATE SET version = st.version + excluded.version
+    RETURNING st.stream, st.version
+)
+INSERT INTO events (id, stream, version, type, schema, data, metadata)
+SELECT u.id, u.stream,
+       s.version - c.n + row_number() OVER (PARTITION BY u.stream ORDER BY u.ord),
+       u.type, u.schema, u.data, u.metadata
+FROM u JOIN s USING (stream) JOIN c USING (stream)
+ORDER BY u.ord
+RETURNING id, version, recorded_at
+"""
+
 STREAM_VERSION = "SELECT version FROM streams WHERE stream = %s"
 
 EVENTS_BY_ID = """

@@ -106,6 +106,50 @@ class EventStore:
             for i, (ev, (version, recorded_at)) in enumerate(zip(events, rows))
         ]
 
+    def append_many(
+        self, items: Sequence[tuple[str, NewEvent]], *, conn: psycopg.Connection | None = None
+    ) -> list[Envelope]:
+        """Append events to many streams at once (expected version ANY), atomically.
+
+        With `conn`, the append joins the caller's transaction (so state tables can be
+        updated in the same commit) and the relay is woken when the caller calls notify().
+        Without it, the append commits on its own and wakes the relay.
+        """
+        if not items:
+            return []
+        streams = []
+        for stream, _ in items:
+            _check_stream_name(stream)
+            streams.append(stream)
+        params = self._append_params("", [ev for _, ev in items], None)
+        params["streams"] = streams
+        try:
+            if conn is not None:
+                rows = conn.execute(q.APPEND_MANY, params, binary=True).fetchall()
+            else:
+                with self.pool.connection() as c:
+                    rows = c.execute(q.APPEND_MANY, params, binary=True).fetchall()
+        except pg_errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "events_id_key":
+                raise DuplicateEventError(
+                    "an event id of this batch was already used; nothing was written"
+                ) from exc
+            raise
+        if conn is None:
+            self.notifier.poke()
+        by_id = {r[0]: (r[1], r[2]) for r in rows}
+        out = []
+        for i, (stream, ev) in enumerate(items):
+            version, recorded_at = by_id[ev.id]
+            out.append(
+                Envelope(ev.id, None, stream, version, ev.type, params["schemas"][i], ev.data, ev.metadata, recorded_at)
+            )
+        return out
+
+    def notify(self) -> None:
+        """Wake the relay after a transaction that appended through `conn` has committed."""
+        self.notifier.poke()
+
     def _append_params(
         self, stream: str, events: Sequence[NewEvent], expected: int | None
     ) -> dict[str, Any]:
