@@ -25,6 +25,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ..errors import MailflowError
+from ..projectors import catalog
+from . import queries as q
+from .events import SegmentDefined
 
 CORE_FIELDS: dict[str, tuple[str, str]] = {
     # name: (SQL expression, kind)
@@ -155,16 +158,16 @@ class _Compiler:
     # -- attributes (jsonb) ------------------------------------------------------------------
 
     def attribute(self, path: list[str], op: str, value: Any, where: str) -> sql.Composable:
-        p = self.param(path)
-        at = sql.SQL("(attributes #> {}::text[])").format(p)
+        # The path appears several times in one test, so it is a literal (its keys were
+        # checked against _KEY above and psycopg quotes it), not a positional parameter.
+        at = sql.SQL("(attributes #> {}::text[])").format(sql.Literal(path))
         if op == "$exists":
             return sql.SQL("{} IS {} NULL").format(at, sql.SQL("NOT" if value else ""))
         if op in ("$eq", "$ne"):
             self.check_json_scalar(value, where, allow_list=True)
-            test = sql.SQL("{} = {}::jsonb").format(at, self.param(Jsonb(value)))
-            return test if op == "$eq" else sql.SQL("({} IS DISTINCT FROM {}::jsonb)").format(
-                at, self.param(Jsonb(value))
-            )
+            # $ne also matches contacts without the attribute (IS DISTINCT FROM).
+            test = "{} = {}::jsonb" if op == "$eq" else "({} IS DISTINCT FROM {}::jsonb)"
+            return sql.SQL(test).format(at, self.param(Jsonb(value)))
         if op in ("$in", "$nin"):
             if not isinstance(value, list) or not value:
                 raise SegmentError(f"{where}: {op} needs a non-empty list")
@@ -203,3 +206,45 @@ def compile_filter(doc: Any) -> Compiled:
     c = _Compiler()
     where = c.document(doc, "$", 0)
     return Compiled(where, c.params)
+
+
+# -- the segment service ------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    if not re.match(r"^[A-Za-z0-9_.\-]{1,100}$", name):
+        raise SegmentError("a segment name uses letters, digits, '.', '_' and '-' (1 to 100 characters)")
+
+
+def define(store, name: str, doc: dict[str, Any]) -> None:
+    """Validate and save a segment (SegmentDefined); redefining a name replaces its filter."""
+    _check_name(name)
+    compiled = compile_filter(doc)
+    with store.pool.connection() as conn:  # prove it runs before saving it
+        conn.execute(sql.SQL("EXPLAIN SELECT 1 FROM contacts WHERE {}").format(compiled.where), compiled.params)
+    catalog.record(store, [(f"segment-{name}", SegmentDefined(name=name, filter=doc).to_new())])
+
+
+def load(conn, name: str) -> dict[str, Any]:
+    row = conn.execute(q.GET_SEGMENT, (name,)).fetchone()
+    if row is None:
+        raise SegmentError(f"no segment named {name!r} (see `mailflow segments list`)")
+    return row[0]
+
+
+@dataclass
+class Preview:
+    count: int
+    sample: list[dict[str, Any]]
+
+
+def preview(conn, doc: dict[str, Any], sample: int = 10) -> Preview:
+    compiled = compile_filter(doc)
+    count = conn.execute(sql.SQL(q.COUNT_CONTACTS).format(where=compiled.where), compiled.params).fetchone()[0]
+    rows = conn.execute(
+        sql.SQL(q.LIST_CONTACTS).format(where=compiled.where), [*compiled.params, sample]
+    ).fetchall()
+    return Preview(
+        count=int(count),
+        sample=[{"email": e, "status": s, "attributes": a, "created_at": c.isoformat()} for e, s, a, c in rows],
+    )

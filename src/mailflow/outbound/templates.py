@@ -1,0 +1,132 @@
+"""Outbound room: message templates - subject, HTML and text in sandboxed Jinja2.
+
+Rendering uses Jinja2's SandboxedEnvironment (templates cannot reach Python internals)
+with StrictUndefined, so a missing variable is an error rather than a silent blank. Every
+error names the template, the part (subject/html/text), the line and, when it is a
+missing variable, the variable.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from ..errors import MailflowError
+from ..projectors import catalog
+from . import queries as q
+from .events import TemplateSaved
+
+PARTS = ("subject", "html", "text")
+
+
+class TemplateError(MailflowError):
+    exit_code = 2
+
+    def __init__(self, template: str, part: str, line: int | None, message: str, variable: str | None = None) -> None:
+        self.template, self.part, self.line, self.variable = template, part, line, variable
+        where = f"template {template!r} {part}" + (f" line {line}" if line else "")
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    subject: str
+    html: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    html: str
+    text: str
+
+
+_UNDEFINED = re.compile(r"'([^']+)' is undefined")
+
+
+def _environment(autoescape: bool) -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=autoescape,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+_HTML_ENV = _environment(autoescape=True)
+_TEXT_ENV = _environment(autoescape=False)
+
+
+def _compile(tpl: Template, part: str) -> jinja2.Template:
+    source = getattr(tpl, part)
+    env = _HTML_ENV if part == "html" else _TEXT_ENV
+    try:
+        return env.from_string(source, template_class=None)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(tpl.name, part, exc.lineno, f"syntax error: {exc.message}") from exc
+
+
+def check(tpl: Template) -> None:
+    """Compile every part; raises TemplateError on a syntax error."""
+    if not tpl.subject.strip():
+        raise TemplateError(tpl.name, "subject", None, "the subject is empty")
+    if not tpl.html.strip() and not tpl.text.strip():
+        raise TemplateError(tpl.name, "body", None, "needs an HTML or a text body (or both)")
+    for part in PARTS:
+        _compile(tpl, part)
+
+
+def render(tpl: Template, variables: dict[str, Any]) -> Rendered:
+    out: dict[str, str] = {}
+    for part in PARTS:
+        compiled = _compile(tpl, part)
+        try:
+            out[part] = compiled.render(variables)
+        except jinja2.UndefinedError as exc:
+            m = _UNDEFINED.search(str(exc))
+            var = m.group(1) if m else None
+            raise TemplateError(
+                tpl.name, part, _template_line(exc), f"undefined variable {var!r}" if var else str(exc), var
+            ) from exc
+        except jinja2.exceptions.SecurityError as exc:
+            raise TemplateError(tpl.name, part, _template_line(exc), f"not allowed in a template: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a filter or expression failed at render time
+            raise TemplateError(tpl.name, part, _template_line(exc), f"{type(exc).__name__}: {exc}") from exc
+    subject = " ".join(out["subject"].split())  # one line, no header injection
+    return Rendered(subject=subject, html=out["html"], text=out["text"])
+
+
+def _template_line(exc: BaseException) -> int | None:
+    """Jinja2 rewrites tracebacks so template frames carry the template's line numbers."""
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == "<template>":
+            line = frame.lineno
+    return line
+
+
+# -- the template service -----------------------------------------------------------------
+
+
+def save(store, tpl: Template) -> None:
+    """Check that every part compiles, then save it (TemplateSaved)."""
+    if not re.match(r"^[A-Za-z0-9_.\-]{1,100}$", tpl.name):
+        raise TemplateError(tpl.name, "name", None, "use letters, digits, '.', '_' and '-' (1 to 100 characters)")
+    check(tpl)
+    event = TemplateSaved(name=tpl.name, subject=tpl.subject, html=tpl.html, text=tpl.text).to_new()
+    catalog.record(store, [(f"template-{tpl.name}", event)])
+
+
+def load(conn, name: str) -> Template:
+    row = conn.execute(q.GET_TEMPLATE, (name,)).fetchone()
+    if row is None:
+        raise MailflowError(f"no template named {name!r} (see `mailflow templates list`)")
+    return Template(*row)

@@ -1,0 +1,70 @@
+"""Projectors room: the outbound catalogue - contacts, segments, templates, suppressions.
+
+An inline projection: commands apply it in the same transaction that appends the events,
+so the tables are never behind their events. The same code replays the events on rebuild.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ..events.envelope import Envelope
+from ..outbound import queries as q
+
+
+def _contacts_imported(conn: psycopg.Connection, data: dict) -> None:
+    contacts = data["contacts"]
+    conn.execute(
+        q.UPSERT_CONTACTS,
+        ([c["email"] for c in contacts], [orjson.dumps(c.get("attributes") or {}).decode() for c in contacts]),
+    )
+
+
+def _status_changed(conn: psycopg.Connection, data: dict) -> None:
+    conn.execute(q.SET_CONTACT_STATUS, (data["status"], data["email"]))
+
+
+def _segment_defined(conn: psycopg.Connection, data: dict) -> None:
+    conn.execute(q.UPSERT_SEGMENT, (data["name"], Jsonb(data["filter"])))
+
+
+def _template_saved(conn: psycopg.Connection, data: dict) -> None:
+    conn.execute(q.UPSERT_TEMPLATE, (data["name"], data["subject"], data.get("html", ""), data.get("text", "")))
+
+
+def _suppression_added(conn: psycopg.Connection, data: dict) -> None:
+    conn.execute(q.ADD_SUPPRESSION, (data["email"], data["reason"], data.get("detail", "")))
+
+
+def _suppression_removed(conn: psycopg.Connection, data: dict) -> None:
+    conn.execute(q.REMOVE_SUPPRESSION, (data["email"],))
+
+
+HANDLERS: dict[str, Callable[[psycopg.Connection, dict], None]] = {
+    "ContactsImported": _contacts_imported,
+    "ContactStatusChanged": _status_changed,
+    "SegmentDefined": _segment_defined,
+    "TemplateSaved": _template_saved,
+    "SuppressionAdded": _suppression_added,
+    "SuppressionRemoved": _suppression_removed,
+}
+
+
+def apply(conn: psycopg.Connection, events: list[Envelope]) -> None:
+    for env in events:
+        handler = HANDLERS.get(env.type)
+        if handler is not None:
+            handler(conn, env.data)
+
+
+def record(store, items: list[tuple[str, object]]) -> list[Envelope]:
+    """Append (stream, NewEvent) pairs and apply them to the catalogue in one transaction."""
+    with store.pool.connection() as conn, conn.transaction():
+        envs = store.append_many(items, conn=conn)
+        apply(conn, envs)
+    store.notify()
+    return envs
