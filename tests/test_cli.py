@@ -170,3 +170,24 @@ def test_usage_errors_and_bad_settings_are_one_line_with_exit_code_2(env):
     assert res.returncode == 2 and "--from" in one_line_error(res)
     res = run_cli(dict(env, MAILFLOW_CONSUMER_BATCH_SIZE="lots"), "events", "tail")
     assert res.returncode == 2 and "MAILFLOW_CONSUMER_BATCH_SIZE" in one_line_error(res)
+
+
+def test_contacts_segments_and_templates_from_the_command_line(env, tmp_path):
+    csv_file = tmp_path / "people.csv"
+    csv_file.write_text("email,first_name,country\nann@example.org,Ann,NL\nnope,X,NL\nbo@example.org,Bo,BE\n")
+    rep = json.loads(run_cli(env, "contacts", "import", str(csv_file), "--json").stdout)
+    assert (rep["imported"], rep["created"]) == (2, 2)
+    assert [(r["line"], r["value"]) for r in rep["rejected"]] == [(3, "nope")]
+    seg = run_cli(env, "segments", "create", "dutch", "--filter", '{"attributes.country": "NL"}', "--json")
+    assert json.loads(seg.stdout)["count"] == 1
+    pv = json.loads(run_cli(env, "segments", "preview", "dutch", "--json").stdout)
+    assert [c["email"] for c in pv["contacts"]] == ["ann@example.org"]
+    bad = run_cli(env, "segments", "create", "x", "--filter", '{"attributes.country": {"$like": "N%"}}')
+    assert bad.returncode == 2 and "unknown operator '$like'" in one_line_error(bad)
+    (tmp_path / "hi.html").write_text("<p>Hi {{ first_name }}</p>\n<p>{{ coupon }}</p>")
+    assert run_cli(env, "templates", "create", "hi", "--subject", "Hi {{ first_name }}", "--html", str(tmp_path / "hi.html")).returncode == 0
+    ok = json.loads(run_cli(env, "templates", "render", "hi", "--contact", "ann@example.org", "--vars", '{"coupon": "X1"}', "--json").stdout)
+    assert ok["subject"] == "Hi Ann" and "<p>X1</p>" in ok["html"]
+    err = run_cli(env, "templates", "render", "hi", "--contact", "ann@example.org")
+    assert err.returncode == 2
+    assert one_line_error(err) == "error: template 'hi' html line 2: undefined variable 'coupon'"

@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import uuid
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
@@ -48,6 +49,14 @@ app.add_typer(events_app, name="events")
 app.add_typer(projections_app, name="projections")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(services_app, name="services")
+contacts_app = typer.Typer(help="Contacts: import from CSV, list.", no_args_is_help=True)
+segments_app = typer.Typer(help="Segments: saved filters over contacts.", no_args_is_help=True)
+templates_app = typer.Typer(help="Templates: subject, HTML and text in sandboxed Jinja2.", no_args_is_help=True)
+suppressions_app = typer.Typer(help="Suppressed addresses: never sent to.", no_args_is_help=True)
+app.add_typer(contacts_app, name="contacts")
+app.add_typer(segments_app, name="segments")
+app.add_typer(templates_app, name="templates")
+app.add_typer(suppressions_app, name="suppressions")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -531,6 +540,239 @@ def dlq_drop(
 ) -> None:
     """Give up on dead letters for good (the events stay in the log)."""
     _dlq_act("drop", ids or [], every, consumer, as_json)
+
+
+# -- contacts, segments, templates, suppressions --------------------------------------------
+
+
+@contacts_app.command("import")
+def contacts_import(
+    path: Path = typer.Argument(..., help="CSV file with a header row and an `email` column."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Import contacts; bad rows are reported by line number and the rest is imported."""
+    from .outbound.contacts import import_contacts, parse_csv
+
+    _quiet_logs()
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    store = runtime().store
+    total = max(sum(1 for _ in path.open(encoding="utf-8-sig", newline="")) - 1, 0)
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        if as_json:
+            report = import_contacts(store, parse_csv(fh), path.name)
+        else:
+            with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
+                task = bar.add_task("import", total=total)
+                report = import_contacts(store, parse_csv(fh), path.name, progress=lambda n: bar.update(task, completed=n))
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    out.print(
+        f"imported {report.imported} contact(s) from {path.name}: {report.created} new, {report.updated} updated, "
+        f"{report.duplicates_in_file} duplicate row(s), {len(report.rejected)} rejected"
+    )
+    for r in report.rejected[:50]:
+        out.print(f"  line {r.line}: {r.value!r}: {r.reason}", markup=False)
+    if len(report.rejected) > 50:
+        out.print(f"  ... and {len(report.rejected) - 50} more (use --json for all)")
+
+
+@contacts_app.command("list")
+def contacts_list(
+    segment: Optional[str] = typer.Option(None, "--segment", help="Only contacts in this segment."),
+    limit: int = typer.Option(50, "--limit", "-n", min=1),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List contacts (optionally those of a segment)."""
+    from .outbound import segments
+
+    _quiet_logs()
+    with runtime().connect() as conn:
+        doc = segments.load(conn, segment) if segment else {}
+        pv = segments.preview(conn, doc, sample=limit)
+    _print_contacts(pv, as_json)
+
+
+def _print_contacts(pv: Any, as_json: bool) -> None:
+    if as_json:
+        emit_json({"count": pv.count, "contacts": pv.sample})
+        return
+    table = Table(title=f"{pv.count} contact(s)" + (f", showing {len(pv.sample)}" if pv.count > len(pv.sample) else ""))
+    for col in ("email", "status", "attributes"):
+        table.add_column(col)
+    for c in pv.sample:
+        table.add_row(c["email"], c["status"], orjson.dumps(c["attributes"]).decode()[:80])
+    out.print(table)
+
+
+@segments_app.command("create")
+def segments_create(
+    name: str = typer.Argument(...),
+    filter_json: str = typer.Option(..., "--filter", help='Filter, e.g. \'{"attributes.country": "NL"}\' (docs/segments.md).'),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Save a segment (redefining a name replaces its filter)."""
+    from .outbound import segments
+
+    _quiet_logs()
+    doc = _parse_json_object(filter_json, "--filter")
+    rt = runtime()
+    segments.define(rt.store, name, doc)
+    with rt.connect() as conn:
+        count = segments.preview(conn, doc, sample=0).count
+    if as_json:
+        emit_json({"name": name, "filter": doc, "count": count})
+    else:
+        out.print(f"segment {name} saved: {count} contact(s) match now")
+
+
+@segments_app.command("preview")
+def segments_preview(
+    name: Optional[str] = typer.Argument(None, help="A saved segment (or use --filter)."),
+    filter_json: Optional[str] = typer.Option(None, "--filter"),
+    sample: int = typer.Option(10, "--sample", min=0, max=1000),
+    as_json: bool = JsonOpt,
+) -> None:
+    """How many contacts match, and a sample of them."""
+    from .outbound import segments
+
+    _quiet_logs()
+    if (name is None) == (filter_json is None):
+        raise UsageError("give a segment name or --filter (one of them)")
+    with runtime().connect() as conn:
+        doc = segments.load(conn, name) if name else _parse_json_object(filter_json or "", "--filter")
+        pv = segments.preview(conn, doc, sample=sample)
+    _print_contacts(pv, as_json)
+
+
+@segments_app.command("list")
+def segments_list(as_json: bool = JsonOpt) -> None:
+    """Saved segments with their filters and current sizes."""
+    from .outbound import queries as oq
+    from .outbound import segments
+
+    _quiet_logs()
+    with runtime().connect() as conn:
+        rows = [
+            {"name": n, "filter": f, "count": segments.preview(conn, f, sample=0).count, "updated_at": u.isoformat()}
+            for n, f, u in conn.execute(oq.LIST_SEGMENTS).fetchall()
+        ]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table()
+    for col in ("name", "contacts", "filter"):
+        table.add_column(col, justify="right" if col == "contacts" else "left")
+    for r in rows:
+        table.add_row(r["name"], str(r["count"]), orjson.dumps(r["filter"]).decode())
+    out.print(table)
+
+
+def _read_text(path: Optional[Path]) -> str:
+    if path is None:
+        return ""
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+@templates_app.command("create")
+def templates_create(
+    name: str = typer.Argument(...),
+    subject: str = typer.Option(..., "--subject"),
+    html: Optional[Path] = typer.Option(None, "--html", help="File with the HTML body."),
+    text: Optional[Path] = typer.Option(None, "--text", help="File with the plain-text body."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Save a template (checked: every part must compile); saving a name again replaces it."""
+    from .outbound import templates
+
+    _quiet_logs()
+    tpl = templates.Template(name, subject, _read_text(html), _read_text(text))
+    templates.save(runtime().store, tpl)
+    if as_json:
+        emit_json({"name": name, "subject": subject, "html": bool(tpl.html), "text": bool(tpl.text)})
+    else:
+        out.print(f"template {name} saved")
+
+
+@templates_app.command("render")
+def templates_render(
+    name: str = typer.Argument(...),
+    variables: str = typer.Option("{}", "--vars", help="Variables as a JSON object."),
+    contact: Optional[str] = typer.Option(None, "--contact", help="Use this contact's attributes (and email)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Render a template with variables (or a contact's attributes) to check it."""
+    from .outbound import segments, templates
+
+    _quiet_logs()
+    values = _parse_json_object(variables, "--vars")
+    with runtime().connect() as conn:
+        tpl = templates.load(conn, name)
+        if contact:
+            pv = segments.preview(conn, {"email": contact.strip().lower()}, sample=1)
+            if not pv.sample:
+                raise UsageError(f"no contact {contact!r}")
+            values = {**pv.sample[0]["attributes"], "email": pv.sample[0]["email"], **values}
+    r = templates.render(tpl, values)
+    if as_json:
+        emit_json({"subject": r.subject, "html": r.html, "text": r.text})
+    else:
+        out.print(f"Subject: {r.subject}\n\n--- text ---\n{r.text}\n--- html ---\n{r.html}", markup=False)
+
+
+@templates_app.command("list")
+def templates_list(as_json: bool = JsonOpt) -> None:
+    """Saved templates."""
+    from .outbound import queries as oq
+
+    _quiet_logs()
+    with runtime().connect() as conn:
+        rows = [{"name": n, "subject": s_, "updated_at": u.isoformat()} for n, s_, u in conn.execute(oq.LIST_TEMPLATES)]
+    if as_json:
+        emit_json(rows)
+    else:
+        for r in rows:
+            out.print(f"{r['name']:<24} {r['subject']}", markup=False)
+
+
+@suppressions_app.command("list")
+def suppressions_list(limit: int = typer.Option(1000, "--limit", min=1), as_json: bool = JsonOpt) -> None:
+    """Suppressed addresses, newest first."""
+    from .outbound import suppressions
+
+    _quiet_logs()
+    with runtime().connect() as conn:
+        rows = suppressions.listing(conn, limit)
+    if as_json:
+        emit_json([{**r.__dict__, "created_at": r.created_at.isoformat()} for r in rows])
+    else:
+        for r in rows:
+            out.print(f"{r.email:<40} {r.reason:<12} {r.detail}", markup=False)
+
+
+@suppressions_app.command("add")
+def suppressions_add(
+    email: str = typer.Argument(...),
+    reason: str = typer.Option("manual", "--reason"),
+    detail: str = typer.Option("", "--detail"),
+) -> None:
+    """Never send to EMAIL again (until removed)."""
+    from .outbound import suppressions
+
+    _quiet_logs()
+    out.print(f"suppressed {suppressions.add(runtime().store, email, reason, detail)}")
+
+
+@suppressions_app.command("remove")
+def suppressions_remove(email: str = typer.Argument(...)) -> None:
+    """Lift a suppression."""
+    from .outbound import suppressions
+
+    _quiet_logs()
+    out.print(f"no longer suppressed: {suppressions.remove(runtime().store, email)}")
 
 
 # -- services -----------------------------------------------------------------------------
