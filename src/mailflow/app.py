@@ -57,7 +57,7 @@ class Runtime:
 
     @cached_property
     def store(self) -> EventStore:
-        return EventStore(self.pool)
+        return EventStore(self.pool, notify_min_interval_s=self.settings.notify_interval_s)
 
     @cached_property
     def redis(self) -> redis.Redis:

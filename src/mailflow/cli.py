@@ -27,7 +27,7 @@ from .config import Settings, debug_enabled, load_settings, mask_url
 from .consumers.dlq import DeadLetters
 from .consumers.runtime import ConsumerRunner, checkpoints
 from .errors import MailflowError, UsageError
-from .events.envelope import Envelope, Metadata, NewEvent
+from .events.envelope import Envelope, Metadata, NewEvent, uuid7
 from .events.relay import Relay
 from .lifecycle import stop_on_signals
 from .migrate import migrate as apply_migrations
@@ -219,7 +219,7 @@ def events_append(
     _quiet_logs()
     payload = _parse_json_object(data, "--data")
     try:
-        eid = uuid.UUID(event_id) if event_id else uuid.uuid4()
+        eid = uuid.UUID(event_id) if event_id else uuid7()
     except ValueError as exc:
         raise UsageError(f"--id {event_id!r} is not a UUID") from exc
     md = Metadata(correlation_id=correlation_id, causation_id=causation_id, tenant=tenant, actor=actor)

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
 
+    # Appends wake the relay with at most one NOTIFY per this many seconds per process
+    # (0 = after every append). See events/notify.py for why not inside the transaction.
+    notify_interval_s: float = Field(default=0.02, ge=0)
+
     # Relay
     relay_batch_size: int = Field(default=2000, ge=1)
     relay_poll_interval_s: float = Field(default=1.0, gt=0)

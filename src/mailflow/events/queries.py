@@ -10,7 +10,7 @@ INSERT INTO events (id, stream, version, type, schema, data, metadata)
 SELECT u.id, %(stream)s, s.version - %(count)s + u.ord, u.type, u.schema, u.data, u.metadata
 FROM s,
      unnest(%(ids)b::uuid[], %(types)b::text[], %(schemas)b::int[],
-            %(datas)b::text[]::jsonb[], %(metas)b::text[]::jsonb[])
+            %(datas)b::text[]::json[], %(metas)b::text[]::json[])
        WITH ORDINALITY AS u(id, type, schema, data, metadata, ord)
 RETURNING version, recorded_at
 """
@@ -50,7 +50,7 @@ WITH s AS (
 APPEND_MANY = """
 WITH u AS (
     SELECT * FROM unnest(%(streams)b::text[], %(ids)b::uuid[], %(types)b::text[], %(schemas)b::int[],
-                         %(datas)b::text[]::jsonb[], %(metas)b::text[]::jsonb[])
+                         %(datas)b::text[]::json[], %(metas)b::text[]::json[])
         WITH ORDINALITY AS u(stream, id, type, schema, data, metadata, ord)
 ), c AS (
     SELECT stream, count(*) AS n FROM u GROUP BY stream
@@ -112,11 +112,16 @@ NOTIFY = "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, ''
 
 HEAD_POSITION = "SELECT last_position FROM event_sequencer"
 
+# LATERAL ... LIMIT 1 walks the (txid, seq) index from the cursor; a plain join would not.
 UNSEQUENCED_EXIST = """
 SELECT EXISTS (
-    SELECT 1 FROM events e, event_sequencer s
-    WHERE (e.txid, e.seq) > (s.cursor_txid, s.cursor_seq)
-      AND (%(below)s::xid8 IS NULL OR e.txid < %(below)s::xid8)
+    SELECT 1 FROM event_sequencer s, LATERAL (
+        SELECT 1 FROM events e
+        WHERE (e.txid, e.seq) > (s.cursor_txid, s.cursor_seq)
+          AND (%(below)s::xid8 IS NULL OR e.txid < %(below)s::xid8)
+        ORDER BY e.txid, e.seq
+        LIMIT 1
+    ) pending
 )
 """
 

@@ -43,7 +43,7 @@ class EventStore:
         registry: EventRegistry = default_registry,
         channel: str = NOTIFY_CHANNEL,
         actor: str | None = None,
-        notify_min_interval_s: float = 0.01,
+        notify_min_interval_s: float = 0.02,
     ) -> None:
         self.pool = pool
         self.registry = registry
@@ -178,7 +178,7 @@ class EventStore:
             ids.append(ev.id)
             types.append(ev.type)
             schemas.append(schema)
-            metas.append(orjson.dumps(md.to_dict()).decode())
+            metas.append(orjson.dumps(md.to_stored()).decode())
         return {
             "stream": stream,
             "count": len(events),
