@@ -255,3 +255,25 @@ def test_append_many_inside_a_caller_transaction_rolls_back_with_it(store: Event
         conn.close()
     assert store.sync() == 1
     assert [e.version for e in store.read_stream("a")] == [1]
+
+
+def test_large_appends_keep_every_guarantee_of_small_ones(store: EventStore, db_url: str):
+    """Appends of >= COPY_THRESHOLD events take the COPY path: same versions, checks and idempotency."""
+    from mailflow.events.store import COPY_THRESHOLD
+
+    n = COPY_THRESHOLD + 50
+    batch = [ev(i=i) for i in range(n)]
+    out = store.append("big", batch, expected_version=NO_STREAM)
+    assert [e.version for e in out] == list(range(1, n + 1))
+    assert [e.id for e in store.append("big", batch, expected_version=NO_STREAM)] == [e.id for e in batch]
+    assert [e.id for e in store.append("big", batch)] == [e.id for e in batch]
+    with pytest.raises(ConcurrencyError):
+        store.append("big", [ev() for _ in range(n)], expected_version=3)
+    with pytest.raises(DuplicateEventError):
+        store.append("other", [*[ev() for _ in range(n)], NewEvent("X", {}, id=batch[0].id)])
+    more = store.append("big", [ev() for _ in range(n)], expected_version=n)
+    assert more[0].version == n + 1
+    with connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2 * n
+    assert store.sync() == 2 * n
+    assert [e.version for e in store.read_stream("big")] == list(range(1, 2 * n + 1))

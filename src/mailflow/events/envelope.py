@@ -53,10 +53,6 @@ class Metadata:
             "actor": self.actor,
         }
 
-    def to_stored(self) -> dict[str, str]:
-        """What the store keeps: only the keys that are set."""
-        return {k: v for k, v in self.to_dict().items() if v is not None}
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "Metadata":
         raw = raw or {}

@@ -20,7 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from ..errors import ConcurrencyError, DuplicateEventError, InvalidEventError, MailflowError, NotFoundError
 from . import queries as q
-from .envelope import Envelope, Metadata, NewEvent, default_actor
+from .envelope import METADATA_KEYS, Envelope, Metadata, NewEvent, default_actor
 from .notify import Notifier
 from .registry import EventRegistry, registry as default_registry
 
@@ -30,6 +30,7 @@ NO_STREAM = 0
 """expected_version: the stream must not exist yet."""
 
 NOTIFY_CHANNEL = "mailflow_events"
+COPY_THRESHOLD = 100  # events per append from which COPY beats INSERT ... unnest
 _MAX_STREAM_NAME = 255
 
 
@@ -75,15 +76,18 @@ class EventStore:
         if expected_version is not None and expected_version < 0:
             raise InvalidEventError("expected_version must be >= 0")
         params = self._append_params(stream, events, expected_version)
-        sql = (
-            q.APPEND_ANY
-            if expected_version is None
-            else q.APPEND_NO_STREAM if expected_version == 0 else q.APPEND_EXPECTED
-        )
         try:
-            with self.pool.connection() as conn:
-                # Binary parameters: text-format arrays would be quoted by regex, per element.
-                rows = conn.execute(sql, params, binary=True).fetchall()
+            if len(events) >= COPY_THRESHOLD:
+                rows = self._append_by_copy(params)
+            else:
+                sql = (
+                    q.APPEND_ANY
+                    if expected_version is None
+                    else q.APPEND_NO_STREAM if expected_version == 0 else q.APPEND_EXPECTED
+                )
+                with self.pool.connection() as conn:
+                    # Binary parameters: text-format arrays would be quoted by regex, per element.
+                    rows = conn.execute(sql, params, binary=True).fetchall()
         except pg_errors.UniqueViolation as exc:
             if exc.diag.constraint_name != "events_id_key":
                 raise
@@ -100,11 +104,30 @@ class EventStore:
                 type=ev.type,
                 schema=params["schemas"][i],
                 data=ev.data,
-                metadata=ev.metadata,
+                metadata=self._stored_metadata(ev),
                 recorded_at=recorded_at,
             )
             for i, (ev, (version, recorded_at)) in enumerate(zip(events, rows))
         ]
+
+    def _append_by_copy(self, params: dict[str, Any]) -> list[tuple[int, Any]]:
+        """Bump the stream's version, then COPY the rows; [] when the expectation failed."""
+        expected = params["expected"]
+        bump = q.BUMP_ANY if expected is None else q.BUMP_NO_STREAM if expected == 0 else q.BUMP_EXPECTED
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute(bump, params).fetchone()
+            if row is None:
+                return []
+            last, recorded_at = row
+            first = last - params["count"] + 1
+            stream = params["stream"]
+            with conn.cursor().copy(q.COPY_EVENTS) as copy:
+                copy.set_types(q.COPY_TYPES)
+                for i, (eid, etype, schema, data, meta) in enumerate(
+                    zip(params["ids"], params["types"], params["schemas"], params["datas"], params["metas"])
+                ):
+                    copy.write_row((eid, stream, first + i, etype, schema, data, meta))
+        return [(first + i, recorded_at) for i in range(params["count"])]
 
     def append_many(
         self, items: Sequence[tuple[str, NewEvent]], *, conn: psycopg.Connection | None = None
@@ -142,7 +165,10 @@ class EventStore:
         for i, (stream, ev) in enumerate(items):
             version, recorded_at = by_id[ev.id]
             out.append(
-                Envelope(ev.id, None, stream, version, ev.type, params["schemas"][i], ev.data, ev.metadata, recorded_at)
+                Envelope(
+                    ev.id, None, stream, version, ev.type, params["schemas"][i], ev.data,
+                    self._stored_metadata(ev), recorded_at,
+                )
             )
         return out
 
@@ -155,6 +181,9 @@ class EventStore:
     ) -> dict[str, Any]:
         ids, types, schemas, datas, metas = [], [], [], [], []
         validate = self.registry.validate if self.registry.types() else None
+        # Events of one batch usually share their metadata: serialise each distinct one once.
+        # A missing correlation id is stored as absent and read back as the event's own id.
+        meta_json: dict[tuple[str | None, ...], str] = {}
         for ev in events:
             if not ev.type or len(ev.type) > 200:
                 raise InvalidEventError("an event type must be 1 to 200 characters")
@@ -167,10 +196,11 @@ class EventStore:
                 schema = self.registry.current_schema(ev.type) or schema
                 ev.data = data
             md = ev.metadata
-            if md.actor is None:
-                md.actor = self.actor
-            if md.correlation_id is None:
-                md.correlation_id = str(ev.id)
+            key = (md.correlation_id, md.causation_id, md.tenant, md.actor or self.actor)
+            meta = meta_json.get(key)
+            if meta is None:
+                stored = dict(zip(METADATA_KEYS, key))
+                meta = meta_json[key] = orjson.dumps({k: v for k, v in stored.items() if v is not None}).decode()
             try:
                 datas.append(orjson.dumps(data).decode())
             except TypeError as exc:
@@ -178,7 +208,7 @@ class EventStore:
             ids.append(ev.id)
             types.append(ev.type)
             schemas.append(schema)
-            metas.append(orjson.dumps(md.to_stored()).decode())
+            metas.append(meta)
         return {
             "stream": stream,
             "count": len(events),
@@ -189,6 +219,11 @@ class EventStore:
             "datas": datas,
             "metas": metas,
         }
+
+    def _stored_metadata(self, ev: NewEvent) -> Metadata:
+        """The metadata a reader will see for an event just appended (defaults filled in)."""
+        md = ev.metadata
+        return Metadata(md.correlation_id or str(ev.id), md.causation_id, md.tenant, md.actor or self.actor)
 
     def _existing_or_raise(
         self,
@@ -351,7 +386,7 @@ class EventStore:
             schema=schema,
             data=data,
             metadata=Metadata(
-                md.get("correlation_id"), md.get("causation_id"), md.get("tenant"), md.get("actor")
+                md.get("correlation_id") or str(event_id), md.get("causation_id"), md.get("tenant"), md.get("actor")
             ),
             recorded_at=recorded_at,
         )
