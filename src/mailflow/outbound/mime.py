@@ -1,0 +1,108 @@
+"""Outbound room: turn a rendered template into the bytes sent over SMTP.
+
+Built with the standard library's email package: multipart/alternative (text, then HTML),
+a Message-ID derived from the job id (stable across retries, so replies and bounces can be
+matched to the job), a VERP return path, RFC 8058 one-click List-Unsubscribe headers on
+campaign mail, and a DKIM signature when the sender has a key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime
+from html import unescape
+
+import dkim
+
+from . import tokens
+from .senders import Sender
+from .templates import Rendered
+
+SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
+                  b"list-unsubscribe", b"list-unsubscribe-post"]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What the SMTP session needs: envelope sender and recipient, and the message bytes."""
+
+    mail_from: str
+    rcpt_to: str
+    data: bytes
+    message_id: str
+
+
+def message_id(job_id: str, domain: str) -> str:
+    return f"<{job_id}@{domain}>"
+
+
+def job_from_message_id(value: str) -> str | None:
+    """The job id in a Message-ID (or In-Reply-To/References entry) we generated, else None."""
+    inner = value.strip().strip("<>")
+    return inner.split("@", 1)[0] if "@" in inner else None
+
+
+def unsubscribe_token(secret: bytes, email: str, campaign_id: str) -> str:
+    return tokens.sign(secret, f"{campaign_id}:{email}")
+
+
+def build(
+    *,
+    job_id: str,
+    sender: Sender,
+    to: str,
+    rendered: Rendered,
+    secret: bytes,
+    campaign_id: str | None = None,
+    unsubscribe_base_url: str | None = None,
+    now: datetime | None = None,
+) -> Outgoing:
+    msg = EmailMessage(policy=SMTP)
+    local, _, domain = sender.from_email.rpartition("@")
+    msg["From"] = Address(sender.from_name or "", local, domain)
+    msg["To"] = to
+    msg["Subject"] = rendered.subject
+    msg["Date"] = format_datetime(now or datetime.now(timezone.utc))
+    mid = message_id(job_id, sender.domain)
+    msg["Message-ID"] = mid
+    if campaign_id is not None:
+        token = unsubscribe_token(secret, to, campaign_id)
+        targets = [f"<mailto:unsubscribe+{token}@{sender.domain}>"]
+        if unsubscribe_base_url:
+            targets.insert(0, f"<{unsubscribe_base_url.rstrip('/')}/{token}>")
+            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        msg["List-Unsubscribe"] = ", ".join(targets)
+        msg["X-Mailflow-Campaign"] = campaign_id
+    text = rendered.text or _text_from_html(rendered.html)
+    msg.set_content(text)
+    if rendered.html:
+        msg.add_alternative(rendered.html, subtype="html")
+    data = msg.as_bytes()
+    if sender.dkim_selector and sender.dkim_key_pem:
+        signature = dkim.sign(
+            data,
+            sender.dkim_selector.encode(),
+            sender.domain.encode(),
+            sender.dkim_key_pem.encode(),
+            include_headers=[h for h in SIGNED_HEADERS if msg.get(h.decode()) is not None],
+        )
+        data = signature + data
+    return Outgoing(
+        mail_from=tokens.verp_address(secret, job_id, sender.domain),
+        rcpt_to=to,
+        data=data,
+        message_id=mid,
+    )
+
+
+def _text_from_html(html: str) -> str:
+    """A plain-text part for HTML-only templates (crude, but better than none)."""
+    text = re.sub(r"(?is)<(script|style).*?</\1>", "", html)
+    text = re.sub(r"(?i)<br\s*/?>|</p>|</div>|</h\d>|</li>", "\n", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    return unescape(re.sub(r"\n{3,}", "\n\n", text)).strip() + "\n"

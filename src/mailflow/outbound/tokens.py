@@ -1,0 +1,74 @@
+"""Outbound room: signed tokens for VERP return paths and one-click unsubscribe links.
+
+A token is base64url(payload) "." base64url(HMAC-SHA256(secret, payload)[:12]). Nothing is
+stored: a bounce or an unsubscribe request proves itself by its signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from pathlib import Path
+
+from ..errors import MailflowError
+
+_SIG_BYTES = 12
+
+
+class BadToken(MailflowError):
+    exit_code = 2
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign(secret: bytes, payload: str) -> str:
+    body = payload.encode()
+    mac = hmac.new(secret, body, hashlib.sha256).digest()[:_SIG_BYTES]
+    return f"{_b64(body)}.{_b64(mac)}"
+
+
+def verify(secret: bytes, token: str) -> str:
+    """The payload of a genuine token; BadToken otherwise."""
+    try:
+        body_b64, mac_b64 = token.split(".", 1)
+        body, mac = _unb64(body_b64), _unb64(mac_b64)
+    except (ValueError, TypeError) as exc:
+        raise BadToken("malformed token") from exc
+    expected = hmac.new(secret, body, hashlib.sha256).digest()[:_SIG_BYTES]
+    if not hmac.compare_digest(mac, expected):
+        raise BadToken("token signature does not match")
+    return body.decode()
+
+
+def load_secret(home: Path, configured: str | None = None) -> bytes:
+    """MAILFLOW_SECRET_KEY when set; otherwise a random key kept in MAILFLOW_HOME/secret.key."""
+    if configured:
+        return configured.encode()
+    path = home.expanduser() / "secret.key"
+    if path.exists():
+        return path.read_text().strip().encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key.encode()
+
+
+def verp_address(secret: bytes, job_id: str, domain: str, local: str = "bounces") -> str:
+    """bounces+<token>@domain: a bounce to this address names its job, and proves it."""
+    return f"{local}+{sign(secret, job_id)}@{domain}"
+
+
+def job_from_verp(secret: bytes, address: str) -> str:
+    local = address.split("@", 1)[0]
+    if "+" not in local:
+        raise BadToken(f"{address!r} is not a VERP address")
+    return verify(secret, local.split("+", 1)[1])
