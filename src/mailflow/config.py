@@ -46,6 +46,20 @@ class Settings(BaseSettings):
     consumer_retry_backoff_s: float = Field(default=0.2, ge=0)
     catchup_batch_size: int = Field(default=5000, ge=1)
 
+    # Outbound
+    secret_key: str | None = None  # signs VERP and unsubscribe tokens; default: MAILFLOW_HOME/secret.key
+    unsubscribe_base_url: str | None = None  # e.g. https://mail.example.org/unsubscribe
+    queuer_batch_size: int = Field(default=500, ge=1)
+    queuer_interval_s: float = Field(default=0.05, gt=0)
+    queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: stop filling a deeper stream
+    rate_limits: dict[str, float] = Field(default_factory=dict)  # {"*": 50, "gmail.com": 20} messages/s
+    job_lease_s: float = Field(default=120.0, gt=0)
+    worker_concurrency: int = Field(default=20, ge=1)
+    worker_connections_per_relay: int = Field(default=4, ge=1)
+    retry_base_s: float = Field(default=300.0, gt=0)
+    retry_factor: float = Field(default=1.3, ge=1)
+    retry_max_attempts: int = Field(default=18, ge=1)
+
     @property
     def embedded(self) -> bool:
         return self.database_url is None or self.redis_url is None

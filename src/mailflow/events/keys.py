@@ -23,6 +23,15 @@ class Keys:
         """Set by the relay; its disappearance means Redis lost its data (restart, FLUSHALL)."""
         return f"{self.prefix}:relay:epoch"
 
+    def jobs(self, priority: str) -> str:
+        """Work for sender workers: mailflow:jobs:high|normal|low, entry ID <queue_seq>-0."""
+        return f"{self.prefix}:jobs:{priority}"
+
+    @property
+    def jobs_epoch(self) -> str:
+        """Set by the queuer; gone means Redis lost the job streams and they must be refilled."""
+        return f"{self.prefix}:jobs:epoch"
+
     @property
     def metrics(self) -> str:
         """Pub/sub channel for real-time metric deltas."""

@@ -133,7 +133,7 @@ class Relay:
 
     def _resume(self, r: redis.Redis) -> None:
         """Find where to continue: the stream's last ID, or (stream lost) the oldest checkpoint."""
-        last = _last_id(r, self.keys.events)
+        last = stream_last_id(r, self.keys.events)
         head = self.store.head()
         if last is not None:
             start = last
@@ -181,7 +181,7 @@ class Relay:
         self.stats.last_position = self._published
 
 
-def _last_id(r: redis.Redis, key: str) -> int | None:
+def stream_last_id(r: redis.Redis, key: str) -> int | None:
     """The stream's last generated ID as a position, or None when the stream does not exist."""
     try:
         info = r.xinfo_stream(key)

@@ -52,3 +52,67 @@ class SuppressionRemoved(Event):
 
 for _model in (ContactsImported, ContactStatusChanged, SegmentDefined, TemplateSaved, SuppressionAdded, SuppressionRemoved):
     registry.register(_model)
+
+
+# -- senders, campaigns, jobs -----------------------------------------------------------------
+
+
+class SenderSaved(Event):
+    name: str
+    from_email: str
+    from_name: str = ""
+    relay_url: str
+    dkim_selector: str | None = None
+    dkim_key_pem: str | None = None
+
+
+class JobCreated(Event):
+    job_id: str
+    idempotency_key: str
+    priority: str
+    email: str
+    sender: str
+    template: str
+    variables: dict[str, Any] = {}
+    campaign_id: str | None = None
+    due_at: str | None = None
+
+
+class JobQueued(Event):
+    job_id: str
+    queue_seq: int
+
+
+class JobStarted(Event):
+    job_id: str
+    attempt: int
+    worker: str
+    lease_until: str
+
+
+class JobCompleted(Event):
+    job_id: str
+    attempt: int
+    code: int
+    reply: str
+
+
+class JobFailed(Event):
+    job_id: str
+    attempt: int
+    code: int | None = None
+    reply: str
+    kind: str
+
+
+class JobRetryScheduled(Event):
+    job_id: str
+    attempt: int
+    code: int | None = None
+    reply: str
+    due_at: str
+    reason: str = "transient"
+
+
+for _model in (SenderSaved, JobCreated, JobQueued, JobStarted, JobCompleted, JobFailed, JobRetryScheduled):
+    registry.register(_model)

@@ -44,6 +44,14 @@ def _suppression_removed(conn: psycopg.Connection, data: dict) -> None:
     conn.execute(q.REMOVE_SUPPRESSION, (data["email"],))
 
 
+def _sender_saved(conn: psycopg.Connection, data: dict) -> None:
+    conn.execute(
+        q.UPSERT_SENDER,
+        (data["name"], data["from_email"], data.get("from_name", ""), data["relay_url"],
+         data.get("dkim_selector"), data.get("dkim_key_pem")),
+    )
+
+
 HANDLERS: dict[str, Callable[[psycopg.Connection, dict], None]] = {
     "ContactsImported": _contacts_imported,
     "ContactStatusChanged": _status_changed,
@@ -51,6 +59,7 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, dict], None]] = {
     "TemplateSaved": _template_saved,
     "SuppressionAdded": _suppression_added,
     "SuppressionRemoved": _suppression_removed,
+    "SenderSaved": _sender_saved,
 }
 
 

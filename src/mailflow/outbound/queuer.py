@@ -1,0 +1,178 @@
+"""Outbound room: the queuer moves due jobs from PostgreSQL to the Redis priority streams.
+
+One queuer is active at a time (advisory lock; others wait as standbys). Each pass:
+reclaims jobs whose worker lease expired (active -> retry), then per priority (high first)
+takes due jobs oldest first, within the per-(sender, domain) token buckets, skipping
+paused campaigns and streams that are already deep (backpressure). A job is marked queued
+(JobQueued, with a queue sequence number) in one transaction, then added to Redis with
+entry ID <queue_seq>-0. A crash in between loses nothing and queues nothing twice: on
+start, and whenever Redis lost its data, queued jobs after the stream's last ID are
+added again, and Redis rejects any ID it already has.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import psycopg
+import redis
+
+from ..config import Settings
+from ..errors import ServiceUnavailable
+from ..events.keys import Keys
+from ..events.relay import stream_last_id
+from ..events.store import EventStore
+from ..log import get_logger
+from ..projectors import jobs as jobs_projection
+from ..services import connect, redis_client
+from . import queries as q
+from .events import JobQueued, JobRetryScheduled
+from .jobs import Priority
+from .ratelimit import DEFAULT_LIMITS_PER_S, RateLimiter
+
+QUEUER_LOCK_KEY = 7_300_010
+log = get_logger("mailflow.queuer")
+
+
+@dataclass
+class QueuerStats:
+    queued: dict[str, int] = field(default_factory=lambda: {p.value: 0 for p in Priority})
+    reclaimed: int = 0
+    republished: int = 0
+    throttled: int = 0
+
+
+class Queuer:
+    def __init__(self, store: EventStore, redis_url: str, settings: Settings) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.limiter = RateLimiter(limits={**DEFAULT_LIMITS_PER_S, **settings.rate_limits})
+        self.stats = QueuerStats()
+        self._epoch: bytes | None = None
+        self.is_leader = threading.Event()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                with connect(self.store.pool.conninfo) as lock_conn:
+                    if not self._acquire(lock_conn, stop):
+                        return
+                    self.is_leader.set()
+                    log.info("queuer.leader")
+                    r = redis_client(self.redis_url)
+                    try:
+                        while not stop.is_set():
+                            moved = self.tick(r)
+                            if moved < self.settings.queuer_batch_size:
+                                stop.wait(self.settings.queuer_interval_s)
+                    finally:
+                        r.close()
+                        self.is_leader.clear()
+            except (psycopg.OperationalError, ServiceUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("queuer.connection_lost", error=" ".join(str(exc).split()))
+                stop.wait(1.0)
+        log.info("queuer.stopped", queued=self.stats.queued, reclaimed=self.stats.reclaimed)
+
+    def _acquire(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
+        announced = False
+        while not stop.is_set():
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (QUEUER_LOCK_KEY,)).fetchone()[0]:
+                return True
+            if not announced:
+                log.info("queuer.standby", reason="another queuer holds the leader lock")
+                announced = True
+            stop.wait(1.0)
+        return False
+
+    # -- one pass ---------------------------------------------------------------------------
+
+    def tick(self, r: redis.Redis) -> int:
+        """Reclaim expired leases, then queue due jobs; returns how many jobs were queued."""
+        if self._epoch is None or r.get(self.keys.jobs_epoch) != self._epoch:
+            self.republish(r)
+        self.reclaim_expired()
+        moved = 0
+        for priority in Priority:
+            moved += self._queue(r, priority)
+        return moved
+
+    def reclaim_expired(self) -> int:
+        """Jobs whose worker died mid-send: active -> retry, due now (another worker sends them)."""
+        now = datetime.now(timezone.utc).isoformat()
+        with self.store.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(q.EXPIRED_LEASES, (self.settings.queuer_batch_size,)).fetchall()
+            if not rows:
+                return 0
+            events = [
+                JobRetryScheduled(
+                    job_id=str(jid), attempt=attempts, reply="lease expired: the worker stopped answering",
+                    due_at=now, reason="lease_expired",
+                ).to_new()
+                for jid, attempts in rows
+            ]
+            envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
+            jobs_projection.apply(conn, envs)
+        self.store.notify()
+        self.stats.reclaimed += len(rows)
+        log.warning("queuer.leases_expired", count=len(rows))
+        return len(rows)
+
+    def _queue(self, r: redis.Redis, priority: Priority) -> int:
+        key = self.keys.jobs(priority)
+        room = self.settings.queue_max_depth - r.xlen(key)
+        if room <= 0:
+            return 0
+        limit = min(self.settings.queuer_batch_size, room)
+        now = time.monotonic()
+        with self.store.pool.connection() as conn, conn.transaction():
+            # Look past the head so one throttled domain does not block everyone behind it.
+            rows = conn.execute(q.DUE_JOBS, {"priority": str(priority), "limit": limit * 4}).fetchall()
+            granted = []
+            for jid, sender, domain in rows:
+                if len(granted) >= limit:
+                    break
+                if self.limiter.take(sender, domain, 1, now):
+                    granted.append(jid)
+                else:
+                    self.stats.throttled += 1
+            if not granted:
+                return 0
+            seqs = [s for (s,) in conn.execute(q.NEXT_QUEUE_SEQS, (len(granted),)).fetchall()]
+            events = [JobQueued(job_id=str(j), queue_seq=s).to_new() for j, s in zip(granted, seqs)]
+            envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
+            jobs_projection.apply(conn, envs)
+        self.store.notify()
+        self._xadd(r, key, list(zip(granted, seqs)))
+        self.stats.queued[str(priority)] += len(granted)
+        return len(granted)
+
+    def _xadd(self, r: redis.Redis, key: str, jobs: list[tuple[uuid.UUID, int]]) -> None:
+        pipe = r.pipeline(transaction=False)
+        for jid, seq in jobs:
+            pipe.xadd(key, {"job_id": str(jid), "queue_seq": str(seq)}, id=f"{seq}-0")
+        for res in pipe.execute(raise_on_error=False):
+            if isinstance(res, redis.ResponseError) and "equal or smaller" not in str(res):
+                raise res
+
+    def republish(self, r: redis.Redis) -> None:
+        """Add queued jobs that Redis does not have (after a crash, a restart or a FLUSHALL)."""
+        total = 0
+        with self.store.pool.connection() as conn:
+            for priority in Priority:
+                key = self.keys.jobs(priority)
+                last = stream_last_id(r, key) or 0
+                rows = conn.execute(q.QUEUED_AFTER, (str(priority), last)).fetchall()
+                if rows:
+                    self._xadd(r, key, [(jid, seq) for jid, seq in rows])
+                    total += len(rows)
+        self._epoch = uuid.uuid4().hex.encode()
+        r.set(self.keys.jobs_epoch, self._epoch)
+        self.stats.republished += total
+        if total:
+            log.info("queuer.republished", count=total)

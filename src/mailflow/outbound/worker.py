@@ -1,0 +1,356 @@
+"""Outbound room: SMTP workers - take jobs from the priority streams and send them.
+
+asyncio with aiosmtplib. High before normal before low, always: a few slots are kept for
+high-priority work, and every few reads low goes before normal so it is never starved.
+Jobs are started in batches (JobStarted with a lease, in one transaction), sent over SMTP
+sessions that are reused for many messages, and finished in batches (JobCompleted,
+JobFailed or JobRetryScheduled, with the remote reply) before their stream entries are
+acknowledged. A worker killed mid-send leaves active jobs whose lease expires; the queuer
+then retries them, so at most the messages in flight at the kill can go out twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import aiosmtplib
+import redis
+import redis.asyncio as aredis
+
+from ..config import Settings
+from ..events.keys import Keys
+from ..events.store import EventStore
+from ..log import get_logger
+from ..projectors import catalog
+from ..projectors import jobs as jobs_projection
+from . import mime, queries as q, templates
+from .events import ContactStatusChanged, JobCompleted, JobFailed, JobRetryScheduled, JobStarted, SuppressionAdded
+from .jobs import Priority
+from .replies import FailureKind, Outcome, RetrySchedule, Verdict, classify, transient
+from .sending import load_sender
+from .senders import Sender, SmtpRelay
+
+GROUP = "workers"
+LOW_EVERY = 8  # every 8th read offers low before normal
+STOPPED_CONTACTS = ("unsubscribed", "bounced", "complained")
+log = get_logger("mailflow.worker")
+
+
+@dataclass
+class Claimed:
+    priority: Priority
+    entry_id: bytes
+    job_id: str
+    attempt: int
+    email: str
+    sender: str
+    template: str
+    variables: dict[str, Any]
+    campaign_id: str | None
+    attributes: dict[str, Any]
+
+
+@dataclass
+class Result:
+    job: Claimed
+    verdict: Verdict
+    code: int | None
+    reply: str
+    kind: str | None = None  # overrides the verdict's failure kind (suppressed, message)
+
+
+class RelayPool:
+    """Open SMTP sessions to one relay, reused across messages (one message at a time each)."""
+
+    def __init__(self, relay: SmtpRelay, size: int) -> None:
+        self.relay = relay
+        self.size = size
+        self.idle: list[aiosmtplib.SMTP] = []
+        self.open = 0
+        self.available = asyncio.Condition()
+
+    async def acquire(self) -> aiosmtplib.SMTP:
+        async with self.available:
+            while not self.idle and self.open >= self.size:
+                await self.available.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.open += 1
+        try:
+            r = self.relay
+            client = aiosmtplib.SMTP(
+                hostname=r.host, port=r.port, timeout=r.timeout_s, use_tls=r.tls == "tls",
+                start_tls=True if r.tls == "starttls" else False, username=r.username, password=r.password,
+                validate_certs=r.tls != "none",
+            )
+            await client.connect()
+            return client
+        except BaseException:
+            await self._forget()
+            raise
+
+    async def release(self, client: aiosmtplib.SMTP, healthy: bool) -> None:
+        if healthy and client.is_connected:
+            async with self.available:
+                self.idle.append(client)
+                self.available.notify()
+            return
+        try:
+            client.close()
+        finally:
+            await self._forget()
+
+    async def _forget(self) -> None:
+        async with self.available:
+            self.open -= 1
+            self.available.notify()
+
+    async def close(self) -> None:
+        for client in self.idle:
+            try:
+                await asyncio.wait_for(client.quit(), 2)
+            except Exception:  # noqa: BLE001 - closing anyway
+                client.close()
+        self.idle.clear()
+
+
+class Worker:
+    def __init__(self, store: EventStore, redis_url: str, settings: Settings, secret: bytes, *, name: str | None = None) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.settings = settings
+        self.secret = secret
+        self.keys = Keys(settings.redis_prefix)
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.schedule = RetrySchedule(settings.retry_base_s, settings.retry_factor, settings.retry_max_attempts)
+        self.pools: dict[tuple, RelayPool] = {}
+        self.senders: dict[str, tuple[float, Sender]] = {}
+        self.templates: dict[str, tuple[float, templates.Template]] = {}
+        self.results: list[Result] = []
+        self.in_flight: set[asyncio.Task] = set()
+        self.sent = 0
+        self._reads = 0
+        self.log = log.bind(worker=self.name)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        r = aredis.from_url(self.redis_url, socket_timeout=30)
+        try:
+            for p in Priority:
+                try:
+                    await r.xgroup_create(self.keys.jobs(p), GROUP, id="0", mkstream=True)
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+            flusher = asyncio.create_task(self._flush_loop(r, stop))
+            self.log.info("worker.start", concurrency=self.settings.worker_concurrency)
+            while not stop.is_set():
+                free = self.settings.worker_concurrency - len(self.in_flight)
+                if free <= 0:
+                    await asyncio.wait(self.in_flight, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    entries = await self._read(r, free)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                        for p in Priority:
+                            try:
+                                await r.xgroup_create(self.keys.jobs(p), GROUP, id="0", mkstream=True)
+                            except redis.ResponseError:
+                                pass
+                        continue
+                    raise
+                if entries:
+                    await self._start(r, entries)
+            if self.in_flight:  # SIGTERM: finish what was started
+                await asyncio.wait(self.in_flight)
+            await flusher
+            await self._flush(r)
+        finally:
+            for pool in self.pools.values():
+                await pool.close()
+            await r.aclose()
+            self.log.info("worker.stopped", sent=self.sent)
+
+    async def _read(self, r: aredis.Redis, free: int) -> list[tuple[Priority, bytes, dict[bytes, bytes]]]:
+        reserve = max(1, self.settings.worker_concurrency // 10)
+        self._reads += 1
+        order = [Priority.HIGH, Priority.NORMAL, Priority.LOW]
+        if self._reads % LOW_EVERY == 0:
+            order = [Priority.HIGH, Priority.LOW, Priority.NORMAL]
+        for p in order:
+            count = free if p is Priority.HIGH else free - reserve
+            if count <= 0:
+                continue
+            res = await r.xreadgroup(GROUP, self.name, {self.keys.jobs(p): ">"}, count=count)
+            if res:
+                return [(p, eid, f) for _, entries in res for eid, f in entries]
+        # Nothing ready anywhere: wait briefly for whichever stream gets work first.
+        res = await r.xreadgroup(
+            GROUP, self.name, {self.keys.jobs(p): ">" for p in Priority}, count=1, block=100
+        )
+        out = []
+        for key, entries in res or []:
+            p = Priority(key.decode().rsplit(":", 1)[1] if isinstance(key, bytes) else key.rsplit(":", 1)[1])
+            out.extend((p, eid, f) for eid, f in entries)
+        return out
+
+    async def _start(self, r: aredis.Redis, entries: list[tuple[Priority, bytes, dict[bytes, bytes]]]) -> None:
+        claimed, stale, refused = await asyncio.to_thread(self._claim, entries)
+        for p, eid in stale:
+            await self._ack(r, p, [eid])
+        for res in refused:
+            self.results.append(res)
+        for job in claimed:
+            task = asyncio.create_task(self._send(job))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+
+    # -- database work (in a thread) ----------------------------------------------------------
+
+    def _claim(self, entries):
+        wanted = {}
+        for p, eid, fields in entries:
+            wanted[fields[b"job_id"].decode()] = (p, eid, int(fields[b"queue_seq"]))
+        lease = (datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)).isoformat()
+        claimed, stale, refused, events = [], [], [], []
+        with self.store.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(q.CLAIM_JOBS, (list(wanted),)).fetchall()
+            found = {str(r[0]): r for r in rows}
+            for job_id, (p, eid, seq) in wanted.items():
+                row = found.get(job_id)
+                if row is None or row[1] != seq:
+                    stale.append((p, eid))  # already handled, or queued again under a newer entry
+                    continue
+                (_, _, attempts, email, sender, template, variables, campaign_id, suppressed, status, attrs) = row
+                job = Claimed(p, eid, job_id, attempts + 1, email, sender, template, variables or {},
+                              str(campaign_id) if campaign_id else None, attrs or {})
+                events.append(JobStarted(job_id=job_id, attempt=job.attempt, worker=self.name, lease_until=lease).to_new())
+                if suppressed or status in STOPPED_CONTACTS:
+                    why = f"suppressed ({suppressed})" if suppressed else f"contact is {status}"
+                    refused.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, "suppressed"))
+                    continue
+                claimed.append(job)
+            if events:
+                envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
+                jobs_projection.apply(conn, envs)
+        if events:
+            self.store.notify()
+        return claimed, stale, refused
+
+    def _finish(self, results: list[Result]) -> None:
+        now = datetime.now(timezone.utc)
+        job_events, catalog_events = [], []
+        for res in results:
+            j, v = res.job, res.verdict
+            if v.outcome is Outcome.DELIVERED:
+                ev = JobCompleted(job_id=j.job_id, attempt=j.attempt, code=res.code or 250, reply=res.reply)
+            elif v.outcome is Outcome.RETRY:
+                delay = self.schedule.delay(j.attempt, v.retry_after_s)
+                if delay is None:
+                    ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind="retries_exhausted")
+                else:
+                    due = (now + timedelta(seconds=delay)).isoformat()
+                    ev = JobRetryScheduled(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, due_at=due)
+            else:
+                kind = res.kind or v.kind.value or "permanent"
+                ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind=kind)
+                if v.suppress:
+                    catalog_events.append((f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new()))
+                    catalog_events.append((f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new()))
+            job_events.append((f"job-{j.job_id}", ev.to_new()))
+        with self.store.pool.connection() as conn, conn.transaction():
+            envs = self.store.append_many(job_events + catalog_events, conn=conn)
+            jobs_projection.apply(conn, envs[: len(job_events)])
+            if catalog_events:
+                catalog.apply(conn, envs[len(job_events):])
+        self.store.notify()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _cached(self, cache: dict, name: str, load) -> Any:
+        hit = cache.get(name)
+        if hit is None or time.monotonic() - hit[0] > 30:
+            with self.store.pool.connection() as conn:
+                hit = cache[name] = (time.monotonic(), load(conn, name))
+        return hit[1]
+
+    async def _send(self, job: Claimed) -> None:
+        code: int | None = None
+        try:
+            sender = await asyncio.to_thread(self._cached, self.senders, job.sender, load_sender)
+            tpl = await asyncio.to_thread(self._cached, self.templates, job.template, templates.load)
+            rendered = templates.render(tpl, {**job.attributes, "email": job.email, **job.variables})
+            out = mime.build(
+                job_id=job.job_id, sender=sender, to=job.email, rendered=rendered, secret=self.secret,
+                campaign_id=job.campaign_id, unsubscribe_base_url=self.settings.unsubscribe_base_url,
+            )
+        except Exception as exc:  # noqa: BLE001 - a broken template or sender fails this job only
+            failed = Verdict(Outcome.FAILED, FailureKind.MESSAGE, False)
+            self.results.append(Result(job, failed, None, f"cannot build the message: {exc}", "message"))
+            return
+        pool = self.pools.get(sender.relay.key)
+        if pool is None:
+            pool = self.pools[sender.relay.key] = RelayPool(sender.relay, self.settings.worker_connections_per_relay)
+        try:
+            client = await pool.acquire()
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            self.results.append(Result(job, transient(f"connecting to {sender.relay.host}:{sender.relay.port}: {exc}"), None, f"connect failed: {exc}"))
+            return
+        healthy = needs_rset = False
+        try:
+            _, reply = await client.sendmail(out.mail_from, [out.rcpt_to], out.data)
+            code, healthy = 250, True
+            verdict, text = classify(250, reply), reply
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refusal = exc.recipients[0]
+            code, text, healthy, needs_rset = refusal.code, refusal.message, True, True
+            verdict = classify(code, text)
+        except aiosmtplib.SMTPResponseException as exc:
+            code, text = exc.code, exc.message
+            verdict = classify(code, text)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            verdict = transient(text)
+        finally:
+            if needs_rset:  # the session is mid-transaction after a refused recipient
+                try:
+                    await client.rset()
+                except Exception:  # noqa: BLE001
+                    healthy = False
+            await pool.release(client, healthy)
+        if verdict.outcome is Outcome.DELIVERED:
+            self.sent += 1
+        self.results.append(Result(job, verdict, code, " ".join(str(text).split())[:1000]))
+
+    # -- finishing ----------------------------------------------------------------------------
+
+    async def _flush_loop(self, r: aredis.Redis, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+            await self._flush(r)
+
+    async def _flush(self, r: aredis.Redis) -> None:
+        if not self.results:
+            return
+        batch, self.results = self.results, []
+        await asyncio.to_thread(self._finish, batch)
+        by_priority: dict[Priority, list[bytes]] = {}
+        for res in batch:
+            by_priority.setdefault(res.job.priority, []).append(res.job.entry_id)
+        for p, ids in by_priority.items():
+            await self._ack(r, p, ids)
+
+    async def _ack(self, r: aredis.Redis, p: Priority, ids: list[bytes]) -> None:
+        key = self.keys.jobs(p)
+        pipe = r.pipeline(transaction=False)
+        pipe.xack(key, GROUP, *ids)
+        pipe.xdel(key, *ids)
+        await pipe.execute()
