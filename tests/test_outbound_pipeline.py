@@ -142,3 +142,77 @@ def test_a_queued_job_lost_by_redis_is_queued_again_exactly_once(rt, settings, d
     with connect(db_url) as c:
         seqs = sorted(s for (s,) in c.execute("SELECT queue_seq FROM jobs WHERE state = 'queued'"))
     assert sorted(int(e[0].split(b"-")[0]) for e in entries) == seqs and len(seqs) == 3
+
+
+def load_contacts(store, n: int, domain: str = "example.net", extra: str = "") -> None:
+    rows = "\n".join(f"user{i}@{domain},User {i},NL" for i in range(n))
+    import_csv_text(store, "email,name,country\n" + rows + "\n" + extra)
+
+
+def test_a_campaign_sends_once_to_its_snapshot_and_completes(rt, settings, db_url):
+    from mailflow.outbound import campaigns, segments, suppressions
+
+    settings = settings.model_copy(update={"retry_base_s": 0.2, "queuer_interval_s": 0.02})
+    sink = Sink(tempfail_times=1)
+    with SinkServer(sink) as server:
+        setup_catalog(rt.store, server.url)
+        templates.save(rt.store, templates.Template("news", "News for {{ name }}", "<p>Hello {{ name }}</p>"))
+        load_contacts(rt.store, 40, extra="bounce-7@example.net,B,NL\ntempfail-3@example.net,T,NL\nunsub@example.net,U,NL\n")
+        suppressions.add(rt.store, "user5@example.net", reason="complaint")
+        segments.define(rt.store, "dutch", {"attributes.country": "NL"})
+        cid = campaigns.create(rt.store, name="spring", sender="tx", template="news", segment="dutch")
+        assert campaigns.start(rt.store, cid) == 42  # 43 Dutch contacts, one suppressed
+        assert campaigns.start(rt.store, cid) == 0  # starting twice changes nothing
+        load_contacts(rt.store, 1, domain="late.example")  # signs up after the start
+        suppressions.add(rt.store, "user9@example.net", reason="unsubscribed")  # leaves before being sent to
+
+        def done():
+            with connect(db_url) as c:
+                return c.execute("SELECT status FROM campaigns WHERE id = %s", (cid,)).fetchone()[0] == "completed"
+
+        run_pipeline(rt, settings, done)
+        with connect(db_url) as c:
+            st = campaigns.status(c, cid)
+    got = sink.delivered_to()
+    assert all(n == 1 for n in got.values()), "a recipient got the campaign twice"
+    assert "user5@example.net" not in got and "user9@example.net" not in got and "user0@late.example" not in got
+    assert "bounce-7@example.net" not in got and got["tempfail-3@example.net"] == 1
+    assert len(got) == 40  # 42 jobs - bounce - unsubscribed-later
+    assert st["jobs"]["completed"] == 40 and st["jobs"]["failed"] == 2 and st["total"] == 42
+    assert {f["kind"] for f in st["failures"]} == {"bad_mailbox", "suppressed"}
+    assert st["retries"] >= 1
+    msg = next(m for m in sink.received if m["To"] == "user1@example.net")
+    assert msg["List-Unsubscribe-Post"] is None or msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert msg["List-Unsubscribe"].startswith("<mailto:unsubscribe+")
+
+
+def test_transactional_mail_overtakes_a_running_campaign(rt, settings, db_url):
+    from mailflow.outbound import campaigns, segments
+
+    settings = settings.model_copy(update={"worker_concurrency": 4, "queuer_interval_s": 0.02, "worker_connections_per_relay": 4})
+    sink = Sink(delay_s=0.02)  # each message takes a while: the campaign needs ~1.5 s
+    with SinkServer(sink) as server:
+        setup_catalog(rt.store, server.url)
+        templates.save(rt.store, templates.Template("news", "News", "<p>Hello {{ name }}</p>"))
+        load_contacts(rt.store, 300)
+        segments.define(rt.store, "all", {})
+        cid = campaigns.create(rt.store, name="bulk", sender="tx", template="news", segment="all")
+        campaigns.start(rt.store, cid)
+        sent_tx = threading.Event()
+
+        def until():
+            with connect(db_url) as c:
+                accepted = c.execute("SELECT count(*) FROM jobs WHERE campaign_id = %s AND state = 'completed'", (cid,)).fetchone()[0]
+                if accepted >= 30 and not sent_tx.is_set():
+                    sending.send_transactional(rt.store, sender="tx", template="reset", to="vip@example.net", variables={"name": "V", "code": 9})
+                    sent_tx.set()
+                return c.execute("SELECT count(*) FROM jobs WHERE state NOT IN ('completed', 'failed')").fetchone()[0] == 0 and sent_tx.is_set()
+
+        run_pipeline(rt, settings, until, timeout=60)
+    with connect(db_url) as c:
+        tx_accepted = c.execute("SELECT accepted_at FROM jobs WHERE email = 'vip@example.net'").fetchone()[0]
+        after = c.execute("SELECT count(*) FROM jobs WHERE campaign_id = %s AND accepted_at > %s", (cid, tx_accepted)).fetchone()[0]
+        tx_latency = c.execute("SELECT extract(epoch FROM accepted_at - created_at) FROM jobs WHERE email = 'vip@example.net'").fetchone()[0]
+    # It did not wait for the campaign: most of the campaign was accepted after it.
+    assert after > 150, f"only {after} campaign messages were accepted after the transactional one"
+    assert float(tx_latency) < 2.0

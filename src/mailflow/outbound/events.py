@@ -116,3 +116,54 @@ class JobRetryScheduled(Event):
 
 for _model in (SenderSaved, JobCreated, JobQueued, JobStarted, JobCompleted, JobFailed, JobRetryScheduled):
     registry.register(_model)
+
+
+class CampaignCreated(Event):
+    campaign_id: str
+    name: str
+    sender: str
+    template: str
+    segment: str
+
+
+class CampaignScheduled(Event):
+    campaign_id: str
+    at: str
+
+
+class CampaignStarted(Event):
+    """The recipient set was snapshotted: one job per recipient exists from here on."""
+
+    campaign_id: str
+    recipients: int
+
+
+class CampaignPaused(Event):
+    campaign_id: str
+
+
+class CampaignResumed(Event):
+    campaign_id: str
+
+
+class CampaignCancelled(Event):
+    campaign_id: str
+    unsent: int
+
+
+class CampaignCompleted(Event):
+    campaign_id: str
+    completed: int
+    failed: int
+
+
+class CampaignResent(Event):
+    """Failed recipients got new jobs (resend-failed)."""
+
+    campaign_id: str
+    jobs: int
+
+
+for _model in (CampaignCreated, CampaignScheduled, CampaignStarted, CampaignPaused, CampaignResumed,
+               CampaignCancelled, CampaignCompleted, CampaignResent):
+    registry.register(_model)

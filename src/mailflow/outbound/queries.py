@@ -97,3 +97,59 @@ LEFT JOIN contacts c ON c.email = j.email
 WHERE j.id = ANY(%s) AND j.state = 'queued'
 FOR UPDATE OF j
 """
+
+# -- campaigns ----------------------------------------------------------------------------------
+
+INSERT_CAMPAIGN = """
+INSERT INTO campaigns (id, name, sender, template, segment) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (id) DO NOTHING
+"""
+SET_CAMPAIGN_STATUS = """
+UPDATE campaigns SET status = %(status)s, updated_at = now(),
+    scheduled_at = coalesce(%(scheduled_at)s::timestamptz, scheduled_at),
+    started_at = CASE WHEN %(status)s = 'running' AND started_at IS NULL THEN now() ELSE started_at END,
+    finished_at = CASE WHEN %(status)s IN ('completed', 'cancelled') THEN now() ELSE NULL END,
+    recipients = coalesce(%(recipients)s::int, recipients)
+WHERE id = %(id)s
+"""
+LOCK_CAMPAIGN = "SELECT id, name, sender, template, segment, status FROM campaigns WHERE id = %s FOR UPDATE"
+FIND_CAMPAIGN = "SELECT id FROM campaigns WHERE id::text = %s OR name = %s ORDER BY created_at DESC LIMIT 2"
+LIST_CAMPAIGNS = """
+SELECT id, name, status, recipients, sender, template, segment, created_at, started_at, finished_at
+FROM campaigns ORDER BY created_at DESC LIMIT %s
+"""
+
+# Recipients at start: active contacts of the segment who are not suppressed.
+SNAPSHOT_RECIPIENTS = """
+SELECT c.email FROM contacts c
+WHERE c.status = 'active' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = c.email)
+  AND {where}
+ORDER BY c.id
+"""
+
+CAMPAIGN_JOB_STATES = "SELECT state, count(*) FROM jobs WHERE campaign_id = %s GROUP BY state"
+CAMPAIGN_FAILURES = """
+SELECT failure_kind, count(*), min(last_reply) FROM jobs
+WHERE campaign_id = %s AND state = 'failed' GROUP BY failure_kind ORDER BY 2 DESC
+"""
+CAMPAIGN_RETRIES = "SELECT coalesce(sum(greatest(attempts - 1, 0)), 0) FROM jobs WHERE campaign_id = %s"
+FAILED_TO_RESEND = """
+SELECT j.email, count(*) OVER () FROM jobs j
+WHERE j.campaign_id = %s AND j.state = 'failed'
+  AND coalesce(j.failure_kind, '') NOT IN ('bad_mailbox', 'suppressed')
+  AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.campaign_id = j.campaign_id AND k.email = j.email
+                  AND k.state NOT IN ('completed', 'failed'))
+  AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.campaign_id = j.campaign_id AND k.email = j.email
+                  AND k.state = 'completed')
+"""
+
+FINISHED_CAMPAIGNS = """
+SELECT c.id,
+       (SELECT count(*) FROM jobs j WHERE j.campaign_id = c.id AND j.state = 'completed'),
+       (SELECT count(*) FROM jobs j WHERE j.campaign_id = c.id AND j.state = 'failed')
+FROM campaigns c
+WHERE c.status = 'running'
+  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.campaign_id = c.id AND j.state NOT IN ('completed', 'failed'))
+FOR UPDATE OF c SKIP LOCKED
+"""
+DUE_SCHEDULED = "SELECT id FROM campaigns WHERE status = 'scheduled' AND scheduled_at <= now()"

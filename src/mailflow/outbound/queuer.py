@@ -29,6 +29,7 @@ from ..events.store import EventStore
 from ..log import get_logger
 from ..projectors import jobs as jobs_projection
 from ..services import connect, redis_client
+from . import campaigns
 from . import queries as q
 from .events import JobQueued, JobRetryScheduled
 from .jobs import Priority
@@ -55,6 +56,7 @@ class Queuer:
         self.limiter = RateLimiter(limits={**DEFAULT_LIMITS_PER_S, **settings.rate_limits})
         self.stats = QueuerStats()
         self._epoch: bytes | None = None
+        self._housekept = 0.0
         self.is_leader = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
@@ -96,10 +98,16 @@ class Queuer:
         """Reclaim expired leases, then queue due jobs; returns how many jobs were queued."""
         if self._epoch is None or r.get(self.keys.jobs_epoch) != self._epoch:
             self.republish(r)
-        self.reclaim_expired()
+        housekeeping = time.monotonic() - self._housekept > 1.0
+        if housekeeping:
+            campaigns.start_due(self.store)
+            self.reclaim_expired()
         moved = 0
         for priority in Priority:
             moved += self._queue(r, priority)
+        if housekeeping:
+            campaigns.complete_finished(self.store)
+            self._housekept = time.monotonic()
         return moved
 
     def reclaim_expired(self) -> int:

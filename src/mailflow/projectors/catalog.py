@@ -52,6 +52,21 @@ def _sender_saved(conn: psycopg.Connection, data: dict) -> None:
     )
 
 
+def _campaign_created(conn: psycopg.Connection, data: dict) -> None:
+    conn.execute(q.INSERT_CAMPAIGN, (data["campaign_id"], data["name"], data["sender"], data["template"], data["segment"]))
+
+
+def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict], None]:
+    def apply(conn: psycopg.Connection, data: dict) -> None:
+        conn.execute(
+            q.SET_CAMPAIGN_STATUS,
+            {"id": data["campaign_id"], "status": status, "scheduled_at": data.get("at"),
+             "recipients": data.get("recipients")},
+        )
+
+    return apply
+
+
 HANDLERS: dict[str, Callable[[psycopg.Connection, dict], None]] = {
     "ContactsImported": _contacts_imported,
     "ContactStatusChanged": _status_changed,
@@ -60,6 +75,14 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, dict], None]] = {
     "SuppressionAdded": _suppression_added,
     "SuppressionRemoved": _suppression_removed,
     "SenderSaved": _sender_saved,
+    "CampaignCreated": _campaign_created,
+    "CampaignScheduled": _campaign_status("scheduled"),
+    "CampaignStarted": _campaign_status("running"),
+    "CampaignPaused": _campaign_status("paused"),
+    "CampaignResumed": _campaign_status("running"),
+    "CampaignResent": _campaign_status("running"),
+    "CampaignCancelled": _campaign_status("cancelled"),
+    "CampaignCompleted": _campaign_status("completed"),
 }
 
 
