@@ -816,6 +816,9 @@ def services_stop(as_json: bool = JsonOpt) -> None:
             out.print(f"{x.name:<9} {'still running' if x.running else 'stopped'}")
 
 
+from . import cli_outbound  # noqa: E402,F401 - registers the outbound commands on `app`
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure a user can cause ends as one `error:` line and an exit code."""
     code = 0

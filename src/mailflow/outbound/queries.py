@@ -153,3 +153,36 @@ WHERE c.status = 'running'
 FOR UPDATE OF c SKIP LOCKED
 """
 DUE_SCHEDULED = "SELECT id FROM campaigns WHERE status = 'scheduled' AND scheduled_at <= now()"
+
+# -- inspection ---------------------------------------------------------------------------------
+
+QUEUE_STATS = """
+SELECT priority,
+       count(*) FILTER (WHERE state = 'pending') AS pending,
+       count(*) FILTER (WHERE state = 'retry') AS retry,
+       count(*) FILTER (WHERE state = 'queued') AS queued,
+       count(*) FILTER (WHERE state = 'active') AS active,
+       count(*) FILTER (WHERE state = 'completed') AS completed,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE state IN ('pending', 'queued', 'active', 'retry'))),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
+           FILTER (WHERE accepted_at > now() - interval '1 hour'),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
+           FILTER (WHERE accepted_at > now() - interval '1 hour')
+FROM jobs GROUP BY priority
+"""
+
+LIST_JOBS = """
+SELECT id, priority, state, email, campaign_id, attempts, last_code, failure_kind, created_at, finished_at
+FROM jobs
+WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
+  AND (%(campaign)s::uuid IS NULL OR campaign_id = %(campaign)s::uuid)
+ORDER BY created_at DESC
+LIMIT %(limit)s
+"""
+GET_JOB = """
+SELECT id, idempotency_key, priority, state, email, sender, template, campaign_id, attempts, due_at,
+       queue_seq, lease_until, worker, last_code, last_reply, failure_kind, created_at, queued_at,
+       started_at, accepted_at, finished_at
+FROM jobs WHERE id = %s
+"""

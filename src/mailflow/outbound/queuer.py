@@ -32,7 +32,7 @@ from ..services import connect, redis_client
 from . import campaigns
 from . import queries as q
 from .events import JobQueued, JobRetryScheduled
-from .jobs import Priority
+from .jobs import SLA_SECONDS, Priority
 from .ratelimit import DEFAULT_LIMITS_PER_S, RateLimiter
 
 QUEUER_LOCK_KEY = 7_300_010
@@ -184,3 +184,24 @@ class Queuer:
         self.stats.republished += total
         if total:
             log.info("queuer.republished", count=total)
+
+
+def queue_stats(conn: psycopg.Connection, r: redis.Redis, keys: Keys) -> list[dict[str, object]]:
+    """Per priority: stream depth, jobs by state, oldest unfinished job, latency vs SLA."""
+    rows = {row[0]: row for row in conn.execute(q.QUEUE_STATS).fetchall()}
+    out = []
+    for p in Priority:
+        row = rows.get(str(p))
+        p50, p99 = (row[8], row[9]) if row else (None, None)
+        out.append({
+            "priority": str(p),
+            "stream_depth": r.xlen(keys.jobs(p)),
+            "pending": row[1] if row else 0, "retry": row[2] if row else 0, "queued": row[3] if row else 0,
+            "active": row[4] if row else 0, "completed": row[5] if row else 0, "failed": row[6] if row else 0,
+            "oldest_unfinished_s": round(float(row[7]), 3) if row and row[7] is not None else None,
+            "latency_p50_s": round(float(p50), 3) if p50 is not None else None,
+            "latency_p99_s": round(float(p99), 3) if p99 is not None else None,
+            "sla_s": SLA_SECONDS[p],
+            "within_sla": None if p99 is None else float(p99) <= SLA_SECONDS[p],
+        })
+    return out
