@@ -191,3 +191,15 @@ def test_contacts_segments_and_templates_from_the_command_line(env, tmp_path):
     err = run_cli(env, "templates", "render", "hi", "--contact", "ann@example.org")
     assert err.returncode == 2
     assert one_line_error(err) == "error: template 'hi' html line 2: undefined variable 'coupon'"
+
+
+def test_demo_runs_the_outbound_pipeline_and_every_job_finishes(env):
+    res = run_cli(env, "demo", "--contacts", "120", "--transactional", "5", "--json", timeout=240)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["ok"] is True and summary["recipients"] == 120
+    states = summary["states"]
+    assert states["completed"] + states["failed"] == 125
+    assert all(states[s] == 0 for s in ("pending", "queued", "active", "retry"))
+    assert summary["duplicates"] == 0
+    assert summary["events"] >= 4 * 125  # created, queued, started, finished at least

@@ -137,53 +137,68 @@ def consume(
 
 @app.command()
 def demo(
-    events: int = typer.Option(5000, "--events", min=1, help="How many events the writers append."),
-    writers: int = typer.Option(4, "--writers", min=1, max=32),
+    contacts: int = typer.Option(1000, "--contacts", min=1, max=1_000_000, help="How many contacts to import and mail."),
+    transactional: int = typer.Option(20, "--transactional", min=0, help="Transactional messages sent during the campaign."),
+    timeout: float = typer.Option(600, "--timeout", help="Give up after this many seconds."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Run writers, the relay and a consumer together, then check and summarise the result."""
-    from . import demo as spine_demo
+    """The outbound pipeline end to end against a misbehaving local SMTP server, then a summary.
+
+    Exits 0 only if every job reached completed or failed.
+    """
+    from . import demo as outbound_demo
 
     _quiet_logs()
-    rt = runtime(pool_size=writers + 4)
+    base = settings()
+    # Demo pacing: retries after seconds, not minutes; no per-domain throttle on the local sink.
+    _state.settings = base.model_copy(update={
+        "retry_base_s": 2.0, "retry_max_attempts": 6, "rate_limits": {"*": 5000.0, **base.rate_limits},
+    })
+    rt = runtime(pool_size=16)
     if not as_json:
         err.print(f"services: PostgreSQL {mask_url(rt.services.database_url)}, Redis {mask_url(rt.services.redis_url)}")
     if as_json:
-        res = spine_demo.run(rt, events, writers)
+        res = outbound_demo.run(rt, contacts, transactional, timeout)
     else:
-        with Progress(TextColumn("appending"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
-            task = bar.add_task("append", total=events)
-            res = spine_demo.run(rt, events, writers, lambda done, total: bar.update(task, completed=done, total=total))
-    summary = {
-        "ok": res.ok,
-        "appended": res.appended,
-        "head": res.head,
-        "published_to_redis": res.published,
-        "redis_entry_ids_contiguous": res.redis_contiguous,
-        "event_counts_checkpoint": res.checkpoint,
-        "event_counts_mismatched_rows": res.mismatched_rows,
-        "seconds": round(res.seconds, 3),
-        "events_per_s": round(res.appended / res.seconds) if res.seconds else None,
-        "counts_by_type": res.by_type,
-    }
+        with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done, total=total)
+
+            res = outbound_demo.run(rt, contacts, transactional, timeout, progress)
     if as_json:
-        emit_json(summary)
+        emit_json(res.to_dict())
     else:
-        table = Table(title="mailflow demo: the event log spine")
-        table.add_column("check")
-        table.add_column("result", justify="right")
-        table.add_row("events appended", str(res.appended))
-        table.add_row("head position", str(res.head))
-        table.add_row("published to Redis by the relay", str(res.published))
-        table.add_row("Redis entry IDs = positions, no gaps", "yes" if res.redis_contiguous else "NO")
-        table.add_row("event_counts checkpoint", str(res.checkpoint))
-        table.add_row("event_counts rows differing from the log", str(res.mismatched_rows))
-        table.add_row("throughput (append -> projected)", f"{summary['events_per_s']} events/s")
-        out.print(table)
-        out.print("counts by type: " + ", ".join(f"{t} {n}" for t, n in res.by_type.items()))
-        out.print("OK" if res.ok else "FAILED: the projection or the stream does not match the log")
+        _print_demo(res)
     if not res.ok:
         raise typer.Exit(1)
+
+
+def _print_demo(res: Any) -> None:
+    out.print(f"imported {res.contacts} contacts ({res.rejected_rows} bad rows reported), "
+              f"campaign to {res.recipients}, {res.transactional} transactional sent during it")
+    table = Table(title="jobs by state")
+    for s_ in res.states:
+        table.add_column(s_, justify="right")
+    table.add_row(*[str(n) for n in res.states.values()])
+    out.print(table)
+    out.print(f"retry attempts: {res.retries}; duplicates seen by the SMTP server: {res.duplicates}")
+    for f in res.failures:
+        out.print(f"failed {f['count']} x {f['kind']}: {f['example']}", markup=False)
+    lat = Table(title="queue latency (pending -> accepted by SMTP) against the SLA")
+    for col in ("priority", "completed", "p50", "p99", "SLA", "met"):
+        lat.add_column(col, justify="left" if col == "priority" else "right")
+    for r in res.latency:
+        if not r["completed"]:
+            continue
+        lat.add_row(r["priority"], str(r["completed"]), f"{r['latency_p50_s']:.2f}s", f"{r['latency_p99_s']:.2f}s",
+                    f"{r['sla_s']:.0f}s", "yes" if r["within_sla"] else "NO")
+    out.print(lat)
+    out.print(f"{res.seconds:.1f} s, {res.messages_per_s} messages/s delivered, {res.events} events recorded")
+    out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")
 
 
 # -- events ---------------------------------------------------------------------------------

@@ -1,123 +1,210 @@
-"""The spine demo: writers append events while the relay and a consumer run, then a summary.
+"""`mailflow demo`: the outbound pipeline end to end, on one machine, with a misbehaving SMTP peer.
 
-Runs everything in one process against the configured or embedded services, and checks
-the result the way an operator would: every event published once, in order, and the
-event_counts projection equal to the log.
+Imports N generated contacts (a few bad rows among them), builds a segment, a template and
+a campaign, starts it, and sends transactional messages while it drains - through the real
+relay, queuer and worker into an in-process SMTP server (aiosmtpd) that sometimes answers
+4xx, 5xx, slowly, or drops the connection. Ends with a summary; exits 0 only if every job
+reached completed or failed.
 """
 
 from __future__ import annotations
 
-import random
+import asyncio
+import csv
+import hashlib
+import socket
+import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
 
 from .app import Runtime
-from .consumers.runtime import ConsumerRunner
-from .events.envelope import Metadata, NewEvent
-from .events.relay import Relay
-from .projectors.event_counts import EventCounts
+from .outbound import campaigns, queries as oq, segments, sending, templates
+from .outbound.contacts import import_contacts, parse_csv
+from .outbound.queuer import queue_stats
+from .outbound.senders import Sender
+from .supervisor import Pipeline
 
-DEMO_TYPES = ("ContactImported", "CampaignCreated", "JobQueued", "MessageDelivered", "BounceReceived", "ReplyReceived")
+TEMPLATE_HTML = """<h1>Spring news, {{ first_name }}</h1>
+<p>Your {{ plan }} plan in {{ country }} now includes more.</p>
+<p><a href="https://example.org/offers?c={{ email | urlencode }}">See the offers</a></p>"""
+TEMPLATE_TEXT = "Spring news, {{ first_name }}!\nYour {{ plan }} plan in {{ country }} now includes more."
+RECEIPT_HTML = "<p>Thanks {{ name }}, your order {{ order }} is confirmed.</p>"
 
-CHECK = """
-SELECT
-  (SELECT coalesce(sum(count), 0) FROM event_counts) AS counted,
-  (SELECT count(*) FROM (
-      SELECT type, date_trunc('hour', recorded_at, 'UTC') h, count(*) n
-      FROM events e JOIN event_positions p USING (seq) WHERE p.position <= %(cp)s GROUP BY 1, 2
-      EXCEPT
-      SELECT type, hour, count FROM event_counts WHERE count > 0) x) AS mismatched
-"""
+
+def _fate(address: str) -> int:
+    """A stable number 0..999 per address, so a recipient misbehaves the same way every time."""
+    return int(hashlib.sha256(address.encode()).hexdigest()[:8], 16) % 1000
+
+
+@dataclass
+class FaultySink:
+    """An SMTP peer with the habits of real ones: greylisting, unknown users, policy blocks."""
+
+    slow_s: float = 0.2
+    accepted: Counter = field(default_factory=Counter)
+    tries: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        fate = _fate(address)
+        with self.lock:
+            self.tries[address] += 1
+            n = self.tries[address]
+        if fate < 10:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown in virtual mailbox table"
+        if fate < 15:
+            return "550 5.7.1 Message rejected: sender reputation too low"
+        if fate < 45 and n == 1:
+            return "451 4.7.1 Greylisted, please try again in 2 seconds"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        address = envelope.rcpt_tos[0]
+        fate = _fate(address)
+        with self.lock:
+            n = self.tries[address]
+        if 45 <= fate < 55 and n == 1:
+            server.transport.close()  # a dropped connection mid-transaction
+            return "421 4.4.2 connection dropped"
+        if 55 <= fate < 75:
+            await asyncio.sleep(self.slow_s)
+        mid = ""
+        for line in envelope.content.split(b"\r\n"):
+            if line.lower().startswith(b"message-id:"):
+                mid = line.split(b":", 1)[1].strip().decode()
+                break
+            if not line:
+                break
+        with self.lock:
+            self.accepted[mid] += 1
+        return "250 2.0.0 Ok: queued"
+
+
+class SinkServer:
+    def __init__(self, sink: FaultySink) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.controller = Controller(sink, hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> "SinkServer":
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+
+def write_contacts(path: Path, n: int, run: str) -> int:
+    """Write n contacts (and a bad row every 400); returns the number of data rows."""
+    countries, plans = ["NL", "BE", "DE", "FR", "GB"], ["free", "pro", "team"]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["email", "first_name", "country", "plan", "signup_year"])
+        for i in range(n):
+            w.writerow([f"reader{i}.{run}@example.net", f"Reader{i}", countries[i % 5], plans[i % 3], 2015 + i % 10])
+            if i and i % 400 == 0:
+                w.writerow([f"not-an-address-{i}", "Broken", "NL", "free", 2020])  # reported, not imported
+    return n + (n - 1) // 400
 
 
 @dataclass
 class DemoResult:
-    appended: int = 0
+    contacts: int = 0
+    rejected_rows: int = 0
+    recipients: int = 0
+    transactional: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    latency: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    head_before: int = 0
-    head: int = 0
-    published: int = 0
-    checkpoint: int = 0
-    mismatched_rows: int = 0
-    redis_contiguous: bool = False
-    by_type: dict[str, int] = field(default_factory=dict)
+    messages_per_s: float = 0.0
+    events: int = 0
+    duplicates: int = 0
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
-        return (
-            self.mismatched_rows == 0
-            and self.checkpoint == self.head
-            and self.redis_contiguous
-            and self.head - self.head_before == self.appended
-        )
+        unfinished = sum(n for s, n in self.states.items() if s not in ("completed", "failed"))
+        return unfinished == 0 and not self.timed_out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["ok"] = self.ok
+        return d
 
 
-def run(rt: Runtime, events: int = 5000, writers: int = 4, progress: Callable[[int, int], None] | None = None) -> DemoResult:
-    res = DemoResult()
+def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: float = 600,
+        progress: Callable[[str, int, int], None] | None = None) -> DemoResult:
+    res = DemoResult(transactional=transactional)
     store = rt.store
-    settings = rt.settings
-    store.sync()
-    res.head_before = store.head()
-    stop = threading.Event()
-    relay = Relay(store, rt.services.redis_url, settings)
-    runner = ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings, consumer_id="demo")
-    threads = [
-        threading.Thread(target=relay.run, args=(stop,), name="relay", daemon=True),
-        threading.Thread(target=runner.run, args=(stop,), name="consumer", daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    lock = threading.Lock()
-    counter = [0]
-    per_writer = events // writers
-
-    def write(k: int) -> None:
-        rnd = random.Random(k)
-        campaign = f"demo-campaign-{int(time.time())}-{k}"
-        done = 0
-        while done < per_writer:
-            n = min(rnd.randint(1, 5), per_writer - done)
-            md = Metadata(correlation_id=campaign, actor="mailflow demo")
-            batch = [
-                NewEvent(rnd.choice(DEMO_TYPES), {"writer": k, "seq": done + i, "rcpt": f"user{rnd.randint(1, 999)}@example.org"}, metadata=md)
-                for i in range(n)
-            ]
-            store.append(f"{campaign}-{done // 50}", batch)
-            done += n
-            with lock:
-                counter[0] += n
-                if progress is not None:
-                    progress(counter[0], per_writer * writers)
-
-    started = time.perf_counter()
-    ws = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
-    for w in ws:
-        w.start()
-    for w in ws:
-        w.join()
-    res.appended = counter[0]
-    store.notifier.flush()
-    target = res.head_before + res.appended
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (relay.stats.last_position < target or runner.checkpoint() < target):
-        time.sleep(0.02)
-    res.seconds = time.perf_counter() - started
-    stop.set()
-    for t in threads:
-        t.join(10)
-    store.sync()
-    res.head = store.head()
-    res.published = relay.stats.published
-    with rt.connect() as conn:
-        res.checkpoint = int(
-            conn.execute("SELECT position FROM consumer_checkpoints WHERE consumer = 'event_counts'").fetchone()[0]
-        )
-        counted, res.mismatched_rows = conn.execute(CHECK, {"cp": res.checkpoint}).fetchone()
-        res.by_type = dict(
-            conn.execute("SELECT type, sum(count)::bigint FROM event_counts GROUP BY type ORDER BY 2 DESC").fetchall()
-        )
-    ids = [int(eid.split(b"-")[0]) for eid, _ in rt.redis.xrange(rt.keys.events, min=f"{res.head_before + 1}-0")]
-    res.redis_contiguous = ids == list(range(res.head_before + 1, res.head + 1))
+    tag = time.strftime("%Y%m%d%H%M%S")
+    sink = FaultySink()
+    with SinkServer(sink) as server, tempfile.TemporaryDirectory() as tmp:
+        relay = f"smtp://127.0.0.1:{server.port}?tls=none&timeout=10"
+        sending.save_sender(store, Sender("demo", "news@example.org", "mailflow demo", relay))
+        templates.save(store, templates.Template("demo-news", "Spring news for {{ first_name }}", TEMPLATE_HTML, TEMPLATE_TEXT))
+        templates.save(store, templates.Template("demo-receipt", "Order {{ order }} confirmed", RECEIPT_HTML))
+        csv_path = Path(tmp) / "contacts.csv"
+        rows = write_contacts(csv_path, contacts, tag)
+        with csv_path.open(newline="") as fh:
+            report = import_contacts(store, parse_csv(fh), csv_path.name,
+                                     progress=(lambda n: progress("import", n, rows)) if progress else None)
+        res.contacts, res.rejected_rows = report.imported, len(report.rejected)
+        segment = f"demo-{tag}"
+        segments.define(store, segment, {"email": {"$contains": f".{tag}@"}})
+        cid = campaigns.create(store, name=f"demo-{tag}", sender="demo", template="demo-news", segment=segment)
+        head_before = store.sync()
+        stop = threading.Event()
+        pipeline = Pipeline(rt)
+        pipeline.start(stop)
+        started = time.perf_counter()
+        res.recipients = campaigns.start(store, cid)
+        total = res.recipients + transactional
+        sent_tx = 0
+        deadline = time.monotonic() + timeout_s
+        try:
+            with rt.connect() as conn:
+                while True:
+                    done = conn.execute(oq.DEMO_FINISHED, (cid, f"buyer%.{tag}@example.com")).fetchone()[0]
+                    # Transactional mail while the campaign drains: it should overtake it.
+                    while sent_tx < transactional and done >= (sent_tx * res.recipients) // max(transactional, 1):
+                        sending.send_transactional(store, sender="demo", template="demo-receipt",
+                                                   to=f"buyer{sent_tx}.{tag}@example.com",
+                                                   variables={"name": f"Buyer {sent_tx}", "order": f"A-{1000 + sent_tx}"})
+                        sent_tx += 1
+                    if progress:
+                        progress("send", done, total)
+                    if done >= total:
+                        break
+                    if time.monotonic() > deadline:
+                        res.timed_out = True
+                        break
+                    time.sleep(0.2)
+        finally:
+            res.seconds = time.perf_counter() - started
+            stop.set()
+            pipeline.join()
+        with rt.connect() as conn:
+            st = campaigns.status(conn, cid)
+            tx_states = dict(conn.execute(oq.DEMO_TRANSACTIONAL_STATES, (f"buyer%.{tag}@example.com",)).fetchall())
+            res.latency = queue_stats(conn, rt.redis, rt.keys)
+        res.events = store.sync() - head_before
+        res.states = dict(st["jobs"])
+        for s, n in tx_states.items():
+            res.states[s] = res.states.get(s, 0) + int(n)
+        res.retries = st["retries"]
+        res.failures = st["failures"]
+        delivered = res.states.get("completed", 0)
+        res.messages_per_s = round(delivered / res.seconds, 1) if res.seconds else 0.0
+        res.duplicates = sum(n - 1 for n in sink.accepted.values() if n > 1)
     return res

@@ -186,3 +186,11 @@ SELECT id, idempotency_key, priority, state, email, sender, template, campaign_i
        started_at, accepted_at, finished_at
 FROM jobs WHERE id = %s
 """
+
+# -- the demo ---------------------------------------------------------------------------------------
+
+DEMO_FINISHED = """
+SELECT count(*) FROM jobs
+WHERE state IN ('completed', 'failed') AND (campaign_id = %s OR email LIKE %s)
+"""
+DEMO_TRANSACTIONAL_STATES = "SELECT state, count(*) FROM jobs WHERE email LIKE %s GROUP BY state"
