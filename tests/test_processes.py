@@ -29,7 +29,8 @@ from mailflow.services import connect
 
 from .conftest import Processes, run_cli, wait_until
 
-TYPES = ("CampaignCreated", "JobQueued", "MessageSent", "MessageBounced", "ReplyReceived")
+# Free-form types: registered ones (CampaignCreated, JobQueued, ...) would be validated.
+TYPES = ("OrderPlaced", "OrderPaid", "MessageSent", "MessageBounced", "ReplyReceived")
 GROUP = "event_counts"
 
 # -- helpers ------------------------------------------------------------------------------
