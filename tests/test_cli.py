@@ -203,3 +203,16 @@ def test_demo_runs_the_outbound_pipeline_and_every_job_finishes(env):
     assert all(states[s] == 0 for s in ("pending", "queued", "active", "retry"))
     assert summary["duplicates"] == 0
     assert summary["events"] >= 4 * 125  # created, queued, started, finished at least
+
+
+def test_a_csv_that_is_not_utf8_is_one_line_naming_the_line(env, tmp_path):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("email,name\nann@example.org,Ann\nbo@example.org,Bj\xf6rn\n".encode("latin-1"))
+    res = run_cli(env, "contacts", "import", str(bad))
+    assert res.returncode == 2
+    assert "not UTF-8 text (line 3)" in one_line_error(res)
+
+
+def test_a_command_group_without_a_command_shows_help_and_no_error_line(env):
+    res = run_cli(env, "events")
+    assert "Usage" in res.stdout + res.stderr and "error:" not in res.stderr

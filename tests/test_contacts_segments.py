@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from mailflow.errors import NotFoundError
 from mailflow.outbound import segments, suppressions, templates
 from mailflow.outbound.contacts import import_contacts, parse_csv
 from mailflow.outbound.segments import SegmentError, compile_filter
@@ -110,7 +111,7 @@ def test_a_saved_segment_is_loaded_by_name_and_redefinition_replaces_it(store, d
     segments.define(store, "dutch", {"attributes.country": "NL", "attributes.plan": "pro"})
     with connect(db_url) as c:
         assert segments.preview(c, segments.load(c, "dutch")).count == 1
-        with pytest.raises(SegmentError, match="no segment named 'nope'"):
+        with pytest.raises(NotFoundError, match="no segment named 'nope'"):
             segments.load(c, "nope")
 
 
@@ -140,3 +141,12 @@ def test_suppressing_an_address_marks_the_contact_and_removal_lifts_it(store, db
     suppressions.remove(store, "bob@example.org")
     with connect(db_url) as c:
         assert suppressions.listing(c) == []
+
+
+def test_csv_values_are_typed_only_when_nothing_is_lost():
+    from mailflow.outbound.contacts import typed
+
+    assert [typed(v) for v in ("42", "-7", "2.5", "true", "FALSE")] == [42, -7, 2.5, True, False]
+    # Postcodes, phone numbers, long ids and odd spellings stay text.
+    assert [typed(v) for v in ("0123", "+31612345678", "12345678901234567890", "1e5", "1,5")] == [
+        "0123", "+31612345678", "12345678901234567890", "1e5", "1,5"]

@@ -13,7 +13,7 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from .config import Settings
-from .errors import MailflowError
+from .errors import ConfigurationError
 from .events.keys import Keys
 from .events.store import EventStore
 from .migrate import migrate, pending
@@ -46,7 +46,7 @@ class Runtime:
             if self.settings.database_url is None:
                 migrate(conn)
                 return
-        raise MailflowError(
+        raise ConfigurationError(
             f"the database needs {len(todo)} migration(s) ({todo[0]} first); run `mailflow migrate`"
         )
 

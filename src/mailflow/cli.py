@@ -571,6 +571,11 @@ def contacts_import(
     _quiet_logs()
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{path} is not UTF-8 text (line {line}); save it as UTF-8 CSV and import again") from exc
     store = runtime().store
     total = max(sum(1 for _ in path.open(encoding="utf-8-sig", newline="")) - 1, 0)
     with path.open(encoding="utf-8-sig", newline="") as fh:
@@ -773,21 +778,24 @@ def suppressions_add(
     email: str = typer.Argument(...),
     reason: str = typer.Option("manual", "--reason"),
     detail: str = typer.Option("", "--detail"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Never send to EMAIL again (until removed)."""
     from .outbound import suppressions
 
     _quiet_logs()
-    out.print(f"suppressed {suppressions.add(runtime().store, email, reason, detail)}")
+    email = suppressions.add(runtime().store, email, reason, detail)
+    emit_json({"suppressed": email, "reason": reason}) if as_json else out.print(f"suppressed {email}")
 
 
 @suppressions_app.command("remove")
-def suppressions_remove(email: str = typer.Argument(...)) -> None:
+def suppressions_remove(email: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
     """Lift a suppression."""
     from .outbound import suppressions
 
     _quiet_logs()
-    out.print(f"no longer suppressed: {suppressions.remove(runtime().store, email)}")
+    email = suppressions.remove(runtime().store, email)
+    emit_json({"unsuppressed": email}) if as_json else out.print(f"no longer suppressed: {email}")
 
 
 # -- services -----------------------------------------------------------------------------
@@ -845,8 +853,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.TyperException as exc:  # usage errors: bad option, missing argument
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        err.print(f"error: {' '.join(message.split())} (see --help)", markup=False)
+        message = " ".join((exc.format_message() if hasattr(exc, "format_message") else str(exc)).split())
+        if message:  # empty when a group was called without a command: the help was shown
+            err.print(f"error: {message} (see --help)", markup=False)
         code = getattr(exc, "exit_code", 2)
     except MailflowError as exc:
         err.print(f"error: {exc}", markup=False)

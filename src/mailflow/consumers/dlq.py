@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import redis
 
-from ..errors import MailflowError, NotFoundError
+from ..errors import MailflowError, NotFoundError, UsageError
 from ..events.keys import Keys
 from ..events.store import EventStore
 from . import queries as q
@@ -69,7 +69,7 @@ class DeadLetters:
         if every:
             return self.list(consumer)
         if not ids:
-            raise MailflowError("name dead letter ids, or pass --all")
+            raise UsageError("name dead letter ids, or pass --all")
         open_ = {d.id: d for d in self.list(None)}
         missing = [i for i in ids if i not in open_]
         if missing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -66,23 +67,25 @@ def normalize_email(raw: str) -> str:
     return result.normalized.lower()
 
 
+_INT = re.compile(r"^-?(0|[1-9]\d{0,14})$")
+_FLOAT = re.compile(r"^-?(0|[1-9]\d{0,14})\.\d{1,15}$")
+
+
 def typed(value: str) -> Any:
+    """Plain integers, decimals and true/false become JSON numbers and booleans.
+
+    Anything else stays text - including leading zeros (postcodes, "0123"), signs and
+    long digit strings (phone numbers, ids), which would lose information as numbers.
+    """
     v = value.strip()
     low = v.lower()
     if low in ("true", "false"):
         return low == "true"
-    try:
-        return int(v) if v.lstrip("-").isdigit() and len(v.lstrip("-")) < 16 else float(v) if _floaty(v) else v
-    except ValueError:
-        return v
-
-
-def _floaty(v: str) -> bool:
-    try:
-        float(v)
-    except ValueError:
-        return False
-    return any(ch.isdigit() for ch in v) and v.lower() not in ("nan", "inf", "-inf", "infinity")
+    if _INT.match(v):
+        return int(v)
+    if _FLOAT.match(v):
+        return float(v)
+    return v
 
 
 def parse_csv(fh: TextIO) -> Iterator[ImportedContact | Rejected]:

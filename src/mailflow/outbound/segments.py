@@ -24,7 +24,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ..errors import MailflowError
+from ..errors import MailflowError, NotFoundError
 from ..projectors import catalog
 from . import queries as q
 from .events import SegmentDefined
@@ -228,7 +228,7 @@ def define(store, name: str, doc: dict[str, Any]) -> None:
 def load(conn, name: str) -> dict[str, Any]:
     row = conn.execute(q.GET_SEGMENT, (name,)).fetchone()
     if row is None:
-        raise SegmentError(f"no segment named {name!r} (see `mailflow segments list`)")
+        raise NotFoundError(f"no segment named {name!r} (see `mailflow segments list`)")
     return row[0]
 
 

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from email_validator import EmailNotValidError
 
-from ..errors import UsageError
+from ..errors import NotFoundError, UsageError
 from ..projectors import catalog
 from . import queries as q
 from .contacts import normalize_email
@@ -43,6 +43,9 @@ def add(store, raw_email: str, reason: str = "manual", detail: str = "", contact
 
 def remove(store, raw_email: str) -> str:
     email = _email(raw_email)
+    with store.pool.connection() as conn:
+        if conn.execute(q.IS_SUPPRESSED, (email,)).fetchone() is None:
+            raise NotFoundError(f"{email} is not suppressed")
     catalog.record(store, [(f"suppression-{email}", SuppressionRemoved(email=email).to_new())])
     return email
 

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from ..errors import MailflowError
+from ..errors import MailflowError, NotFoundError
 from ..projectors import catalog
 from . import queries as q
 from .events import TemplateSaved
@@ -128,5 +128,5 @@ def save(store, tpl: Template) -> None:
 def load(conn, name: str) -> Template:
     row = conn.execute(q.GET_TEMPLATE, (name,)).fetchone()
     if row is None:
-        raise MailflowError(f"no template named {name!r} (see `mailflow templates list`)")
+        raise NotFoundError(f"no template named {name!r} (see `mailflow templates list`)")
     return Template(*row)
