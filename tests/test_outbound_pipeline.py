@@ -216,3 +216,21 @@ def test_transactional_mail_overtakes_a_running_campaign(rt, settings, db_url):
     # It did not wait for the campaign: most of the campaign was accepted after it.
     assert after > 150, f"only {after} campaign messages were accepted after the transactional one"
     assert float(tx_latency) < 2.0
+
+
+def test_entries_left_unstarted_by_a_dead_worker_are_reclaimed_and_sent_once(rt, settings, db_url):
+    """A worker that read entries and died before starting them: another worker takes them over."""
+    settings = settings.model_copy(update={"job_lease_s": 0.5, "queuer_interval_s": 0.02})
+    sink = Sink()
+    with SinkServer(sink) as server:
+        setup_catalog(rt.store, server.url)
+        for i in range(3):
+            sending.send_transactional(rt.store, sender="tx", template="reset", to=f"o{i}@example.net", variables={"name": "N", "code": 1})
+        r = redis_client(rt.services.redis_url)
+        Queuer(rt.store, rt.services.redis_url, settings).tick(r)
+        key = rt.keys.jobs("high")
+        r.xgroup_create(key, "workers", id="0", mkstream=True)
+        assert len(r.xreadgroup("workers", "dead-worker", {key: ">"}, count=10)[0][1]) == 3  # read, then "killed"
+        run_pipeline(rt, settings, lambda: sorted(states(db_url).values()) == ["completed"] * 3)
+        assert r.xpending(key, "workers")["pending"] == 0
+    assert sink.delivered_to() == {f"o{i}@example.net": 1 for i in range(3)}

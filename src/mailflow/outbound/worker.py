@@ -151,7 +151,11 @@ class Worker:
                         raise
             flusher = asyncio.create_task(self._flush_loop(r, stop))
             self.log.info("worker.start", concurrency=self.settings.worker_concurrency)
+            last_claim = 0.0
             while not stop.is_set():
+                if time.monotonic() - last_claim > 5.0:
+                    await self._claim_orphans(r)
+                    last_claim = time.monotonic()
                 free = self.settings.worker_concurrency - len(self.in_flight)
                 if free <= 0:
                     await asyncio.wait(self.in_flight, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
@@ -201,6 +205,33 @@ class Worker:
             p = Priority(key.decode().rsplit(":", 1)[1] if isinstance(key, bytes) else key.rsplit(":", 1)[1])
             out.extend((p, eid, f) for eid, f in entries)
         return out
+
+    async def _claim_orphans(self, r: aredis.Redis) -> None:
+        """Entries another worker read but never finished (it died before starting them).
+
+        A job it had started is retried by the queuer when its lease expires, under a new
+        entry; the old entry is then stale and only acknowledged here.
+        """
+        idle_ms = int(self.settings.job_lease_s * 1000)
+        for p in Priority:
+            cursor: bytes | str = "0-0"
+            while True:
+                try:
+                    res = await r.xautoclaim(self.keys.jobs(p), GROUP, self.name, idle_ms, cursor, count=100)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        break
+                    raise
+                cursor, claimed = res[0], res[1]
+                live = [(p, eid, f) for eid, f in claimed if f]
+                gone = [eid for eid, f in claimed if not f]
+                if gone:
+                    await self._ack(r, p, gone)
+                if live:
+                    self.log.info("worker.reclaimed", priority=str(p), count=len(live))
+                    await self._start(r, live)
+                if cursor in (b"0-0", "0-0"):
+                    break
 
     async def _start(self, r: aredis.Redis, entries: list[tuple[Priority, bytes, dict[bytes, bytes]]]) -> None:
         claimed, stale, refused = await asyncio.to_thread(self._claim, entries)
