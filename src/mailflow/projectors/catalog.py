@@ -1,7 +1,8 @@
 """Projectors room: the outbound catalogue - contacts, segments, templates, suppressions.
 
 An inline projection: commands apply it in the same transaction that appends the events,
-so the tables are never behind their events. The same code replays the events on rebuild.
+so the tables are never behind their events. Replaying the events through apply()
+rebuilds them (no CLI command does that yet; see docs/outbound.md).
 """
 
 from __future__ import annotations
