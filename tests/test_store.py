@@ -6,7 +6,6 @@ import threading
 import time
 import uuid
 
-import psycopg
 import pytest
 
 from mailflow.errors import ConcurrencyError, DuplicateEventError, InvalidEventError, NotFoundError

@@ -5,8 +5,6 @@ User errors are one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import threading
 import uuid

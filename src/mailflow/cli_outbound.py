@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from . import log
-from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, err, out, runtime, settings
+from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, out, runtime, settings
 from .errors import UsageError
 from .lifecycle import stop_on_signals
 from .outbound import campaigns, sending

@@ -20,12 +20,13 @@ import psycopg
 import redis
 
 from ..config import Settings
-from ..errors import ServiceUnavailable
+from ..leader import run_as_leader
 from ..log import get_logger
-from ..services import connect, redis_client
+from ..services import redis_client
 from .envelope import Envelope
 from .keys import Keys
 from .store import EventStore
+from .streams import raise_unless_duplicates, stream_last_id
 
 RELAY_LOCK_KEY = 7_300_003
 _MIN_CHECKPOINT = "SELECT min(position) FROM consumer_checkpoints"
@@ -51,41 +52,11 @@ class Relay:
         self._published = 0
         self.is_leader = threading.Event()
 
-    # -- leadership ----------------------------------------------------------------------
-
     def run(self, stop: threading.Event) -> None:
         """Wait to become leader, then publish until `stop` is set; survives lost connections."""
-        while not stop.is_set():
-            try:
-                with connect(self.store.pool.conninfo) as lock_conn:
-                    if not self._acquire(lock_conn, stop):
-                        return
-                    log.info("relay.leader", pid=lock_conn.info.backend_pid)
-                    self.is_leader.set()
-                    try:
-                        self._lead(lock_conn, stop)
-                    finally:
-                        self.is_leader.clear()
-            except (
-                psycopg.OperationalError,
-                ServiceUnavailable,
-                redis.ConnectionError,
-                redis.TimeoutError,
-            ) as exc:
-                log.warning("relay.connection_lost", error=" ".join(str(exc).split()))
-                stop.wait(1.0)
+        run_as_leader("relay", RELAY_LOCK_KEY, self.store.pool.conninfo, stop,
+                      lambda conn: self._lead(conn, stop), log, self.is_leader)
         log.info("relay.stopped", published=self.stats.published, position=self._published)
-
-    def _acquire(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
-        announced = False
-        while not stop.is_set():
-            if conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,)).fetchone()[0]:
-                return True
-            if not announced:
-                log.info("relay.standby", reason="another relay holds the leader lock")
-                announced = True
-            stop.wait(1.0)
-        return False
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -172,21 +143,7 @@ class Relay:
                 maxlen=self.settings.stream_maxlen,
                 approximate=True,
             )
-        results = pipe.execute(raise_on_error=False)
-        for res in results:
-            if isinstance(res, redis.ResponseError) and "equal or smaller" not in str(res):
-                raise res
+        raise_unless_duplicates(pipe.execute(raise_on_error=False))
         self._published = batch[-1].position or self._published
         self.stats.published += len(batch)
         self.stats.last_position = self._published
-
-
-def stream_last_id(r: redis.Redis, key: str) -> int | None:
-    """The stream's last generated ID as a position, or None when the stream does not exist."""
-    try:
-        info = r.xinfo_stream(key)
-    except redis.ResponseError:
-        return None
-    raw = info["last-generated-id"]
-    raw = raw.decode() if isinstance(raw, bytes) else raw
-    return int(raw.split("-")[0])

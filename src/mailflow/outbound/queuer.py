@@ -22,13 +22,13 @@ import psycopg
 import redis
 
 from ..config import Settings
-from ..errors import ServiceUnavailable
 from ..events.keys import Keys
-from ..events.relay import stream_last_id
+from ..events.streams import raise_unless_duplicates, stream_last_id
 from ..events.store import EventStore
 from ..log import get_logger
 from ..projectors import jobs as jobs_projection
-from ..services import connect, redis_client
+from ..leader import run_as_leader
+from ..services import redis_client
 from . import campaigns
 from . import queries as q
 from .events import JobQueued, JobRetryScheduled
@@ -60,37 +60,19 @@ class Queuer:
         self.is_leader = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                with connect(self.store.pool.conninfo) as lock_conn:
-                    if not self._acquire(lock_conn, stop):
-                        return
-                    self.is_leader.set()
-                    log.info("queuer.leader")
-                    r = redis_client(self.redis_url)
-                    try:
-                        while not stop.is_set():
-                            moved = self.tick(r)
-                            if moved < self.settings.queuer_batch_size:
-                                stop.wait(self.settings.queuer_interval_s)
-                    finally:
-                        r.close()
-                        self.is_leader.clear()
-            except (psycopg.OperationalError, ServiceUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("queuer.connection_lost", error=" ".join(str(exc).split()))
-                stop.wait(1.0)
+        run_as_leader("queuer", QUEUER_LOCK_KEY, self.store.pool.conninfo, stop,
+                      lambda _conn: self._lead(stop), log, self.is_leader)
         log.info("queuer.stopped", queued=self.stats.queued, reclaimed=self.stats.reclaimed)
 
-    def _acquire(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
-        announced = False
-        while not stop.is_set():
-            if conn.execute("SELECT pg_try_advisory_lock(%s)", (QUEUER_LOCK_KEY,)).fetchone()[0]:
-                return True
-            if not announced:
-                log.info("queuer.standby", reason="another queuer holds the leader lock")
-                announced = True
-            stop.wait(1.0)
-        return False
+    def _lead(self, stop: threading.Event) -> None:
+        r = redis_client(self.redis_url)
+        try:
+            while not stop.is_set():
+                moved = self.tick(r)
+                if moved < self.settings.queuer_batch_size:
+                    stop.wait(self.settings.queuer_interval_s)
+        finally:
+            r.close()
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -164,9 +146,7 @@ class Queuer:
         pipe = r.pipeline(transaction=False)
         for jid, seq in jobs:
             pipe.xadd(key, {"job_id": str(jid), "queue_seq": str(seq)}, id=f"{seq}-0")
-        for res in pipe.execute(raise_on_error=False):
-            if isinstance(res, redis.ResponseError) and "equal or smaller" not in str(res):
-                raise res
+        raise_unless_duplicates(pipe.execute(raise_on_error=False))
 
     def republish(self, r: redis.Redis) -> None:
         """Add queued jobs that Redis does not have (after a crash, a restart or a FLUSHALL)."""
