@@ -125,6 +125,10 @@ def consume(
     consumer_id: Optional[str] = typer.Option(None, help="Name within the consumer group (default host-pid)."),
 ) -> None:
     """Run a consumer: catch up from PostgreSQL, then follow the live stream. SIGTERM stops it."""
+    from .projectors.inline import INLINE
+
+    if name in INLINE:
+        raise UsageError(f"{name} is an inline projection, kept current by the commands themselves; nothing to consume")
     s = settings()
     log.configure(s.log_level, s.log_format, stream=sys.stdout)
     stop = stop_on_signals()
@@ -390,8 +394,14 @@ def projections_list(as_json: bool = JsonOpt) -> None:
     with rt.connect() as conn:
         cps = checkpoints(conn)
         dead = DeadLetters(conn, rt.store, rt.redis, rt.keys).open_counts()
+    from .projectors.inline import INLINE
+
     known = available_projections()
-    rows = []
+    rows = [
+        {"name": p.name, "description": p.description, "checkpoint": head, "head": head, "lag": 0,
+         "dead_letters": 0, "updated_at": None, "inline": True}
+        for p in INLINE.values()
+    ]
     for name in sorted(set(known) | set(cps)):
         cp, updated = cps.get(name, (0, None))
         rows.append({
@@ -402,6 +412,7 @@ def projections_list(as_json: bool = JsonOpt) -> None:
             "lag": head - cp,
             "dead_letters": int(dead.get(name, 0)),
             "updated_at": updated.isoformat() if isinstance(updated, datetime) else None,
+            "inline": False,
         })
     if as_json:
         emit_json(rows)
@@ -421,8 +432,13 @@ def projections_rebuild(
     as_json: bool = JsonOpt,
 ) -> None:
     """Undo and re-apply events from PostgreSQL, with a progress bar."""
+    from .projectors.inline import INLINE
+
     _quiet_logs()
     rt = runtime()
+    if name in INLINE:
+        _rebuild_inline(rt, name, from_position, as_json)
+        return
     runner = ConsumerRunner(get_projection(name), rt.store, rt.services.redis_url, rt.settings)
     stop_on_signals(runner.stop)
     started = datetime.now(timezone.utc)
@@ -470,6 +486,26 @@ def projections_rebuild(
         )
     if runner.stop.is_set():
         raise typer.Exit(130)
+
+
+def _rebuild_inline(rt: Runtime, name: str, from_position: int, as_json: bool) -> None:
+    from .projectors.inline import INLINE
+
+    if from_position > 1:
+        raise UsageError(f"{name} is an inline projection: it is rebuilt from scratch (drop --from)")
+    projection = INLINE[name]
+    started = datetime.now(timezone.utc)
+    if as_json:
+        applied = projection.rebuild(rt.store)
+    else:
+        with Progress(TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task("rebuild", total=None)
+            applied = projection.rebuild(rt.store, lambda pos, upto: bar.update(task, completed=pos, total=upto))
+    seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    if as_json:
+        emit_json({"projection": name, "from": 1, "applied": applied, "seconds": round(seconds, 3), "inline": True})
+    else:
+        out.print(f"rebuilt {name}: {applied} event(s) replayed into {', '.join(projection.tables)}, {seconds:.1f} s")
 
 
 # -- dlq ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from psycopg import sql
 from ..errors import MailflowError, NotFoundError
 from ..events.envelope import Metadata, uuid7
 from ..events.store import EventStore
-from ..projectors import catalog
+from ..projectors import catalog, inline
 from ..projectors import jobs as jobs_projection
 from . import queries as q
 from . import segments, templates
@@ -82,7 +82,7 @@ def _locked(conn: psycopg.Connection, campaign_id: str) -> Campaign:
 
 
 def _transition(store: EventStore, campaign_id: str, allowed: tuple[str, ...], event_for, verb: str) -> Campaign:
-    with store.pool.connection() as conn, conn.transaction():
+    with inline.writing(store) as conn:
         c = _locked(conn, campaign_id)
         if c.status not in allowed:
             raise CampaignError(f"campaign {c.name!r} is {c.status}; it cannot be {verb}")
@@ -99,7 +99,7 @@ def schedule(store: EventStore, campaign_id: str, at: datetime) -> None:
 def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
     """Snapshot the recipients and create their jobs; returns how many (0 if already started)."""
     metadata = Metadata(correlation_id=f"campaign-{campaign_id}")
-    with store.pool.connection() as conn, conn.transaction():
+    with inline.writing(store) as conn:
         c = _locked(conn, campaign_id)
         if c.status in ("running", "paused", "completed"):
             return 0  # started before: starting again changes nothing
@@ -145,7 +145,7 @@ def cancel(store: EventStore, campaign_id: str) -> None:
 
 def resend_failed(store: EventStore, campaign_id: str) -> int:
     """New jobs for recipients whose last job failed for a reason worth retrying."""
-    with store.pool.connection() as conn, conn.transaction():
+    with inline.writing(store) as conn:
         c = _locked(conn, campaign_id)
         if c.status not in ("running", "paused", "completed"):
             raise CampaignError(f"campaign {c.name!r} is {c.status}; only started campaigns can resend")
@@ -170,7 +170,7 @@ def resend_failed(store: EventStore, campaign_id: str) -> int:
 
 def complete_finished(store: EventStore) -> int:
     """Mark running campaigns whose every job has finished as completed (the queuer calls this)."""
-    with store.pool.connection() as conn, conn.transaction():
+    with inline.writing(store) as conn:
         rows = conn.execute(q.FINISHED_CAMPAIGNS).fetchall()
         if not rows:
             return 0

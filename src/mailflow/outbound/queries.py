@@ -1,16 +1,16 @@
 """Outbound room: every SQL statement of contacts, segments, templates and suppressions, by name."""
 
 UPSERT_CONTACTS = """
-INSERT INTO contacts AS c (email, attributes)
-SELECT * FROM unnest(%s::text[], %s::text[]::jsonb[])
+INSERT INTO contacts AS c (email, attributes, created_at, updated_at)
+SELECT u.email, u.attributes, %(at)s, %(at)s FROM unnest(%(emails)s::text[], %(attributes)s::text[]::jsonb[]) AS u(email, attributes)
 ON CONFLICT (email) DO UPDATE
-SET attributes = c.attributes || excluded.attributes, updated_at = now()
+SET attributes = c.attributes || excluded.attributes, updated_at = excluded.updated_at
 RETURNING (xmax = 0) AS inserted
 """
 
 COUNT_KNOWN_EMAILS = "SELECT count(*) FROM contacts WHERE email = ANY(%s)"
 
-SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = now() WHERE email = %s"
+SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE email = %s"
 
 LIST_CONTACTS = """
 SELECT email, status, attributes, created_at FROM contacts
@@ -101,14 +101,15 @@ FOR UPDATE OF j
 # -- campaigns ----------------------------------------------------------------------------------
 
 INSERT_CAMPAIGN = """
-INSERT INTO campaigns (id, name, sender, template, segment) VALUES (%s, %s, %s, %s, %s)
+INSERT INTO campaigns (id, name, sender, template, segment, created_at, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (id) DO NOTHING
 """
 SET_CAMPAIGN_STATUS = """
-UPDATE campaigns SET status = %(status)s, updated_at = now(),
+UPDATE campaigns SET status = %(status)s, updated_at = %(at)s,
     scheduled_at = coalesce(%(scheduled_at)s::timestamptz, scheduled_at),
-    started_at = CASE WHEN %(status)s = 'running' AND started_at IS NULL THEN now() ELSE started_at END,
-    finished_at = CASE WHEN %(status)s IN ('completed', 'cancelled') THEN now() ELSE NULL END,
+    started_at = CASE WHEN %(status)s = 'running' AND started_at IS NULL THEN %(at)s ELSE started_at END,
+    finished_at = CASE WHEN %(status)s IN ('completed', 'cancelled') THEN %(at)s ELSE NULL END,
     recipients = coalesce(%(recipients)s::int, recipients)
 WHERE id = %(id)s
 """

@@ -26,6 +26,7 @@ from ..events.keys import Keys
 from ..events.streams import raise_unless_duplicates, stream_last_id
 from ..events.store import EventStore
 from ..log import get_logger
+from ..projectors import inline
 from ..projectors import jobs as jobs_projection
 from ..leader import run_as_leader
 from ..services import redis_client
@@ -95,7 +96,7 @@ class Queuer:
     def reclaim_expired(self) -> int:
         """Jobs whose worker died mid-send: active -> retry, due now (another worker sends them)."""
         now = datetime.now(timezone.utc).isoformat()
-        with self.store.pool.connection() as conn, conn.transaction():
+        with inline.writing(self.store) as conn:
             rows = conn.execute(q.EXPIRED_LEASES, (self.settings.queuer_batch_size,)).fetchall()
             if not rows:
                 return 0
@@ -120,7 +121,7 @@ class Queuer:
             return 0
         limit = min(self.settings.queuer_batch_size, room)
         now = time.monotonic()
-        with self.store.pool.connection() as conn, conn.transaction():
+        with inline.writing(self.store) as conn:
             # Look past the head so one throttled domain does not block everyone behind it.
             rows = conn.execute(q.DUE_JOBS, {"priority": str(priority), "limit": limit * 4}).fetchall()
             granted = []

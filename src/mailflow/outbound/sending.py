@@ -16,7 +16,7 @@ from psycopg import errors as pg_errors
 from ..errors import NotFoundError, UsageError
 from ..events.envelope import Metadata, uuid7
 from ..events.store import EventStore
-from ..projectors import catalog
+from ..projectors import catalog, inline
 from ..projectors import jobs as jobs_projection
 from . import queries as q
 from . import templates
@@ -80,7 +80,7 @@ def send_transactional(
         sender=sender, template=template, variables=variables,
     )
     try:
-        with store.pool.connection() as conn, conn.transaction():
+        with inline.writing(store) as conn:
             create_jobs(store, conn, [created])
     except pg_errors.UniqueViolation:
         with store.pool.connection() as conn:

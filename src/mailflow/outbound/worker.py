@@ -27,7 +27,7 @@ from ..config import Settings
 from ..events.keys import Keys
 from ..events.store import EventStore
 from ..log import get_logger
-from ..projectors import catalog
+from ..projectors import catalog, inline
 from ..projectors import jobs as jobs_projection
 from . import mime, queries as q, templates
 from .events import ContactStatusChanged, JobCompleted, JobFailed, JobRetryScheduled, JobStarted, SuppressionAdded
@@ -252,7 +252,7 @@ class Worker:
             wanted[fields[b"job_id"].decode()] = (p, eid, int(fields[b"queue_seq"]))
         lease = (datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)).isoformat()
         claimed, stale, refused, events = [], [], [], []
-        with self.store.pool.connection() as conn, conn.transaction():
+        with inline.writing(self.store) as conn:
             rows = conn.execute(q.CLAIM_JOBS, (list(wanted),)).fetchall()
             found = {str(r[0]): r for r in rows}
             for job_id, (p, eid, seq) in wanted.items():
@@ -297,7 +297,7 @@ class Worker:
                     catalog_events.append((f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new()))
                     catalog_events.append((f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new()))
             job_events.append((f"job-{j.job_id}", ev.to_new()))
-        with self.store.pool.connection() as conn, conn.transaction():
+        with inline.writing(self.store) as conn:
             envs = self.store.append_many(job_events + catalog_events, conn=conn)
             jobs_projection.apply(conn, envs[: len(job_events)])
             if catalog_events:

@@ -1,13 +1,15 @@
 """Projectors room: the outbound catalogue - contacts, segments, templates, suppressions.
 
 An inline projection: commands apply it in the same transaction that appends the events,
-so the tables are never behind their events. Replaying the events through apply()
-rebuilds them (no CLI command does that yet; see docs/outbound.md).
+so the tables are never behind their events. `mailflow projections rebuild catalog`
+replays the events through apply() (see projectors/inline.py); timestamps come from the
+events, so a replay gives the same tables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
 import orjson
 import psycopg
@@ -15,37 +17,42 @@ from psycopg.types.json import Jsonb
 
 from ..events.envelope import Envelope
 from ..outbound import queries as q
+from .locks import writing
 
 
-def _contacts_imported(conn: psycopg.Connection, data: dict) -> None:
+def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     contacts = data["contacts"]
     conn.execute(
         q.UPSERT_CONTACTS,
-        ([c["email"] for c in contacts], [orjson.dumps(c.get("attributes") or {}).decode() for c in contacts]),
+        {
+            "emails": [c["email"] for c in contacts],
+            "attributes": [orjson.dumps(c.get("attributes") or {}).decode() for c in contacts],
+            "at": at,
+        },
     )
 
 
-def _status_changed(conn: psycopg.Connection, data: dict) -> None:
-    conn.execute(q.SET_CONTACT_STATUS, (data["status"], data["email"]))
+def _status_changed(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+    conn.execute(q.SET_CONTACT_STATUS, (data["status"], at, data["email"]))
 
 
-def _segment_defined(conn: psycopg.Connection, data: dict) -> None:
+def _segment_defined(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(q.UPSERT_SEGMENT, (data["name"], Jsonb(data["filter"])))
 
 
-def _template_saved(conn: psycopg.Connection, data: dict) -> None:
+def _template_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(q.UPSERT_TEMPLATE, (data["name"], data["subject"], data.get("html", ""), data.get("text", "")))
 
 
-def _suppression_added(conn: psycopg.Connection, data: dict) -> None:
+def _suppression_added(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(q.ADD_SUPPRESSION, (data["email"], data["reason"], data.get("detail", "")))
 
 
-def _suppression_removed(conn: psycopg.Connection, data: dict) -> None:
+def _suppression_removed(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(q.REMOVE_SUPPRESSION, (data["email"],))
 
 
-def _sender_saved(conn: psycopg.Connection, data: dict) -> None:
+def _sender_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(
         q.UPSERT_SENDER,
         (data["name"], data["from_email"], data.get("from_name", ""), data["relay_url"],
@@ -53,22 +60,25 @@ def _sender_saved(conn: psycopg.Connection, data: dict) -> None:
     )
 
 
-def _campaign_created(conn: psycopg.Connection, data: dict) -> None:
-    conn.execute(q.INSERT_CAMPAIGN, (data["campaign_id"], data["name"], data["sender"], data["template"], data["segment"]))
+def _campaign_created(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+    conn.execute(
+        q.INSERT_CAMPAIGN,
+        (data["campaign_id"], data["name"], data["sender"], data["template"], data["segment"], at, at),
+    )
 
 
-def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict], None]:
-    def apply(conn: psycopg.Connection, data: dict) -> None:
+def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict, datetime], None]:
+    def apply(conn: psycopg.Connection, data: dict, at: datetime) -> None:
         conn.execute(
             q.SET_CAMPAIGN_STATUS,
             {"id": data["campaign_id"], "status": status, "scheduled_at": data.get("at"),
-             "recipients": data.get("recipients")},
+             "recipients": data.get("recipients"), "at": at},
         )
 
     return apply
 
 
-HANDLERS: dict[str, Callable[[psycopg.Connection, dict], None]] = {
+HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime], None]] = {
     "ContactsImported": _contacts_imported,
     "ContactStatusChanged": _status_changed,
     "SegmentDefined": _segment_defined,
@@ -91,12 +101,12 @@ def apply(conn: psycopg.Connection, events: list[Envelope]) -> None:
     for env in events:
         handler = HANDLERS.get(env.type)
         if handler is not None:
-            handler(conn, env.data)
+            handler(conn, env.data, env.recorded_at)
 
 
 def record(store, items: list[tuple[str, object]]) -> list[Envelope]:
     """Append (stream, NewEvent) pairs and apply them to the catalogue in one transaction."""
-    with store.pool.connection() as conn, conn.transaction():
+    with writing(store) as conn:
         envs = store.append_many(items, conn=conn)
         apply(conn, envs)
     store.notify()
