@@ -169,7 +169,7 @@ def env(settings: Settings) -> dict[str, str]:
 
 
 def mailflow_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mailflow.cli", *args]
+    return [sys.executable, "-m", "mailflow", *args]
 
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -922,4 +922,8 @@ def _close() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as a script, this module is a second copy of mailflow.cli; the commands are
+    # registered on the real one (cli_outbound imports it), so run that.
+    from mailflow.cli import main as real_main
+
+    real_main()

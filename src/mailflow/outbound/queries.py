@@ -195,3 +195,17 @@ SELECT count(*) FROM jobs
 WHERE state IN ('completed', 'failed') AND (campaign_id = %s OR email LIKE %s)
 """
 DEMO_TRANSACTIONAL_STATES = "SELECT state, count(*) FROM jobs WHERE email LIKE %s GROUP BY state"
+
+# Leases of jobs a live worker is still sending are extended (not a state change, so no event).
+RENEW_LEASES = """
+UPDATE jobs SET lease_until = %s
+WHERE id = ANY(%s) AND state = 'active' AND worker = %s
+"""
+
+# Results are recorded only for jobs still active under this worker and attempt; a job whose
+# lease expired was handed to someone else, and its state must not be overwritten.
+STILL_MINE = """
+SELECT id, attempts FROM jobs
+WHERE id = ANY(%s) AND state = 'active' AND worker = %s
+FOR UPDATE
+"""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 from pathlib import Path
 
@@ -53,13 +54,20 @@ def load_secret(home: Path, configured: str | None = None) -> bytes:
     if configured:
         return configured.encode()
     path = home.expanduser() / "secret.key"
-    if path.exists():
-        return path.read_text().strip().encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    path.write_text(key + "\n")
-    path.chmod(0o600)
-    return key.encode()
+    if not path.exists():
+        # Two processes starting at once must end up with the same key: write a private
+        # temporary file, then link it into place only if no key exists yet.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".secret.key.{os.getpid()}")
+        tmp.write_text(secrets.token_urlsafe(32) + "\n")
+        tmp.chmod(0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip().encode()
 
 
 def verp_address(secret: bytes, job_id: str, domain: str, local: str = "bounces") -> str:

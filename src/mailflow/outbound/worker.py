@@ -134,6 +134,7 @@ class Worker:
         self.templates: dict[str, tuple[float, templates.Template]] = {}
         self.results: list[Result] = []
         self.in_flight: set[asyncio.Task] = set()
+        self.sending: set[str] = set()  # job ids started here and not yet recorded
         self.sent = 0
         self._reads = 0
         self.log = log.bind(worker=self.name)
@@ -240,6 +241,7 @@ class Worker:
         for res in refused:
             self.results.append(res)
         for job in claimed:
+            self.sending.add(job.job_id)
             task = asyncio.create_task(self._send(job))
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
@@ -278,8 +280,9 @@ class Worker:
 
     def _finish(self, results: list[Result]) -> None:
         now = datetime.now(timezone.utc)
-        job_events, catalog_events = [], []
-        for res in results:
+        job_events: list = []
+        catalog_events_by_result: dict[int, list] = {}
+        for i, res in enumerate(results):
             j, v = res.job, res.verdict
             if v.outcome is Outcome.DELIVERED:
                 ev = JobCompleted(job_id=j.job_id, attempt=j.attempt, code=res.code or 250, reply=res.reply)
@@ -294,14 +297,26 @@ class Worker:
                 kind = res.kind or v.kind.value or "permanent"
                 ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind=kind)
                 if v.suppress:
-                    catalog_events.append((f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new()))
-                    catalog_events.append((f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new()))
+                    catalog_events_by_result[i] = [
+                        (f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new()),
+                        (f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new()),
+                    ]
             job_events.append((f"job-{j.job_id}", ev.to_new()))
         with inline.writing(self.store) as conn:
-            envs = self.store.append_many(job_events + catalog_events, conn=conn)
-            jobs_projection.apply(conn, envs[: len(job_events)])
-            if catalog_events:
-                catalog.apply(conn, envs[len(job_events):])
+            ids = [res.job.job_id for res in results]
+            mine = {str(j): attempts for j, attempts in conn.execute(q.STILL_MINE, (ids, self.name)).fetchall()}
+            keep = [i for i, res in enumerate(results) if mine.get(res.job.job_id) == res.job.attempt]
+            if len(keep) < len(results):
+                lost = [res.job.job_id for i, res in enumerate(results) if i not in set(keep)]
+                self.log.warning("worker.lease_lost", jobs=lost,
+                                 detail="these jobs were handed to another worker while this one was sending")
+            job_events = [job_events[i] for i in keep]
+            catalog_events = [ce for i in keep for ce in catalog_events_by_result.get(i, [])]
+            if job_events:
+                envs = self.store.append_many(job_events + catalog_events, conn=conn)
+                jobs_projection.apply(conn, envs[: len(job_events)])
+                if catalog_events:
+                    catalog.apply(conn, envs[len(job_events):])
         self.store.notify()
 
     # -- sending ------------------------------------------------------------------------------
@@ -364,15 +379,30 @@ class Worker:
     # -- finishing ----------------------------------------------------------------------------
 
     async def _flush_loop(self, r: aredis.Redis, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+        renew_every = max(self.settings.job_lease_s / 3, 0.05)
+        renewed = time.monotonic()
+        while not stop.is_set() or self.in_flight:
             await asyncio.sleep(0.02)
             await self._flush(r)
+            if time.monotonic() - renewed > renew_every:
+                await asyncio.to_thread(self._renew_leases)
+                renewed = time.monotonic()
+
+    def _renew_leases(self) -> None:
+        """Keep the lease of every job this worker is still sending (a slow relay is not a dead worker)."""
+        ids = list(self.sending)
+        if not ids:
+            return
+        until = datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)
+        with self.store.pool.connection() as conn:
+            conn.execute(q.RENEW_LEASES, (until, ids, self.name))
 
     async def _flush(self, r: aredis.Redis) -> None:
         if not self.results:
             return
         batch, self.results = self.results, []
         await asyncio.to_thread(self._finish, batch)
+        self.sending.difference_update(res.job.job_id for res in batch)
         by_priority: dict[Priority, list[bytes]] = {}
         for res in batch:
             by_priority.setdefault(res.job.priority, []).append(res.job.entry_id)

@@ -1,0 +1,5 @@
+"""`python -m mailflow` runs the CLI."""
+
+from mailflow.cli import main
+
+main()
