@@ -98,3 +98,14 @@ def test_sender_validation():
         check_sender(sender(from_email="nope"))
     with pytest.raises(UsageError, match="both a selector and a private key"):
         check_sender(sender(dkim_selector="s1"))
+
+
+def test_non_ascii_headers_and_bodies_survive_the_round_trip_in_7bit_safe_form():
+    r = Rendered("Grüße, Zoë – 10 % off", "<p>Hallo Zoë, schöne Grüße</p>", "Hallo Zoë " + "x" * 200)
+    out = mime.build(job_id="j", sender=sender(from_name="Nëws"), to="z@example.net", rendered=r, secret=SECRET)
+    assert out.data.isascii()  # 7-bit clean: any relay can carry it
+    assert max(len(line) for line in out.data.split(b"\r\n")) <= 78
+    msg = email.message_from_bytes(out.data, policy=default)
+    assert msg["Subject"] == "Grüße, Zoë – 10 % off" and msg["From"] == "Nëws <news@example.org>"
+    assert msg.get_body(("html",)).get_content() == "<p>Hallo Zoë, schöne Grüße</p>"
+    assert msg.get_body(("plain",)).get_content().startswith("Hallo Zoë xxx")

@@ -183,7 +183,7 @@ def test_a_campaign_sends_once_to_its_snapshot_and_completes(rt, settings, db_ur
     assert st["retries"] >= 1
     msg = next(m for m in sink.received if m["To"] == "user1@example.net")
     assert msg["List-Unsubscribe-Post"] is None or msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
-    assert msg["List-Unsubscribe"].startswith("<mailto:unsubscribe+")
+    assert msg["List-Unsubscribe"].strip().startswith("<mailto:unsubscribe+")
 
 
 def test_transactional_mail_overtakes_a_running_campaign(rt, settings, db_url):

@@ -123,6 +123,11 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
         )
         catalog.apply(conn, envs)
     store.notify()
+    if len(emails) >= 10_000:
+        # A big snapshot changes the jobs table's shape at once; without fresh statistics the
+        # planner picks poor plans for the queuer and workers until autovacuum catches up.
+        with store.pool.connection() as conn:
+            conn.execute("ANALYZE jobs")
     return len(emails)
 
 

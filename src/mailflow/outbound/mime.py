@@ -1,6 +1,6 @@
 """Outbound room: turn a rendered template into the bytes sent over SMTP.
 
-Built with the standard library's email package: multipart/alternative (text, then HTML),
+Built with the standard library's email package (its compat32 MIME classes, for speed): multipart/alternative (text, then HTML),
 a Message-ID derived from the job id (stable across retries, so replies and bounces can be
 matched to the job), a VERP return path, RFC 8058 one-click List-Unsubscribe headers on
 campaign mail, and a DKIM signature when the sender has a key.
@@ -11,11 +11,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime
+from email.charset import QP, Charset
+from email.generator import BytesGenerator
+from email.header import Header
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.policy import compat32
+from email.utils import format_datetime, formataddr
 from html import unescape
+from io import BytesIO
 
 import dkim
 
@@ -23,6 +28,7 @@ from . import tokens
 from .senders import Sender
 from .templates import Rendered
 
+SMTP_COMPAT = compat32.clone(linesep="\r\n")
 SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
                   b"list-unsubscribe", b"list-unsubscribe-post"]
 
@@ -51,6 +57,21 @@ def unsubscribe_token(secret: bytes, email: str, campaign_id: str) -> str:
     return tokens.sign(secret, f"{campaign_id}:{email}")
 
 
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.header_encoding = QP
+_UTF8_QP.body_encoding = QP
+
+
+def _text_part(body: str, subtype: str) -> MIMENonMultipart:
+    part = MIMENonMultipart("text", subtype)
+    part.set_payload(body, _UTF8_QP)  # sets charset and Content-Transfer-Encoding
+    return part
+
+
+def _header(value: str) -> str | Header:
+    return value if value.isascii() else Header(value, "utf-8")
+
+
 def build(
     *,
     job_id: str,
@@ -62,11 +83,18 @@ def build(
     unsubscribe_base_url: str | None = None,
     now: datetime | None = None,
 ) -> Outgoing:
-    msg = EmailMessage(policy=SMTP)
-    local, _, domain = sender.from_email.rpartition("@")
-    msg["From"] = Address(sender.from_name or "", local, domain)
+    # The compat32 email.mime classes: the same RFC 5322/2045 output as EmailMessage with
+    # the SMTP policy, at a fraction of the cost (this runs once per recipient).
+    text = rendered.text or _text_from_html(rendered.html)
+    if rendered.html:
+        msg: MIMEBase = MIMEMultipart("alternative")
+        msg.attach(_text_part(text, "plain"))
+        msg.attach(_text_part(rendered.html, "html"))
+    else:
+        msg = _text_part(text, "plain")
+    msg["From"] = formataddr((sender.from_name or "", sender.from_email), "utf-8")
     msg["To"] = to
-    msg["Subject"] = rendered.subject
+    msg["Subject"] = _header(rendered.subject)
     msg["Date"] = format_datetime(now or datetime.now(timezone.utc))
     mid = message_id(job_id, sender.domain)
     msg["Message-ID"] = mid
@@ -78,11 +106,9 @@ def build(
             msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         msg["List-Unsubscribe"] = ", ".join(targets)
         msg["X-Mailflow-Campaign"] = campaign_id
-    text = rendered.text or _text_from_html(rendered.html)
-    msg.set_content(text)
-    if rendered.html:
-        msg.add_alternative(rendered.html, subtype="html")
-    data = msg.as_bytes()
+    buf = BytesIO()
+    BytesGenerator(buf, mangle_from_=False, policy=SMTP_COMPAT).flatten(msg)
+    data = buf.getvalue()
     if sender.dkim_selector and sender.dkim_key_pem:
         signature = dkim.sign(
             data,

@@ -74,7 +74,12 @@ WHERE j.state IN ('pending', 'retry') AND j.priority = %(priority)s AND j.due_at
        OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = j.campaign_id AND c.status = 'running'))
 ORDER BY j.due_at
 LIMIT %(limit)s
-FOR UPDATE OF j SKIP LOCKED
+"""
+
+# Lock only the jobs the rate limits granted, by primary key; skip any that changed.
+LOCK_GRANTED = """
+SELECT id FROM jobs WHERE id = ANY(%s::uuid[]) AND state IN ('pending', 'retry')
+FOR UPDATE SKIP LOCKED
 """
 
 NEXT_QUEUE_SEQS = "SELECT nextval('job_queue_seq') FROM generate_series(1, %s)"
@@ -89,14 +94,16 @@ ORDER BY queue_seq
 
 # Lock the jobs a worker was handed; only those still queued under that very entry start.
 CLAIM_JOBS = """
-SELECT j.id, j.queue_seq, j.attempts, j.email, j.sender, j.template, j.variables, j.campaign_id,
+SELECT j.id, j.state, j.queue_seq, j.attempts, j.email, j.sender, j.template, j.variables, j.campaign_id,
        s.reason AS suppressed, c.status AS contact_status, c.attributes
 FROM jobs j
 LEFT JOIN suppressions s ON s.email = j.email
 LEFT JOIN contacts c ON c.email = j.email
-WHERE j.id = ANY(%s) AND j.state = 'queued'
+WHERE j.id = ANY(%s::uuid[])
 FOR UPDATE OF j
 """
+# (By primary key only: a state condition here lets the planner walk a partial index of
+# every queued job instead. The caller checks the state.)
 
 # -- campaigns ----------------------------------------------------------------------------------
 
@@ -205,7 +212,7 @@ WHERE id = ANY(%s) AND state = 'active' AND worker = %s
 # Results are recorded only for jobs still active under this worker and attempt; a job whose
 # lease expired was handed to someone else, and its state must not be overwritten.
 STILL_MINE = """
-SELECT id, attempts FROM jobs
-WHERE id = ANY(%s) AND state = 'active' AND worker = %s
+SELECT id, state, worker, attempts FROM jobs
+WHERE id = ANY(%s::uuid[])
 FOR UPDATE
 """

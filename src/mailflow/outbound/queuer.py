@@ -132,6 +132,9 @@ class Queuer:
                     granted.append(jid)
                 else:
                     self.stats.throttled += 1
+            if granted:
+                locked = {j for (j,) in conn.execute(q.LOCK_GRANTED, (granted,)).fetchall()}
+                granted = [j for j in granted if j in locked]
             if not granted:
                 return 0
             seqs = [s for (s,) in conn.execute(q.NEXT_QUEUE_SEQS, (len(granted),)).fetchall()]

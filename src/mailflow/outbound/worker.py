@@ -259,10 +259,10 @@ class Worker:
             found = {str(r[0]): r for r in rows}
             for job_id, (p, eid, seq) in wanted.items():
                 row = found.get(job_id)
-                if row is None or row[1] != seq:
+                if row is None or row[1] != "queued" or row[2] != seq:
                     stale.append((p, eid))  # already handled, or queued again under a newer entry
                     continue
-                (_, _, attempts, email, sender, template, variables, campaign_id, suppressed, status, attrs) = row
+                (_, _, _, attempts, email, sender, template, variables, campaign_id, suppressed, status, attrs) = row
                 job = Claimed(p, eid, job_id, attempts + 1, email, sender, template, variables or {},
                               str(campaign_id) if campaign_id else None, attrs or {})
                 events.append(JobStarted(job_id=job_id, attempt=job.attempt, worker=self.name, lease_until=lease).to_new())
@@ -304,7 +304,11 @@ class Worker:
             job_events.append((f"job-{j.job_id}", ev.to_new()))
         with inline.writing(self.store) as conn:
             ids = [res.job.job_id for res in results]
-            mine = {str(j): attempts for j, attempts in conn.execute(q.STILL_MINE, (ids, self.name)).fetchall()}
+            mine = {
+                str(j): attempts
+                for j, state, worker, attempts in conn.execute(q.STILL_MINE, (ids,)).fetchall()
+                if state == "active" and worker == self.name
+            }
             keep = [i for i, res in enumerate(results) if mine.get(res.job.job_id) == res.job.attempt]
             if len(keep) < len(results):
                 lost = [res.job.job_id for i, res in enumerate(results) if i not in set(keep)]
@@ -321,6 +325,12 @@ class Worker:
 
     # -- sending ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _fresh(cache: dict, name: str) -> Any:
+        """A cache hit that needs no database (checked on the event loop, without a thread hop)."""
+        hit = cache.get(name)
+        return hit[1] if hit is not None and time.monotonic() - hit[0] <= 30 else None
+
     def _cached(self, cache: dict, name: str, load) -> Any:
         hit = cache.get(name)
         if hit is None or time.monotonic() - hit[0] > 30:
@@ -331,8 +341,12 @@ class Worker:
     async def _send(self, job: Claimed) -> None:
         code: int | None = None
         try:
-            sender = await asyncio.to_thread(self._cached, self.senders, job.sender, load_sender)
-            tpl = await asyncio.to_thread(self._cached, self.templates, job.template, templates.load)
+            sender = self._fresh(self.senders, job.sender) or await asyncio.to_thread(
+                self._cached, self.senders, job.sender, load_sender
+            )
+            tpl = self._fresh(self.templates, job.template) or await asyncio.to_thread(
+                self._cached, self.templates, job.template, templates.load
+            )
             rendered = templates.render(tpl, {**job.attributes, "email": job.email, **job.variables})
             out = mime.build(
                 job_id=job.job_id, sender=sender, to=job.email, rendered=rendered, secret=self.secret,
