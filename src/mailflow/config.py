@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: stop filling a deeper stream
     rate_limits: dict[str, float] = Field(default_factory=dict)  # {"*": 50, "gmail.com": 20} messages/s
     job_lease_s: float = Field(default=120.0, gt=0)
-    worker_concurrency: int = Field(default=20, ge=1)
-    worker_connections_per_relay: int = Field(default=4, ge=1)
+    worker_concurrency: int = Field(default=64, ge=1)
+    worker_connections_per_relay: int = Field(default=8, ge=1)
     retry_base_s: float = Field(default=300.0, gt=0)
     retry_factor: float = Field(default=1.3, ge=1)
     retry_max_attempts: int = Field(default=18, ge=1)
