@@ -44,8 +44,6 @@ rebuild_events_per_s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import multiprocessing as mp
 import multiprocessing.context
 import multiprocessing.synchronize
@@ -59,16 +57,12 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from queue import Empty
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from mailflow import log as mailflow_log
 from mailflow.config import Settings, load_settings, mask_url
@@ -79,6 +73,8 @@ from mailflow.events.store import NO_STREAM, EventStore
 from mailflow.migrate import migrate
 from mailflow.projectors.event_counts import EventCounts
 from mailflow.services import connect, open_pool, redis_client, resolve
+
+from _common import collect, met, percentile, phase, rnd, say, scalar, server_versions, with_dbname  # noqa: E402
 
 EVENT_TYPES = ("JobQueued", "JobActivated", "MessageDelivered", "MessageOpened", "ReplyReceived")
 DATA_BYTES = 100
@@ -137,10 +133,6 @@ class Params:
 # -- small helpers -------------------------------------------------------------------------
 
 
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 def payload(n: int, size: int = DATA_BYTES) -> dict[str, Any]:
     """Event data whose compact JSON is `size` bytes (for n below 10**9)."""
     base = {"campaign_id": f"c-{n % 997:05d}", "contact": f"k-{n:09d}", "pad": ""}
@@ -153,65 +145,6 @@ def new_events(count: int, start: int, size: int = DATA_BYTES) -> list[NewEvent]
     return [
         NewEvent(EVENT_TYPES[(start + i) % len(EVENT_TYPES)], payload(start + i, size)) for i in range(count)
     ]
-
-
-def percentile(sorted_values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return None
-    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
-
-
-def scalar(conn: psycopg.Connection[Any], sql: str) -> Any:
-    """The first column of the one row `sql` returns."""
-    row = conn.execute(sql).fetchone()
-    if row is None:
-        raise RuntimeError(f"no row from {sql!r}")
-    return row[0]
-
-
-def rnd(x: float | None, digits: int = 1) -> float | None:
-    return None if x is None else round(x, digits)
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    """The same server and credentials, another database."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return urlunsplit(urlsplit(url)._replace(path="/" + dbname))
-    return make_conninfo(url, dbname=dbname)
-
-
-@contextlib.contextmanager
-def phase(elapsed: dict[str, float], name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    say(f"{name} ...")
-    try:
-        yield
-    finally:
-        elapsed[name] = round(time.perf_counter() - t0, 2)
-        say(f"{name} done in {elapsed[name]:.1f} s")
-
-
-def _collect(queue: Any, count: int, procs: list[Any], timeout: float, what: str) -> list[Any]:
-    """Get `count` results from child processes; a child's exception is re-raised here."""
-    results: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while len(results) < count:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"{what}: only {len(results)} of {count} results within {timeout:.0f} s")
-        try:
-            item = queue.get(timeout=min(left, 1.0))
-        except Empty:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"{what}: a child process exited with code {dead[0].exitcode}") from None
-            continue
-        if isinstance(item, tuple) and item and item[0] == "error":
-            raise RuntimeError(f"{what}: child failed:\n{item[1]}")
-        results.append(item)
-    return results
 
 
 def _stop_children(procs: list[Any], grace_s: float = 5.0) -> None:
@@ -404,11 +337,11 @@ def bench_concurrent(ctx: Ctx, db_url: str, p: Params) -> dict[str, Any]:
     try:
         for proc in procs:
             proc.start()
-        _collect(results, len(procs), procs, 120, "concurrent writers (start)")
+        collect(results, len(procs), procs, 120, "concurrent writers (start)")
         start_at.value = time.monotonic() + 0.2
         go.set()
         t0 = start_at.value
-        done = _collect(results, len(procs), procs, p.concurrent_seconds + 120, "concurrent writers")
+        done = collect(results, len(procs), procs, p.concurrent_seconds + 120, "concurrent writers")
     finally:
         _stop_children(procs)
     appends = sum(d["appends"] for d in done)
@@ -619,11 +552,11 @@ def _measure_relay(
         procs.append(reader)
         for proc in procs:
             proc.start()
-        _collect(results, len(procs), procs, 120, "relay writers/reader (start)")
+        collect(results, len(procs), procs, 120, "relay writers/reader (start)")
         start_at.value = time.monotonic() + 0.2
         go.set()
         measure_from = start_at.value + p.relay_warmup_s
-        done = _collect(
+        done = collect(
             results, len(writers), procs, p.relay_warmup_s + p.relay_seconds + 120, "relay writers"
         )
         commits = {eid: t for d in done for eid, t in d["commits"]}
@@ -633,7 +566,7 @@ def _measure_relay(
         while seen.value < expected and time.monotonic() < grace:
             time.sleep(0.05)
         stop.set()
-        arrivals = _collect(results, 1, procs, 30, "relay reader")[0]["arrivals"]
+        arrivals = collect(results, 1, procs, 30, "relay reader")[0]["arrivals"]
         if relay.poll() is not None:
             raise RuntimeError(f"the relay exited early; its log:\n{log_path.read_text()[-3000:]}")
     finally:
@@ -721,17 +654,6 @@ def analyze(db_url: str, *, vacuum: bool = False) -> None:
         conn.execute("VACUUM (ANALYZE)" if vacuum else "ANALYZE")
 
 
-def server_versions(db_url: str, redis_url: str) -> tuple[str, str]:
-    with connect(db_url) as conn:
-        pg = str(scalar(conn, "SHOW server_version"))
-    r = redis_client(redis_url)
-    try:
-        rv = str(r.info("server")["redis_version"])
-    finally:
-        r.close()
-    return pg, rv
-
-
 def run(p: Params, keep: bool) -> dict[str, Any]:
     t_total = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -800,7 +722,7 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
             workdir.rmdir()
     elapsed["total"] = round(time.perf_counter() - t_total, 2)
     out["goals"] = {
-        name: {"goal": f"{op} {target:g}", "met": _met(out.get(name), op, target)}
+        name: {"goal": f"{op} {target:g}", "met": met(out.get(name), op, target)}
         for name, (op, target) in GOALS.items()
         if name in out
     }
@@ -829,12 +751,6 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
     }
     out["elapsed_s"] = elapsed
     return out
-
-
-def _met(value: Any, op: str, target: float) -> bool | None:
-    if value is None:
-        return None
-    return bool(value >= target) if op == ">=" else bool(value < target)
 
 
 def print_table(res: dict[str, Any]) -> None:

@@ -73,7 +73,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import multiprocessing as mp
 import multiprocessing.context
 import multiprocessing.synchronize
@@ -91,16 +90,12 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-import psycopg
-from psycopg.conninfo import make_conninfo
 
 from mailflow import log as mailflow_log
 from mailflow.config import load_settings, mask_url
@@ -113,6 +108,8 @@ from mailflow.outbound.contacts import import_contacts
 from mailflow.outbound.events import ImportedContact
 from mailflow.outbound.senders import Sender
 from mailflow.services import connect, open_pool, redis_client, resolve
+
+from _common import collect, met, percentile, phase, rnd, say, scalar, server_versions, with_dbname  # noqa: E402
 
 GOALS: dict[str, tuple[str, float]] = {
     "campaign_messages_per_s": (">=", 1000),
@@ -198,35 +195,6 @@ def params_from_env(p: Params) -> Params:
 # -- small helpers -------------------------------------------------------------------------
 
 
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return None
-    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
-
-
-def rnd(x: float | None, digits: int = 1) -> float | None:
-    return None if x is None else round(x, digits)
-
-
-def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
-    row = conn.execute(sql, params).fetchone()
-    if row is None:
-        raise RuntimeError(f"no row from {sql!r}")
-    return row[0]
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    if url.startswith(("postgresql://", "postgres://")):
-        return urlunsplit(urlsplit(url)._replace(path="/" + dbname))
-    return make_conninfo(url, dbname=dbname)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,27 +213,6 @@ def wait_port(host: str, port: int, timeout: float, proc: Any = None) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listens on {host}:{port} after {timeout:.0f} s") from None
             time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def phase(elapsed: dict[str, float], name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    say(f"{name} ...")
-    try:
-        yield
-    finally:
-        elapsed[name] = round(time.perf_counter() - t0, 2)
-        say(f"{name} done in {elapsed[name]:.1f} s")
-
-
-def _met(value: Any, op: str, target: float) -> bool | None:
-    if value is None:
-        return None
-    if op == ">=":
-        return bool(value >= target)
-    if op == "<":
-        return bool(value < target)
-    return bool(value == target)
 
 
 # -- CPU accounting from /proc -------------------------------------------------------------
@@ -557,26 +504,6 @@ def _bare_sender(
         results.put(("error", traceback.format_exc()))
 
 
-def _collect(queue: Any, count: int, procs: list[Any], timeout: float, what: str) -> list[Any]:
-    out: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < count:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"{what}: only {len(out)} of {count} results within {timeout:.0f} s")
-        try:
-            item = queue.get(timeout=min(left, 1.0))
-        except Empty:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"{what}: a child process exited with code {dead[0].exitcode}") from None
-            continue
-        if isinstance(item, tuple) and item and item[0] == "error":
-            raise RuntimeError(f"{what}: child failed:\n{item[1]}")
-        out.append(item)
-    return out
-
-
 def bench_bare(ctx: Ctx, sink: Any, p: Params, secret: bytes) -> dict[str, Any]:
     placeholder = b"B" * BARE_ID_WIDTH
     sender = Sender(SENDER, FROM_EMAIL, "Bench", f"smtp://127.0.0.1:{sink.port}?tls=none")
@@ -602,9 +529,9 @@ def bench_bare(ctx: Ctx, sink: Any, p: Params, secret: bytes) -> dict[str, Any]:
     try:
         for proc in procs:
             proc.start()
-        _collect(results, len(procs), procs, 60, "bare senders (start)")
+        collect(results, len(procs), procs, 60, "bare senders (start)")
         go.set()
-        done = _collect(results, len(procs), procs, 1800, "bare senders")
+        done = collect(results, len(procs), procs, 1800, "bare senders")
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -1235,17 +1162,6 @@ def source_state() -> dict[str, Any]:
     return {"commit": commit or None, "uncommitted": sorted(line[3:] for line in dirty if line.strip())}
 
 
-def server_versions(db_url: str, redis_url: str) -> tuple[str, str]:
-    with connect(db_url) as conn:
-        pg = str(scalar(conn, "SHOW server_version"))
-    r = redis_client(redis_url)
-    try:
-        rv = str(r.info("server")["redis_version"])
-    finally:
-        r.close()
-    return pg, rv
-
-
 def run(p: Params, keep: bool) -> dict[str, Any]:
     t_total = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -1294,7 +1210,7 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
                 shutil.rmtree(workdir, ignore_errors=True)
     elapsed["total"] = round(time.perf_counter() - t_total, 2)
     out["goals"] = {
-        name: {"goal": f"{op} {target:g}", "met": _met(out.get(name), op, target)}
+        name: {"goal": f"{op} {target:g}", "met": met(out.get(name), op, target)}
         for name, (op, target) in GOALS.items()
     }
     out["params"] = asdict(p)
