@@ -17,7 +17,7 @@ from email.header import Header
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
-from email.policy import compat32
+from email.policy import Compat32
 from email.utils import format_datetime, formataddr
 from html import unescape
 from io import BytesIO
@@ -28,7 +28,30 @@ from . import tokens
 from .senders import Sender
 from .templates import Rendered
 
-SMTP_COMPAT = compat32.clone(linesep="\r\n")
+
+
+class _SmtpCompat32(Compat32):
+    """compat32 with CRLF, and a short plain ASCII header written as is.
+
+    Compat32 folds every header through email.header.Header, which is most of the cost of
+    a message; a value that is ASCII, has no line break and fits in one line folds to
+    itself, so it skips that work. Anything else is folded by Compat32 as before.
+    """
+
+    def fold_binary(self, name: str, value) -> bytes:
+        if (
+            type(value) is str
+            and value.isascii()
+            and len(name) + len(value) + 2 <= (self.max_line_length or 998)
+            and "\n" not in value
+            and "\r" not in value
+            and value == value.strip()
+        ):
+            return f"{name}: {value}{self.linesep}".encode("ascii")
+        return super().fold_binary(name, value)
+
+
+SMTP_COMPAT = _SmtpCompat32(linesep="\r\n")
 SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
                   b"list-unsubscribe", b"list-unsubscribe-post"]
 
@@ -87,7 +110,9 @@ def build(
     # the SMTP policy, at a fraction of the cost (this runs once per recipient).
     text = rendered.text or _text_from_html(rendered.html)
     if rendered.html:
-        msg: MIMEBase = MIMEMultipart("alternative")
+        # A boundary of our own: the generator would otherwise compile a new regular
+        # expression per message to check a random one against the body.
+        msg: MIMEBase = MIMEMultipart("alternative", boundary=_boundary(job_id, text, rendered.html))
         msg.attach(_text_part(text, "plain"))
         msg.attach(_text_part(rendered.html, "html"))
     else:
@@ -124,6 +149,13 @@ def build(
         data=data,
         message_id=mid,
     )
+
+
+def _boundary(job_id: str, *bodies: str) -> str:
+    boundary = f"=_mailflow_{job_id}"
+    while any(boundary in body for body in bodies):  # only a body quoting it can collide
+        boundary += "_"
+    return boundary
 
 
 def _text_from_html(html: str) -> str:
