@@ -76,7 +76,7 @@ def test_dkim_signature_verifies_against_the_public_key():
     "url,expected",
     [
         ("smtp://relay.example.org", ("relay.example.org", 587, "starttls", None)),
-        ("smtp://u%40x:p%2Fw@relay.example.org:25", ("relay.example.org", 25, "none", "u@x")),
+        ("smtp://u%40x:p%2Fw@relay.example.org:25", ("relay.example.org", 25, "opportunistic", "u@x")),
         ("smtp://relay.example.org:25?tls=starttls", ("relay.example.org", 25, "starttls", None)),
         ("smtps://relay.example.org", ("relay.example.org", 465, "tls", None)),
     ],

@@ -1,4 +1,4 @@
-"""The `mailflow` command, outbound part: senders, send, campaigns, jobs, queues, queuer, worker, up.
+"""The `mailflow` command, outbound part: senders, send, campaigns, jobs, queues, queuer, worker, up, web.
 
 Registered on the app in cli.py; same conventions: human output, --json, one-line errors.
 """
@@ -24,7 +24,7 @@ from .lifecycle import stop_on_signals
 from .outbound import campaigns, sending
 from .outbound import queries as oq
 from .outbound.queuer import Queuer, queue_stats
-from .outbound.senders import Sender
+from .outbound.senders import Sender, smtp_client
 from .outbound.tokens import load_secret
 from .outbound.worker import Worker
 
@@ -64,7 +64,7 @@ def senders_add(
     if as_json:
         emit_json({"name": s.name, "from": s.from_email, "dkim": key is not None})
     else:
-        out.print(f"sender {s.name} saved ({s.from_email} via {s.relay.host}:{s.relay.port}, tls {s.relay.tls})")
+        out.print(f"sender {s.name} saved ({s.from_email} via {s.relay.describe()}, tls {s.relay.tls})")
 
 
 @senders_app.command("list")
@@ -86,19 +86,31 @@ def senders_list(as_json: bool = JsonOpt) -> None:
 
 
 @senders_app.command("test")
-def senders_test(name: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
-    """Connect to the sender's relay and EHLO (and log in when it has credentials)."""
+def senders_test(
+    name: str = typer.Argument(...),
+    domain: str = typer.Option(None, "--domain", help="Direct delivery: the recipient domain whose MX to try"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Connect to the sender's relay (or, for direct delivery, a domain's MX host) and EHLO."""
     import aiosmtplib
 
+    from .outbound import mx
+
     _quiet_logs()
-    with runtime().connect() as conn:
+    rt = runtime()
+    with rt.connect() as conn:
         s = sending.load_sender(conn, name)
-    r = s.relay
 
     async def probe() -> dict[str, object]:
-        client = aiosmtplib.SMTP(hostname=r.host, port=r.port, timeout=r.timeout_s, use_tls=r.tls == "tls",
-                                 start_tls=r.tls == "starttls", username=r.username, password=r.password,
-                                 validate_certs=r.tls != "none")
+        relay = s.relay
+        if relay.direct:
+            target_domain = domain or s.domain
+            try:
+                host, port = (await mx.MxResolver(rt.settings.mx_overrides, nameservers=rt.settings.dns_servers).hosts(target_domain))[0]
+            except (mx.NoRoute, mx.LookupFailed) as exc:
+                raise UsageError(f"direct delivery to {target_domain}: {exc}") from exc
+            relay = relay.at(host, port or relay.port)
+        client = smtp_client(relay, rt.settings.ehlo_hostname)
         started = time.perf_counter()
         try:
             await client.connect()
@@ -106,16 +118,17 @@ def senders_test(name: str = typer.Argument(...), as_json: bool = JsonOpt) -> No
             exts = sorted(client.esmtp_extensions)
             await client.quit()
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise UsageError(f"relay {r.host}:{r.port} failed: {exc}") from exc
-        return {"sender": name, "host": r.host, "port": r.port, "tls": r.tls, "ehlo_code": code,
-                "greeting": " ".join(message.split())[:200], "extensions": exts,
+            raise UsageError(f"relay {relay.host}:{relay.port} failed: {exc}") from exc
+        return {"sender": name, "host": relay.host, "port": relay.port, "tls": relay.tls, "direct": relay.direct,
+                "ehlo_code": code, "greeting": " ".join(message.split())[:200], "extensions": exts,
                 "ms": round((time.perf_counter() - started) * 1000, 1)}
 
     res = asyncio.run(probe())
     if as_json:
         emit_json(res)
     else:
-        out.print(f"{r.host}:{r.port} answered EHLO with {res['ehlo_code']} in {res['ms']} ms; extensions: {', '.join(res['extensions'])}")
+        out.print(f"{res['host']}:{res['port']} answered EHLO with {res['ehlo_code']} in {res['ms']} ms; "
+                  f"extensions: {', '.join(res['extensions'])}")
 
 
 # -- send ---------------------------------------------------------------------------------------
@@ -379,3 +392,15 @@ def up(workers: int = typer.Option(1, "--workers", min=1, max=16)) -> None:
     pipeline.start(stop)
     stop.wait()
     pipeline.join()
+
+
+@app.command("web")
+def web_cmd(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (put a TLS reverse proxy in front)."),
+    port: int = typer.Option(8025, "--port", min=1, max=65535, help="TCP port to listen on."),
+) -> None:
+    """Serve the unsubscribe links (RFC 8058 one-click) and /healthz over HTTP. SIGTERM stops it."""
+    from .web.app import serve
+
+    _serve_logs()
+    serve(runtime(pool_size=8), host, port)

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int = Field(default=64, ge=1)
     worker_connections_per_relay: int = Field(default=8, ge=1)
+    worker_connections_per_mx: int = Field(default=2, ge=1)  # direct delivery: sessions per MX host
+    worker_idle_close_s: float = Field(default=60.0, gt=0)  # close pooled SMTP sessions idle this long
+    ehlo_hostname: str | None = None  # the name in EHLO; default: this machine's FQDN
+    mx_overrides: dict[str, str] = Field(default_factory=dict)  # direct delivery: {"example.net": "10.0.0.5:25"}
+    dns_servers: list[str] = Field(default_factory=list)  # direct delivery: ["10.0.0.53", "127.0.0.1:5353"]
     retry_base_s: float = Field(default=300.0, gt=0)
     retry_factor: float = Field(default=1.3, ge=1)
     retry_max_attempts: int = Field(default=18, ge=1)

@@ -25,6 +25,9 @@ from ..projectors import catalog
 from . import queries as q
 from .events import ContactsImported, ImportedContact
 
+# A contact in one of these states is never mailed (checked again when each job starts).
+STOPPED_STATUSES = ("unsubscribed", "bounced", "complained")
+
 BATCH = 1000
 
 

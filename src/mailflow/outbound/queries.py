@@ -12,6 +12,14 @@ COUNT_KNOWN_EMAILS = "SELECT count(*) FROM contacts WHERE email = ANY(%s)"
 
 SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE email = %s"
 
+# Unsubscribe requests for one address are decided one at a time (two-key advisory lock:
+# class 7300030, then the address), on what the contact and suppression tables say now.
+LOCK_ADDRESS = "SELECT pg_advisory_xact_lock(7300030, hashtext(%s))"
+ADDRESS_STATE = """
+SELECT (SELECT status FROM contacts WHERE email = %(email)s),
+       EXISTS (SELECT 1 FROM suppressions WHERE email = %(email)s)
+"""
+
 LIST_CONTACTS = """
 SELECT email, status, attributes, created_at FROM contacts
 WHERE {where}

@@ -1,37 +1,61 @@
 """Outbound room: senders - a From identity, the SMTP relay it sends through, optional DKIM.
 
-A relay is a URL: smtp://[user:password@]host[:port][?tls=starttls|none], or
-smtps://... for TLS from the first byte (port 465). STARTTLS is the default for smtp://
-on any port but 25, where it is opportunistic-off unless asked for.
+A relay is a URL: smtp://[user:password@]host[:port][?tls=starttls|opportunistic|none], or
+smtps://... for TLS from the first byte (port 465). STARTTLS is required by default for
+smtp:// on any port but 25, where it is opportunistic (used when offered, certificate not
+checked) unless asked for. direct:// delivers to each recipient domain's MX hosts on port 25
+with opportunistic STARTTLS (see mx.py).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import aiosmtplib
 from email_validator import EmailNotValidError, validate_email
 
 from ..config import mask_url
 from ..errors import UsageError
 
-TLS_MODES = ("none", "starttls", "tls")
+TLS_MODES = ("none", "opportunistic", "starttls", "tls")
 
 
 @dataclass(frozen=True)
 class SmtpRelay:
-    host: str
+    host: str  # empty for direct delivery until a recipient's MX host is filled in
     port: int
-    tls: str  # none | starttls | tls
+    tls: str  # none | opportunistic | starttls | tls
     username: str | None = None
     password: str | None = None
     timeout_s: float = 30.0
+    direct: bool = False  # deliver to the recipient domain's MX hosts
+    key: tuple = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> tuple[str, int, str, str | None]:
-        """Messages for the same key can share one SMTP session."""
-        return (self.host, self.port, self.tls, self.username)
+    def __post_init__(self) -> None:
+        # Messages for the same key can share one SMTP session.
+        object.__setattr__(self, "key", (self.host, self.port, self.tls, self.username))
+
+    def at(self, host: str, port: int) -> SmtpRelay:
+        """This relay's settings, pointed at one MX host."""
+        return replace(self, host=host, port=port)
+
+    def describe(self) -> str:
+        return "direct to MX hosts" if self.direct and not self.host else f"{self.host}:{self.port}"
+
+
+def smtp_client(relay: SmtpRelay, local_hostname: str | None = None) -> aiosmtplib.SMTP:
+    """An unconnected aiosmtplib client for a relay (or an MX host of a direct one)."""
+    return aiosmtplib.SMTP(
+        hostname=relay.host, port=relay.port, timeout=relay.timeout_s, local_hostname=local_hostname,
+        use_tls=relay.tls == "tls",
+        # None: STARTTLS when the server offers it
+        start_tls={"starttls": True, "opportunistic": None}.get(relay.tls, False),
+        validate_certs=relay.tls in ("tls", "starttls"),
+        username=relay.username, password=relay.password,
+    )
 
 
 def parse_relay_url(url: str) -> SmtpRelay:
@@ -40,8 +64,12 @@ def parse_relay_url(url: str) -> SmtpRelay:
         port = parts.port
     except ValueError as exc:
         raise UsageError(f"relay URL {mask_url(url)} is not valid: {exc}") from exc
+    if parts.scheme == "direct":
+        return _parse_direct(url, parts)
     if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        raise UsageError(f"relay URL {mask_url(url)} must look like smtp://host:587 or smtps://host:465")
+        raise UsageError(
+            f"relay URL {mask_url(url)} must look like smtp://host:587, smtps://host:465 or direct://"
+        )
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(query) - {"tls", "timeout"}
     if unknown:
@@ -50,13 +78,10 @@ def parse_relay_url(url: str) -> SmtpRelay:
         tls, port = "tls", port or 465
     else:
         port = port or 587
-        tls = query.get("tls", "none" if port == 25 else "starttls")
+        tls = query.get("tls", "opportunistic" if port == 25 else "starttls")
     if tls not in TLS_MODES:
         raise UsageError(f"relay URL {mask_url(url)}: tls must be one of {', '.join(TLS_MODES)}")
-    try:
-        timeout = float(query.get("timeout", "30"))
-    except ValueError as exc:
-        raise UsageError(f"relay URL {mask_url(url)}: timeout must be a number of seconds") from exc
+    timeout = _timeout(url, query)
     return SmtpRelay(
         host=parts.hostname,
         port=port,
@@ -65,6 +90,29 @@ def parse_relay_url(url: str) -> SmtpRelay:
         password=unquote(parts.password) if parts.password else None,
         timeout_s=timeout,
     )
+
+
+def _timeout(url: str, query: dict[str, str]) -> float:
+    try:
+        return float(query.get("timeout", "30"))
+    except ValueError as exc:
+        raise UsageError(f"relay URL {mask_url(url)}: timeout must be a number of seconds") from exc
+
+
+def _parse_direct(url: str, parts) -> SmtpRelay:
+    if parts.netloc or parts.path not in ("", "/"):
+        raise UsageError(f"relay URL {url}: direct delivery takes no host (direct:// or direct://?tls=none)")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"tls", "timeout", "port"}
+    if unknown:
+        raise UsageError(f"relay URL {url}: unknown option(s) {', '.join(sorted(unknown))}")
+    tls = query.get("tls", "opportunistic")
+    if tls not in ("none", "opportunistic", "starttls"):
+        raise UsageError(f"relay URL {url}: tls for direct delivery must be none, opportunistic or starttls")
+    port = query.get("port", "25")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"relay URL {url}: port must be a number from 1 to 65535")
+    return SmtpRelay(host="", port=int(port), tls=tls, timeout_s=_timeout(url, query), direct=True)
 
 
 @dataclass(frozen=True)
@@ -80,7 +128,7 @@ class Sender:
     def domain(self) -> str:
         return self.from_email.rsplit("@", 1)[1]
 
-    @property
+    @cached_property
     def relay(self) -> SmtpRelay:
         return parse_relay_url(self.relay_url)
 

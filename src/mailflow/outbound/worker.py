@@ -29,16 +29,16 @@ from ..events.store import EventStore
 from ..log import get_logger
 from ..projectors import catalog, inline
 from ..projectors import jobs as jobs_projection
-from . import mime, queries as q, templates
+from . import mime, mx, queries as q, templates
+from .contacts import STOPPED_STATUSES
 from .events import ContactStatusChanged, JobCompleted, JobFailed, JobRetryScheduled, JobStarted, SuppressionAdded
 from .jobs import Priority
 from .replies import FailureKind, Outcome, RetrySchedule, Verdict, classify, transient
 from .sending import load_sender
-from .senders import Sender, SmtpRelay
+from .senders import Sender, SmtpRelay, smtp_client
 
 GROUP = "workers"
 LOW_EVERY = 8  # every 8th read offers low before normal
-STOPPED_CONTACTS = ("unsubscribed", "bounced", "complained")
 log = get_logger("mailflow.worker")
 
 
@@ -66,12 +66,19 @@ class Result:
 
 
 class RelayPool:
-    """Open SMTP sessions to one relay, reused across messages (one message at a time each)."""
+    """Open SMTP sessions to one relay (or one MX host), reused across messages, one at a time each.
 
-    def __init__(self, relay: SmtpRelay, size: int) -> None:
+    A session idle for `idle_close_s` is closed rather than reused: servers hang up on idle
+    clients (RFC 5321 asks them to wait at least 5 minutes), and a message sent into a
+    session the server has dropped would wait for a retry.
+    """
+
+    def __init__(self, relay: SmtpRelay, size: int, local_hostname: str | None = None, idle_close_s: float = 60.0) -> None:
         self.relay = relay
         self.size = size
-        self.idle: list[aiosmtplib.SMTP] = []
+        self.local_hostname = local_hostname
+        self.idle_close_s = idle_close_s
+        self.idle: list[tuple[float, aiosmtplib.SMTP]] = []
         self.open = 0
         self.available = asyncio.Condition()
 
@@ -79,16 +86,16 @@ class RelayPool:
         async with self.available:
             while not self.idle and self.open >= self.size:
                 await self.available.wait()
-            if self.idle:
-                return self.idle.pop()
+            now = time.monotonic()
+            while self.idle:
+                used, client = self.idle.pop()
+                if client.is_connected and now - used < self.idle_close_s:
+                    return client
+                client.close()
+                self.open -= 1
             self.open += 1
         try:
-            r = self.relay
-            client = aiosmtplib.SMTP(
-                hostname=r.host, port=r.port, timeout=r.timeout_s, use_tls=r.tls == "tls",
-                start_tls=True if r.tls == "starttls" else False, username=r.username, password=r.password,
-                validate_certs=r.tls != "none",
-            )
+            client = smtp_client(self.relay, self.local_hostname)
             await client.connect()
             return client
         except BaseException:
@@ -98,7 +105,7 @@ class RelayPool:
     async def release(self, client: aiosmtplib.SMTP, healthy: bool) -> None:
         if healthy and client.is_connected:
             async with self.available:
-                self.idle.append(client)
+                self.idle.append((time.monotonic(), client))
                 self.available.notify()
             return
         try:
@@ -106,18 +113,32 @@ class RelayPool:
         finally:
             await self._forget()
 
+    async def prune(self) -> None:
+        """Say QUIT to sessions that have been idle too long."""
+        now = time.monotonic()
+        async with self.available:
+            stale = [c for used, c in self.idle if now - used >= self.idle_close_s]
+            self.idle = [(used, c) for used, c in self.idle if now - used < self.idle_close_s]
+            self.open -= len(stale)
+            self.available.notify(len(stale))
+        await _quit_all(stale)
+
     async def _forget(self) -> None:
         async with self.available:
             self.open -= 1
             self.available.notify()
 
     async def close(self) -> None:
-        for client in self.idle:
-            try:
-                await asyncio.wait_for(client.quit(), 2)
-            except Exception:  # noqa: BLE001 - closing anyway
-                client.close()
-        self.idle.clear()
+        idle, self.idle = [c for _, c in self.idle], []
+        await _quit_all(idle)
+
+
+async def _quit_all(clients: list[aiosmtplib.SMTP]) -> None:
+    for client in clients:
+        try:
+            await asyncio.wait_for(client.quit(), 2)
+        except Exception:  # noqa: BLE001 - closing anyway
+            client.close()
 
 
 class Worker:
@@ -130,6 +151,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.schedule = RetrySchedule(settings.retry_base_s, settings.retry_factor, settings.retry_max_attempts)
         self.pools: dict[tuple, RelayPool] = {}
+        self.mx = mx.MxResolver(settings.mx_overrides, nameservers=settings.dns_servers)
         self.senders: dict[str, tuple[float, Sender]] = {}
         self.templates: dict[str, tuple[float, templates.Template]] = {}
         self.results: list[Result] = []
@@ -266,7 +288,7 @@ class Worker:
                 job = Claimed(p, eid, job_id, attempts + 1, email, sender, template, variables or {},
                               str(campaign_id) if campaign_id else None, attrs or {})
                 events.append(JobStarted(job_id=job_id, attempt=job.attempt, worker=self.name, lease_until=lease).to_new())
-                if suppressed or status in STOPPED_CONTACTS:
+                if suppressed or status in STOPPED_STATUSES:
                     why = f"suppressed ({suppressed})" if suppressed else f"contact is {status}"
                     refused.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, "suppressed"))
                     continue
@@ -356,13 +378,26 @@ class Worker:
             failed = Verdict(Outcome.FAILED, FailureKind.MESSAGE, False)
             self.results.append(Result(job, failed, None, f"cannot build the message: {exc}", "message"))
             return
-        pool = self.pools.get(sender.relay.key)
-        if pool is None:
-            pool = self.pools[sender.relay.key] = RelayPool(sender.relay, self.settings.worker_connections_per_relay)
         try:
-            client = await pool.acquire()
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            self.results.append(Result(job, transient(f"connecting to {sender.relay.host}:{sender.relay.port}: {exc}"), None, f"connect failed: {exc}"))
+            targets = await self._targets(sender.relay, job.email)
+        except mx.NoRoute as exc:
+            self.results.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, str(exc), "no_route"))
+            return
+        except mx.LookupFailed as exc:
+            self.results.append(Result(job, transient(str(exc)), None, str(exc)))
+            return
+        client = pool = None
+        errors = []
+        for target in targets:  # MX hosts in preference order; a relay is a list of one
+            pool = self._pool(target)
+            try:
+                client = await pool.acquire()
+                break
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                errors.append(f"connecting to {target.host}:{target.port}: {exc}")
+        if client is None or pool is None:
+            why = "; ".join(errors)
+            self.results.append(Result(job, transient(why), None, f"connect failed: {why}"[:1000]))
             return
         healthy = needs_rset = False
         try:
@@ -390,17 +425,39 @@ class Worker:
             self.sent += 1
         self.results.append(Result(job, verdict, code, " ".join(str(text).split())[:1000]))
 
+    async def _targets(self, relay: SmtpRelay, email: str) -> list[SmtpRelay]:
+        if not relay.direct:
+            return [relay]
+        hosts = await self.mx.hosts(email.rpartition("@")[2])
+        # Hosts from DNS take the relay's port (25 unless direct://?port=N); overrides name their own.
+        return [relay.at(host, port or relay.port) for host, port in hosts]
+
+    def _pool(self, target: SmtpRelay) -> RelayPool:
+        pool = self.pools.get(target.key)
+        if pool is None:
+            size = self.settings.worker_connections_per_mx if target.direct else self.settings.worker_connections_per_relay
+            pool = self.pools[target.key] = RelayPool(
+                target, size, self.settings.ehlo_hostname, self.settings.worker_idle_close_s
+            )
+        return pool
+
     # -- finishing ----------------------------------------------------------------------------
 
     async def _flush_loop(self, r: aredis.Redis, stop: asyncio.Event) -> None:
         renew_every = max(self.settings.job_lease_s / 3, 0.05)
-        renewed = time.monotonic()
+        renewed = pruned = time.monotonic()
         while not stop.is_set() or self.in_flight:
             await asyncio.sleep(0.02)
             await self._flush(r)
             if time.monotonic() - renewed > renew_every:
                 await asyncio.to_thread(self._renew_leases)
                 renewed = time.monotonic()
+            if time.monotonic() - pruned > 5.0:
+                for key, pool in list(self.pools.items()):
+                    await pool.prune()
+                    if pool.relay.direct and pool.open == 0:
+                        del self.pools[key]  # an MX host not used lately
+                pruned = time.monotonic()
 
     def _renew_leases(self) -> None:
         """Keep the lease of every job this worker is still sending (a slow relay is not a dead worker)."""

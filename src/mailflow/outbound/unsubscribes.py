@@ -1,0 +1,97 @@
+"""Outbound room: unsubscribe requests - whom a signed link names, and what unsubscribing them records.
+
+The token in a campaign message's List-Unsubscribe link is mime.unsubscribe_token(): a
+signed "<campaign id>:<email>". Nothing is stored when it is made; a request proves itself
+by its signature. read_token() and plan() are pure decisions; unsubscribe() is the thin
+shell that reads the address's state and appends the planned events in one transaction.
+The web room serves the https link; a future inbound handler for the mailto link will call
+the same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..events.envelope import Metadata
+from ..events.registry import Event
+from ..events.store import EventStore
+from ..projectors import catalog
+from ..projectors.locks import writing
+from . import queries as q
+from . import tokens
+from .contacts import STOPPED_STATUSES
+from .events import ContactStatusChanged, SuppressionAdded
+
+# An unsubscribe leaves a stopped contact as it is: "bounced" and "complained" say more than
+# "unsubscribed" does, and each of them already keeps the address from being mailed.
+
+SUPPRESSION_REASON = "unsubscribe"
+
+
+@dataclass(frozen=True)
+class UnsubscribeRequest:
+    """Who asked to leave, through a link from which campaign."""
+
+    campaign_id: str
+    email: str
+
+    @property
+    def reason(self) -> str:
+        return f"unsubscribe link (campaign {self.campaign_id})"
+
+
+class Outcome(str, Enum):
+    UNSUBSCRIBED = "unsubscribed"  # the contact was active: now unsubscribed
+    SUPPRESSED = "suppressed"  # no such contact: the address is suppressed instead
+    ALREADY = "already"  # nothing to do: already unsubscribed, bounced, complained or suppressed
+
+
+def read_token(secret: bytes, token: str) -> UnsubscribeRequest:
+    """The request a genuine unsubscribe token stands for; tokens.BadToken for anything else.
+
+    The inverse of mime.unsubscribe_token(). Other tokens signed with the same key (VERP
+    return paths carry a bare job id) are refused: their payload has no "campaign:email".
+    """
+    payload = tokens.verify(secret, token)
+    campaign_id, sep, email = payload.partition(":")
+    if not sep or not campaign_id or "@" not in email:
+        raise tokens.BadToken("not an unsubscribe token")
+    return UnsubscribeRequest(campaign_id=campaign_id, email=email)
+
+
+def plan(req: UnsubscribeRequest, contact_status: str | None, suppressed: bool) -> tuple[Outcome, list[tuple[str, Event]]]:
+    """What to record for a request, given the contact's status (None: no such contact).
+
+    - an active contact (or any status that does not stop sending) becomes unsubscribed;
+    - a contact that is already unsubscribed, bounced or complained stays as it is;
+    - an address with no contact is suppressed (reason "unsubscribe"), unless it already is,
+      so that no later import, campaign or transactional send can mail it.
+    """
+    if contact_status is None:
+        if suppressed:
+            return Outcome.ALREADY, []
+        event = SuppressionAdded(email=req.email, reason=SUPPRESSION_REASON, detail=req.reason)
+        return Outcome.SUPPRESSED, [(f"suppression-{req.email}", event)]
+    if contact_status in STOPPED_STATUSES:
+        return Outcome.ALREADY, []
+    event = ContactStatusChanged(email=req.email, status="unsubscribed", reason=req.reason)
+    return Outcome.UNSUBSCRIBED, [(f"contact-{req.email}", event)]
+
+
+def unsubscribe(store: EventStore, req: UnsubscribeRequest, *, actor: str = "unsubscribe-link") -> Outcome:
+    """Record the request: read, decide and append in one transaction, one request per address at a time.
+
+    Committed when this returns, so a caller may acknowledge it (an HTTP 200).
+    """
+    with writing(store) as conn:
+        conn.execute(q.LOCK_ADDRESS, (req.email,))
+        status, suppressed = conn.execute(q.ADDRESS_STATE, {"email": req.email}).fetchone()
+        outcome, items = plan(req, status, suppressed)
+        if items:
+            md = Metadata(actor=actor, correlation_id=f"campaign-{req.campaign_id}")
+            envs = store.append_many([(stream, event.to_new(md)) for stream, event in items], conn=conn)
+            catalog.apply(conn, envs)
+    if items:
+        store.notify()
+    return outcome

@@ -1,0 +1,124 @@
+"""Web room: the Starlette app (built from a Runtime, no global state) and the uvicorn server behind `mailflow web`.
+
+Routes: `GET|POST <path>/{token}` (the unsubscribe pages; <path> is the path of
+MAILFLOW_UNSUBSCRIBE_BASE_URL, "/unsubscribe" when it is unset) and `GET /healthz`.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+import psycopg
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..app import Runtime
+from ..errors import ConfigurationError, MailflowError
+from ..events.store import EventStore
+from ..lifecycle import stop_on_signals
+from ..log import get_logger
+from ..outbound.tokens import load_secret
+from .unsubscribe import UnsubscribePages
+
+DEFAULT_UNSUBSCRIBE_PATH = "/unsubscribe"
+HEALTH_DB_TIMEOUT_S = 5.0
+GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long after SIGTERM (the unit allows 30 s)
+
+log = get_logger("mailflow.web")
+
+
+class CannotListen(MailflowError):
+    """The address or port given to `mailflow web` cannot be listened on."""
+
+    exit_code = 1
+
+
+def unsubscribe_path(base_url: str | None) -> str:
+    """The path the unsubscribe pages are served under: that of the links mailflow puts in messages."""
+    if not base_url:
+        return DEFAULT_UNSUBSCRIBE_PATH
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"bad setting MAILFLOW_UNSUBSCRIBE_BASE_URL: {base_url!r} is not an absolute URL; "
+            "use one like https://mail.example.org/unsubscribe"
+        )
+    return parts.path.rstrip("/")
+
+
+def _database_ok(store: EventStore) -> str | None:
+    """None if PostgreSQL answers through the pool, else why not (one line)."""
+    try:
+        with store.pool.connection(timeout=HEALTH_DB_TIMEOUT_S) as conn:
+            conn.execute("SELECT 1").fetchone()
+    except psycopg.Error as exc:  # also psycopg_pool's PoolTimeout
+        return " ".join(str(exc).split())[:300] or type(exc).__name__
+    return None
+
+
+def create_app(rt: Runtime, *, secret: bytes | None = None) -> Starlette:
+    """The app. It opens the runtime's pool now, so a database that is unreachable or not
+    migrated stops `mailflow web` at start with one line, not at the first click."""
+    settings = rt.settings
+    path = unsubscribe_path(settings.unsubscribe_base_url)
+    if secret is None:
+        secret = load_secret(settings.home, settings.secret_key)
+    store = rt.store
+    pages = UnsubscribePages(store, secret)
+
+    async def healthz(request: Request) -> JSONResponse:
+        problem = await run_in_threadpool(_database_ok, store)
+        if problem is not None:
+            return JSONResponse({"ok": False, "database": "unavailable", "error": problem}, status_code=503)
+        return JSONResponse({"ok": True, "database": "ok", "unsubscribe_path": path or "/"})
+
+    return Starlette(routes=[
+        Route("/healthz", healthz, methods=["GET"]),
+        Route(f"{path}/{{token}}", pages.confirm, methods=["GET"]),
+        Route(f"{path}/{{token}}", pages.unsubscribe, methods=["POST"]),
+    ])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound TCP socket, or one CannotListen line (uvicorn would log and exit by itself)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; --host must be a local address") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from exc
+    return sock
+
+
+def serve(rt: Runtime, host: str, port: int) -> None:
+    """Serve the app until SIGTERM or SIGINT, then finish the requests in flight and return."""
+    app = create_app(rt)
+    sock = listen(host, port)
+    # uvicorn handles SIGTERM/SIGINT itself, shuts down gracefully, then raises the signal
+    # again under the handler it found. Ours only sets a flag, so the process exits 0.
+    stop_on_signals()
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,  # mailflow logs through structlog
+        access_log=False,  # request paths carry tokens, which name an address
+        server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    bound_host, bound_port = sock.getsockname()[:2]
+    log.info("web.start", host=bound_host, port=bound_port, unsubscribe=f"{unsubscribe_path(rt.settings.unsubscribe_base_url)}/{{token}}")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    log.info("web.stop")
