@@ -931,7 +931,7 @@ def run_campaign(
             MAILFLOW_REDIS_PREFIX=prefix,
             MAILFLOW_HOME=str(workdir / "home"),
             MAILFLOW_SECRET_KEY=secret.decode(),
-            MAILFLOW_LOG_LEVEL="warning",
+            MAILFLOW_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "warning"),
             MAILFLOW_LOG_FORMAT="json",
             MAILFLOW_WORKER_CONCURRENCY=str(p.worker_concurrency),
             MAILFLOW_WORKER_CONNECTIONS_PER_RELAY=str(p.worker_connections_per_relay),

@@ -109,3 +109,88 @@ def test_non_ascii_headers_and_bodies_survive_the_round_trip_in_7bit_safe_form()
     assert msg["Subject"] == "Grüße, Zoë – 10 % off" and msg["From"] == "Nëws <news@example.org>"
     assert msg.get_body(("html",)).get_content() == "<p>Hallo Zoë, schöne Grüße</p>"
     assert msg.get_body(("plain",)).get_content().startswith("Hallo Zoë xxx")
+
+
+# -- the fast assembly equals the email package's own MIME classes and generator --------------
+
+
+def reference_build(*, job_id, sender, to, rendered, secret, campaign_id=None, unsubscribe_base_url=None, now=None):
+    """The same message built the slow, obvious way: email.mime objects flattened by BytesGenerator."""
+    from email.charset import QP, Charset
+    from email.generator import BytesGenerator
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.nonmultipart import MIMENonMultipart
+    from email.policy import compat32
+    from email.utils import format_datetime, formataddr
+    from io import BytesIO
+
+    utf8 = Charset("utf-8")
+    utf8.header_encoding = utf8.body_encoding = QP
+
+    def part(body, subtype):
+        p = MIMENonMultipart("text", subtype)
+        p.set_payload(body, utf8)
+        return p
+
+    text = rendered.text or mime._text_from_html(rendered.html)
+    if rendered.html:
+        msg = MIMEMultipart("alternative", boundary=mime._boundary(job_id, text, rendered.html))
+        msg.attach(part(text, "plain"))
+        msg.attach(part(rendered.html, "html"))
+    else:
+        msg = part(text, "plain")
+    msg["From"] = formataddr((sender.from_name or "", sender.from_email), "utf-8")
+    msg["To"] = to
+    msg["Subject"] = mime._header(rendered.subject)
+    msg["Date"] = format_datetime(now)
+    msg["Message-ID"] = mime.message_id(job_id, sender.domain)
+    if campaign_id is not None:
+        token = mime.unsubscribe_token(secret, to, campaign_id)
+        targets = [f"<mailto:unsubscribe+{token}@{sender.domain}>"]
+        if unsubscribe_base_url:
+            targets.insert(0, f"<{unsubscribe_base_url.rstrip('/')}/{token}>")
+            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        msg["List-Unsubscribe"] = ", ".join(targets)
+        msg["X-Mailflow-Campaign"] = campaign_id
+    buf = BytesIO()
+    BytesGenerator(buf, mangle_from_=False, policy=compat32.clone(linesep="\r\n")).flatten(msg)
+    return buf.getvalue()
+
+
+def random_text(rnd, n):
+    pieces = ["\n.", "\nFrom me", "  \n", "x" * 120, "ü", "€", "😀", "\t", "=", "\r\n", "\r", " ", "a", "b", "."]
+    return "".join(rnd.choice(pieces) for _ in range(n))
+
+
+def test_messages_are_byte_for_byte_what_the_email_package_generates():
+    import random
+    from datetime import datetime, timezone
+
+    rnd = random.Random(20261128)
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+    for i in range(400):
+        s = sender(from_name=rnd.choice(["", "News", "Ünïcode Nâme", 'A, B "q"', "n" * 90]))
+        html = rnd.choice([None, "<p>" + random_text(rnd, rnd.randint(0, 200)) + "</p>"])
+        rendered = Rendered(
+            rnd.choice(["Hello", "Sübject ü", "s" * 150, "tab\there", " padded "]),
+            html,
+            rnd.choice([None, random_text(rnd, rnd.randint(1, 200))]) if html else random_text(rnd, rnd.randint(1, 200)),
+        )
+        kw = dict(job_id=f"0190c0de-0000-7000-8000-{i:012d}", sender=s, to="bob@example.net", rendered=rendered,
+                  secret=SECRET, campaign_id=rnd.choice([None, "camp-1"]),
+                  unsubscribe_base_url=rnd.choice([None, "https://mail.example.org/u"]), now=now)
+        assert mime.build(**kw).data == reference_build(**kw), kw
+
+
+def test_a_body_that_quotes_the_boundary_gets_another_one():
+    r = Rendered("s", "<p>=_mailflow_job-1</p>", "see =_mailflow_job-1 and =_mailflow_job-1_")
+    data = mime.build(job_id="job-1", sender=sender(), to="a@example.net", rendered=r, secret=SECRET).data
+    msg = email.message_from_bytes(data, policy=default)
+    assert msg.get_boundary() == "=_mailflow_job-1__"
+    assert [p.get_content() for p in msg.iter_parts()] == [r.text, r.html]
+
+
+@pytest.mark.parametrize("to", ["a b@example.net", "a@example.net>\r\nRCPT TO:<x@example.org"])
+def test_an_address_that_would_break_the_envelope_is_refused(to):
+    with pytest.raises(ValueError, match="envelope address"):
+        mime.build(job_id="j", sender=sender(), to=to, rendered=Rendered("s", None, "t"), secret=SECRET)

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=64, ge=1)
     worker_connections_per_relay: int = Field(default=8, ge=1)
     worker_connections_per_mx: int = Field(default=2, ge=1)  # direct delivery: sessions per MX host
+    worker_flush_interval_s: float = Field(default=0.05, gt=0)  # how often finished sends are recorded
     worker_idle_close_s: float = Field(default=60.0, gt=0)  # close pooled SMTP sessions idle this long
     ehlo_hostname: str | None = None  # the name in EHLO; default: this machine's FQDN
     mx_overrides: dict[str, str] = Field(default_factory=dict)  # direct delivery: {"example.net": "10.0.0.5:25"}

@@ -1,9 +1,17 @@
 """Outbound room: turn a rendered template into the bytes sent over SMTP.
 
-Built with the standard library's email package (its compat32 MIME classes, for speed): multipart/alternative (text, then HTML),
-a Message-ID derived from the job id (stable across retries, so replies and bounces can be
-matched to the job), a VERP return path, RFC 8058 one-click List-Unsubscribe headers on
-campaign mail, and a DKIM signature when the sender has a key.
+A multipart/alternative message (text, then HTML) or a single text part, each UTF-8 in
+quoted-printable (7-bit clean); a Message-ID derived from the job id (stable across
+retries, so replies and bounces can be matched to the job); a VERP return path; RFC 8058
+one-click List-Unsubscribe headers on campaign mail; and a DKIM signature when the sender
+has a key.
+
+The encoding is the standard library's email package: headers folded and RFC 2047-encoded
+by its compat32 policy and Header class, bodies by its quoted-printable codec, addresses
+and dates by email.utils. Only the fixed MIME skeleton around them is written here,
+because flattening a Message object tree costs three times as much, and this runs once
+per recipient. tests/test_mime_senders.py checks that the bytes equal what the email
+package's own MIME classes and BytesGenerator produce for the same message.
 """
 
 from __future__ import annotations
@@ -11,20 +19,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email.charset import QP, Charset
-from email.generator import BytesGenerator
+from email import quoprimime
 from email.header import Header
-from email.mime.base import MIMEBase
-from email.mime.multipart import MIMEMultipart
-from email.mime.nonmultipart import MIMENonMultipart
 from email.policy import Compat32
 from email.utils import format_datetime, formataddr
 from html import unescape
-from io import BytesIO
 
 import dkim
 
 from . import tokens
+from .smtp import check_address
 from .senders import Sender
 from .templates import Rendered
 
@@ -80,15 +84,19 @@ def unsubscribe_token(secret: bytes, email: str, campaign_id: str) -> str:
     return tokens.sign(secret, f"{campaign_id}:{email}")
 
 
-_UTF8_QP = Charset("utf-8")
-_UTF8_QP.header_encoding = QP
-_UTF8_QP.body_encoding = QP
+PART_HEADERS = {
+    subtype: b"".join(
+        SMTP_COMPAT.fold_binary(name, value)
+        for name, value in (("MIME-Version", "1.0"), ("Content-Type", f'text/{subtype}; charset="utf-8"'),
+                            ("Content-Transfer-Encoding", "quoted-printable"))
+    )
+    for subtype in ("plain", "html")
+}
 
 
-def _text_part(body: str, subtype: str) -> MIMENonMultipart:
-    part = MIMENonMultipart("text", subtype)
-    part.set_payload(body, _UTF8_QP)  # sets charset and Content-Transfer-Encoding
-    return part
+def _qp(body: str) -> bytes:
+    """UTF-8 text as a quoted-printable body with CRLF line ends (the email package's codec)."""
+    return quoprimime.body_encode(body.encode("utf-8").decode("latin-1")).replace("\n", "\r\n").encode("ascii")
 
 
 def _header(value: str) -> str | Header:
@@ -106,46 +114,49 @@ def build(
     unsubscribe_base_url: str | None = None,
     now: datetime | None = None,
 ) -> Outgoing:
-    # The compat32 email.mime classes: the same RFC 5322/2045 output as EmailMessage with
-    # the SMTP policy, at a fraction of the cost (this runs once per recipient).
     text = rendered.text or _text_from_html(rendered.html)
     if rendered.html:
-        # A boundary of our own: the generator would otherwise compile a new regular
-        # expression per message to check a random one against the body.
-        msg: MIMEBase = MIMEMultipart("alternative", boundary=_boundary(job_id, text, rendered.html))
-        msg.attach(_text_part(text, "plain"))
-        msg.attach(_text_part(rendered.html, "html"))
+        boundary = _boundary(job_id, text, rendered.html)
+        headers: list[tuple[str, str | Header]] = [
+            ("Content-Type", f'multipart/alternative; boundary="{boundary}"'), ("MIME-Version", "1.0")]
+        body = b"".join((
+            b"--", boundary.encode(), b"\r\n", PART_HEADERS["plain"], b"\r\n", _qp(text),
+            b"\r\n--", boundary.encode(), b"\r\n", PART_HEADERS["html"], b"\r\n", _qp(rendered.html),
+            b"\r\n--", boundary.encode(), b"--\r\n",
+        ))
     else:
-        msg = _text_part(text, "plain")
-    msg["From"] = formataddr((sender.from_name or "", sender.from_email), "utf-8")
-    msg["To"] = to
-    msg["Subject"] = _header(rendered.subject)
-    msg["Date"] = format_datetime(now or datetime.now(timezone.utc))
+        headers = [("MIME-Version", "1.0"), ("Content-Type", 'text/plain; charset="utf-8"'),
+                   ("Content-Transfer-Encoding", "quoted-printable")]
+        body = _qp(text)
     mid = message_id(job_id, sender.domain)
-    msg["Message-ID"] = mid
+    headers += [
+        ("From", formataddr((sender.from_name or "", sender.from_email), "utf-8")),
+        ("To", to),
+        ("Subject", _header(rendered.subject)),
+        ("Date", format_datetime(now or datetime.now(timezone.utc))),
+        ("Message-ID", mid),
+    ]
     if campaign_id is not None:
         token = unsubscribe_token(secret, to, campaign_id)
         targets = [f"<mailto:unsubscribe+{token}@{sender.domain}>"]
         if unsubscribe_base_url:
             targets.insert(0, f"<{unsubscribe_base_url.rstrip('/')}/{token}>")
-            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        msg["List-Unsubscribe"] = ", ".join(targets)
-        msg["X-Mailflow-Campaign"] = campaign_id
-    buf = BytesIO()
-    BytesGenerator(buf, mangle_from_=False, policy=SMTP_COMPAT).flatten(msg)
-    data = buf.getvalue()
+            headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        headers.append(("List-Unsubscribe", ", ".join(targets)))
+        headers.append(("X-Mailflow-Campaign", campaign_id))
+    data = b"".join(SMTP_COMPAT.fold_binary(name, value) for name, value in headers) + b"\r\n" + body
     if sender.dkim_selector and sender.dkim_key_pem:
         signature = dkim.sign(
             data,
             sender.dkim_selector.encode(),
             sender.domain.encode(),
             sender.dkim_key_pem.encode(),
-            include_headers=[h for h in SIGNED_HEADERS if msg.get(h.decode()) is not None],
+            include_headers=[h for h in SIGNED_HEADERS if h.decode() in {n.lower() for n, _ in headers}],
         )
         data = signature + data
     return Outgoing(
-        mail_from=tokens.verp_address(secret, job_id, sender.domain),
-        rcpt_to=to,
+        mail_from=check_address(tokens.verp_address(secret, job_id, sender.domain)),
+        rcpt_to=check_address(to),
         data=data,
         message_id=mid,
     )

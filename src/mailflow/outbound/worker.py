@@ -29,7 +29,7 @@ from ..events.store import EventStore
 from ..log import get_logger
 from ..projectors import catalog, inline
 from ..projectors import jobs as jobs_projection
-from . import mime, mx, queries as q, templates
+from . import mime, mx, queries as q, smtp, templates
 from .contacts import STOPPED_STATUSES
 from .events import ContactStatusChanged, JobCompleted, JobFailed, JobRetryScheduled, JobStarted, SuppressionAdded
 from .jobs import Priority
@@ -39,6 +39,7 @@ from .senders import Sender, SmtpRelay, smtp_client
 
 GROUP = "workers"
 LOW_EVERY = 8  # every 8th read offers low before normal
+BATCH_GATHER_S = 0.01  # a busy worker waits this long at most for more free slots before starting jobs
 log = get_logger("mailflow.worker")
 
 
@@ -156,8 +157,10 @@ class Worker:
         self.templates: dict[str, tuple[float, templates.Template]] = {}
         self.results: list[Result] = []
         self.in_flight: set[asyncio.Task] = set()
+        self._slot_freed = asyncio.Event()
         self.sending: set[str] = set()  # job ids started here and not yet recorded
         self.sent = 0
+        self.batches = {"starts": 0, "started": 0, "finishes": 0, "finished": 0}  # transactions and jobs
         self._reads = 0
         self.log = log.bind(worker=self.name)
 
@@ -175,14 +178,30 @@ class Worker:
             flusher = asyncio.create_task(self._flush_loop(r, stop))
             self.log.info("worker.start", concurrency=self.settings.worker_concurrency)
             last_claim = 0.0
+            # Jobs are started in batches: one transaction for a few slots is most of the cost
+            # of starting them, so a busy worker waits briefly for a quarter of its slots.
+            min_batch = max(1, self.settings.worker_concurrency // 4)
+            gathering_since: float | None = None
             while not stop.is_set():
                 if time.monotonic() - last_claim > 5.0:
                     await self._claim_orphans(r)
                     last_claim = time.monotonic()
                 free = self.settings.worker_concurrency - len(self.in_flight)
-                if free <= 0:
-                    await asyncio.wait(self.in_flight, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-                    continue
+                if free < min_batch and self.in_flight:
+                    now = time.monotonic()
+                    gathering_since = gathering_since or now
+                    wait = (0.1 if free <= 0 else BATCH_GATHER_S) - (now - gathering_since)
+                    if wait > 0:
+                        self._slot_freed.clear()
+                        try:
+                            await asyncio.wait_for(self._slot_freed.wait(), wait)
+                        except asyncio.TimeoutError:
+                            pass
+                        continue
+                    if free <= 0:
+                        gathering_since = None
+                        continue
+                gathering_since = None
                 try:
                     entries = await self._read(r, free)
                 except redis.ResponseError as exc:
@@ -204,7 +223,7 @@ class Worker:
             for pool in self.pools.values():
                 await pool.close()
             await r.aclose()
-            self.log.info("worker.stopped", sent=self.sent)
+            self.log.info("worker.stopped", sent=self.sent, **self.batches)
 
     async def _read(self, r: aredis.Redis, free: int) -> list[tuple[Priority, bytes, dict[bytes, bytes]]]:
         reserve = max(1, self.settings.worker_concurrency // 10)
@@ -258,6 +277,8 @@ class Worker:
 
     async def _start(self, r: aredis.Redis, entries: list[tuple[Priority, bytes, dict[bytes, bytes]]]) -> None:
         claimed, stale, refused = await asyncio.to_thread(self._claim, entries)
+        self.batches["starts"] += 1
+        self.batches["started"] += len(entries)
         for p, eid in stale:
             await self._ack(r, p, [eid])
         for res in refused:
@@ -266,7 +287,11 @@ class Worker:
             self.sending.add(job.job_id)
             task = asyncio.create_task(self._send(job))
             self.in_flight.add(task)
-            task.add_done_callback(self.in_flight.discard)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.in_flight.discard(task)
+        self._slot_freed.set()
 
     # -- database work (in a thread) ----------------------------------------------------------
 
@@ -399,27 +424,21 @@ class Worker:
             why = "; ".join(errors)
             self.results.append(Result(job, transient(why), None, f"connect failed: {why}"[:1000]))
             return
-        healthy = needs_rset = False
+        healthy = False
         try:
-            _, reply = await client.sendmail(out.mail_from, [out.rcpt_to], out.data)
-            code, healthy = 250, True
-            verdict, text = classify(250, reply), reply
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refusal = exc.recipients[0]
-            code, text, healthy, needs_rset = refusal.code, refusal.message, True, True
+            reply = await smtp.transact(client, out.mail_from, out.rcpt_to, out.data)
+            code, text, healthy = reply.code, reply.message, True
             verdict = classify(code, text)
-        except aiosmtplib.SMTPResponseException as exc:
-            code, text = exc.code, exc.message
+        except aiosmtplib.SMTPNotSupported as exc:  # a non-ASCII address and a server without SMTPUTF8
+            code, text, healthy = None, str(exc), True
+            verdict = Verdict(Outcome.FAILED, FailureKind.PERMANENT, False)
+        except aiosmtplib.SMTPResponseException as exc:  # refused; the envelope was reset if the session lives
+            code, text, healthy = exc.code, exc.message, client.is_connected
             verdict = classify(code, text)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             text = f"{type(exc).__name__}: {exc}"
             verdict = transient(text)
         finally:
-            if needs_rset:  # the session is mid-transaction after a refused recipient
-                try:
-                    await client.rset()
-                except Exception:  # noqa: BLE001
-                    healthy = False
             await pool.release(client, healthy)
         if verdict.outcome is Outcome.DELIVERED:
             self.sent += 1
@@ -447,7 +466,7 @@ class Worker:
         renew_every = max(self.settings.job_lease_s / 3, 0.05)
         renewed = pruned = time.monotonic()
         while not stop.is_set() or self.in_flight:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(self.settings.worker_flush_interval_s)
             await self._flush(r)
             if time.monotonic() - renewed > renew_every:
                 await asyncio.to_thread(self._renew_leases)
@@ -473,6 +492,8 @@ class Worker:
             return
         batch, self.results = self.results, []
         await asyncio.to_thread(self._finish, batch)
+        self.batches["finishes"] += 1
+        self.batches["finished"] += len(batch)
         self.sending.difference_update(res.job.job_id for res in batch)
         by_priority: dict[Priority, list[bytes]] = {}
         for res in batch:
