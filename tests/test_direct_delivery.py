@@ -11,10 +11,10 @@ from mailflow.errors import ConfigurationError, UsageError
 from mailflow.outbound import mx, sending
 from mailflow.outbound.senders import parse_relay_url
 from mailflow.outbound.senders import Sender
+from mailflow.outbound.sink import Sink, SinkServer
 from mailflow.services import connect
 
 from .dns_server import DnsServer
-from .smtp_sink import Sink, SinkServer
 from .test_outbound_pipeline import run_pipeline, setup_catalog, states
 
 # -- pure decisions -------------------------------------------------------------------------

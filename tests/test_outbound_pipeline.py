@@ -9,11 +9,11 @@ from mailflow.outbound import sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.queuer import Queuer
 from mailflow.outbound.senders import Sender
+from mailflow.outbound.sink import Sink, SinkServer
 from mailflow.outbound.worker import Worker
 from mailflow.services import connect, redis_client
 
 from .conftest import wait_until
-from .smtp_sink import Sink, SinkServer
 
 SECRET = b"pipeline-test"
 

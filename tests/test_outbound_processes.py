@@ -11,7 +11,6 @@ names the job), the jobs table, and the job events.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -19,7 +18,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -29,10 +27,10 @@ import redis
 from mailflow.outbound import campaigns, segments, sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.senders import Sender
+from mailflow.outbound.sink import Sink, SinkServer
 from mailflow.services import connect
 
 from .conftest import Processes, wait_until
-from .smtp_sink import Sink, SinkServer
 
 GROUP = "workers"
 LEASE_S = 3
@@ -64,30 +62,6 @@ def procs(env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
     ps = OutboundProcesses(env, tmp_path)
     yield ps
     ps.stop_all()
-
-
-@dataclass
-class FaultSink(Sink):
-    """The test sink plus: busy-* always 451 (with a retry hint), slow-* answers DATA after
-    slow_s (within the client's timeout), stall-* after stall_s (beyond it)."""
-
-    slow_s: float = 0.6
-    stall_s: float = 2.0
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address.split("@")[0].startswith("busy"):
-            with self.lock:
-                self.attempts[address] += 1
-            return "451 4.2.1 Mailbox busy, try again in 1 seconds"
-        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
-
-    async def handle_DATA(self, server, session, envelope):
-        local = envelope.rcpt_tos[0].split("@")[0]
-        if local.startswith("slow"):
-            await asyncio.sleep(self.slow_s)
-        elif local.startswith("stall"):
-            await asyncio.sleep(self.stall_s)
-        return await super().handle_DATA(server, session, envelope)
 
 
 def pipeline_env(env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -462,7 +436,7 @@ def test_sigterm_on_a_worker_finishes_its_sends_in_flight_and_exits_0(procs, env
 
 def test_smtp_faults_end_every_job_with_every_attempt_recorded_and_reported(procs, env, store, db, r, prefix):
     penv = pipeline_env(env, MAILFLOW_RETRY_MAX_ATTEMPTS="3")
-    sink = FaultSink(tempfail_times=1, delay_s=0.01, slow_s=0.6, stall_s=2.0)
+    sink = Sink(tempfail_times=1, delay_s=0.01, slow_s=0.6, stall_s=2.0)
     faults = ["bounce-1", "policy-1", "tempfail-1", "drop-1", "busy-1", "slow-1", "stall-1"]
     recipients = [f"user{i}" for i in range(20)] + faults
     with SinkServer(sink) as server:

@@ -30,6 +30,7 @@ from mailflow.outbound import campaigns, mime, segments, suppressions, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded
 from mailflow.outbound.senders import Sender
+from mailflow.outbound.sink import Sink, SinkServer
 from mailflow.outbound.templates import Rendered
 from mailflow.outbound.unsubscribes import Outcome, UnsubscribeRequest, plan, read_token, unsubscribe
 from mailflow.services import connect
@@ -37,7 +38,6 @@ from mailflow.web.app import create_app, unsubscribe_path
 from mailflow.web.unsubscribe import is_one_click
 
 from .conftest import run_cli, wait_until
-from .smtp_sink import Sink, SinkServer
 from .test_outbound_pipeline import SECRET as PIPELINE_SECRET
 from .test_outbound_pipeline import run_pipeline, setup_catalog
 

@@ -48,7 +48,7 @@ def senders_add(
     name: str = typer.Argument(...),
     from_email: str = typer.Option(..., "--from", help="From address, e.g. news@example.org."),
     from_name: str = typer.Option("", "--from-name"),
-    relay: str = typer.Option(..., "--relay", help="smtp://user:pass@host:587 or smtps://host:465 (?tls=none for plain)."),
+    relay: str = typer.Option(..., "--relay", help="smtp://user:pass@host:587, smtps://host:465 (?tls=none for plain), or direct:// to deliver to the recipients' MX hosts."),
     dkim_selector: Optional[str] = typer.Option(None, "--dkim-selector"),
     dkim_key: Optional[Path] = typer.Option(None, "--dkim-key", help="PEM private key file."),
     as_json: bool = JsonOpt,

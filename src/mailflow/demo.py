@@ -9,26 +9,21 @@ reached completed or failed.
 
 from __future__ import annotations
 
-import asyncio
 import csv
-import hashlib
-import socket
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from aiosmtpd.controller import Controller
 
 from .app import Runtime
 from .outbound import campaigns, queries as oq, segments, sending, templates
 from .outbound.contacts import import_contacts, parse_csv
 from .outbound.queuer import queue_stats
 from .outbound.senders import Sender
+from .outbound.sink import FaultRates, Sink, SinkServer
 from .supervisor import Pipeline
 
 TEMPLATE_HTML = """<h1>Spring news, {{ first_name }}</h1>
@@ -38,69 +33,9 @@ TEMPLATE_TEXT = "Spring news, {{ first_name }}!\nYour {{ plan }} plan in {{ coun
 RECEIPT_HTML = "<p>Thanks {{ name }}, your order {{ order }} is confirmed.</p>"
 
 
-def _fate(address: str) -> int:
-    """A stable number 0..999 per address, so a recipient misbehaves the same way every time."""
-    return int(hashlib.sha256(address.encode()).hexdigest()[:8], 16) % 1000
-
-
-@dataclass
-class FaultySink:
-    """An SMTP peer with the habits of real ones: greylisting, unknown users, policy blocks."""
-
-    slow_s: float = 0.2
-    accepted: Counter = field(default_factory=Counter)
-    tries: Counter = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        fate = _fate(address)
-        with self.lock:
-            self.tries[address] += 1
-            n = self.tries[address]
-        if fate < 10:
-            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown in virtual mailbox table"
-        if fate < 15:
-            return "550 5.7.1 Message rejected: sender reputation too low"
-        if fate < 45 and n == 1:
-            return "451 4.7.1 Greylisted, please try again in 2 seconds"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server, session, envelope):
-        address = envelope.rcpt_tos[0]
-        fate = _fate(address)
-        with self.lock:
-            n = self.tries[address]
-        if 45 <= fate < 55 and n == 1:
-            server.transport.close()  # a dropped connection mid-transaction
-            return "421 4.4.2 connection dropped"
-        if 55 <= fate < 75:
-            await asyncio.sleep(self.slow_s)
-        mid = ""
-        for line in envelope.content.split(b"\r\n"):
-            if line.lower().startswith(b"message-id:"):
-                mid = line.split(b":", 1)[1].strip().decode()
-                break
-            if not line:
-                break
-        with self.lock:
-            self.accepted[mid] += 1
-        return "250 2.0.0 Ok: queued"
-
-
-class SinkServer:
-    def __init__(self, sink: FaultySink) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.controller = Controller(sink, hostname="127.0.0.1", port=self.port)
-
-    def __enter__(self) -> "SinkServer":
-        self.controller.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.controller.stop()
+# Per mille of recipients that misbehave, each the same way on every attempt: unknown users,
+# policy blocks, greylisting, dropped connections and slow answers, as real servers do.
+FAULTS = FaultRates(bounce=10, policy=5, tempfail=30, drop=10, slow=20)
 
 
 def write_contacts(path: Path, n: int, run: str) -> int:
@@ -148,9 +83,9 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
     res = DemoResult(transactional=transactional)
     store = rt.store
     tag = time.strftime("%Y%m%d%H%M%S")
-    sink = FaultySink()
+    sink = Sink(slow_s=0.2, rates=FAULTS)
     with SinkServer(sink) as server, tempfile.TemporaryDirectory() as tmp:
-        relay = f"smtp://127.0.0.1:{server.port}?tls=none&timeout=10"
+        relay = server.relay_url(timeout_s=10)
         sending.save_sender(store, Sender("demo", "news@example.org", "mailflow demo", relay))
         templates.save(store, templates.Template("demo-news", "Spring news for {{ first_name }}", TEMPLATE_HTML, TEMPLATE_TEXT))
         templates.save(store, templates.Template("demo-receipt", "Order {{ order }} confirmed", RECEIPT_HTML))
@@ -206,5 +141,5 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
         res.failures = st["failures"]
         delivered = res.states.get("completed", 0)
         res.messages_per_s = round(delivered / res.seconds, 1) if res.seconds else 0.0
-        res.duplicates = sum(n - 1 for n in sink.accepted.values() if n > 1)
+        res.duplicates = sum(n - 1 for n in sink.message_ids().values() if n > 1)
     return res
