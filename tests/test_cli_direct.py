@@ -44,3 +44,29 @@ def test_a_bad_direct_relay_url_is_one_error_line_with_exit_code_2_and_saves_not
     [line] = res.stderr.splitlines()
     assert line.startswith(f"error: relay URL {url}: {why}"), res.stderr
     assert json.loads(run_cli(env, "senders", "list", "--json").stdout) == []
+
+
+@pytest.mark.parametrize(
+    "name, value, why",
+    [
+        ("MAILFLOW_DNS_SERVERS", "10.0.0.53", "not valid JSON"),
+        ("MAILFLOW_MX_OVERRIDES", "example.net=10.0.0.5", "not valid JSON"),
+        ("MAILFLOW_EHLO_HOSTNAME", " ", "String should match pattern"),
+    ],
+)
+def test_a_malformed_delivery_setting_is_one_error_line_with_exit_code_2(env, name, value, why):
+    res = run_cli(dict(env, **{name: value}), "queues")
+    assert res.returncode == 2
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"error: bad setting {name}: {why}"), res.stderr
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("MAILFLOW_DNS_SERVERS", '["dns.example.net"]'), ("MAILFLOW_MX_OVERRIDES", '{"example.net": "host:99999"}')],
+)
+def test_a_worker_with_an_unusable_route_setting_refuses_to_start(env, name, value):
+    res = run_cli(dict(env, **{name: value}), "worker")
+    assert res.returncode == 2
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"error: bad setting {name}: "), res.stderr

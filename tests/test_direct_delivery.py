@@ -39,10 +39,19 @@ def test_a_null_mx_means_the_domain_takes_no_mail():
 
 
 def test_overrides_name_hosts_and_optional_ports_and_reject_nonsense():
-    assert mx.parse_overrides({"Example.NET": "10.0.0.5:2525, backup.internal"}) == {
-        "example.net": [("10.0.0.5", 2525), ("backup.internal", None)]}
-    with pytest.raises(ConfigurationError, match="MAILFLOW_MX_OVERRIDES"):
-        mx.parse_overrides({"example.net": "host:port"})
+    assert mx.parse_overrides({"Example.NET": "10.0.0.5:2525, backup.internal, [2001:db8::5]:26, 2001:db8::6"}) == {
+        "example.net": [("10.0.0.5", 2525), ("backup.internal", None), ("2001:db8::5", 26), ("2001:db8::6", None)]}
+    for bad in ["host:port", "host:0", "", "[2001:db8::5", "[2001:db8::5]x"]:
+        with pytest.raises(ConfigurationError, match="MAILFLOW_MX_OVERRIDES"):
+            mx.parse_overrides({"example.net": bad})
+
+
+def test_dns_servers_are_ip_addresses_with_optional_ports():
+    resolver = mx.MxResolver(nameservers=["10.0.0.53", "127.0.0.1:5353", "[::1]:5300"])
+    assert [(ns.address, ns.port) for ns in resolver.nameservers] == [("10.0.0.53", 53), ("127.0.0.1", 5353), ("::1", 5300)]
+    for bad in ["dns.example.net", "10.0.0.1:x"]:
+        with pytest.raises(ConfigurationError, match="MAILFLOW_DNS_SERVERS"):
+            mx.MxResolver(nameservers=[bad])
 
 
 @pytest.mark.parametrize(

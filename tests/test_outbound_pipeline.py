@@ -278,3 +278,21 @@ def test_inline_read_models_rebuilt_from_the_log_equal_the_live_ones(rt, setting
         assert json.loads(res.stdout)["applied"] > 0
     assert read() == before
     assert run_cli(env, "consume", "jobs").returncode == 2
+
+
+def test_a_crash_while_sending_is_recorded_as_an_attempt_not_left_active(rt, settings, db_url, monkeypatch):
+    """A bug in the send path must not leave a job active with its lease renewed forever."""
+    from mailflow.outbound import worker as worker_module
+
+    async def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(worker_module.smtp, "transact", boom)
+    settings = settings.model_copy(update={"retry_base_s": 0.05, "retry_max_attempts": 2, "queuer_interval_s": 0.02})
+    with SinkServer(Sink()) as server:
+        setup_catalog(rt.store, server.url)
+        sending.send_transactional(rt.store, sender="tx", template="reset", to="ann@example.net", variables={"name": "A", "code": 1})
+        run_pipeline(rt, settings, lambda: states(db_url) == {"ann@example.net": "failed"})
+    with connect(db_url) as c:
+        attempts, kind, reply = c.execute("SELECT attempts, failure_kind, last_reply FROM jobs").fetchone()
+    assert (attempts, kind) == (2, "retries_exhausted") and "internal error: RuntimeError('boom')" in reply

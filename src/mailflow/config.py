@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigurationError
 
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     worker_connections_per_mx: int = Field(default=2, ge=1)  # direct delivery: sessions per MX host
     worker_flush_interval_s: float = Field(default=0.05, gt=0)  # how often finished sends are recorded
     worker_idle_close_s: float = Field(default=60.0, gt=0)  # close pooled SMTP sessions idle this long
-    ehlo_hostname: str | None = None  # the name in EHLO; default: this machine's FQDN
+    ehlo_hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-\[\]:]+$")  # EHLO name; default: the FQDN
     mx_overrides: dict[str, str] = Field(default_factory=dict)  # direct delivery: {"example.net": "10.0.0.5:25"}
     dns_servers: list[str] = Field(default_factory=list)  # direct delivery: ["10.0.0.53", "127.0.0.1:5353"]
     retry_base_s: float = Field(default=300.0, gt=0)
@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         return self.database_url is None or self.redis_url is None
 
 
+_JSON_EXAMPLES = {
+    "rate_limits": '{"*": 50, "gmail.com": 20}',
+    "mx_overrides": '{"example.net": "10.0.0.5:25"}',
+    "dns_servers": '["10.0.0.53", "127.0.0.1:5353"]',
+}
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read MAILFLOW_* once; a bad value becomes one ConfigurationError line naming it."""
     try:
@@ -79,6 +86,11 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         name = "MAILFLOW_" + "_".join(str(p) for p in first["loc"]).upper()
         raise ConfigurationError(f"bad setting {name}: {first['msg']}") from exc
+    except SettingsError as exc:  # a JSON setting that is not JSON: 'error parsing value for field "x" ...'
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        raise ConfigurationError(
+            f"bad setting MAILFLOW_{field.upper()}: not valid JSON (e.g. {_JSON_EXAMPLES.get(field, '{...}')})"
+        ) from exc
 
 
 def debug_enabled() -> bool:

@@ -12,6 +12,7 @@ table: for staging, split routing and tests.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import time
 from dataclasses import dataclass
@@ -61,34 +62,47 @@ def delivery_hosts(domain: str, records: list[MxRecord] | None, has_address: boo
 Route = list[tuple[str, "int | None"]]  # (host, port); None: the relay's port
 
 
+def split_host_port(spec: str) -> tuple[str, int | None]:
+    """"host", "host:25", "10.0.0.5:25", "::1" or "[::1]:25" -> (host, port or None); ValueError if not."""
+    spec = spec.strip()
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(spec)
+        port = rest[1:] or None
+    elif spec.count(":") > 1:  # a bare IPv6 address
+        host, port = spec, None
+    else:
+        host, _, port = spec.partition(":")
+        port = port or None
+    if not host or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(spec)
+    return host, int(port) if port else None
+
+
 def parse_overrides(overrides: dict[str, str]) -> dict[str, Route]:
     """{"example.net": "127.0.0.1:2525", "*": "smtp.internal"} -> hosts and ports to use."""
     out: dict[str, Route] = {}
     for domain, target in overrides.items():
-        hosts = []
-        for item in str(target).split(","):
-            host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
-            try:
-                hosts.append((host, int(port) if port else None))
-            except ValueError as exc:
-                raise ConfigurationError(
-                    f"bad setting MAILFLOW_MX_OVERRIDES: {domain!r}: {target!r} is not host[:port][,host[:port]...]"
-                ) from exc
-            if not host:
-                raise ConfigurationError(f"bad setting MAILFLOW_MX_OVERRIDES: {domain!r} has an empty host")
-        out[domain.lower()] = hosts
+        try:
+            out[domain.lower()] = [split_host_port(item) for item in str(target).split(",")]
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"bad setting MAILFLOW_MX_OVERRIDES: {domain!r}: {target!r} is not host[:port][,host[:port]...]"
+            ) from exc
     return out
 
 
 def _nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
-    """"10.0.0.53" or "127.0.0.1:5353" -> a nameserver dnspython asks over UDP/TCP."""
-    host, sep, port = spec.rpartition(":")
-    if not sep or ":" in host:  # no port, or a bare IPv6 address
-        return dns.nameserver.Do53Nameserver(spec, 53)
+    """"10.0.0.53", "127.0.0.1:5353" or "[::1]:53" -> a nameserver dnspython asks over UDP/TCP."""
     try:
-        return dns.nameserver.Do53Nameserver(host.strip("[]"), int(port))
+        host, port = split_host_port(spec)
+        ipaddress.ip_address(host)
     except ValueError as exc:
-        raise ConfigurationError(f"bad setting MAILFLOW_DNS_SERVERS: {spec!r} is not an address[:port]") from exc
+        raise ConfigurationError(
+            f"bad setting MAILFLOW_DNS_SERVERS: {spec!r} is not an IP address with an optional :port"
+        ) from exc
+    return dns.nameserver.Do53Nameserver(host, port or 53)
 
 
 class MxResolver:
@@ -97,7 +111,7 @@ class MxResolver:
     def __init__(self, overrides: dict[str, str] | None = None, timeout_s: float = 10.0,
                  nameservers: list[str] | None = None) -> None:
         self.timeout_s = timeout_s
-        self.nameservers = nameservers or []
+        self.nameservers = [_nameserver(ns) for ns in nameservers or []]  # bad ones fail at start
         self.overrides = parse_overrides(overrides or {})
         self._cache: dict[str, tuple[float, Route | Exception]] = {}
         self._pending: dict[str, asyncio.Future] = {}
@@ -138,7 +152,7 @@ class MxResolver:
         if self._resolver is None:
             resolver = dns.asyncresolver.Resolver(configure=not self.nameservers)
             if self.nameservers:
-                resolver.nameservers = [_nameserver(ns) for ns in self.nameservers]
+                resolver.nameservers = self.nameservers
             self._resolver = resolver
         return self._resolver
 

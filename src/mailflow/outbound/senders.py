@@ -94,12 +94,16 @@ def parse_relay_url(url: str) -> SmtpRelay:
 
 def _timeout(url: str, query: dict[str, str]) -> float:
     try:
-        return float(query.get("timeout", "30"))
-    except ValueError as exc:
-        raise UsageError(f"relay URL {mask_url(url)}: timeout must be a number of seconds") from exc
+        timeout = float(query.get("timeout", "30"))
+    except ValueError:
+        timeout = -1.0
+    if not 0 < timeout <= 3600:
+        raise UsageError(f"relay URL {mask_url(url)}: timeout must be a number of seconds from 0 to 3600")
+    return timeout
 
 
 def _parse_direct(url: str, parts) -> SmtpRelay:
+    url = mask_url(url)
     if parts.netloc or parts.path not in ("", "/"):
         raise UsageError(f"relay URL {url}: direct delivery takes no host (direct:// or direct://?tls=none)")
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}

@@ -386,6 +386,14 @@ class Worker:
         return hit[1]
 
     async def _send(self, job: Claimed) -> None:
+        """Send one job and queue its result; a job never stays unrecorded, whatever goes wrong."""
+        try:
+            await self._deliver(job)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the job active (and its lease renewed) forever
+            self.log.exception("worker.send_crashed", job=job.job_id)
+            self.results.append(Result(job, transient(f"internal error: {exc!r}"), None, f"internal error: {exc!r}"[:1000]))
+
+    async def _deliver(self, job: Claimed) -> None:
         code: int | None = None
         try:
             sender = self._fresh(self.senders, job.sender) or await asyncio.to_thread(
