@@ -111,3 +111,32 @@ def test_size_is_declared_and_internationalised_addresses_need_smtputf8(server):
 def test_addresses_that_would_break_the_envelope_are_refused_before_sending(address):
     with pytest.raises(ValueError, match="envelope address"):
         smtp.check_address(address)
+
+
+def test_an_urgent_message_gets_the_next_free_session_before_earlier_waiters(server):
+    from mailflow.outbound.senders import parse_relay_url
+    from mailflow.outbound.worker import RelayPool
+
+    _, port, _ = server
+
+    async def main():
+        pool = RelayPool(parse_relay_url(f"smtp://127.0.0.1:{port}?tls=none&timeout=5"), size=1)
+        order = []
+        held = await pool.acquire()
+
+        async def wait_turn(name, urgent):
+            client = await pool.acquire(urgent=urgent)
+            order.append(name)
+            await asyncio.sleep(0.01)
+            await pool.release(client, True)
+
+        waiters = [asyncio.create_task(wait_turn(f"normal-{i}", False)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        waiters.append(asyncio.create_task(wait_turn("urgent", True)))
+        await asyncio.sleep(0.05)
+        await pool.release(held, True)
+        await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        await pool.close()
+        return order
+
+    assert asyncio.run(main()) == ["urgent", "normal-0", "normal-1", "normal-2"]

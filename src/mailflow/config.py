@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: stop filling a deeper stream
     rate_limits: dict[str, float] = Field(default_factory=dict)  # {"*": 50, "gmail.com": 20} messages/s
     job_lease_s: float = Field(default=120.0, gt=0)
-    worker_concurrency: int = Field(default=64, ge=1)
+    worker_concurrency: int = Field(default=128, ge=1)
     worker_connections_per_relay: int = Field(default=8, ge=1)
     worker_connections_per_mx: int = Field(default=2, ge=1)  # direct delivery: sessions per MX host
     worker_flush_interval_s: float = Field(default=0.05, gt=0)  # how often finished sends are recorded

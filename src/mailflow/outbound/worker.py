@@ -81,20 +81,33 @@ class RelayPool:
         self.idle_close_s = idle_close_s
         self.idle: list[tuple[float, aiosmtplib.SMTP]] = []
         self.open = 0
+        self.urgent_waiting = 0
         self.available = asyncio.Condition()
 
-    async def acquire(self) -> aiosmtplib.SMTP:
+    async def acquire(self, urgent: bool = False) -> aiosmtplib.SMTP:
+        """A session for one message; `urgent` (high priority) ones go before everyone waiting."""
         async with self.available:
-            while not self.idle and self.open >= self.size:
-                await self.available.wait()
+            self.urgent_waiting += urgent
+            try:
+                while (not self.idle and self.open >= self.size) or (not urgent and self.urgent_waiting):
+                    await self.available.wait()
+            finally:
+                self.urgent_waiting -= urgent
             now = time.monotonic()
-            while self.idle:
-                used, client = self.idle.pop()
-                if client.is_connected and now - used < self.idle_close_s:
-                    return client
-                client.close()
-                self.open -= 1
-            self.open += 1
+            client = None
+            while self.idle and client is None:
+                used, candidate = self.idle.pop()
+                if candidate.is_connected and now - used < self.idle_close_s:
+                    client = candidate
+                else:
+                    candidate.close()
+                    self.open -= 1
+            if client is None:
+                self.open += 1
+            if self.idle or self.open < self.size:
+                self.available.notify()  # a waiter held back by this urgent one can go now
+        if client is not None:
+            return client
         try:
             client = smtp_client(self.relay, self.local_hostname)
             await client.connect()
@@ -107,7 +120,7 @@ class RelayPool:
         if healthy and client.is_connected:
             async with self.available:
                 self.idle.append((time.monotonic(), client))
-                self.available.notify()
+                self._wake()
             return
         try:
             client.close()
@@ -121,12 +134,20 @@ class RelayPool:
             stale = [c for used, c in self.idle if now - used >= self.idle_close_s]
             self.idle = [(used, c) for used, c in self.idle if now - used < self.idle_close_s]
             self.open -= len(stale)
-            self.available.notify(len(stale))
+            if stale:
+                self.available.notify_all()
         await _quit_all(stale)
 
     async def _forget(self) -> None:
         async with self.available:
             self.open -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        # Condition.notify() wakes the longest waiter, which may be held back for an urgent one.
+        if self.urgent_waiting:
+            self.available.notify_all()
+        else:
             self.available.notify()
 
     async def close(self) -> None:
@@ -424,7 +445,7 @@ class Worker:
         for target in targets:  # MX hosts in preference order; a relay is a list of one
             pool = self._pool(target)
             try:
-                client = await pool.acquire()
+                client = await pool.acquire(urgent=job.priority is Priority.HIGH)
                 break
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
                 errors.append(f"connecting to {target.host}:{target.port}: {exc}")
