@@ -203,6 +203,8 @@ def test_demo_runs_the_outbound_pipeline_and_every_job_finishes(env):
     assert all(states[s] == 0 for s in ("pending", "queued", "active", "retry"))
     assert summary["duplicates"] == 0
     assert summary["events"] >= 4 * 125  # created, queued, started, finished at least
+    # Every failed job, campaign or transactional, is explained by a reason.
+    assert sum(f["count"] for f in summary["failures"]) == states["failed"]
 
 
 def test_a_csv_that_is_not_utf8_is_one_line_naming_the_line(env, tmp_path):

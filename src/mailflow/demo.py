@@ -129,16 +129,24 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
             res.seconds = time.perf_counter() - started
             stop.set()
             pipeline.join()
+        buyers = (f"buyer%.{tag}@example.com",)
         with rt.connect() as conn:
             st = campaigns.status(conn, cid)
-            tx_states = dict(conn.execute(oq.DEMO_TRANSACTIONAL_STATES, (f"buyer%.{tag}@example.com",)).fetchall())
+            tx_states = dict(conn.execute(oq.DEMO_TRANSACTIONAL_STATES, buyers).fetchall())
+            tx_failures = conn.execute(oq.DEMO_TRANSACTIONAL_FAILURES, buyers).fetchall()
+            tx_retries = int(conn.execute(oq.DEMO_TRANSACTIONAL_RETRIES, buyers).fetchone()[0])
             res.latency = queue_stats(conn, rt.redis, rt.keys)
         res.events = store.sync() - head_before
+        # Campaign and transactional jobs together: every failure counted is explained.
         res.states = dict(st["jobs"])
         for s, n in tx_states.items():
             res.states[s] = res.states.get(s, 0) + int(n)
-        res.retries = st["retries"]
-        res.failures = st["failures"]
+        res.retries = st["retries"] + tx_retries
+        failures = {f["kind"]: dict(f) for f in st["failures"]}
+        for kind, n, reply in tx_failures:
+            merged = failures.setdefault(kind or "unknown", {"kind": kind or "unknown", "count": 0, "example": reply})
+            merged["count"] += int(n)
+        res.failures = sorted(failures.values(), key=lambda f: -f["count"])
         delivered = res.states.get("completed", 0)
         res.messages_per_s = round(delivered / res.seconds, 1) if res.seconds else 0.0
         res.duplicates = sum(n - 1 for n in sink.message_ids().values() if n > 1)

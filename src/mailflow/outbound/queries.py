@@ -210,6 +210,11 @@ SELECT count(*) FROM jobs
 WHERE state IN ('completed', 'failed') AND (campaign_id = %s OR email LIKE %s)
 """
 DEMO_TRANSACTIONAL_STATES = "SELECT state, count(*) FROM jobs WHERE email LIKE %s GROUP BY state"
+DEMO_TRANSACTIONAL_FAILURES = """
+SELECT failure_kind, count(*), min(last_reply) FROM jobs
+WHERE email LIKE %s AND state = 'failed' GROUP BY failure_kind
+"""
+DEMO_TRANSACTIONAL_RETRIES = "SELECT coalesce(sum(greatest(attempts - 1, 0)), 0) FROM jobs WHERE email LIKE %s"
 
 # Leases of jobs a live worker is still sending are extended (not a state change, so no event).
 RENEW_LEASES = """
