@@ -105,7 +105,7 @@ class RelayPool:
             if client is None:
                 self.open += 1
             if self.idle or self.open < self.size:
-                self.available.notify()  # a waiter held back by this urgent one can go now
+                self._wake()  # a waiter held back by this urgent one can go now
         if client is not None:
             return client
         try:
