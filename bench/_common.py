@@ -1,12 +1,20 @@
-"""Helpers shared by the benchmark scripts (progress lines, phases, child processes, servers)."""
+"""Helpers shared by the benchmark scripts (progress lines, phases, child processes, servers, scratch
+databases, the result's common tail)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import platform
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from queue import Empty
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -14,7 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from mailflow.services import connect, redis_client
+from mailflow.config import load_settings, mask_url
+from mailflow.migrate import migrate
+from mailflow.services import connect, redis_client, resolve
 
 
 def say(msg: str) -> None:
@@ -100,3 +110,82 @@ def with_dbname(url: str, dbname: str) -> str:
     if url.startswith(("postgresql://", "postgres://")):
         return urlunsplit(urlsplit(url)._replace(path="/" + dbname))
     return make_conninfo(url, dbname=dbname)
+
+
+@dataclass
+class Scratch:
+    """A benchmark's own database, Redis key prefix and temporary folder on the configured
+    (or embedded) servers, with what the result JSON says about them."""
+
+    kind: str  # configured | embedded | mixed
+    admin_url: str
+    db_url: str
+    redis_url: str
+    prefix: str
+    workdir: Path
+    info: dict[str, Any]
+
+
+@contextlib.contextmanager
+def scratch(tag: str, keep: bool, elapsed: dict[str, float]) -> Iterator[Scratch]:
+    """Create and migrate `mailflow_<tag>_<pid>` and a `mailflow-<tag>-...` prefix; drop both
+    (and the folder) at the end unless `keep`."""
+    base = load_settings()
+    services = resolve(base)
+    if base.database_url and base.redis_url:
+        kind = "configured"
+    elif not base.database_url and not base.redis_url:
+        kind = "embedded"
+    else:
+        kind = "mixed"
+    dbname = f"mailflow_{tag.replace('-', '_')}_{os.getpid()}"
+    prefix = f"mailflow-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    db_url = with_dbname(services.database_url, dbname)
+    redis_url = services.redis_url
+    say(f"services: {kind}; database {mask_url(db_url)}; redis {mask_url(redis_url)} prefix {prefix}")
+    pg_version, redis_version = server_versions(services.database_url, redis_url)
+    info: dict[str, Any] = {"services": kind, "postgres_version": pg_version, "redis_version": redis_version}
+    workdir = Path(tempfile.mkdtemp(prefix=f"mailflow-{tag}-"))
+    with connect(services.database_url) as admin:
+        admin.execute(f'CREATE DATABASE "{dbname}"')
+    try:
+        with connect(db_url) as conn:
+            migrate(conn)
+            info["synchronous_commit"] = str(scalar(conn, "SHOW synchronous_commit"))
+        yield Scratch(kind, services.database_url, db_url, redis_url, prefix, workdir, info)
+    finally:
+        with phase(elapsed, "cleanup"):
+            if keep:
+                say(f"kept database {mask_url(db_url)}, Redis prefix {prefix} and logs in {workdir}")
+            else:
+                with connect(services.database_url) as admin:
+                    admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+                r = redis_client(redis_url)
+                try:
+                    stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+                    if stale:
+                        r.delete(*stale)
+                finally:
+                    r.close()
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+def finish(out: dict[str, Any], goals: dict[str, tuple[str, float]], params: Any, notes: dict[str, str],
+           load_start: float, elapsed: dict[str, float], t_total: float) -> dict[str, Any]:
+    """The common tail of a result: goals met or not, parameters, notes, the machine, phase times."""
+    elapsed["total"] = round(time.perf_counter() - t_total, 2)
+    out["goals"] = {
+        name: {"goal": f"{op} {target:g}", "met": met(out.get(name), op, target)}
+        for name, (op, target) in goals.items()
+        if name in out
+    }
+    out["params"] = asdict(params)
+    out["notes"] = notes
+    out["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_1m_start": round(load_start, 2),
+        "loadavg_1m_end": round(os.getloadavg()[0], 2),
+    }
+    out["elapsed_s"] = elapsed
+    return out

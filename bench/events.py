@@ -48,16 +48,14 @@ import multiprocessing as mp
 import multiprocessing.context
 import multiprocessing.synchronize
 import os
-import platform
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +63,15 @@ import orjson
 from psycopg.conninfo import conninfo_to_dict
 
 from mailflow import log as mailflow_log
-from mailflow.config import Settings, load_settings, mask_url
+from mailflow.config import Settings, load_settings
 from mailflow.consumers.runtime import ConsumerRunner
 from mailflow.events.envelope import NewEvent
 from mailflow.events.keys import Keys
 from mailflow.events.store import NO_STREAM, EventStore
-from mailflow.migrate import migrate
 from mailflow.projectors.event_counts import EventCounts
-from mailflow.services import connect, open_pool, redis_client, resolve
+from mailflow.services import connect, open_pool, redis_client
 
-from _common import collect, met, percentile, phase, rnd, say, scalar, server_versions, with_dbname  # noqa: E402
+from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch  # noqa: E402
 
 EVENT_TYPES = ("JobQueued", "JobActivated", "MessageDelivered", "MessageOpened", "ReplyReceived")
 DATA_BYTES = 100
@@ -659,75 +656,27 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     mailflow_log.configure(level="warning", stream=sys.stderr)  # stdout is for the result
     elapsed: dict[str, float] = {}
-    base = load_settings()
-    services = resolve(base)
-    if base.database_url and base.redis_url:
-        kind = "configured"
-    elif not base.database_url and not base.redis_url:
-        kind = "embedded"
-    else:
-        kind = "mixed"
-    dbname = f"mailflow_bench_{os.getpid()}"
-    prefix = f"mailflow-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    settings = load_settings(redis_prefix=prefix, database_url=None, redis_url=None)
-    db_url = with_dbname(services.database_url, dbname)
-    redis_url = services.redis_url
-    say(f"services: {kind}; database {mask_url(db_url)}; redis {mask_url(redis_url)} prefix {prefix}")
-    pg_version, redis_version = server_versions(services.database_url, redis_url)
-    out: dict[str, Any] = {
-        "services": kind,
-        "postgres_version": pg_version,
-        "redis_version": redis_version,
-    }
     ctx = mp.get_context("spawn")
-    workdir = Path(tempfile.mkdtemp(prefix="mailflow-bench-"))
-    with connect(services.database_url) as admin:
-        admin.execute(f'CREATE DATABASE "{dbname}"')
-    try:
-        with connect(db_url) as conn:
-            migrate(conn)
-            out["synchronous_commit"] = str(scalar(conn, "SHOW synchronous_commit"))
-        pool = open_pool(db_url, min_size=1, max_size=2)
+    with scratch("bench", keep, elapsed) as sc:
+        settings = load_settings(redis_prefix=sc.prefix, database_url=None, redis_url=None)
+        out: dict[str, Any] = dict(sc.info)
+        pool = open_pool(sc.db_url, min_size=1, max_size=2)
         store = EventStore(pool)
         try:
             if "batched" in p.phases:
                 with phase(elapsed, "append_batched"):
-                    out.update(bench_batched(store, db_url, p))
+                    out.update(bench_batched(store, sc.db_url, p))
             if "concurrent" in p.phases:
                 with phase(elapsed, "append_concurrent"):
-                    out.update(bench_concurrent(ctx, db_url, p))
+                    out.update(bench_concurrent(ctx, sc.db_url, p))
             if "relay" in p.phases:
-                out.update(bench_relay(ctx, store, db_url, redis_url, settings, p, workdir, elapsed))
+                out.update(bench_relay(ctx, store, sc.db_url, sc.redis_url, settings, p, sc.workdir, elapsed))
             if "rebuild" in p.phases:
-                out.update(bench_rebuild(store, db_url, redis_url, settings, p, elapsed))
+                out.update(bench_rebuild(store, sc.db_url, sc.redis_url, settings, p, elapsed))
         finally:
             store.close()
             pool.close()
-    finally:
-        with phase(elapsed, "cleanup"):
-            if keep:
-                say(f"kept database {mask_url(db_url)} and Redis prefix {prefix}")
-            else:
-                with connect(services.database_url) as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-                r = redis_client(redis_url)
-                try:
-                    stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
-                    if stale:
-                        r.delete(*stale)
-                finally:
-                    r.close()
-            for f in workdir.iterdir():
-                f.unlink()
-            workdir.rmdir()
-    elapsed["total"] = round(time.perf_counter() - t_total, 2)
-    out["goals"] = {
-        name: {"goal": f"{op} {target:g}", "met": met(out.get(name), op, target)}
-        for name, (op, target) in GOALS.items()
-        if name in out
-    }
-    out["params"] = asdict(p)
-    out["notes"] = {
+    notes = {
         "relay_load": (
             f"{p.relay_writers} writer processes, each appending {p.relay_events_per_append} events on a "
             f"fixed schedule, {p.relay_rate_events_per_s} events/s offered in total, into a database "
@@ -743,14 +692,7 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
         "every event in the database is rebuilt",
         "machine": "clients and servers share the machine's CPUs; loadavg shows other load during the run",
     }
-    out["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg_1m_start": round(load_start, 2),
-        "loadavg_1m_end": round(os.getloadavg()[0], 2),
-    }
-    out["elapsed_s"] = elapsed
-    return out
+    return finish(out, GOALS, p, notes, load_start, elapsed, t_total)
 
 
 def print_table(res: dict[str, Any]) -> None:

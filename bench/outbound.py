@@ -77,7 +77,6 @@ import multiprocessing as mp
 import multiprocessing.context
 import multiprocessing.synchronize
 import os
-import platform
 import re
 import shutil
 import signal
@@ -90,7 +89,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -98,18 +97,17 @@ from typing import Any
 import orjson
 
 from mailflow import log as mailflow_log
-from mailflow.config import load_settings, mask_url
+from mailflow.config import load_settings
 from mailflow.events.keys import Keys
 from mailflow.events.relay import stream_last_id
 from mailflow.events.store import EventStore
-from mailflow.migrate import migrate
 from mailflow.outbound import campaigns, mime, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts
 from mailflow.outbound.events import ImportedContact
 from mailflow.outbound.senders import Sender
-from mailflow.services import connect, open_pool, redis_client, resolve
+from mailflow.services import connect, open_pool, redis_client
 
-from _common import collect, met, percentile, phase, rnd, say, scalar, server_versions, with_dbname  # noqa: E402
+from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch  # noqa: E402
 
 GOALS: dict[str, tuple[str, float]] = {
     "campaign_messages_per_s": (">=", 1000),
@@ -1168,54 +1166,11 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     mailflow_log.configure(level="warning", stream=sys.stderr)
     elapsed: dict[str, float] = {}
-    base = load_settings()
-    services = resolve(base)
-    if base.database_url and base.redis_url:
-        kind = "configured"
-    elif not base.database_url and not base.redis_url:
-        kind = "embedded"
-    else:
-        kind = "mixed"
-    dbname = f"mailflow_bench_out_{os.getpid()}"
-    prefix = f"mailflow-bench-out-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    db_url = with_dbname(services.database_url, dbname)
-    redis_url = services.redis_url
-    say(f"services: {kind}; database {mask_url(db_url)}; redis {mask_url(redis_url)} prefix {prefix}")
-    pg_version, redis_version = server_versions(services.database_url, redis_url)
-    out: dict[str, Any] = {
-        "services": kind, "postgres_version": pg_version, "redis_version": redis_version, "source": source_state(),
-    }
     ctx = mp.get_context("spawn")
-    workdir = Path(tempfile.mkdtemp(prefix="mailflow-bench-out-"))
-    with connect(services.database_url) as admin:
-        admin.execute(f'CREATE DATABASE "{dbname}"')
-    try:
-        with connect(db_url) as conn:
-            migrate(conn)
-            out["synchronous_commit"] = str(scalar(conn, "SHOW synchronous_commit"))
-        run_campaign(ctx, db_url, redis_url, prefix, p, workdir, elapsed, out)
-    finally:
-        with phase(elapsed, "cleanup"):
-            if keep:
-                say(f"kept database {mask_url(db_url)}, Redis prefix {prefix} and logs in {workdir}")
-            else:
-                with connect(services.database_url) as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-                r = redis_client(redis_url)
-                try:
-                    stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
-                    if stale:
-                        r.delete(*stale)
-                finally:
-                    r.close()
-                shutil.rmtree(workdir, ignore_errors=True)
-    elapsed["total"] = round(time.perf_counter() - t_total, 2)
-    out["goals"] = {
-        name: {"goal": f"{op} {target:g}", "met": met(out.get(name), op, target)}
-        for name, (op, target) in GOALS.items()
-    }
-    out["params"] = asdict(p)
-    out["notes"] = {
+    with scratch("bench-out", keep, elapsed) as sc:
+        out: dict[str, Any] = {**sc.info, "source": source_state()}
+        run_campaign(ctx, sc.db_url, sc.redis_url, sc.prefix, p, sc.workdir, elapsed, out)
+    notes = {
         "campaign": "N recipients over 20 domains; relay, queuer and workers are separate processes; the clock runs "
         "from campaigns.start() returning to the last campaign job's finished_at; every job transition is an event",
         "baseline": "plain aiosmtplib, one process per worker, worker_concurrency tasks sharing "
@@ -1223,14 +1178,7 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
         "rate_limits": f"{p.rate_limits} ({p.rate_limits_source})",
         "machine": "clients, servers and the sink share the machine's CPUs; cpu_seconds_during_drain shows who used them",
     }
-    out["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg_1m_start": round(load_start, 2),
-        "loadavg_1m_end": round(os.getloadavg()[0], 2),
-    }
-    out["elapsed_s"] = elapsed
-    return out
+    return finish(out, GOALS, p, notes, load_start, elapsed, t_total)
 
 
 def print_table(res: dict[str, Any]) -> None:
