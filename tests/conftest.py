@@ -150,6 +150,21 @@ def store(rt: Runtime):
 
 
 @pytest.fixture
+def db(db_url: str):
+    """An autocommit connection to this test's database."""
+    with connect(db_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def r(redis_url: str):
+    """A plain redis-py client on the test server (keys under `prefix` are this test's)."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def env(settings: Settings) -> dict[str, str]:
     """Environment for mailflow subprocesses pointed at this test's database and prefix."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("MAILFLOW_")}

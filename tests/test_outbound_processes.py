@@ -28,7 +28,6 @@ from mailflow.outbound import campaigns, segments, sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.senders import Sender
 from mailflow.outbound.sink import Sink, SinkServer
-from mailflow.services import connect
 
 from .conftest import Processes, wait_until
 
@@ -218,19 +217,6 @@ def graph_violations(events: list[tuple[str, dict]]) -> list[str]:
         else:
             bad.append(f"{etype}(attempt {data.get('attempt')}) while {state} (attempt {attempt})")
     return bad
-
-
-@pytest.fixture
-def db(db_url: str):
-    with connect(db_url) as conn:
-        yield conn
-
-
-@pytest.fixture
-def r(redis_url: str):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 # -- a. kill -9 a worker ------------------------------------------------------------------

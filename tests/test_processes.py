@@ -25,7 +25,6 @@ import pytest
 import redis
 
 from mailflow.events import EventStore, Metadata, NewEvent
-from mailflow.services import connect
 
 from .conftest import Processes, run_cli, wait_until
 
@@ -213,19 +212,6 @@ def assert_projection_exact(env: dict[str, str], db: psycopg.Connection, head: i
 
 
 @pytest.fixture
-def db(db_url: str):
-    with connect(db_url) as conn:
-        yield conn
-
-
-@pytest.fixture
-def r(redis_url: str):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def key(prefix: str) -> str:
     return f"{prefix}:events"
 
@@ -402,33 +388,42 @@ def _assert_recovered_stream(r: redis.Redis, key: str, head: int) -> None:
     assert GROUP in group_names(r, key)
 
 
-def test_flushall_while_events_flow_loses_nothing(procs, env, store, db, prefix, private_redis_like_tested):
+@pytest.fixture
+def on_private_redis(procs, env, prefix, private_redis_like_tested):
+    """A relay and a consumer on a Redis server of this test's own (to flush or restart)."""
     server = private_redis_like_tested
     penv = dict(env, MAILFLOW_REDIS_URL=server.url)
     pr = redis.Redis.from_url(server.url)
     key = f"{prefix}:events"
     relay, cons = start_pipeline(procs, pr, prefix, penv)
+    yield server, penv, pr, key, relay, cons
+    pr.close()
+
+
+def _recovered_after_redis_loss(procs, store, db, pr, key, relay, cons) -> int:
+    """Every position reaches the projection and the stream again; returns the head."""
+    head = settle(procs, store, db, pr, key, relay, cons)
+    wait_until(lambda: GROUP in group_names(pr, key), 10, what="the consumer group to exist again")
+    _assert_recovered_stream(pr, key, head)
+    return head
+
+
+def test_flushall_while_events_flow_loses_nothing(procs, store, db, on_private_redis):
+    server, penv, pr, key, relay, cons = on_private_redis
     w = Writer(store)
     w.start()
     wait_until(lambda: alive(procs, relay, cons) and checkpoint(db) >= 300, 30, what="300 applied")
     pr.flushall()
     w.wait_more(600)  # appended after the flush
     w.finish()
-    head = settle(procs, store, db, pr, key, relay, cons)
-    wait_until(lambda: GROUP in group_names(pr, key), 10, what="the consumer group to exist again")
-    _assert_recovered_stream(pr, key, head)
+    head = _recovered_after_redis_loss(procs, store, db, pr, key, relay, cons)
     assert in_log(procs, relay, "relay.redis_reset")
     sigterm(relay, cons)
     assert_projection_exact(penv, db, head)
-    pr.close()
 
 
-def test_flushall_on_an_idle_pipeline_loses_nothing(procs, env, store, db, prefix, private_redis_like_tested):
-    server = private_redis_like_tested
-    penv = dict(env, MAILFLOW_REDIS_URL=server.url)
-    pr = redis.Redis.from_url(server.url)
-    key = f"{prefix}:events"
-    relay, cons = start_pipeline(procs, pr, prefix, penv)
+def test_flushall_on_an_idle_pipeline_loses_nothing(procs, store, db, prefix, on_private_redis):
+    server, penv, pr, key, relay, cons = on_private_redis
     # Each FLUSHALL lands wherever the idle consumer's loop happens to be (in XREADGROUP,
     # in its catch-up, about to reclaim); several rounds cover those places.
     for round_ in range(6):
@@ -446,15 +441,10 @@ def test_flushall_on_an_idle_pipeline_loses_nothing(procs, env, store, db, prefi
     _assert_recovered_stream(pr, key, head)
     sigterm(relay, cons)
     assert_projection_exact(penv, db, head)
-    pr.close()
 
 
-def test_redis_restart_without_persistence_loses_nothing(procs, env, store, db, prefix, private_redis_like_tested):
-    server = private_redis_like_tested
-    penv = dict(env, MAILFLOW_REDIS_URL=server.url)
-    pr = redis.Redis.from_url(server.url)
-    key = f"{prefix}:events"
-    relay, cons = start_pipeline(procs, pr, prefix, penv)
+def test_redis_restart_without_persistence_loses_nothing(procs, store, db, on_private_redis):
+    server, penv, pr, key, relay, cons = on_private_redis
     w = Writer(store)
     w.start()
     wait_until(lambda: alive(procs, relay, cons) and checkpoint(db) >= 300, 30, what="300 applied")
@@ -476,12 +466,9 @@ def test_redis_restart_without_persistence_loses_nothing(procs, env, store, db, 
     assert pr.info("server")["run_id"] != run_id
     w.wait_more(600)
     w.finish()
-    head = settle(procs, store, db, pr, key, relay, cons)
-    wait_until(lambda: GROUP in group_names(pr, key), 10, what="the consumer group to exist again")
-    _assert_recovered_stream(pr, key, head)
+    head = _recovered_after_redis_loss(procs, store, db, pr, key, relay, cons)
     sigterm(relay, cons)
     assert_projection_exact(penv, db, head)
-    pr.close()
 
 
 # -- 5. poison events -------------------------------------------------------------------
