@@ -39,22 +39,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-events_app = typer.Typer(help="Append, read and follow events.", no_args_is_help=True)
-projections_app = typer.Typer(help="Inspect and rebuild projections.", no_args_is_help=True)
-dlq_app = typer.Typer(help="Dead letters: events a consumer gave up on.", no_args_is_help=True)
-services_app = typer.Typer(help="The embedded PostgreSQL and Redis.", no_args_is_help=True)
-app.add_typer(events_app, name="events")
-app.add_typer(projections_app, name="projections")
-app.add_typer(dlq_app, name="dlq")
-app.add_typer(services_app, name="services")
-contacts_app = typer.Typer(help="Contacts: import from CSV, list.", no_args_is_help=True)
-segments_app = typer.Typer(help="Segments: saved filters over contacts.", no_args_is_help=True)
-templates_app = typer.Typer(help="Templates: subject, HTML and text in sandboxed Jinja2.", no_args_is_help=True)
-suppressions_app = typer.Typer(help="Suppressed addresses: never sent to.", no_args_is_help=True)
-app.add_typer(contacts_app, name="contacts")
-app.add_typer(segments_app, name="segments")
-app.add_typer(templates_app, name="templates")
-app.add_typer(suppressions_app, name="suppressions")
+
+
+def group(name: str, help: str) -> typer.Typer:
+    """A command group, `mailflow <name> ...`; called alone it shows its help."""
+    sub = typer.Typer(help=help, no_args_is_help=True)
+    app.add_typer(sub, name=name)
+    return sub
+
+
+events_app = group("events", "Append, read and follow events.")
+projections_app = group("projections", "Inspect and rebuild projections.")
+dlq_app = group("dlq", "Dead letters: events a consumer gave up on.")
+services_app = group("services", "The embedded PostgreSQL and Redis.")
+contacts_app = group("contacts", "Contacts: import from CSV, list.")
+segments_app = group("segments", "Segments: saved filters over contacts.")
+templates_app = group("templates", "Templates: subject, HTML and text in sandboxed Jinja2.")
+suppressions_app = group("suppressions", "Suppressed addresses: never sent to.")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from . import log
-from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, out, runtime, settings
+from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, group, out, runtime, settings
 from .errors import UsageError
 from .lifecycle import stop_on_signals
 from .outbound import campaigns, sending
@@ -28,12 +28,9 @@ from .outbound.senders import Sender, smtp_client
 from .outbound.tokens import load_secret
 from .outbound.worker import Worker
 
-senders_app = typer.Typer(help="Senders: From identity, SMTP relay, DKIM key.", no_args_is_help=True)
-campaigns_app = typer.Typer(help="Campaigns: draft -> running -> completed.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Jobs: one per recipient message.", no_args_is_help=True)
-app.add_typer(senders_app, name="senders")
-app.add_typer(campaigns_app, name="campaigns")
-app.add_typer(jobs_app, name="jobs")
+senders_app = group("senders", "Senders: From identity, SMTP relay, DKIM key.")
+campaigns_app = group("campaigns", "Campaigns: draft -> running -> completed.")
+jobs_app = group("jobs", "Jobs: one per recipient message.")
 
 
 def _iso(v: object) -> object:
