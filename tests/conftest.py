@@ -9,6 +9,7 @@ Redis key prefix, so tests do not see each other.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -31,6 +32,10 @@ from mailflow.migrate import migrate
 from mailflow.services import connect
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests' own pools reconnect through PostgreSQL restarts; psycopg_pool's warning per
+# attempt would bury a failure's output (mailflow's processes silence it the same way).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def _docker_available() -> bool:

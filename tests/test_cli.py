@@ -201,7 +201,10 @@ def test_demo_runs_the_outbound_pipeline_and_every_job_finishes(env):
     states = summary["states"]
     assert states["completed"] + states["failed"] == 125
     assert all(states[s] == 0 for s in ("pending", "queued", "active", "retry"))
-    assert summary["duplicates"] == 0
+    # One worker is killed mid-send: only messages it had in flight may have gone out twice.
+    kill = next(f for f in summary["faults"] if f["kind"] == "worker killed")
+    assert kill["exit"] == "killed by SIGKILL" and summary["duplicates"] <= kill["jobs_in_flight"]
+    assert any(f["kind"] == "job streams lost" for f in summary["faults"])
     assert summary["events"] >= 4 * 125  # created, queued, started, finished at least
     # Every failed job, campaign or transactional, is explained by a reason.
     assert sum(f["count"] for f in summary["failures"]) == states["failed"]

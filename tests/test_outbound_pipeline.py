@@ -23,11 +23,12 @@ def setup_catalog(store, relay_url: str) -> None:
     templates.save(store, templates.Template("reset", "Reset for {{ name }}", "<p>Hi {{ name }}, code {{ code }}</p>", "Hi {{ name }}, code {{ code }}"))
 
 
-def run_pipeline(rt, settings, until, timeout=30.0):
+def run_pipeline(rt, settings, until, timeout=30.0, redis_url=None):
     """Queuer and one worker in threads until `until()` holds."""
     stop = threading.Event()
-    queuer = Queuer(rt.store, rt.services.redis_url, settings)
-    worker = Worker(rt.store, rt.services.redis_url, settings, SECRET, name="w1")
+    redis_url = redis_url or rt.services.redis_url
+    queuer = Queuer(rt.store, redis_url, settings)
+    worker = Worker(rt.store, redis_url, settings, SECRET, name="w1")
     loop = asyncio.new_event_loop()
     astop = asyncio.Event()
 
@@ -134,7 +135,7 @@ def test_a_queued_job_lost_by_redis_is_queued_again_exactly_once(rt, settings, d
     assert q.tick(r) == 3
     key = rt.keys.jobs("high")
     assert r.xlen(key) == 3
-    q.republish(r)  # a restart: nothing is added twice
+    assert q.reconcile(r) == 0  # a restart: nothing is added twice
     assert r.xlen(key) == 3
     r.delete(key, rt.keys.jobs_epoch)  # Redis lost everything
     q.tick(r)
@@ -142,6 +143,50 @@ def test_a_queued_job_lost_by_redis_is_queued_again_exactly_once(rt, settings, d
     with connect(db_url) as c:
         seqs = sorted(s for (s,) in c.execute("SELECT queue_seq FROM jobs WHERE state = 'queued'"))
     assert sorted(int(e[0].split(b"-")[0]) for e in entries) == seqs and len(seqs) == 3
+
+
+def test_a_flush_between_marking_jobs_queued_and_adding_them_to_redis_loses_none(
+    rt, settings, db_url, private_redis_like_tested, monkeypatch
+):
+    """Issue 7: FLUSHALL after a batch's JobQueued committed and before its XADD. The XADD
+    re-creates the stream holding only that batch; the batches queued before it, wiped by
+    the flush, must still reach a worker (a watermark on the stream's last ID skips them)."""
+    pr = private_redis_like_tested
+    settings = settings.model_copy(update={"redis_url": pr.url, "queuer_batch_size": 20, "queuer_interval_s": 0.02,
+                                        "rate_limits": {"*": 100000}})
+    sink = Sink()
+    with SinkServer(sink) as server:
+        setup_catalog(rt.store, server.url)
+        for i in range(60):
+            sending.send_transactional(rt.store, sender="tx", template="reset", to=f"f{i}@example.net",
+                                       variables={"name": "N", "code": i})
+        r = redis_client(pr.url)
+        key = rt.keys.jobs("high")
+        q = Queuer(rt.store, pr.url, settings)
+        assert q.tick(r) == 20 and r.xlen(key) == 20  # the first batch is in the stream, not yet taken
+
+        flushed = []
+        xadd = Queuer._xadd
+
+        def flush_then_xadd(self, r, key, jobs):
+            if not flushed:
+                r.flushall()  # Redis loses everything between the commit and the XADD
+                flushed.append(len(jobs))
+            xadd(self, r, key, jobs)
+
+        monkeypatch.setattr(Queuer, "_xadd", flush_then_xadd)
+        assert q.tick(r) == 20
+        monkeypatch.undo()
+        assert flushed == [20] and r.xlen(key) == 20  # only the second batch survived in Redis
+        q.tick(r)  # the third batch, and what the queuer makes of the flush
+        with connect(db_url) as c:
+            queued = {str(j) for (j,) in c.execute("SELECT id FROM jobs WHERE state = 'queued'")}
+        held = {f[b"job_id"].decode() for _, f in r.xrange(key)}
+        assert len(queued) == 60 and queued - held == set(), f"{len(queued - held)} queued jobs are in no stream"
+
+        run_pipeline(rt, settings, lambda: sorted(set(states(db_url).values())) == ["completed"], redis_url=pr.url)
+        r.close()
+    assert sink.delivered_to() == {f"f{i}@example.net": 1 for i in range(60)}
 
 
 def load_contacts(store, n: int, domain: str = "example.net", extra: str = "") -> None:
@@ -258,20 +303,14 @@ def test_inline_read_models_rebuilt_from_the_log_equal_the_live_ones(rt, setting
                 return c.execute("SELECT status FROM campaigns WHERE id = %s", (cid,)).fetchone()[0] == "completed"
 
         run_pipeline(rt, settings, done)
-    snapshot = {
-        "jobs": "SELECT id, state, attempts, queue_seq, last_code, failure_kind, created_at, accepted_at, finished_at FROM jobs ORDER BY id",
-        "contacts": "SELECT email, attributes, status FROM contacts ORDER BY email",
-        "suppressions": "SELECT email, reason FROM suppressions ORDER BY email",
-        "campaigns": "SELECT id, status, recipients, started_at, finished_at FROM campaigns",
-        "other": "SELECT (SELECT count(*) FROM segments), (SELECT count(*) FROM templates), (SELECT count(*) FROM senders)",
-    }
+    tables = ("jobs", "contacts", "suppressions", "segments", "templates", "senders", "campaigns")
 
-    def read():
+    def read():  # every column of every row, timestamps and generated ids included
         with connect(db_url) as c:
-            return {k: c.execute(q).fetchall() for k, q in snapshot.items()}
+            return {t: c.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
 
     before = read()
-    assert [r[1] for r in before["jobs"]].count("failed") == 1 and before["suppressions"]
+    assert [r[3] for r in before["jobs"]].count("failed") == 1 and before["suppressions"]
     for name in ("jobs", "catalog"):
         res = run_cli(env, "projections", "rebuild", name, "--json")
         assert res.returncode == 0, res.stderr

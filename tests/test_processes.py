@@ -451,15 +451,20 @@ def test_redis_restart_without_persistence_loses_nothing(procs, store, db, on_pr
 
     run_id = pr.info("server")["run_id"]
     server.stop()
-    # Keep Redis down until each process has failed to reconnect at least once: they must
-    # keep retrying, not exit.
+    down_at = time.monotonic()
+    # Both report the outage once, at warning level, and keep retrying (not exit) while it lasts.
     wait_until(
         lambda: alive(procs, relay, cons)
-        and log_count(procs, relay, "relay.connection_lost") >= 2
-        and log_count(procs, cons, "consumer.connection_lost") >= 2,
+        and log_count(procs, relay, "relay.redis_unavailable") == 1
+        and log_count(procs, cons, "consumer.redis_unavailable") == 1,
         30,
-        what="both processes to retry while Redis is down",
+        what="both processes to report Redis gone",
     )
+    time.sleep(3)  # many retries, with backoff
+    assert alive(procs, relay, cons)
+    assert log_count(procs, relay, "relay.redis_unavailable") == 1
+    assert log_count(procs, cons, "consumer.redis_unavailable") == 1
+    outage = time.monotonic() - down_at
     server.start()
     # A new server without persistence: everything it held is gone (the relay and the
     # consumer may already be writing to it again, so compare identities, not sizes).
@@ -469,6 +474,11 @@ def test_redis_restart_without_persistence_loses_nothing(procs, store, db, on_pr
     head = _recovered_after_redis_loss(procs, store, db, pr, key, relay, cons)
     sigterm(relay, cons)
     assert_projection_exact(penv, db, head)
+    # ... and its end, once, with how long it lasted.
+    for p, event in ((relay, "relay.redis_restored"), (cons, "consumer.redis_restored")):
+        ends = [json.loads(line) for line in procs.log_of(p).splitlines() if f'"event": "{event}"' in line]
+        assert len(ends) == 1 and ends[0]["level"] == "warning", ends
+        assert outage - 1 <= ends[0]["outage_s"] <= outage + 10, (ends[0], outage)
 
 
 # -- 5. poison events -------------------------------------------------------------------

@@ -6,6 +6,7 @@ Settings once, instead of reaching for globals.
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property
 
 import psycopg
@@ -16,8 +17,9 @@ from .config import Settings
 from .errors import ConfigurationError
 from .events.keys import Keys
 from .events.store import EventStore
+from .health import Backoff, Health
 from .migrate import migrate, pending
-from .services import Services, connect, open_pool, redis_client, resolve
+from .services import Services, connect, is_postgres_outage, is_redis_outage, open_pool, redis_client, resolve
 
 
 class Runtime:
@@ -62,6 +64,32 @@ class Runtime:
     @cached_property
     def redis(self) -> redis.Redis:
         return redis_client(self.services.redis_url)
+
+    def wait_until_ready(self, stop: threading.Event, health: Health) -> bool:
+        """For long-running processes: wait out a PostgreSQL or Redis that is not there yet.
+
+        A process started while a server restarts (systemd after a crash, a supervisor
+        after kill -9) waits for it, reporting the outage once, instead of exiting. A
+        mistake - a wrong password, no such database, pending migrations - still ends
+        the process at once with its one line. False if stopped while waiting.
+        """
+        backoff = Backoff(cap=2.0)
+        while not stop.is_set():
+            try:
+                self.store  # noqa: B018 - opens the pool (and checks the schema)
+                health.ok("postgres")
+                redis_client(self.services.redis_url).close()
+                health.ok("redis")
+                return True
+            except Exception as exc:
+                if is_postgres_outage(exc):
+                    health.lost("postgres", exc)
+                elif is_redis_outage(exc):
+                    health.lost("redis", exc)
+                else:
+                    raise
+            stop.wait(backoff.next())
+        return False
 
     def close(self) -> None:
         if self._closed:

@@ -5,9 +5,12 @@ User errors are one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
@@ -21,6 +24,7 @@ from rich.table import Table
 
 from . import embedded, log
 from .app import Runtime
+from .health import Health, read_statuses, status_dir
 from .config import Settings, debug_enabled, load_settings, mask_url
 from .consumers.dlq import DeadLetters
 from .consumers.runtime import ConsumerRunner, checkpoints
@@ -93,6 +97,50 @@ def _quiet_logs() -> None:
     log.configure(level="warning" if s.log_level == "info" else s.log_level, fmt=s.log_format)
 
 
+def _stop_with_parent(stop: threading.Event) -> None:
+    """A child of `mailflow up` stops (as on SIGTERM) when its supervisor is gone, even after kill -9."""
+    parent = os.environ.get("MAILFLOW_PARENT_PID", "")
+    if not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != int(parent):
+                stop.set()
+                return
+
+    threading.Thread(target=watch, name="mailflow-parent-watch", daemon=True).start()
+
+
+def run_process(
+    role: str, name: str | None, body: Callable[[Runtime, threading.Event, Health], None], *, pool_size: int = 4
+) -> None:
+    """The frame of every long-running command: log lines on stdout, SIGTERM/SIGINT ask `body`
+    to stop, servers that are not up yet are waited for (health.py reports the outage), and
+    the process's status is published under MAILFLOW_HOME/run (and to systemd)."""
+    s = settings()
+    log.configure(s.log_level, s.log_format, stream=sys.stdout)
+    stop = stop_on_signals()
+    health = Health(role, name or f"{socket.gethostname()}-{os.getpid()}", log.get_logger(f"mailflow.{role}"),
+                    status_dir=status_dir(s.home))
+    rt = runtime(pool_size=pool_size)
+    _stop_with_parent(stop)
+    code = 70
+    try:
+        if rt.wait_until_ready(stop, health):
+            health.start()
+            body(rt, stop, health)
+        code = 0
+    except MailflowError as exc:
+        code = exc.exit_code
+        raise
+    except typer.Exit as exc:
+        code = exc.exit_code
+        raise
+    finally:
+        health.close(code)
+
+
 # -- top level ----------------------------------------------------------------------------
 
 
@@ -111,13 +159,43 @@ def migrate(as_json: bool = JsonOpt) -> None:
 
 
 @app.command()
+def health(as_json: bool = JsonOpt) -> None:
+    """Long-running mailflow processes on this host, and whether each has PostgreSQL and Redis.
+
+    Read from the status files they keep under MAILFLOW_HOME/run, so it answers while the
+    servers are down. Exit code 0 when every process runs with both servers, 1 otherwise.
+    """
+    s = settings()
+    rows = read_statuses(s.home)
+    if as_json:
+        emit_json(rows)
+    elif not rows:
+        out.print(f"no mailflow process has published a status under {status_dir(s.home)}", markup=False)
+    else:
+        table = Table(box=None, pad_edge=False)
+        for col in ("process", "state", "pid", "postgres", "redis", "since"):
+            table.add_column(col, no_wrap=col != "since")
+        for st in rows:
+            services = st.get("services", {})
+
+            def cell(svc: str) -> str:
+                info = services.get(svc) or {}
+                if not st["alive"]:
+                    return "-"
+                return "ok" if info.get("ok") else f"down {info.get('down_s', '?')} s"
+
+            table.add_row(f"{st['role']}-{st['name']}"[:32], st["state"], str(st.get("pid", "")),
+                          cell("postgres"), cell("redis"), str(st.get("started_at", ""))[:19])
+        out.print(table)
+    if not rows or any(not st["alive"] or st["state"] != "running" for st in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
 def relay() -> None:
     """Publish committed events to Redis (one leader; more instances wait as hot standbys)."""
-    s = settings()
-    log.configure(s.log_level, s.log_format, stream=sys.stdout)
-    stop = stop_on_signals()
-    rt = runtime()
-    Relay(rt.store, rt.services.redis_url, s).run(stop)
+    run_process("relay", None, lambda rt, stop, health: Relay(
+        rt.store, rt.services.redis_url, rt.settings, health=health).run(stop))
 
 
 @app.command()
@@ -130,12 +208,10 @@ def consume(
 
     if name in INLINE:
         raise UsageError(f"{name} is an inline projection, kept current by the commands themselves; nothing to consume")
-    s = settings()
-    log.configure(s.log_level, s.log_format, stream=sys.stdout)
-    stop = stop_on_signals()
-    rt = runtime()
-    runner = ConsumerRunner(get_projection(name), rt.store, rt.services.redis_url, s, consumer_id=consumer_id)
-    runner.run(stop)
+    projection = get_projection(name)
+    cid = consumer_id or f"{socket.gethostname()}-{os.getpid()}"
+    run_process("consumer", f"{name}.{cid}", lambda rt, stop, health: ConsumerRunner(
+        projection, rt.store, rt.services.redis_url, rt.settings, consumer_id=cid, health=health).run(stop))
 
 
 @app.command()
@@ -156,6 +232,7 @@ def demo(
     # Demo pacing: retries after seconds, not minutes; no per-domain throttle on the local sink.
     _state.settings = base.model_copy(update={
         "retry_base_s": 2.0, "retry_max_attempts": 6, "rate_limits": {"*": 5000.0, **base.rate_limits},
+        "job_lease_s": 10.0,  # the killed worker's jobs come back in seconds
     })
     rt = runtime(pool_size=16)
     if not as_json:
@@ -188,7 +265,17 @@ def _print_demo(res: Any) -> None:
         table.add_column(s_, justify="right")
     table.add_row(*[str(n) for n in res.states.values()])
     out.print(table)
-    out.print(f"retry attempts: {res.retries}; duplicates seen by the SMTP server: {res.duplicates}")
+    in_flight = sum(f.get("jobs_in_flight", 0) for f in res.faults)
+    out.print(f"retry attempts: {res.retries}; duplicates seen by the SMTP server: {res.duplicates}"
+              + (f" (at most the {in_flight} in flight at the kill)" if in_flight else ""))
+    for f in res.faults:
+        if f["kind"] == "worker killed":
+            out.print(f"fault at {f['at']}: {f['child']} killed with {f['signal']} with {f['jobs_in_flight']} job(s) "
+                      f"in flight; restarted after {f.get('restarted_after_s', '?')} s, its jobs retried after their lease",
+                      markup=False)
+        else:
+            out.print(f"fault at {f['at']}: Redis lost the job streams with {f['jobs_queued']} job(s) queued; "
+                      "the queuer added them again from PostgreSQL", markup=False)
     for f in res.failures:
         out.print(f"failed {f['count']} x {f['kind']}: {f['example']}", markup=False)
     lat = Table(title="queue latency (pending -> accepted by SMTP) against the SLA")

@@ -6,7 +6,6 @@ Registered on the app in cli.py; same conventions: human output, --json, one-lin
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -17,10 +16,8 @@ import orjson
 import typer
 from rich.table import Table
 
-from . import log
-from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, group, out, runtime, settings
+from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, group, out, run_process, runtime
 from .errors import UsageError
-from .lifecycle import stop_on_signals
 from .outbound import campaigns, sending
 from .outbound import queries as oq
 from .outbound.queuer import Queuer, queue_stats
@@ -345,50 +342,49 @@ def queues(as_json: bool = JsonOpt) -> None:
 # -- long-running processes -------------------------------------------------------------------------
 
 
-def _serve_logs() -> None:
-    s = settings()
-    log.configure(s.log_level, s.log_format, stream=sys.stdout)
-
-
 @app.command("queuer")
 def queuer_cmd() -> None:
     """Move due jobs from PostgreSQL to the Redis priority streams (one leader; others stand by)."""
-    _serve_logs()
-    stop = stop_on_signals()
-    rt = runtime()
-    Queuer(rt.store, rt.services.redis_url, rt.settings).run(stop)
+    run_process("queuer", None, lambda rt, stop, health: Queuer(
+        rt.store, rt.services.redis_url, rt.settings, health=health).run(stop))
 
 
 @app.command("worker")
 def worker_cmd(name: Optional[str] = typer.Option(None, "--name", help="Consumer name (default host-pid).")) -> None:
     """Send jobs over SMTP (asyncio; MAILFLOW_WORKER_CONCURRENCY at once). SIGTERM finishes in-flight sends."""
-    _serve_logs()
-    stop = stop_on_signals()
-    rt = runtime(pool_size=8)
-    s = rt.settings
-    worker = Worker(rt.store, rt.services.redis_url, s, load_secret(s.home, s.secret_key), name=name)
 
-    async def main() -> None:
-        astop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=lambda: (stop.wait(), loop.call_soon_threadsafe(astop.set)), daemon=True).start()
-        await worker.run(astop)
+    def body(rt, stop: threading.Event, health) -> None:
+        s = rt.settings
+        worker = Worker(rt.store, rt.services.redis_url, s, load_secret(s.home, s.secret_key), name=health.name,
+                        health=health)
 
-    asyncio.run(main())
+        async def main() -> None:
+            astop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=lambda: (stop.wait(), loop.call_soon_threadsafe(astop.set)), daemon=True).start()
+            await worker.run(astop)
+
+        asyncio.run(main())
+
+    run_process("worker", name, body, pool_size=8)
 
 
 @app.command("up")
 def up(workers: int = typer.Option(1, "--workers", min=1, max=16)) -> None:
-    """Run the whole pipeline in one supervised process: relay, event_counts, queuer, worker(s)."""
-    from .supervisor import Pipeline
+    """Run the whole pipeline, supervised: relay, event_counts, queuer and worker(s) as child processes.
 
-    _serve_logs()
-    stop = stop_on_signals()
-    rt = runtime(pool_size=8 + 4 * workers)
-    pipeline = Pipeline(rt, workers=workers)
-    pipeline.start(stop)
-    stop.wait()
-    pipeline.join()
+    A child that dies is restarted (and the log says which and why); SIGTERM stops them all.
+    """
+    from .supervisor import Supervisor, pipeline_parts
+
+    def body(rt, stop: threading.Event, health) -> None:
+        # Children resolve the same servers: embedded ones are started (once) here first.
+        s = rt.settings.model_copy(update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url})
+        code = Supervisor(s, pipeline_parts(workers), health=health).run(stop)
+        if code:
+            raise typer.Exit(code)
+
+    run_process("up", None, body)
 
 
 @app.command("web")
@@ -399,5 +395,4 @@ def web_cmd(
     """Serve the unsubscribe links (RFC 8058 one-click) and /healthz over HTTP. SIGTERM stops it."""
     from .web.app import serve
 
-    _serve_logs()
-    serve(runtime(pool_size=8), host, port)
+    run_process("web", f"{host}:{port}", lambda rt, stop, health: serve(rt, host, port, health=health), pool_size=8)

@@ -6,6 +6,7 @@ under MAILFLOW_HOME are used (started on demand, shared by every process).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +53,7 @@ class Settings(BaseSettings):
     queuer_batch_size: int = Field(default=500, ge=1)
     queuer_interval_s: float = Field(default=0.05, gt=0)
     queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: stop filling a deeper stream
+    queuer_reconcile_interval_s: float = Field(default=5.0, gt=0)  # compare queued jobs with the streams this often
     rate_limits: dict[str, float] = Field(default_factory=dict)  # {"*": 50, "gmail.com": 20} messages/s
     job_lease_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int = Field(default=128, ge=1)
@@ -59,6 +61,7 @@ class Settings(BaseSettings):
     worker_connections_per_mx: int = Field(default=2, ge=1)  # direct delivery: sessions per MX host
     worker_flush_interval_s: float = Field(default=0.05, gt=0)  # how often finished sends are recorded
     worker_idle_close_s: float = Field(default=60.0, gt=0)  # close pooled SMTP sessions idle this long
+    worker_stop_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM, keep trying to record sends this long
     ehlo_hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-\[\]:]+$")  # EHLO name; default: the FQDN
     mx_overrides: dict[str, str] = Field(default_factory=dict)  # direct delivery: {"example.net": "10.0.0.5:25"}
     dns_servers: list[str] = Field(default_factory=list)  # direct delivery: ["10.0.0.53", "127.0.0.1:5353"]
@@ -91,6 +94,22 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigurationError(
             f"bad setting MAILFLOW_{field.upper()}: not valid JSON (e.g. {_JSON_EXAMPLES.get(field, '{...}')})"
         ) from exc
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """MAILFLOW_* variables that give a child process exactly these settings (`mailflow up`, the demo)."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            text = json.dumps(value)
+        elif isinstance(value, Path):
+            text = str(value.expanduser().resolve())
+        else:
+            text = str(value)
+        env[f"MAILFLOW_{name.upper()}"] = text
+    return env
 
 
 def debug_enabled() -> bool:

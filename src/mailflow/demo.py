@@ -2,9 +2,13 @@
 
 Imports N generated contacts (a few bad rows among them), builds a segment, a template and
 a campaign, starts it, and sends transactional messages while it drains - through the real
-relay, queuer and worker into an in-process SMTP server (aiosmtpd) that sometimes answers
-4xx, 5xx, slowly, or drops the connection. Ends with a summary; exits 0 only if every job
-reached completed or failed.
+relay, queuer and two workers, run as supervised child processes exactly as `mailflow up`
+runs them, into an in-process SMTP server (aiosmtpd) that sometimes answers 4xx, 5xx,
+slowly, or drops the connection. Half-way it does what production does now and then: one
+worker is killed with SIGKILL (the supervisor restarts it; its jobs come back after their
+lease) and Redis loses the job streams (the queuer adds the queued jobs again). Ends with
+a summary; exits 0 only if every job reached completed or failed. The children's logs
+are in MAILFLOW_HOME/demo-logs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .outbound.contacts import import_contacts, parse_csv
 from .outbound.queuer import queue_stats
 from .outbound.senders import Sender
 from .outbound.sink import FaultRates, Sink, SinkServer
-from .supervisor import Pipeline
+from .supervisor import Child, Supervisor, pipeline_parts
 
 TEMPLATE_HTML = """<h1>Spring news, {{ first_name }}</h1>
 <p>Your {{ plan }} plan in {{ country }} now includes more.</p>
@@ -65,6 +69,7 @@ class DemoResult:
     messages_per_s: float = 0.0
     events: int = 0
     duplicates: int = 0
+    faults: list[dict[str, Any]] = field(default_factory=list)
     timed_out: bool = False
 
     @property
@@ -100,8 +105,7 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
         cid = campaigns.create(store, name=f"demo-{tag}", sender="demo", template="demo-news", segment=segment)
         head_before = store.sync()
         stop = threading.Event()
-        pipeline = Pipeline(rt)
-        pipeline.start(stop)
+        supervisor, watcher = _start_pipeline(rt, res, stop)
         started = time.perf_counter()
         res.recipients = campaigns.start(store, cid)
         total = res.recipients + transactional
@@ -117,6 +121,7 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
                                                    to=f"buyer{sent_tx}.{tag}@example.com",
                                                    variables={"name": f"Buyer {sent_tx}", "order": f"A-{1000 + sent_tx}"})
                         sent_tx += 1
+                    _inject_faults(rt, supervisor, conn, res, done, total)
                     if progress:
                         progress("send", done, total)
                     if done >= total:
@@ -128,7 +133,7 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
         finally:
             res.seconds = time.perf_counter() - started
             stop.set()
-            pipeline.join()
+            watcher.join(120)
         buyers = (f"buyer%.{tag}@example.com",)
         with rt.connect() as conn:
             st = campaigns.status(conn, cid)
@@ -151,3 +156,41 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
         res.messages_per_s = round(delivered / res.seconds, 1) if res.seconds else 0.0
         res.duplicates = sum(n - 1 for n in sink.message_ids().values() if n > 1)
     return res
+
+
+DEMO_WORKERS = 2
+
+
+def _start_pipeline(rt: Runtime, res: DemoResult, stop: threading.Event) -> tuple[Supervisor, threading.Thread]:
+    """Relay, event_counts, queuer and two workers as child processes, as `mailflow up` runs them."""
+    s = rt.settings.model_copy(update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url})
+
+    def on_exit(child: Child, code: int) -> None:
+        for f in res.faults:
+            if f.get("child") == child.name and "exit" not in f:
+                f["exit"] = child.last_exit
+                f["restarted_after_s"] = child.restart_in
+
+    supervisor = Supervisor(s, pipeline_parts(DEMO_WORKERS, prefix="demo"), log_dir=s.home / "demo-logs", on_exit=on_exit)
+    supervisor.start()
+    watcher = threading.Thread(target=supervisor.run, args=(stop,), name="demo-supervisor", daemon=True)
+    watcher.start()
+    return supervisor, watcher
+
+
+def _inject_faults(rt: Runtime, supervisor: Supervisor, conn: Any, res: DemoResult, done: int, total: int) -> None:
+    """At 25%: Redis loses the job streams (with a backlog queued). At 50%: SIGKILL a worker mid-send."""
+    kinds = {f["kind"] for f in res.faults}
+    if "worker killed" not in kinds and done >= total * 0.5:
+        child = supervisor.child("worker-1")
+        if child.proc is not None:
+            in_flight = conn.execute(oq.DEMO_ACTIVE_OF, (child.args[-1],)).fetchone()[0]
+            child.proc.kill()
+            res.faults.append({"kind": "worker killed", "child": child.name, "signal": "SIGKILL",
+                               "at": f"{100 * done // max(total, 1)}%", "jobs_in_flight": int(in_flight)})
+    if "job streams lost" not in kinds and done >= total * 0.25:
+        keys = [rt.keys.jobs(p) for p in ("high", "normal", "low")] + [rt.keys.jobs_epoch]
+        queued = conn.execute(oq.DEMO_QUEUED).fetchone()[0]
+        rt.redis.delete(*keys)
+        res.faults.append({"kind": "job streams lost", "at": f"{100 * done // max(total, 1)}%",
+                           "jobs_queued": int(queued)})

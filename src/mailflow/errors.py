@@ -22,9 +22,18 @@ class UsageError(MailflowError):
 
 
 class ServiceUnavailable(MailflowError):
-    """PostgreSQL or Redis could not be reached at the configured URL."""
+    """PostgreSQL or Redis could not be reached at the configured URL.
+
+    `transient` says whether waiting may help (no answer, a server starting or stopping)
+    or not (a wrong password, no such database, a malformed URL).
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, *, service: str | None = None, transient: bool = False) -> None:
+        super().__init__(message)
+        self.service = service
+        self.transient = transient
 
 
 class ConcurrencyError(MailflowError):

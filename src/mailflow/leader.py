@@ -3,56 +3,103 @@
 The instance that holds the role's session-level advisory lock leads; others wait as hot
 standbys and take over within about a second when the leader's connection goes away
 (crash, kill -9, network). A lost connection to PostgreSQL or Redis ends the term: the
-instance reconnects and competes for the lock again.
+instance reports the outage (once, see health.py), clears the pool's dead connections,
+backs off, reconnects and competes for the lock again. It never exits because a server
+went away for a while.
+
+A leader must notice when its lock connection dies even if it does its work through
+other connections (the queuer does): `Term.check()` proves the session, and so the lock,
+is still there, at most once a second; otherwise a standby could lead beside it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import psycopg
-import redis
 import structlog
+from psycopg_pool import ConnectionPool
 
-from .errors import ServiceUnavailable
-from .services import connect
+from .health import Backoff, Health
+from .services import connect, is_postgres_outage, is_redis_outage, recover_pool
 
-RECOVERABLE = (psycopg.OperationalError, ServiceUnavailable, redis.ConnectionError, redis.TimeoutError)
+LOCK_CHECK_INTERVAL_S = 1.0
+
+
+class LockLost(psycopg.OperationalError):
+    """The leader's lock connection no longer answers: its lock is gone with it."""
+
+
+class Term:
+    """One term of leadership: the lock connection, and a cheap proof that it still holds."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.began = time.monotonic()
+        self._checked = time.monotonic()
+
+    def check(self) -> None:
+        if time.monotonic() - self._checked < LOCK_CHECK_INTERVAL_S:
+            return
+        try:
+            self.conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise LockLost(f"the leader lock connection was lost: {exc}") from exc
+        self._checked = time.monotonic()
 
 
 def run_as_leader(
     role: str,
     lock_key: int,
-    conninfo: str,
+    pool: ConnectionPool,
     stop: threading.Event,
-    lead: Callable[[psycopg.Connection], None],
+    lead: Callable[[Term], None],
     log: structlog.typing.FilteringBoundLogger,
+    health: Health,
     is_leader: threading.Event | None = None,
 ) -> None:
-    """Compete for `role` until `stop` is set; call lead(lock_connection) while leading."""
+    """Compete for `role` until `stop` is set; call lead(term) while leading.
+
+    `lead` reports its own successes (health.ok) after each unit of work, so an outage is
+    over when work gets done again, not merely when a connection could be opened.
+    """
+    backoff = Backoff()
     while not stop.is_set():
         try:
-            with connect(conninfo) as lock_conn:
-                if not _acquire(role, lock_key, lock_conn, stop, log):
+            with connect(pool.conninfo) as lock_conn:
+                if not _acquire(role, lock_key, lock_conn, stop, log, health):
                     return
                 log.info(f"{role}.leader", pid=lock_conn.info.backend_pid)
+                health.set(leader=True)
                 if is_leader is not None:
                     is_leader.set()
                 try:
-                    lead(lock_conn)
+                    lead(Term(lock_conn))
+                    backoff.reset()
                 finally:
+                    health.set(leader=False)
                     if is_leader is not None:
                         is_leader.clear()
-        except RECOVERABLE as exc:
-            log.warning(f"{role}.connection_lost", error=" ".join(str(exc).split()))
-            stop.wait(1.0)
+        except Exception as exc:
+            if is_postgres_outage(exc):
+                health.lost("postgres", exc)
+                recover_pool(pool)
+            elif is_redis_outage(exc):
+                health.lost("redis", exc)
+            else:
+                raise
+            stop.wait(backoff.next())
 
 
-def _acquire(role: str, key: int, conn: psycopg.Connection, stop: threading.Event, log) -> bool:
+def _acquire(role: str, key: int, conn: psycopg.Connection, stop: threading.Event, log, health: Health) -> bool:
     announced = False
     while not stop.is_set():
-        if conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        health.beat()
+        won = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+        health.ok("postgres")
+        if won:
             return True
         if not announced:
             log.info(f"{role}.standby", reason=f"another {role} holds the leader lock")

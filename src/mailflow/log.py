@@ -16,6 +16,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
     stream = stream or sys.stderr
+    # psycopg_pool warns through stdlib logging on every failed reconnect attempt; mailflow
+    # reports an outage itself, once (health.py), so only its errors may pass.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     json_lines = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer = (
         structlog.processors.JSONRenderer()

@@ -1,22 +1,103 @@
 """Configuration room: turn Settings into live PostgreSQL and Redis connections.
 
-One place decides which servers are used (configured URLs or the embedded default)
-and turns an unreachable server into one clear line that names the URL.
+One place decides which servers are used (configured URLs or the embedded default),
+turns an unreachable server into one clear line that names the URL, and says which
+failures are an outage (the server went away for a while: retry) rather than a mistake
+(wrong password, no such database: stop and say so).
+
+Connections are set up to notice a dead server quickly: TCP keepalives and a user
+timeout on PostgreSQL connections (a blackholed network surfaces in seconds, not after
+the kernel's 15 minutes), short connect timeouts, and a pool that checks a connection
+before lending it out when it has been idle, so that after a restart the pool does not
+hand out the connections the old server closed.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass
 
 import orjson
 import psycopg
 import redis
+import redis.asyncio as aredis
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
 
 from . import embedded
 from .config import Settings, mask_url
 from .errors import ConfigurationError, ServiceUnavailable
+
+# libpq connection parameters for every PostgreSQL connection (ignored on unix sockets).
+CONNECT_KWARGS: dict[str, object] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,  # ms: unacknowledged data for this long means the peer is gone
+}
+POOL_TIMEOUT_S = 10.0  # a caller waits this long for a pooled connection, then gets PoolTimeout
+# psycopg_pool retries a lost connection with doubling pauses (1 s, 2 s, 4 s ...) for this
+# long, then gives up until the next caller asks; short, so that the first attempt after a
+# server comes back is at most a second or two away, not the tail of a long backoff.
+POOL_RECONNECT_TIMEOUT_S = 3.0
+IDLE_CHECK_S = 1.0  # a pooled connection idle longer than this is checked before it is lent out
+
+# Failures that mean "PostgreSQL is not there right now" (restart, failover, network):
+# psycopg's OperationalError covers lost connections, AdminShutdown (57P01),
+# CannotConnectNow (57P03) and psycopg_pool's PoolTimeout; ReadOnlySqlTransaction is a
+# connection that landed on a standby during a failover.
+POSTGRES_OUTAGE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
+# Redis: lost connections and timeouts (BusyLoadingError - LOADING - is a ConnectionError),
+# and the replies of a server that is failing over or restarting.
+_REDIS_OUTAGE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def is_postgres_outage(exc: BaseException) -> bool:
+    """Is `exc` PostgreSQL going away for a while (worth retrying), not a bug or a bad request?"""
+    if isinstance(exc, ServiceUnavailable):
+        return exc.transient and exc.service == "postgres"
+    return isinstance(exc, POSTGRES_OUTAGE)
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """Is `exc` Redis going away for a while (restart, failover, network)?"""
+    if isinstance(exc, ServiceUnavailable):
+        return exc.transient and exc.service == "redis"
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)):
+        return not isinstance(exc, redis.AuthenticationError)
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_REDIS_OUTAGE_REPLIES)
+
+
+def redis_lost_data(exc: BaseException) -> bool:
+    """Did Redis lose a stream or group we use (FLUSHALL, restart without persistence)?
+
+    NOGROUP: the group (or the key) is gone. UNBLOCKED (Redis 7): the key was deleted while
+    we were blocked reading it. "no longer exists": Redis 6.2's words for the same.
+    """
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc)
+    return text.startswith(("NOGROUP", "UNBLOCKED")) or "no longer exists" in text
+
+
+def _transient_postgres_failure(exc: psycopg.Error) -> bool:
+    """A failed connect that may succeed later: no answer, or a server starting or stopping.
+
+    Server-side refusals carry an SQLSTATE: class 08 (connection), 53 (out of connections)
+    and 57 (operator intervention: starting up, shutting down, in recovery) pass; 28
+    (bad password, no pg_hba entry) and 3D (no such database) do not.
+    """
+    state = getattr(exc, "sqlstate", None)
+    return state is None or state[:2] in ("08", "53", "57")
 
 
 @dataclass(frozen=True)
@@ -62,31 +143,71 @@ def configure_connection(conn: psycopg.Connection) -> None:
 def connect(url: str, *, autocommit: bool = True, **kwargs: object) -> psycopg.Connection:
     """Open one PostgreSQL connection, or raise ServiceUnavailable naming the (masked) URL."""
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10, **kwargs)
+        conn = psycopg.connect(url, autocommit=autocommit, **{**CONNECT_KWARGS, **kwargs})
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServiceUnavailable(f"cannot connect to PostgreSQL at {mask_url(url)}: {reason}") from exc
+        raise ServiceUnavailable(
+            f"cannot connect to PostgreSQL at {mask_url(url)}: {reason}",
+            service="postgres", transient=_transient_postgres_failure(exc),
+        ) from exc
     except (ValueError, TypeError) as exc:  # malformed conninfo
-        raise ServiceUnavailable(f"invalid PostgreSQL URL {mask_url(url)}: {exc}") from exc
+        raise ServiceUnavailable(f"invalid PostgreSQL URL {mask_url(url)}: {exc}", service="postgres") from exc
     configure_connection(conn)
     return conn
 
 
-def open_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> ConnectionPool:
+_returned_at: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
+
+
+def _stamp_returned(conn: psycopg.Connection) -> None:
+    """Pool `reset` callback: remember when the connection came back."""
+    _returned_at[conn] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection) -> None:
+    """Pool `check` callback: a round trip only for a connection idle long enough to have died.
+
+    Busy connections go straight back out (no cost on the hot path). One that broke in the
+    last second fails its caller's statement once; every caller retries its unit of work,
+    and `recover_pool()` then clears the rest.
+    """
+    if time.monotonic() - _returned_at.get(conn, 0.0) > IDLE_CHECK_S:
+        ConnectionPool.check_connection(conn)
+
+
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout: float = POOL_TIMEOUT_S) -> ConnectionPool:
     """A pool of autocommit connections; checks the server first so failures are one line."""
     connect(url).close()
     pool = ConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
-        kwargs={"autocommit": True},
+        kwargs={"autocommit": True, **CONNECT_KWARGS},
         configure=configure_connection,
+        check=_check_if_idle,
+        reset=_stamp_returned,
+        timeout=timeout,
+        reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
         open=True,
     )
     return pool
 
 
-def redis_client(url: str, *, socket_timeout: float | None = 5.0, check: bool = True) -> redis.Redis:
+def recover_pool(pool: ConnectionPool) -> None:
+    """After an outage: drop every idle connection that no longer works (they all broke at once)."""
+    try:
+        pool.check()
+    except psycopg.Error:  # the server is still away: the pool reconnects by itself
+        pass
+
+
+def _redis_retry(retries: int) -> Retry:
+    # A blip of a few hundred milliseconds is absorbed here; anything longer surfaces to the
+    # caller's own backoff and outage report instead of blocking it for seconds.
+    return Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries) if retries else Retry(NoBackoff(), 0)
+
+
+def redis_client(url: str, *, socket_timeout: float | None = 5.0, check: bool = True, retries: int = 2) -> redis.Redis:
     """A Redis client; blocking readers pass a socket_timeout longer than their BLOCK."""
     try:
         client = redis.Redis.from_url(
@@ -94,9 +215,30 @@ def redis_client(url: str, *, socket_timeout: float | None = 5.0, check: bool = 
             socket_timeout=socket_timeout,
             socket_connect_timeout=5,
             health_check_interval=30,
+            retry=_redis_retry(retries),
         )
         if check:
             client.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
-        raise ServiceUnavailable(f"cannot connect to Redis at {mask_url(url)}: {exc}") from exc
+        raise _redis_unavailable(url, exc) from exc
     return client
+
+
+def async_redis_client(url: str, *, socket_timeout: float = 30.0, retries: int = 0) -> aredis.Redis:
+    """An asyncio Redis client. No hidden retries by default: a retried XREADGROUP whose first
+    reply was lost would hand entries to this consumer that it never sees."""
+    try:
+        return aredis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            retry=_redis_retry(retries),
+        )
+    except ValueError as exc:
+        raise _redis_unavailable(url, exc) from exc
+
+
+def _redis_unavailable(url: str, exc: BaseException) -> ServiceUnavailable:
+    transient = not isinstance(exc, (ValueError, redis.AuthenticationError, redis.ResponseError))
+    return ServiceUnavailable(f"cannot connect to Redis at {mask_url(url)}: {exc}", service="redis", transient=transient)

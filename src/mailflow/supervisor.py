@@ -1,80 +1,270 @@
-"""Every long-running part of the pipeline in one process, supervised (`mailflow up`, the demo).
+"""Runtime: `mailflow up` and the demo - every long-running part of the pipeline as a supervised child process.
 
-Relay, the event_counts consumer, the queuer and an SMTP worker each run in a thread (the
-worker's asyncio loop in its own). A part that crashes is logged and restarted after a
-pause; one stop event ends them all, each finishing its batch first.
+The relay, the event_counts consumer, the queuer and the SMTP workers each run as their
+own `mailflow` process: a crash in one cannot take the others down, and together they use
+every core. A child that exits without being asked to is restarted after a pause that
+grows with repeated failures (1 s, doubling to 30 s; back to 1 s once it ran for a
+minute), and the supervisor says which child died and why - exit code or signal, its last
+error line, and how long it ran. A child that exits with a configuration error (exit
+code 2) would fail the same way again: the supervisor stops everything and exits 2.
+
+SIGTERM is passed on to every child; each finishes its batch (workers their sends) and
+the supervisor returns when all have. A child whose supervisor disappears (kill -9)
+notices within a second and stops as if it had been sent SIGTERM (MAILFLOW_PARENT_PID,
+see cli.run_process), so none is left behind.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
 
-from .app import Runtime
-from .consumers.runtime import ConsumerRunner
-from .events.relay import Relay
+from .config import Settings, settings_env
+from .health import Health
 from .log import get_logger
-from .outbound.queuer import Queuer
-from .outbound.tokens import load_secret
-from .outbound.worker import Worker
-from .projectors import get as get_projection
 
 log = get_logger("mailflow.supervisor")
 
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0  # a child that ran this long starts its next restart pause from RESTART_MIN_S
+STOP_TIMEOUT_S = 90.0  # after SIGTERM, children get this long before SIGKILL (workers finish their sends)
+FATAL_EXIT = 2  # configuration or usage error: restarting cannot help
+MAILFLOW = [sys.executable, "-m", "mailflow"]
 
-class Pipeline:
-    def __init__(self, rt: Runtime, *, consumers: tuple[str, ...] = ("event_counts",), workers: int = 1) -> None:
-        self.rt = rt
-        s = rt.settings
-        url = rt.services.redis_url
-        secret = load_secret(s.home, s.secret_key)
-        self.relay = Relay(rt.store, url, s)
-        self.consumers = [ConsumerRunner(get_projection(n), rt.store, url, s, consumer_id=f"up-{n}") for n in consumers]
-        self.queuer = Queuer(rt.store, url, s)
-        self.workers = [Worker(rt.store, url, s, secret, name=f"up-worker-{i}") for i in range(workers)]
-        self.threads: list[threading.Thread] = []
-        self._loops: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
-    def start(self, stop: threading.Event) -> None:
-        parts: list[tuple[str, Callable[[], None]]] = [
-            ("relay", lambda: self.relay.run(stop)),
-            ("queuer", lambda: self.queuer.run(stop)),
-            *[(f"consumer-{c.name}", (lambda c=c: c.run(stop))) for c in self.consumers],
-            *[(w.name, (lambda w=w: self._run_worker(w, stop))) for w in self.workers],
-        ]
-        for name, body in parts:
-            t = threading.Thread(target=self._supervise, args=(name, body, stop), name=name, daemon=True)
-            t.start()
-            self.threads.append(t)
+def pipeline_parts(workers: int = 1, consumers: tuple[str, ...] = ("event_counts",), prefix: str = "up") -> list[tuple[str, list[str]]]:
+    """The children of `mailflow up`: (name, mailflow arguments)."""
+    return [
+        ("relay", ["relay"]),
+        *[(f"consumer-{c}", ["consume", c, "--consumer-id", f"{prefix}-{c}"]) for c in consumers],
+        ("queuer", ["queuer"]),
+        *[(f"worker-{i}", ["worker", "--name", f"{prefix}-worker-{i}"]) for i in range(1, workers + 1)],
+    ]
 
-    def _run_worker(self, worker: Worker, stop: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        astop = asyncio.Event()
-        self._loops.append((loop, astop))
 
-        def watch() -> None:
-            stop.wait()
-            loop.call_soon_threadsafe(astop.set)
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    pause: float = RESTART_MIN_S  # before the next restart
+    restart_in: float | None = None  # the pause before the restart that is due (or was last)
+    restart_at: float | None = None
+    last_exit: str | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    last_error: str | None = None
+    reader: threading.Thread | None = None
 
-        threading.Thread(target=watch, daemon=True).start()
+
+def _error_line(line: str) -> str | None:
+    """The gist of a log line if it reports an error: a JSON line at error level, an `error:` line, a traceback's last line."""
+    text = line.strip()
+    if not text:
+        return None
+    if text.startswith("{"):
         try:
-            loop.run_until_complete(worker.run(astop))
+            rec = json.loads(text)
+        except ValueError:
+            return None
+        if rec.get("level") in ("error", "critical"):
+            detail = rec.get("error") or rec.get("detail") or rec.get("exception", "").strip().splitlines()[-1:] or ""
+            if isinstance(detail, list):
+                detail = detail[0] if detail else ""
+            return f"{rec.get('event')}: {detail}".rstrip(": ")
+        return None
+    if text.startswith("error:") or "Error:" in text.split(" ", 1)[0] or text.startswith(("Traceback", "Fatal")):
+        return text
+    return None
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Start, watch and restart child `mailflow` processes; `run(stop)` blocks until stop is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        parts: list[tuple[str, list[str]]],
+        *,
+        log_dir: Path | None = None,
+        output: IO[str] | None = None,
+        health: Health | None = None,
+        on_exit: Callable[[Child, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.children = [Child(name, args) for name, args in parts]
+        self.log_dir = log_dir
+        self.output = output if output is not None else sys.stdout
+        self.health = health
+        self.on_exit = on_exit
+        self._out_lock = threading.Lock()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILFLOW_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        self.env.update(settings_env(settings))
+        self.env["MAILFLOW_PARENT_PID"] = str(os.getpid())
+        if settings.log_format == "auto":
+            self.env["MAILFLOW_LOG_FORMAT"] = "json"  # children write to a pipe; keep their lines parseable
+        self.fatal: Child | None = None
+
+    # -- children -------------------------------------------------------------------------
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(
+            [*MAILFLOW, *child.args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # a ^C at the terminal reaches the supervisor only
+        )
+        child.started = time.monotonic()
+        child.restart_at = None
+        child.last_error = None
+        child.reader = threading.Thread(target=self._pump, args=(child, child.proc), daemon=True,
+                                        name=f"supervisor-{child.name}")
+        child.reader.start()
+        self._say("info", "supervisor.child_started", child=child.name, pid=child.proc.pid, restarts=child.restarts)
+
+    def _pump(self, child: Child, proc: subprocess.Popen[bytes]) -> None:
+        """Copy the child's output (to our stdout, or its log file) and remember its last error."""
+        sink: IO[str] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            sink = open(self.log_dir / f"{child.name}.log", "a", encoding="utf-8")  # noqa: SIM115
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", errors="replace")
+                child.tail.append(line.rstrip("\n"))
+                gist = _error_line(line)
+                if gist:
+                    child.last_error = gist[:500]
+                if sink is not None:
+                    sink.write(line)
+                    sink.flush()
+                else:
+                    with self._out_lock:
+                        self.output.write(line)
+                        self.output.flush()
         finally:
-            loop.close()
+            if sink is not None:
+                sink.close()
+
+    def _reap(self, child: Child) -> None:
+        proc = child.proc
+        if proc is None or proc.poll() is None:
+            return
+        code = proc.returncode
+        if child.reader is not None:
+            child.reader.join(timeout=2)  # the last lines, before we say why it died
+        ran = time.monotonic() - child.started
+        child.proc = None
+        child.last_exit = describe_exit(code)
+        if ran >= HEALTHY_AFTER_S:
+            child.pause = RESTART_MIN_S
+        facts = {"child": child.name, "pid": proc.pid, "exit": child.last_exit, "ran_s": round(ran, 1),
+                 "last_error": child.last_error, "last_line": child.tail[-1][:300] if child.tail else None}
+        if code == FATAL_EXIT:
+            self._say("error", "supervisor.child_failed", **facts, detail="a configuration error; stopping everything")
+            self.fatal = child
+        else:
+            self._say("error", "supervisor.child_exited", **facts, restart_in_s=round(child.pause, 1),
+                      restarts=child.restarts + 1)
+            child.restart_in = child.pause
+            child.restart_at = time.monotonic() + child.pause
+            child.pause = min(child.pause * 2, RESTART_MAX_S)
+            child.restarts += 1
+        if self.on_exit is not None:
+            self.on_exit(child, code)
+        self._publish()
+
+    def _say(self, level: str, event: str, **facts: Any) -> None:
+        """Log one supervisor record: through structlog, or with `log_dir` into supervisor.log there."""
+        if self.log_dir is None:
+            getattr(log, level)(event, **facts)
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        record = {"event": event, "level": level, "timestamp": datetime.now(timezone.utc).isoformat(), **facts}
+        with self._out_lock, open(self.log_dir / "supervisor.log", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _publish(self) -> None:
+        if self.health is not None:
+            self.health.set(children=[self.describe(c) for c in self.children])
 
     @staticmethod
-    def _supervise(name: str, body: Callable[[], None], stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                body()
-                return
-            except Exception as exc:  # noqa: BLE001 - a crashed part is restarted, not fatal
-                log.error("supervisor.part_crashed", part=name, error=" ".join(str(exc).split()))
-                stop.wait(2.0)
+    def describe(c: Child) -> dict[str, Any]:
+        return {"name": c.name, "pid": c.proc.pid if c.proc else None, "running": c.proc is not None,
+                "restarts": c.restarts, "last_exit": c.last_exit, "last_error": c.last_error}
 
-    def join(self, timeout: float = 30.0) -> None:
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+        self._publish()
+
+    def run(self, stop: threading.Event) -> int:
+        """Watch the children until `stop` is set (or one fails fatally); then stop them. Returns an exit code."""
+        if not any(c.proc for c in self.children):
+            self.start()
+        while not stop.is_set() and self.fatal is None:
+            if self.health is not None:
+                self.health.beat()
+            now = time.monotonic()
+            for child in self.children:
+                self._reap(child)
+                if child.proc is None and child.restart_at is not None and now >= child.restart_at and self.fatal is None:
+                    self._spawn(child)
+                    self._publish()
+            stop.wait(0.2)
+        codes = self.stop()
+        if self.fatal is not None:
+            return FATAL_EXIT
+        unclean = {name: code for name, code in codes.items() if code not in (0, None)}
+        if unclean:
+            self._say("warning", "supervisor.unclean_stop", children=unclean)
+        return 0 if not unclean else 1
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> dict[str, int | None]:
+        """SIGTERM every child, wait, SIGKILL what is left; returns their exit codes."""
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        codes: dict[str, int | None] = {}
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                codes[child.name] = child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._say("error", "supervisor.child_killed", child=child.name, pid=child.proc.pid,
+                          detail=f"did not stop within {timeout:.0f} s of SIGTERM")
+                child.proc.kill()
+                codes[child.name] = child.proc.wait(10)
+            if child.reader is not None:
+                child.reader.join(timeout=2)
+            child.proc = None
+        self._publish()
+        return codes

@@ -6,7 +6,9 @@ exactly once: entries at or below the checkpoint are acknowledged and skipped, a
 between the checkpoint and the next entry (new consumer, trimmed stream, Redis flushed) is
 filled from PostgreSQL, the truth. XACK follows the commit. Pending entries of a dead
 consumer are reclaimed with XAUTOCLAIM. An event that keeps failing goes to the DLQ after
-`consumer_max_attempts` tries, and the consumer moves on.
+`consumer_max_attempts` tries, and the consumer moves on. A lost PostgreSQL or Redis is
+reported once per outage (health.py); the consumer backs off and resumes from its
+checkpoint, so the batch that failed is simply applied again.
 """
 
 from __future__ import annotations
@@ -23,27 +25,21 @@ from psycopg.types.json import Jsonb
 import structlog
 
 from ..config import Settings
-from ..errors import ServiceUnavailable
 from ..events.envelope import Envelope
 from ..events.keys import Keys
 from ..events.store import EventStore
+from ..health import Backoff, Health
 from ..log import get_logger
-from ..services import connect, redis_client
+from ..services import POSTGRES_OUTAGE, connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
+from ..services import redis_lost_data as _redis_lost_data
 from . import queries as q
 from .projection import Projection
 
 log = get_logger("mailflow.consumer")
 
-_INFRA_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+_INFRA_ERRORS = POSTGRES_OUTAGE
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 ProgressFn = Callable[[int, int], None]
-
-
-def _redis_lost_data(exc: redis.ResponseError) -> bool:
-    # NOGROUP: the group (or the key) is gone. UNBLOCKED (Redis 7): the key was deleted
-    # while we were blocked reading it.
-    text = str(exc)
-    return text.startswith("NOGROUP") or text.startswith("UNBLOCKED") or "no longer exists" in text
 
 
 def checkpoints(conn: psycopg.Connection) -> dict[str, tuple[int, object]]:
@@ -69,6 +65,7 @@ class ConsumerRunner:
         settings: Settings,
         *,
         consumer_id: str | None = None,
+        health: Health | None = None,
     ) -> None:
         self.projection = projection
         self.name = projection.name
@@ -83,6 +80,7 @@ class ConsumerRunner:
         self.applied = 0
         self.dead_lettered = 0
         self.log = log.bind(consumer=self.name)
+        self.health = health or Health("consumer", f"{self.name}.{self.consumer_id}", self.log)
 
     # -- connections -------------------------------------------------------------------
 
@@ -115,18 +113,29 @@ class ConsumerRunner:
         if stop is not None:
             self.stop = stop
         self.log.info("consumer.start", consumer_id=self.consumer_id)
+        backoff = Backoff()
         try:
             while not self.stop.is_set():
                 try:
+                    self.health.beat()
                     self.ensure_checkpoint()
                     self.catch_up()
+                    self.health.ok("postgres")
                     self._ensure_group()
                     self._claim_stale()
+                    self.health.ok("redis")
+                    backoff.reset()
                     self._follow()
-                except _INFRA_ERRORS + _REDIS_ERRORS + (ServiceUnavailable,) as exc:
-                    self.log.warning("consumer.connection_lost", error=describe(exc))
+                except Exception as exc:
+                    if is_postgres_outage(exc):
+                        self.health.lost("postgres", exc)
+                        recover_pool(self.store.pool)
+                    elif is_redis_outage(exc):
+                        self.health.lost("redis", exc)
+                    else:
+                        raise
                     self.close()
-                    self.stop.wait(1.0)
+                    self.stop.wait(backoff.next())
         finally:
             self.log.info("consumer.stopped", applied=self.applied, dead_lettered=self.dead_lettered)
             self.close()
@@ -135,6 +144,7 @@ class ConsumerRunner:
         last_claim = time.monotonic()
         claim_every = self.settings.consumer_claim_idle_ms / 2000
         while not self.stop.is_set():
+            self.health.beat()
             try:
                 resp = self.redis.xreadgroup(
                     self.name,
@@ -148,12 +158,14 @@ class ConsumerRunner:
                     self._recover_group()
                     continue
                 raise
+            self.health.ok("redis")
             entries = resp[0][1] if resp else []
             if entries:
                 self.handle_entries(entries)
             else:
                 # Quiet stream: make sure nothing was missed (relay down, Redis flushed).
                 self.catch_up()
+            self.health.ok("postgres")
             if time.monotonic() - last_claim > claim_every:
                 try:
                     self._claim_stale()

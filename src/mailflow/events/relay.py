@@ -6,11 +6,15 @@ already has: a relay that crashed mid-batch restarts from the stream's last ID a
 is lost or duplicated. The relay is also the sequencer that gives committed events their
 positions. It wakes on NOTIFY (sent once per burst of commits) and polls as a fallback.
 Redis is disposable: when the relay's epoch key vanishes (restart without persistence,
-FLUSHALL) it republishes from the oldest checkpoint a consumer still needs.
+FLUSHALL) it republishes from the oldest checkpoint a consumer still needs. A lost
+PostgreSQL or Redis ends its term (leader.py): it reports the outage once, backs off and
+leads again from where the stream stands.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
@@ -20,7 +24,8 @@ import psycopg
 import redis
 
 from ..config import Settings
-from ..leader import run_as_leader
+from ..health import Health
+from ..leader import Term, run_as_leader
 from ..log import get_logger
 from ..services import redis_client
 from .envelope import Envelope
@@ -42,7 +47,7 @@ class RelayStats:
 
 
 class Relay:
-    def __init__(self, store: EventStore, redis_url: str, settings: Settings) -> None:
+    def __init__(self, store: EventStore, redis_url: str, settings: Settings, *, health: Health | None = None) -> None:
         self.store = store
         self.redis_url = redis_url
         self.settings = settings
@@ -51,27 +56,32 @@ class Relay:
         self._epoch: bytes | None = None
         self._published = 0
         self.is_leader = threading.Event()
+        self.health = health or Health("relay", f"{socket.gethostname()}-{os.getpid()}", log)
 
     def run(self, stop: threading.Event) -> None:
         """Wait to become leader, then publish until `stop` is set; survives lost connections."""
-        run_as_leader("relay", RELAY_LOCK_KEY, self.store.pool.conninfo, stop,
-                      lambda conn: self._lead(conn, stop), log, self.is_leader)
+        run_as_leader("relay", RELAY_LOCK_KEY, self.store.pool, stop,
+                      lambda term: self._lead(term, stop), log, self.health, self.is_leader)
         log.info("relay.stopped", published=self.stats.published, position=self._published)
 
     # -- publishing ----------------------------------------------------------------------
 
-    def _lead(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+    def _lead(self, term: Term, stop: threading.Event) -> None:
+        conn = term.conn
         conn.execute(f"LISTEN {self.store.channel}")
-        r = redis_client(self.redis_url)
+        r = redis_client(self.redis_url, check=False)
         try:
             self._resume(r)
             blocked_wait = self.settings.relay_retry_interval_s
             while not stop.is_set():
+                self.health.beat()
                 if r.get(self.keys.relay_epoch) != self._epoch:
                     log.warning("relay.redis_reset", detail="epoch key missing; republishing")
                     self._resume(r)
                 self.store.sequence(self.settings.relay_batch_size * 4)
                 batch = self.store.read_all(self._published, self.settings.relay_batch_size)
+                self.health.ok("postgres")
+                self.health.ok("redis")
                 if batch:
                     self._publish(r, batch)
                     blocked_wait = self.settings.relay_retry_interval_s
@@ -91,6 +101,7 @@ class Relay:
         # Short slices so SIGTERM is honoured quickly; the full slice is the polling fallback.
         deadline = time.monotonic() + self.settings.relay_poll_interval_s
         while not stop.is_set():
+            self.health.beat()
             left = deadline - time.monotonic()
             if left <= 0:
                 return

@@ -1,24 +1,52 @@
 """Events room: Redis stream helpers shared by the relay and the queuer.
 
 Both publish with entry IDs they choose (<position>-0, <queue_seq>-0) so that Redis itself
-refuses a second copy; these helpers read where a stream stands and tell that refusal
-apart from real errors.
+refuses a second copy; these helpers read where a stream stands, read what a stream
+holds, and tell that refusal apart from real errors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import redis
+
+SCAN_PAGE = 1000
+
+
+def stream_last_entry_id(r: redis.Redis, key: str) -> tuple[int, int] | None:
+    """The stream's last generated ID as (milliseconds part, sequence part); None when it does not exist."""
+    try:
+        info = r.xinfo_stream(key)
+    except redis.ResponseError as exc:
+        if "no such key" not in str(exc).lower():
+            raise
+        return None
+    raw = info["last-generated-id"]
+    raw = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = raw.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def stream_last_id(r: redis.Redis, key: str) -> int | None:
     """The stream's last generated ID (its first part), or None when the stream does not exist."""
-    try:
-        info = r.xinfo_stream(key)
-    except redis.ResponseError:
-        return None
-    raw = info["last-generated-id"]
-    raw = raw.decode() if isinstance(raw, bytes) else raw
-    return int(raw.split("-")[0])
+    last = stream_last_entry_id(r, key)
+    return None if last is None else last[0]
+
+
+def scan_field(r: redis.Redis, key: str, field: bytes, page: int = SCAN_PAGE) -> Iterator[bytes]:
+    """The value of `field` in every entry of the stream, oldest first, a page at a time."""
+    start = "-"
+    while True:
+        entries = r.xrange(key, start, "+", count=page)
+        for _eid, fields in entries:
+            value = fields.get(field)
+            if value is not None:
+                yield value
+        if len(entries) < page:
+            return
+        last = entries[-1][0]
+        start = "(" + (last.decode() if isinstance(last, bytes) else last)  # exclusive (Redis >= 6.2)
 
 
 def raise_unless_duplicates(results: list[object]) -> int:

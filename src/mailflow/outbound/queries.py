@@ -29,23 +29,24 @@ LIMIT %s
 
 COUNT_CONTACTS = "SELECT count(*) FROM contacts WHERE {where}"
 
+# Timestamps come from the events (the last argument), so a rebuild gives the same rows.
 UPSERT_SEGMENT = """
-INSERT INTO segments (name, filter) VALUES (%s, %s)
-ON CONFLICT (name) DO UPDATE SET filter = excluded.filter, updated_at = now()
+INSERT INTO segments (name, filter, created_at, updated_at) VALUES (%s, %s, %s, %s)
+ON CONFLICT (name) DO UPDATE SET filter = excluded.filter, updated_at = excluded.updated_at
 """
 GET_SEGMENT = "SELECT filter FROM segments WHERE name = %s"
 LIST_SEGMENTS = "SELECT name, filter, updated_at FROM segments ORDER BY name"
 
 UPSERT_TEMPLATE = """
-INSERT INTO templates (name, subject, html, text) VALUES (%s, %s, %s, %s)
+INSERT INTO templates (name, subject, html, text, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s)
 ON CONFLICT (name) DO UPDATE
-SET subject = excluded.subject, html = excluded.html, text = excluded.text, updated_at = now()
+SET subject = excluded.subject, html = excluded.html, text = excluded.text, updated_at = excluded.updated_at
 """
 GET_TEMPLATE = "SELECT name, subject, html, text FROM templates WHERE name = %s"
 LIST_TEMPLATES = "SELECT name, subject, updated_at FROM templates ORDER BY name"
 
 ADD_SUPPRESSION = """
-INSERT INTO suppressions (email, reason, detail) VALUES (%s, %s, %s)
+INSERT INTO suppressions (email, reason, detail, created_at) VALUES (%s, %s, %s, %s)
 ON CONFLICT (email) DO UPDATE SET reason = excluded.reason, detail = excluded.detail
 """
 REMOVE_SUPPRESSION = "DELETE FROM suppressions WHERE email = %s"
@@ -53,11 +54,11 @@ LIST_SUPPRESSIONS = "SELECT email, reason, detail, created_at FROM suppressions 
 IS_SUPPRESSED = "SELECT reason FROM suppressions WHERE email = %s"
 
 UPSERT_SENDER = """
-INSERT INTO senders (name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem)
-VALUES (%s, %s, %s, %s, %s, %s)
+INSERT INTO senders (name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem, created_at, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (name) DO UPDATE SET from_email = excluded.from_email, from_name = excluded.from_name,
     relay_url = excluded.relay_url, dkim_selector = excluded.dkim_selector,
-    dkim_key_pem = excluded.dkim_key_pem, updated_at = now()
+    dkim_key_pem = excluded.dkim_key_pem, updated_at = excluded.updated_at
 """
 GET_SENDER = "SELECT name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem FROM senders WHERE name = %s"
 LIST_SENDERS = "SELECT name, from_email, from_name, relay_url, dkim_selector IS NOT NULL FROM senders ORDER BY name"
@@ -66,11 +67,12 @@ JOB_BY_KEY = "SELECT id FROM jobs WHERE idempotency_key = %s"
 
 # -- the queuer -------------------------------------------------------------------------------
 
+# Leases that expired more than hold_s ago (hold_s > 0 early in a queuer's term, see queuer.py).
 EXPIRED_LEASES = """
 SELECT id, attempts FROM jobs
-WHERE state = 'active' AND lease_until < now()
+WHERE state = 'active' AND lease_until < now() - make_interval(secs => %(hold_s)s)
 ORDER BY lease_until
-LIMIT %s
+LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 """
 
@@ -92,9 +94,10 @@ FOR UPDATE SKIP LOCKED
 
 NEXT_QUEUE_SEQS = "SELECT nextval('job_queue_seq') FROM generate_series(1, %s)"
 
-QUEUED_AFTER = """
+# Every job of one priority that should be in its stream, for reconcile().
+QUEUED_JOBS = """
 SELECT id, queue_seq FROM jobs
-WHERE state = 'queued' AND priority = %s AND queue_seq > %s
+WHERE state = 'queued' AND priority = %s
 ORDER BY queue_seq
 """
 
@@ -103,7 +106,7 @@ ORDER BY queue_seq
 # Lock the jobs a worker was handed; only those still queued under that very entry start.
 CLAIM_JOBS = """
 SELECT j.id, j.state, j.queue_seq, j.attempts, j.email, j.sender, j.template, j.variables, j.campaign_id,
-       s.reason AS suppressed, c.status AS contact_status, c.attributes
+       s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker
 FROM jobs j
 LEFT JOIN suppressions s ON s.email = j.email
 LEFT JOIN contacts c ON c.email = j.email
@@ -214,6 +217,8 @@ DEMO_TRANSACTIONAL_FAILURES = """
 SELECT failure_kind, count(*), min(last_reply) FROM jobs
 WHERE email LIKE %s AND state = 'failed' GROUP BY failure_kind
 """
+DEMO_ACTIVE_OF = "SELECT count(*) FROM jobs WHERE state = 'active' AND worker = %s"
+DEMO_QUEUED = "SELECT count(*) FROM jobs WHERE state = 'queued'"
 DEMO_TRANSACTIONAL_RETRIES = "SELECT coalesce(sum(greatest(attempts - 1, 0)), 0) FROM jobs WHERE email LIKE %s"
 
 # Leases of jobs a live worker is still sending are extended (not a state change, so no event).
@@ -229,3 +234,5 @@ SELECT id, state, worker, attempts FROM jobs
 WHERE id = ANY(%s::uuid[])
 FOR UPDATE
 """
+# Which of these result events are stored already (a retried write whose first commit was not seen).
+EVENTS_RECORDED = "SELECT id FROM events WHERE id = ANY(%s::uuid[])"

@@ -5,13 +5,25 @@ reclaims jobs whose worker lease expired (active -> retry), then per priority (h
 takes due jobs oldest first, within the per-(sender, domain) token buckets, skipping
 paused campaigns and streams that are already deep (backpressure). A job is marked queued
 (JobQueued, with a queue sequence number) in one transaction, then added to Redis with
-entry ID <queue_seq>-0. A crash in between loses nothing and queues nothing twice: on
-start, and whenever Redis lost its data, queued jobs after the stream's last ID are
-added again, and Redis rejects any ID it already has.
+entry ID <queue_seq>-0, so Redis refuses a second copy.
+
+Redis may lose anything at any moment, also between those two steps, so nothing here
+trusts it to remember: `reconcile()` compares the jobs PostgreSQL says are queued with the
+job ids the streams hold and adds the missing ones again. It runs at the start of every
+term, as soon as the epoch key shows that Redis lost its data (FLUSHALL, a restart), and
+every MAILFLOW_QUEUER_RECONCILE_INTERVAL_S as a cheap check (one XRANGE of a stream kept
+short by backpressure, one index scan).
+
+A worker cut off from PostgreSQL cannot renew its leases. Leases that expired only
+lately are therefore left alone for the first seconds of a term (the queuer's own
+reconnect after an outage begins one), so that workers coming back from the same outage
+renew them instead of having their jobs sent a second time.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
@@ -23,12 +35,13 @@ import redis
 
 from ..config import Settings
 from ..events.keys import Keys
-from ..events.streams import raise_unless_duplicates, stream_last_id
+from ..events.streams import raise_unless_duplicates, scan_field, stream_last_entry_id
 from ..events.store import EventStore
+from ..health import Health
 from ..log import get_logger
 from ..projectors import inline
 from ..projectors import jobs as jobs_projection
-from ..leader import run_as_leader
+from ..leader import Term, run_as_leader
 from ..services import redis_client
 from . import campaigns
 from . import queries as q
@@ -49,7 +62,7 @@ class QueuerStats:
 
 
 class Queuer:
-    def __init__(self, store: EventStore, redis_url: str, settings: Settings) -> None:
+    def __init__(self, store: EventStore, redis_url: str, settings: Settings, *, health: Health | None = None) -> None:
         self.store = store
         self.redis_url = redis_url
         self.settings = settings
@@ -57,19 +70,29 @@ class Queuer:
         self.limiter = RateLimiter(limits={**DEFAULT_LIMITS_PER_S, **settings.rate_limits})
         self.stats = QueuerStats()
         self._epoch: bytes | None = None
+        self._reconciled = 0.0
         self._housekept = 0.0
+        self._term_began = 0.0
         self.is_leader = threading.Event()
+        self.health = health or Health("queuer", f"{socket.gethostname()}-{os.getpid()}", log)
 
     def run(self, stop: threading.Event) -> None:
-        run_as_leader("queuer", QUEUER_LOCK_KEY, self.store.pool.conninfo, stop,
-                      lambda _conn: self._lead(stop), log, self.is_leader)
-        log.info("queuer.stopped", queued=self.stats.queued, reclaimed=self.stats.reclaimed)
+        run_as_leader("queuer", QUEUER_LOCK_KEY, self.store.pool, stop,
+                      lambda term: self._lead(term, stop), log, self.health, self.is_leader)
+        log.info("queuer.stopped", queued=self.stats.queued, reclaimed=self.stats.reclaimed,
+                 republished=self.stats.republished)
 
-    def _lead(self, stop: threading.Event) -> None:
-        r = redis_client(self.redis_url)
+    def _lead(self, term: Term, stop: threading.Event) -> None:
+        r = redis_client(self.redis_url, check=False)
+        self._epoch = None  # a new term starts by checking the streams against PostgreSQL
+        self._term_began = time.monotonic()
         try:
             while not stop.is_set():
+                self.health.beat()
+                term.check()
                 moved = self.tick(r)
+                self.health.ok("postgres")
+                self.health.ok("redis")
                 if moved < self.settings.queuer_batch_size:
                     stop.wait(self.settings.queuer_interval_s)
         finally:
@@ -79,8 +102,12 @@ class Queuer:
 
     def tick(self, r: redis.Redis) -> int:
         """Reclaim expired leases, then queue due jobs; returns how many jobs were queued."""
-        if self._epoch is None or r.get(self.keys.jobs_epoch) != self._epoch:
-            self.republish(r)
+        if (
+            self._epoch is None
+            or r.get(self.keys.jobs_epoch) != self._epoch
+            or time.monotonic() - self._reconciled > self.settings.queuer_reconcile_interval_s
+        ):
+            self.reconcile(r)
         housekeeping = time.monotonic() - self._housekept > 1.0
         if housekeeping:
             campaigns.start_due(self.store)
@@ -96,8 +123,9 @@ class Queuer:
     def reclaim_expired(self) -> int:
         """Jobs whose worker died mid-send: active -> retry, due now (another worker sends them)."""
         now = datetime.now(timezone.utc).isoformat()
+        hold = max(0.0, self.lease_grace_s - (time.monotonic() - self._term_began)) if self._term_began else 0.0
         with inline.writing(self.store) as conn:
-            rows = conn.execute(q.EXPIRED_LEASES, (self.settings.queuer_batch_size,)).fetchall()
+            rows = conn.execute(q.EXPIRED_LEASES, {"hold_s": hold, "limit": self.settings.queuer_batch_size}).fetchall()
             if not rows:
                 return 0
             events = [
@@ -146,28 +174,69 @@ class Queuer:
         self.stats.queued[str(priority)] += len(granted)
         return len(granted)
 
+    @property
+    def lease_grace_s(self) -> float:
+        """How long a new term leaves lately expired leases to be renewed by their workers."""
+        return min(self.settings.job_lease_s / 2, 15.0)
+
     def _xadd(self, r: redis.Redis, key: str, jobs: list[tuple[uuid.UUID, int]]) -> None:
         pipe = r.pipeline(transaction=False)
         for jid, seq in jobs:
             pipe.xadd(key, {"job_id": str(jid), "queue_seq": str(seq)}, id=f"{seq}-0")
-        raise_unless_duplicates(pipe.execute(raise_on_error=False))
+        try:
+            raise_unless_duplicates(pipe.execute(raise_on_error=False))
+        except redis.RedisError:
+            self._epoch = None  # some may be missing: compare with PostgreSQL before going on
+            raise
 
-    def republish(self, r: redis.Redis) -> None:
-        """Add queued jobs that Redis does not have (after a crash, a restart or a FLUSHALL)."""
+    def reconcile(self, r: redis.Redis) -> int:
+        """Add every job PostgreSQL says is queued that its stream does not hold; returns how many.
+
+        The epoch key is set first, so a flush during the comparison is seen at the next
+        tick. Each stream is read before PostgreSQL: an entry the worker deletes in between
+        belongs to a job that is no longer queued, so no job is added twice by mistake (and
+        if one were, the worker's claim refuses the second entry: it starts a job only while
+        it is queued under that queue_seq).
+        """
+        epoch = uuid.uuid4().hex.encode()
+        r.set(self.keys.jobs_epoch, epoch)
+        self._epoch = epoch
         total = 0
-        with self.store.pool.connection() as conn:
-            for priority in Priority:
-                key = self.keys.jobs(priority)
-                last = stream_last_id(r, key) or 0
-                rows = conn.execute(q.QUEUED_AFTER, (str(priority), last)).fetchall()
-                if rows:
-                    self._xadd(r, key, [(jid, seq) for jid, seq in rows])
-                    total += len(rows)
-        self._epoch = uuid.uuid4().hex.encode()
-        r.set(self.keys.jobs_epoch, self._epoch)
+        for priority in Priority:
+            key = self.keys.jobs(priority)
+            last = stream_last_entry_id(r, key)
+            held = set(scan_field(r, key, b"job_id"))
+            with self.store.pool.connection() as conn:
+                rows = conn.execute(q.QUEUED_JOBS, (str(priority),)).fetchall()
+            missing = [(jid, seq) for jid, seq in rows if str(jid).encode() not in held]
+            if missing:
+                self._readd(r, key, missing, last)
+                total += len(missing)
+        self._reconciled = time.monotonic()
         self.stats.republished += total
         if total:
-            log.info("queuer.republished", count=total)
+            log.warning("queuer.republished", count=total,
+                        detail="Redis had lost these queued jobs (flushed, restarted or cut off); added again")
+        return total
+
+    def _readd(self, r: redis.Redis, key: str, jobs: list[tuple[uuid.UUID, int]], last: tuple[int, int] | None) -> None:
+        """Add lost entries after whatever the stream holds now.
+
+        An entry keeps ID <queue_seq>-0 when that is still above the stream's last ID;
+        otherwise it takes the next free sub-ID of the last one (<last>-1, -2, ...), which
+        keeps every later <queue_seq>-0 valid.
+        """
+        pipe = r.pipeline(transaction=False)
+        for jid, seq in jobs:
+            if last is None or seq > last[0]:
+                last = (seq, 0)
+            else:
+                last = (last[0], last[1] + 1)
+            pipe.xadd(key, {"job_id": str(jid), "queue_seq": str(seq)}, id=f"{last[0]}-{last[1]}")
+        for res in pipe.execute(raise_on_error=False):
+            if isinstance(res, Exception):
+                self._epoch = None
+                raise res
 
 
 def queue_stats(conn: psycopg.Connection, r: redis.Redis, keys: Keys) -> list[dict[str, object]]:

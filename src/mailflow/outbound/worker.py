@@ -7,6 +7,16 @@ sessions that are reused for many messages, and finished in batches (JobComplete
 JobFailed or JobRetryScheduled, with the remote reply) before their stream entries are
 acknowledged. A worker killed mid-send leaves active jobs whose lease expires; the queuer
 then retries them, so at most the messages in flight at the kill can go out twice.
+
+Losing PostgreSQL or Redis for a while stops nothing that is already under way. SMTP
+transactions in flight run to their end; their outcomes wait in memory and are recorded
+when PostgreSQL answers again, leases are renewed as soon as it does, and entries read
+but not yet claimed are claimed then (a claim whose commit was not seen is recognised
+and resumed, not left for its lease to expire). Acknowledgements wait for Redis. After a
+Redis error the worker reads its own pending entries again, so entries whose reply was
+lost on the wire are not left for XAUTOCLAIM. Each outage is reported once (health.py).
+On SIGTERM the worker finishes its sends and keeps trying to record them for
+MAILFLOW_WORKER_STOP_TIMEOUT_S; what it could not record then is said in one line.
 """
 
 from __future__ import annotations
@@ -24,9 +34,14 @@ import redis
 import redis.asyncio as aredis
 
 from ..config import Settings
+from ..errors import ServiceUnavailable
+from ..events.envelope import NewEvent
 from ..events.keys import Keys
 from ..events.store import EventStore
+from ..health import Backoff, Health
 from ..log import get_logger
+from ..services import POSTGRES_OUTAGE, async_redis_client, is_postgres_outage, is_redis_outage, recover_pool
+from ..services import redis_lost_data
 from ..projectors import catalog, inline
 from ..projectors import jobs as jobs_projection
 from . import mime, mx, queries as q, smtp, templates
@@ -40,7 +55,9 @@ from .senders import Sender, SmtpRelay, smtp_client
 GROUP = "workers"
 LOW_EVERY = 8  # every 8th read offers low before normal
 BATCH_GATHER_S = 0.01  # a busy worker waits this long at most for more free slots before starting jobs
+ORPHAN_CLAIM_EVERY_S = 5.0
 log = get_logger("mailflow.worker")
+Entry = tuple[Priority, bytes, dict[bytes, bytes]]
 
 
 @dataclass
@@ -64,6 +81,13 @@ class Result:
     code: int | None
     reply: str
     kind: str | None = None  # overrides the verdict's failure kind (suppressed, message)
+    # The events that record it, made once: a retried write after a commit that was not
+    # seen carries the same event ids, so it can tell "already recorded" from "lost the lease".
+    events: list[tuple[str, NewEvent]] | None = None
+
+
+class _Unavailable(Exception):
+    """PostgreSQL stayed away while the worker was stopping; the job is recorded as a retry."""
 
 
 class RelayPool:
@@ -164,7 +188,10 @@ async def _quit_all(clients: list[aiosmtplib.SMTP]) -> None:
 
 
 class Worker:
-    def __init__(self, store: EventStore, redis_url: str, settings: Settings, secret: bytes, *, name: str | None = None) -> None:
+    def __init__(
+        self, store: EventStore, redis_url: str, settings: Settings, secret: bytes, *,
+        name: str | None = None, health: Health | None = None,
+    ) -> None:
         self.store = store
         self.redis_url = redis_url
         self.settings = settings
@@ -176,77 +203,131 @@ class Worker:
         self.mx = mx.MxResolver(settings.mx_overrides, nameservers=settings.dns_servers)
         self.senders: dict[str, tuple[float, Sender]] = {}
         self.templates: dict[str, tuple[float, templates.Template]] = {}
-        self.results: list[Result] = []
+        self.results: list[Result] = []  # finished sends not yet recorded
         self.in_flight: set[asyncio.Task] = set()
         self._slot_freed = asyncio.Event()
         self.sending: set[str] = set()  # job ids started here and not yet recorded
+        self.held: set[tuple[Priority, bytes]] = set()  # their stream entries
+        self._unclaimed: list[Entry] = []  # read from Redis, claim not committed yet
+        self._uncertain: dict[str, int] = {}  # job id -> queue_seq of claims whose commit was not seen
+        self._unacked: dict[Priority, list[bytes]] = {}  # entries to XACK + XDEL when Redis answers
+        self._groups_ready = False
+        self._check_own_pending = True  # at start, and after any Redis error
+        self._stopping = False
         self.sent = 0
         self.batches = {"starts": 0, "started": 0, "finishes": 0, "finished": 0}  # transactions and jobs
         self._reads = 0
         self.log = log.bind(worker=self.name)
+        self.health = health or Health("worker", self.name, self.log)
 
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        r = aredis.from_url(self.redis_url, socket_timeout=30)
+        r = async_redis_client(self.redis_url)
+        backoff = Backoff(cap=2.0)
+        flusher = asyncio.create_task(self._flush_loop(r, stop))
+        self.log.info("worker.start", concurrency=self.settings.worker_concurrency)
+        state = {"last_orphans": 0.0, "gathering_since": None}
         try:
-            for p in Priority:
-                try:
-                    await r.xgroup_create(self.keys.jobs(p), GROUP, id="0", mkstream=True)
-                except redis.ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
-            flusher = asyncio.create_task(self._flush_loop(r, stop))
-            self.log.info("worker.start", concurrency=self.settings.worker_concurrency)
-            last_claim = 0.0
-            # Jobs are started in batches: one transaction for a few slots is most of the cost
-            # of starting them, so a busy worker waits briefly for a quarter of its slots.
-            min_batch = max(1, self.settings.worker_concurrency // 4)
-            gathering_since: float | None = None
             while not stop.is_set():
-                if time.monotonic() - last_claim > 5.0:
-                    await self._claim_orphans(r)
-                    last_claim = time.monotonic()
-                free = self.settings.worker_concurrency - len(self.in_flight)
-                if free < min_batch and self.in_flight:
-                    now = time.monotonic()
-                    gathering_since = gathering_since or now
-                    wait = (0.1 if free <= 0 else BATCH_GATHER_S) - (now - gathering_since)
-                    if wait > 0:
-                        self._slot_freed.clear()
-                        try:
-                            await asyncio.wait_for(self._slot_freed.wait(), wait)
-                        except asyncio.TimeoutError:
-                            pass
-                        continue
-                    if free <= 0:
-                        gathering_since = None
-                        continue
-                gathering_since = None
+                self.health.beat()
+                if flusher.done():
+                    break  # it raised: a bug; let it out below
                 try:
-                    entries = await self._read(r, free)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
-                        for p in Priority:
-                            try:
-                                await r.xgroup_create(self.keys.jobs(p), GROUP, id="0", mkstream=True)
-                            except redis.ResponseError:
-                                pass
-                        continue
-                    raise
-                if entries:
-                    await self._start(r, entries)
+                    await self._step(r, state)
+                    backoff.reset()
+                except Exception as exc:  # noqa: BLE001 - an outage is waited out, anything else re-raised
+                    if not await self._outage(exc):
+                        raise
+                    await _wait(stop, backoff.next())
+            self._stopping = True
+            self.health.stopping()
             if self.in_flight:  # SIGTERM: finish what was started
                 await asyncio.wait(self.in_flight)
             await flusher
-            await self._flush(r)
         finally:
+            if not flusher.done():
+                flusher.cancel()
             for pool in self.pools.values():
                 await pool.close()
             await r.aclose()
-            self.log.info("worker.stopped", sent=self.sent, **self.batches)
+            self.log.info("worker.stopped", sent=self.sent, unrecorded=len(self.results), **self.batches)
+        if self.results:
+            raise ServiceUnavailable(
+                f"{len(self.results)} finished send(s) could not be recorded: PostgreSQL did not answer within "
+                f"{self.settings.worker_stop_timeout_s:g} s of the stop; their jobs are retried when their leases "
+                "expire, so those messages may go out twice",
+                service="postgres",
+            )
 
-    async def _read(self, r: aredis.Redis, free: int) -> list[tuple[Priority, bytes, dict[bytes, bytes]]]:
+    async def _outage(self, exc: BaseException) -> bool:
+        """Report a lost server and clear what it broke; False if `exc` is not an outage."""
+        if is_postgres_outage(exc):
+            self.health.lost("postgres", exc)
+            await asyncio.to_thread(recover_pool, self.store.pool)
+            return True
+        if is_redis_outage(exc):
+            self.health.lost("redis", exc)
+            self._check_own_pending = True
+            return True
+        return False
+
+    async def _step(self, r: aredis.Redis, state: dict[str, Any]) -> None:
+        """One turn of the main loop: claim what is waiting, or read more and start it."""
+        if self._unclaimed:  # the database was away when these were read
+            await self._start(self._unclaimed)
+            return
+        if not self._groups_ready:
+            await self._ensure_groups(r)
+        if self._check_own_pending:
+            await self._claim_own_pending(r)
+        if time.monotonic() - state["last_orphans"] > ORPHAN_CLAIM_EVERY_S:
+            await self._claim_orphans(r)
+            state["last_orphans"] = time.monotonic()
+        # Jobs are started in batches: one transaction for a few slots is most of the cost
+        # of starting them, so a busy worker waits briefly for a quarter of its slots.
+        min_batch = max(1, self.settings.worker_concurrency // 4)
+        free = self.settings.worker_concurrency - len(self.in_flight)
+        if free < min_batch and self.in_flight:
+            now = time.monotonic()
+            state["gathering_since"] = state["gathering_since"] or now
+            wait = (0.1 if free <= 0 else BATCH_GATHER_S) - (now - state["gathering_since"])
+            if wait > 0:
+                self._slot_freed.clear()
+                try:
+                    await asyncio.wait_for(self._slot_freed.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                return
+            if free <= 0:
+                state["gathering_since"] = None
+                return
+        state["gathering_since"] = None
+        entries = await self._read(r, free)
+        self.health.ok("redis")
+        if entries:
+            await self._start(entries)
+
+    async def _ensure_groups(self, r: aredis.Redis) -> None:
+        for p in Priority:
+            try:
+                await r.xgroup_create(self.keys.jobs(p), GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._groups_ready = True
+
+    async def _xreadgroup(self, r: aredis.Redis, streams: dict[str, str], **kw: Any) -> Any:
+        """XREADGROUP; a stream or group Redis lost (FLUSHALL, restart) is recreated next turn."""
+        try:
+            return await r.xreadgroup(GROUP, self.name, streams, **kw)
+        except redis.ResponseError as exc:
+            if not redis_lost_data(exc):
+                raise
+            self._groups_ready = False
+            return None
+
+    async def _read(self, r: aredis.Redis, free: int) -> list[Entry]:
         reserve = max(1, self.settings.worker_concurrency // 10)
         self._reads += 1
         order = [Priority.HIGH, Priority.NORMAL, Priority.LOW]
@@ -256,18 +337,46 @@ class Worker:
             count = free if p is Priority.HIGH else free - reserve
             if count <= 0:
                 continue
-            res = await r.xreadgroup(GROUP, self.name, {self.keys.jobs(p): ">"}, count=count)
+            res = await self._xreadgroup(r, {self.keys.jobs(p): ">"}, count=count)
             if res:
                 return [(p, eid, f) for _, entries in res for eid, f in entries]
+            if not self._groups_ready:
+                return []
         # Nothing ready anywhere: wait briefly for whichever stream gets work first.
-        res = await r.xreadgroup(
-            GROUP, self.name, {self.keys.jobs(p): ">" for p in Priority}, count=1, block=100
-        )
+        res = await self._xreadgroup(r, {self.keys.jobs(p): ">" for p in Priority}, count=1, block=100)
         out = []
         for key, entries in res or []:
             p = Priority(key.decode().rsplit(":", 1)[1] if isinstance(key, bytes) else key.rsplit(":", 1)[1])
             out.extend((p, eid, f) for eid, f in entries)
         return out
+
+    async def _claim_own_pending(self, r: aredis.Redis) -> None:
+        """Entries Redis handed to this consumer name that this process is not working on.
+
+        After a lost reply (the entries reached our pending list, not us), or left by an
+        earlier process under the same name that was killed before it claimed them. Claiming
+        them now beats waiting for XAUTOCLAIM's idle time.
+        """
+        found: list[Entry] = []
+        for p in Priority:
+            after = "0"
+            while True:
+                res = await self._xreadgroup(r, {self.keys.jobs(p): after}, count=500)
+                entries = res[0][1] if res else []
+                if not entries:
+                    break
+                for eid, fields in entries:
+                    if (p, eid) in self.held:
+                        continue
+                    if fields:
+                        found.append((p, eid, fields))
+                    else:  # deleted while pending: nothing to do but acknowledge
+                        self._unacked.setdefault(p, []).append(eid)
+                after = entries[-1][0]
+        self._check_own_pending = False
+        if found:
+            self.log.info("worker.own_pending_reclaimed", count=len(found))
+            await self._start(found)
 
     async def _claim_orphans(self, r: aredis.Redis) -> None:
         """Entries another worker read but never finished (it died before starting them).
@@ -282,30 +391,37 @@ class Worker:
                 try:
                     res = await r.xautoclaim(self.keys.jobs(p), GROUP, self.name, idle_ms, cursor, count=100)
                 except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        break
-                    raise
+                    if not redis_lost_data(exc):
+                        raise
+                    self._groups_ready = False
+                    break
                 cursor, claimed = res[0], res[1]
-                live = [(p, eid, f) for eid, f in claimed if f]
+                live = [(p, eid, f) for eid, f in claimed if f and (p, eid) not in self.held]
                 gone = [eid for eid, f in claimed if not f]
                 if gone:
-                    await self._ack(r, p, gone)
+                    self._unacked.setdefault(p, []).extend(gone)
                 if live:
                     self.log.info("worker.reclaimed", priority=str(p), count=len(live))
-                    await self._start(r, live)
+                    await self._start(live)
                 if cursor in (b"0-0", "0-0"):
                     break
 
-    async def _start(self, r: aredis.Redis, entries: list[tuple[Priority, bytes, dict[bytes, bytes]]]) -> None:
+    async def _start(self, entries: list[Entry]) -> None:
+        """Claim the jobs of these entries and start sending them; on an outage, keep them for later."""
+        self._unclaimed = entries
         claimed, stale, refused = await asyncio.to_thread(self._claim, entries)
+        self._unclaimed = []
+        self.health.ok("postgres")
         self.batches["starts"] += 1
         self.batches["started"] += len(entries)
         for p, eid in stale:
-            await self._ack(r, p, [eid])
+            self._unacked.setdefault(p, []).append(eid)
         for res in refused:
+            self.held.add((res.job.priority, res.job.entry_id))
             self.results.append(res)
         for job in claimed:
             self.sending.add(job.job_id)
+            self.held.add((job.priority, job.entry_id))
             task = asyncio.create_task(self._send(job))
             self.in_flight.add(task)
             task.add_done_callback(self._done)
@@ -316,60 +432,81 @@ class Worker:
 
     # -- database work (in a thread) ----------------------------------------------------------
 
-    def _claim(self, entries):
+    def _claim(self, entries: list[Entry]):
         wanted = {}
         for p, eid, fields in entries:
             wanted[fields[b"job_id"].decode()] = (p, eid, int(fields[b"queue_seq"]))
         lease = (datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)).isoformat()
         claimed, stale, refused, events = [], [], [], []
-        with inline.writing(self.store) as conn:
-            rows = conn.execute(q.CLAIM_JOBS, (list(wanted),)).fetchall()
-            found = {str(r[0]): r for r in rows}
-            for job_id, (p, eid, seq) in wanted.items():
-                row = found.get(job_id)
-                if row is None or row[1] != "queued" or row[2] != seq:
-                    stale.append((p, eid))  # already handled, or queued again under a newer entry
-                    continue
-                (_, _, _, attempts, email, sender, template, variables, campaign_id, suppressed, status, attrs) = row
-                job = Claimed(p, eid, job_id, attempts + 1, email, sender, template, variables or {},
-                              str(campaign_id) if campaign_id else None, attrs or {})
-                events.append(JobStarted(job_id=job_id, attempt=job.attempt, worker=self.name, lease_until=lease).to_new())
-                if suppressed or status in STOPPED_STATUSES:
-                    why = f"suppressed ({suppressed})" if suppressed else f"contact is {status}"
-                    refused.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, "suppressed"))
-                    continue
-                claimed.append(job)
-            if events:
-                envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
-                jobs_projection.apply(conn, envs)
+        try:
+            with inline.writing(self.store) as conn:
+                rows = conn.execute(q.CLAIM_JOBS, (list(wanted),)).fetchall()
+                found = {str(r[0]): r for r in rows}
+                for job_id, (p, eid, seq) in wanted.items():
+                    row = found.get(job_id)
+                    if row is None or row[2] != seq:
+                        stale.append((p, eid))  # already handled, or queued again under a newer entry
+                        continue
+                    (_, state, _, attempts, email, sender, template, variables, campaign_id, suppressed, status,
+                     attrs, worker) = row
+                    if state == "queued":
+                        attempt = attempts + 1
+                        events.append(JobStarted(job_id=job_id, attempt=attempt, worker=self.name, lease_until=lease).to_new())
+                    elif state == "active" and worker == self.name and self._uncertain.get(job_id) == seq \
+                            and job_id not in self.sending:
+                        attempt = attempts  # this worker's own claim, committed though we did not see it
+                    else:
+                        stale.append((p, eid))
+                        continue
+                    job = Claimed(p, eid, job_id, attempt, email, sender, template, variables or {},
+                                  str(campaign_id) if campaign_id else None, attrs or {})
+                    if suppressed or status in STOPPED_STATUSES:
+                        why = f"suppressed ({suppressed})" if suppressed else f"contact is {status}"
+                        refused.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, "suppressed"))
+                        continue
+                    claimed.append(job)
+                if events:
+                    envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
+                    jobs_projection.apply(conn, envs)
+        except POSTGRES_OUTAGE:
+            for job_id, (_, _, seq) in wanted.items():
+                self._uncertain[job_id] = seq  # if the commit happened after all, the retry resumes it
+            raise
+        for job_id in wanted:
+            self._uncertain.pop(job_id, None)
         if events:
             self.store.notify()
         return claimed, stale, refused
 
+    def _result_events(self, res: Result, now: datetime) -> list[tuple[str, NewEvent]]:
+        """The events recording one result: the job's outcome, and a suppression for a bad mailbox."""
+        if res.events is not None:
+            return res.events
+        j, v = res.job, res.verdict
+        extra = []
+        if v.outcome is Outcome.DELIVERED:
+            ev = JobCompleted(job_id=j.job_id, attempt=j.attempt, code=res.code or 250, reply=res.reply)
+        elif v.outcome is Outcome.RETRY:
+            delay = self.schedule.delay(j.attempt, v.retry_after_s)
+            if delay is None:
+                ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind="retries_exhausted")
+            else:
+                due = (now + timedelta(seconds=delay)).isoformat()
+                ev = JobRetryScheduled(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, due_at=due)
+        else:
+            kind = res.kind or v.kind.value or "permanent"
+            ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind=kind)
+            if v.suppress:
+                extra = [
+                    (f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new()),
+                    (f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new()),
+                ]
+        res.events = [(f"job-{j.job_id}", ev.to_new()), *extra]
+        return res.events
+
     def _finish(self, results: list[Result]) -> None:
         now = datetime.now(timezone.utc)
-        job_events: list = []
-        catalog_events_by_result: dict[int, list] = {}
-        for i, res in enumerate(results):
-            j, v = res.job, res.verdict
-            if v.outcome is Outcome.DELIVERED:
-                ev = JobCompleted(job_id=j.job_id, attempt=j.attempt, code=res.code or 250, reply=res.reply)
-            elif v.outcome is Outcome.RETRY:
-                delay = self.schedule.delay(j.attempt, v.retry_after_s)
-                if delay is None:
-                    ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind="retries_exhausted")
-                else:
-                    due = (now + timedelta(seconds=delay)).isoformat()
-                    ev = JobRetryScheduled(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, due_at=due)
-            else:
-                kind = res.kind or v.kind.value or "permanent"
-                ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind=kind)
-                if v.suppress:
-                    catalog_events_by_result[i] = [
-                        (f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new()),
-                        (f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new()),
-                    ]
-            job_events.append((f"job-{j.job_id}", ev.to_new()))
+        planned = [self._result_events(res, now) for res in results]
         with inline.writing(self.store) as conn:
             ids = [res.job.job_id for res in results]
             mine = {
@@ -379,11 +516,16 @@ class Worker:
             }
             keep = [i for i, res in enumerate(results) if mine.get(res.job.job_id) == res.job.attempt]
             if len(keep) < len(results):
-                lost = [res.job.job_id for i, res in enumerate(results) if i not in set(keep)]
-                self.log.warning("worker.lease_lost", jobs=lost,
-                                 detail="these jobs were handed to another worker while this one was sending")
-            job_events = [job_events[i] for i in keep]
-            catalog_events = [ce for i in keep for ce in catalog_events_by_result.get(i, [])]
+                dropped = [i for i in range(len(results)) if i not in set(keep)]
+                recorded = {
+                    str(eid) for (eid,) in conn.execute(q.EVENTS_RECORDED, ([planned[i][0][1].id for i in dropped],))
+                }
+                lost = [results[i].job.job_id for i in dropped if str(planned[i][0][1].id) not in recorded]
+                if lost:
+                    self.log.warning("worker.lease_lost", jobs=lost,
+                                     detail="these jobs were handed to another worker while this one was sending")
+            job_events = [planned[i][0] for i in keep]
+            catalog_events = [ce for i in keep for ce in planned[i][1:]]
             if job_events:
                 envs = self.store.append_many(job_events + catalog_events, conn=conn)
                 jobs_projection.apply(conn, envs[: len(job_events)])
@@ -406,10 +548,29 @@ class Worker:
                 hit = cache[name] = (time.monotonic(), load(conn, name))
         return hit[1]
 
+    async def _load(self, cache: dict, name: str, load) -> Any:
+        """A sender or template, waiting for PostgreSQL if it is away (a stale copy will do meanwhile)."""
+        hit = self._fresh(cache, name)
+        if hit is not None:
+            return hit
+        backoff = Backoff(cap=2.0)
+        while True:
+            try:
+                return await asyncio.to_thread(self._cached, cache, name, load)
+            except POSTGRES_OUTAGE as exc:
+                self.health.lost("postgres", exc)
+                if name in cache:
+                    return cache[name][1]
+                if self._stopping:
+                    raise _Unavailable(f"PostgreSQL unavailable while loading {name!r}: {exc}") from exc
+                await asyncio.sleep(backoff.next())
+
     async def _send(self, job: Claimed) -> None:
         """Send one job and queue its result; a job never stays unrecorded, whatever goes wrong."""
         try:
             await self._deliver(job)
+        except _Unavailable as exc:
+            self.results.append(Result(job, transient(str(exc)), None, str(exc)[:1000]))
         except Exception as exc:  # noqa: BLE001 - a bug must not leave the job active (and its lease renewed) forever
             self.log.exception("worker.send_crashed", job=job.job_id)
             self.results.append(Result(job, transient(f"internal error: {exc!r}"), None, f"internal error: {exc!r}"[:1000]))
@@ -417,17 +578,15 @@ class Worker:
     async def _deliver(self, job: Claimed) -> None:
         code: int | None = None
         try:
-            sender = self._fresh(self.senders, job.sender) or await asyncio.to_thread(
-                self._cached, self.senders, job.sender, load_sender
-            )
-            tpl = self._fresh(self.templates, job.template) or await asyncio.to_thread(
-                self._cached, self.templates, job.template, templates.load
-            )
+            sender = await self._load(self.senders, job.sender, load_sender)
+            tpl = await self._load(self.templates, job.template, templates.load)
             rendered = templates.render(tpl, {**job.attributes, "email": job.email, **job.variables})
             out = mime.build(
                 job_id=job.job_id, sender=sender, to=job.email, rendered=rendered, secret=self.secret,
                 campaign_id=job.campaign_id, unsubscribe_base_url=self.settings.unsubscribe_base_url,
             )
+        except _Unavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - a broken template or sender fails this job only
             failed = Verdict(Outcome.FAILED, FailureKind.MESSAGE, False)
             self.results.append(Result(job, failed, None, f"cannot build the message: {exc}", "message"))
@@ -492,20 +651,59 @@ class Worker:
     # -- finishing ----------------------------------------------------------------------------
 
     async def _flush_loop(self, r: aredis.Redis, stop: asyncio.Event) -> None:
+        """Record finished sends, acknowledge their entries, renew leases - each retried on its own.
+
+        Ends once stopping with nothing in flight and everything recorded, or when
+        MAILFLOW_WORKER_STOP_TIMEOUT_S has passed since the last send finished.
+        """
         renew_every = max(self.settings.job_lease_s / 3, 0.05)
         renewed = pruned = time.monotonic()
-        while not stop.is_set() or self.in_flight:
-            await asyncio.sleep(self.settings.worker_flush_interval_s)
-            await self._flush(r)
-            if time.monotonic() - renewed > renew_every:
-                await asyncio.to_thread(self._renew_leases)
-                renewed = time.monotonic()
+        renew_now = False
+        backoff = Backoff(cap=2.0)
+        delay = self.settings.worker_flush_interval_s
+        idle_since: float | None = None
+        while True:
+            if stop.is_set() and not self.in_flight:
+                idle_since = idle_since or time.monotonic()
+                if not self.results:
+                    break
+                if time.monotonic() - idle_since > self.settings.worker_stop_timeout_s:
+                    self.log.error("worker.results_unrecorded", count=len(self.results),
+                                   detail="PostgreSQL did not answer before the stop timeout")
+                    break
+            await asyncio.sleep(delay)
+            delay = self.settings.worker_flush_interval_s
+            failed = False
+            try:
+                await self._record()
+                if renew_now or time.monotonic() - renewed > renew_every:
+                    await asyncio.to_thread(self._renew_leases)
+                    renewed, renew_now = time.monotonic(), False
+            except Exception as exc:  # noqa: BLE001
+                if not await self._outage(exc):
+                    raise
+                failed = renew_now = True  # renew the moment the database is back
+            try:
+                await self._ack_done(r)
+            except Exception as exc:  # noqa: BLE001
+                if not await self._outage(exc):
+                    raise
+                failed = True
+            if failed:
+                delay = backoff.next()
+            else:
+                backoff.reset()
+            self.health.set(in_flight=len(self.in_flight), unrecorded=len(self.results))
             if time.monotonic() - pruned > 5.0:
                 for key, pool in list(self.pools.items()):
                     await pool.prune()
                     if pool.relay.direct and pool.open == 0:
                         del self.pools[key]  # an MX host not used lately
                 pruned = time.monotonic()
+        try:  # a last try at the acknowledgements; entries left pending are picked up by this name's next run
+            await asyncio.wait_for(self._ack_done(r), 2)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _renew_leases(self) -> None:
         """Keep the lease of every job this worker is still sending (a slow relay is not a dead worker)."""
@@ -515,24 +713,48 @@ class Worker:
         until = datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)
         with self.store.pool.connection() as conn:
             conn.execute(q.RENEW_LEASES, (until, ids, self.name))
+        self.health.ok("postgres")
 
-    async def _flush(self, r: aredis.Redis) -> None:
+    async def _record(self) -> None:
+        """Write the finished sends; if PostgreSQL fails, they stay queued in memory for the next try."""
         if not self.results:
             return
         batch, self.results = self.results, []
-        await asyncio.to_thread(self._finish, batch)
+        try:
+            await asyncio.to_thread(self._finish, batch)
+        except BaseException:
+            self.results[:0] = batch
+            raise
+        self.health.ok("postgres")
         self.batches["finishes"] += 1
         self.batches["finished"] += len(batch)
-        self.sending.difference_update(res.job.job_id for res in batch)
-        by_priority: dict[Priority, list[bytes]] = {}
         for res in batch:
-            by_priority.setdefault(res.job.priority, []).append(res.job.entry_id)
-        for p, ids in by_priority.items():
-            await self._ack(r, p, ids)
+            self.sending.discard(res.job.job_id)
+            key = (res.job.priority, res.job.entry_id)
+            self.held.discard(key)
+            self._unacked.setdefault(key[0], []).append(key[1])
 
-    async def _ack(self, r: aredis.Redis, p: Priority, ids: list[bytes]) -> None:
-        key = self.keys.jobs(p)
+    async def _ack_done(self, r: aredis.Redis) -> None:
+        """XACK + XDEL the entries of recorded (or stale) jobs; kept for the next try if Redis fails."""
+        if not self._unacked:
+            return
+        todo, self._unacked = self._unacked, {}
         pipe = r.pipeline(transaction=False)
-        pipe.xack(key, GROUP, *ids)
-        pipe.xdel(key, *ids)
-        await pipe.execute()
+        for p, ids in todo.items():
+            key = self.keys.jobs(p)
+            pipe.xack(key, GROUP, *ids)
+            pipe.xdel(key, *ids)
+        try:
+            await pipe.execute()
+        except BaseException:
+            for p, ids in todo.items():
+                self._unacked.setdefault(p, [])[:0] = ids
+            raise
+        self.health.ok("redis")
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass

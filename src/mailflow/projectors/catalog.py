@@ -37,15 +37,15 @@ def _status_changed(conn: psycopg.Connection, data: dict, at: datetime) -> None:
 
 
 def _segment_defined(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.UPSERT_SEGMENT, (data["name"], Jsonb(data["filter"])))
+    conn.execute(q.UPSERT_SEGMENT, (data["name"], Jsonb(data["filter"]), at, at))
 
 
 def _template_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.UPSERT_TEMPLATE, (data["name"], data["subject"], data.get("html", ""), data.get("text", "")))
+    conn.execute(q.UPSERT_TEMPLATE, (data["name"], data["subject"], data.get("html", ""), data.get("text", ""), at, at))
 
 
 def _suppression_added(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.ADD_SUPPRESSION, (data["email"], data["reason"], data.get("detail", "")))
+    conn.execute(q.ADD_SUPPRESSION, (data["email"], data["reason"], data.get("detail", ""), at))
 
 
 def _suppression_removed(conn: psycopg.Connection, data: dict, at: datetime) -> None:
@@ -56,7 +56,7 @@ def _sender_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(
         q.UPSERT_SENDER,
         (data["name"], data["from_email"], data.get("from_name", ""), data["relay_url"],
-         data.get("dkim_selector"), data.get("dkim_key_pem")),
+         data.get("dkim_selector"), data.get("dkim_key_pem"), at, at),
     )
 
 

@@ -37,7 +37,9 @@ class InlineProjection:
         with store.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (INLINE_LOCK_KEY,))
             upto = store.sync()
-            conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, self.tables))))
+            # RESTART IDENTITY: generated ids (contacts.id) come out as they first did.
+            conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(
+                sql.SQL(", ").join(map(sql.Identifier, self.tables))))
             for batch in store.iter_all(0, upto=upto):
                 relevant = [e for e in batch if e.type in self.types]
                 if relevant:

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from ..app import Runtime
 from ..errors import ConfigurationError, MailflowError
 from ..events.store import EventStore
+from ..health import Health
 from ..lifecycle import stop_on_signals
 from ..log import get_logger
 from ..outbound.tokens import load_secret
@@ -61,7 +62,7 @@ def _database_ok(store: EventStore) -> str | None:
     return None
 
 
-def create_app(rt: Runtime, *, secret: bytes | None = None) -> Starlette:
+def create_app(rt: Runtime, *, secret: bytes | None = None, health: Health | None = None) -> Starlette:
     """The app. It opens the runtime's pool now, so a database that is unreachable or not
     migrated stops `mailflow web` at start with one line, not at the first click."""
     settings = rt.settings
@@ -73,6 +74,12 @@ def create_app(rt: Runtime, *, secret: bytes | None = None) -> Starlette:
 
     async def healthz(request: Request) -> JSONResponse:
         problem = await run_in_threadpool(_database_ok, store)
+        if health is not None:
+            health.beat()
+            if problem is None:
+                health.ok("postgres")
+            else:
+                health.lost("postgres", problem)
         if problem is not None:
             return JSONResponse({"ok": False, "database": "unavailable", "error": problem}, status_code=503)
         return JSONResponse({"ok": True, "database": "ok", "unsubscribe_path": path or "/"})
@@ -100,9 +107,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(rt: Runtime, host: str, port: int) -> None:
+def serve(rt: Runtime, host: str, port: int, *, health: Health | None = None) -> None:
     """Serve the app until SIGTERM or SIGINT, then finish the requests in flight and return."""
-    app = create_app(rt)
+    app = create_app(rt, health=health)
     sock = listen(host, port)
     # uvicorn handles SIGTERM/SIGINT itself, shuts down gracefully, then raises the signal
     # again under the handler it found. Ours only sets a flag, so the process exits 0.
