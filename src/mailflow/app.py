@@ -73,7 +73,7 @@ class Runtime:
         mistake - a wrong password, no such database, pending migrations - still ends
         the process at once with its one line. False if stopped while waiting.
         """
-        backoff = Backoff(cap=2.0)
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 self.store  # noqa: B018 - opens the pool (and checks the schema)

@@ -16,8 +16,8 @@ import orjson
 import typer
 from rich.table import Table
 
-from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, group, out, run_process, runtime
-from .errors import UsageError
+from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, group, out, run_process, runtime, settings
+from .errors import ConfigurationError, UsageError
 from .outbound import campaigns, sending
 from .outbound import queries as oq
 from .outbound.queuer import Queuer, queue_stats
@@ -375,12 +375,19 @@ def up(workers: int = typer.Option(1, "--workers", min=1, max=16)) -> None:
 
     A child that dies is restarted (and the log says which and why); SIGTERM stops them all.
     """
-    from .supervisor import Supervisor, pipeline_parts
+    from .outbound.worker import check_settings
+    from .supervisor import FATAL_EXIT, Supervisor, pipeline_parts
+
+    check_settings(settings())  # before any child starts: one line, exit 2
 
     def body(rt, stop: threading.Event, health) -> None:
         # Children resolve the same servers: embedded ones are started (once) here first.
         s = rt.settings.model_copy(update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url})
-        code = Supervisor(s, pipeline_parts(workers), health=health).run(stop)
+        supervisor = Supervisor(s, pipeline_parts(workers), health=health)
+        code = supervisor.run(stop)
+        if code == FATAL_EXIT and supervisor.fatal is not None:
+            c = supervisor.fatal
+            raise ConfigurationError(f"{c.name} cannot run: {c.last_error or (c.tail[-1] if c.tail else c.last_exit)}")
         if code:
             raise typer.Exit(code)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ServiceUnavailable
+from .lifecycle import pid_alive
 
 DATABASE_NAME = "mailflow"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
@@ -164,16 +165,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -187,7 +178,7 @@ def status(home: Path) -> list[ServiceStatus]:
     out: list[ServiceStatus] = []
     pgdata = home / "postgres"
     pid = _read_pid(pgdata / "postmaster.pid")
-    running = pid is not None and _pid_alive(pid)
+    running = pid is not None and pid_alive(pid)
     url = None
     if running:
         lines = (pgdata / "postmaster.pid").read_text().splitlines()
@@ -205,7 +196,7 @@ def status(home: Path) -> list[ServiceStatus]:
     rdir, sock, pidfile = _redis_paths(home)
     rpid = _read_pid(pidfile)
     rurl = _redis_url_for(sock, rdir / "port")
-    rrunning = rpid is not None and _pid_alive(rpid) and _redis_ping(rurl)
+    rrunning = rpid is not None and pid_alive(rpid) and _redis_ping(rurl)
     out.append(
         ServiceStatus(
             "redis",
@@ -235,7 +226,7 @@ def stop(home: Path, timeout_s: float = 30) -> list[ServiceStatus]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(svc.pid, signal.SIGINT)
             deadline = time.monotonic() + timeout_s
-            while _pid_alive(svc.pid) and time.monotonic() < deadline:
+            while pid_alive(svc.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if svc.name == "redis":
                 with contextlib.suppress(FileNotFoundError):

@@ -34,18 +34,20 @@ from typing import Any
 import orjson
 import structlog
 
+from .lifecycle import pid_alive
+
 SERVICES = ("postgres", "redis")
 STATUS_INTERVAL_S = 2.0
 
 
 class Backoff:
-    """Jittered exponential delays for retrying against a server that is away: 0.1 s, 0.2 s ... 5 s.
+    """Jittered exponential delays for retrying against a server that is away: 0.1 s, 0.2 s ... 2 s.
 
     Full jitter (a random delay up to the current ceiling) keeps a fleet of processes
     that lost the same server from coming back in lockstep.
     """
 
-    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+    def __init__(self, base: float = 0.1, cap: float = 2.0) -> None:
         self.base = base
         self.cap = cap
         self.failures = 0
@@ -166,13 +168,17 @@ class Health:
         """The main loop is alive (feeds the systemd watchdog)."""
         self._beat = time.monotonic()
 
-    def set(self, **detail: Any) -> None:
-        """Role-specific facts for the status (leader or standby, jobs in flight ...)."""
+    def set(self, *, now: bool = False, **detail: Any) -> None:
+        """Role-specific facts for the status (leader or standby, jobs in flight ...).
+
+        Published with the next periodic write unless `now` (a worker updates its counts
+        twenty times a second; a change of leader is worth telling at once).
+        """
         with self._lock:
-            if all(self.detail.get(k) == v for k, v in detail.items()):
-                return
+            changed = any(self.detail.get(k) != v for k, v in detail.items())
             self.detail.update(detail)
-        self._changed.set()
+        if now and changed:
+            self._changed.set()
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -276,7 +282,7 @@ def read_statuses(home: Path, forget_after_s: float = 3600.0) -> list[dict[str, 
             continue
         pid = int(st.get("pid") or 0)
         st["alive"] = (
-            st.get("host") == host and _pid_alive(pid) and _proc_start(pid) == st.get("proc_start")
+            st.get("host") == host and pid_alive(pid) and _proc_start(pid) == st.get("proc_start")
             and st.get("state") not in ("stopped", "failed")
         )
         if not st["alive"] and st.get("state") not in ("stopped", "failed"):
@@ -287,18 +293,6 @@ def read_statuses(home: Path, forget_after_s: float = 3600.0) -> list[dict[str, 
             continue
         out.append(st)
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _proc_start(pid: int) -> int | None:

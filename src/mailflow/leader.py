@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 
 import psycopg
+import redis
 import structlog
 from psycopg_pool import ConnectionPool
 
 from .health import Backoff, Health
-from .services import connect, is_postgres_outage, is_redis_outage, recover_pool
+from .services import connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
 
 LOCK_CHECK_INTERVAL_S = 1.0
 
@@ -59,27 +60,43 @@ def run_as_leader(
     log: structlog.typing.FilteringBoundLogger,
     health: Health,
     is_leader: threading.Event | None = None,
+    redis_url: str | None = None,
 ) -> None:
     """Compete for `role` until `stop` is set; call lead(term) while leading.
 
     `lead` reports its own successes (health.ok) after each unit of work, so an outage is
-    over when work gets done again, not merely when a connection could be opened.
+    over when work gets done again, not merely when a connection could be opened. A
+    standby PINGs `redis_url` every second, so that its status tells whether it could take
+    over, not what it last saw as a leader.
     """
+    probe = redis_client(redis_url, check=False) if redis_url else None
+    try:
+        _compete(role, lock_key, pool, stop, lead, log, health, is_leader, probe)
+    finally:
+        if probe is not None:
+            probe.close()
+
+
+def _compete(
+    role: str, lock_key: int, pool: ConnectionPool, stop: threading.Event, lead: Callable[[Term], None],
+    log: structlog.typing.FilteringBoundLogger, health: Health, is_leader: threading.Event | None,
+    probe: redis.Redis | None,
+) -> None:
     backoff = Backoff()
     while not stop.is_set():
         try:
             with connect(pool.conninfo) as lock_conn:
-                if not _acquire(role, lock_key, lock_conn, stop, log, health):
+                if not _acquire(role, lock_key, lock_conn, stop, log, health, probe):
                     return
                 log.info(f"{role}.leader", pid=lock_conn.info.backend_pid)
-                health.set(leader=True)
+                health.set(leader=True, now=True)
                 if is_leader is not None:
                     is_leader.set()
                 try:
                     lead(Term(lock_conn))
                     backoff.reset()
                 finally:
-                    health.set(leader=False)
+                    health.set(leader=False, now=True)
                     if is_leader is not None:
                         is_leader.clear()
         except Exception as exc:
@@ -93,7 +110,8 @@ def run_as_leader(
             stop.wait(backoff.next())
 
 
-def _acquire(role: str, key: int, conn: psycopg.Connection, stop: threading.Event, log, health: Health) -> bool:
+def _acquire(role: str, key: int, conn: psycopg.Connection, stop: threading.Event, log, health: Health,
+             probe: redis.Redis | None) -> bool:
     announced = False
     while not stop.is_set():
         health.beat()
@@ -101,8 +119,17 @@ def _acquire(role: str, key: int, conn: psycopg.Connection, stop: threading.Even
         health.ok("postgres")
         if won:
             return True
+        if probe is not None:
+            try:
+                probe.ping()
+                health.ok("redis")
+            except Exception as exc:
+                if not is_redis_outage(exc):
+                    raise
+                health.lost("redis", exc)
         if not announced:
             log.info(f"{role}.standby", reason=f"another {role} holds the leader lock")
+            health.set(leader=False, now=True)
             announced = True
         stop.wait(1.0)
     return False

@@ -40,11 +40,14 @@ CONNECT_KWARGS: dict[str, object] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 15_000,  # ms: unacknowledged data for this long means the peer is gone
 }
-POOL_TIMEOUT_S = 10.0  # a caller waits this long for a pooled connection, then gets PoolTimeout
+# A caller waits this long for a pooled connection, then gets PoolTimeout: when PostgreSQL
+# is away, this is how long a process may wait before it notices (and reports) the outage.
+POOL_TIMEOUT_S = 5.0
 # psycopg_pool retries a lost connection with doubling pauses (1 s, 2 s, 4 s ...) for this
 # long, then gives up until the next caller asks; short, so that the first attempt after a
 # server comes back is at most a second or two away, not the tail of a long backoff.
-POOL_RECONNECT_TIMEOUT_S = 3.0
+POOL_RECONNECT_TIMEOUT_S = 2.0
+OUTAGE_WAIT_S = 1.0  # during an outage a caller waits this long per try (see Pool)
 IDLE_CHECK_S = 1.0  # a pooled connection idle longer than this is checked before it is lent out
 
 # Failures that mean "PostgreSQL is not there right now" (restart, failover, network):
@@ -175,10 +178,30 @@ def _check_if_idle(conn: psycopg.Connection) -> None:
         ConnectionPool.check_connection(conn)
 
 
+class Pool(ConnectionPool):
+    """psycopg_pool's pool, that asks again every second while its server is known to be away.
+
+    A caller waiting for a connection does not make the pool try to connect again; only a
+    new request does, once the pool's own retries have given up. So after recover_pool()
+    (an outage) each wait is cut to OUTAGE_WAIT_S: callers come back, their requests start
+    fresh attempts, and the first one after the server returns succeeds - instead of every
+    caller sitting out its whole POOL_TIMEOUT_S. The first connection lent out ends it.
+    """
+
+    outage = False
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection:
+        if self.outage:
+            timeout = min(timeout if timeout is not None else self.timeout, OUTAGE_WAIT_S)
+        conn = super().getconn(timeout)
+        self.outage = False
+        return conn
+
+
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout: float = POOL_TIMEOUT_S) -> ConnectionPool:
     """A pool of autocommit connections; checks the server first so failures are one line."""
     connect(url).close()
-    pool = ConnectionPool(
+    pool = Pool(
         url,
         min_size=min_size,
         max_size=max_size,
@@ -194,7 +217,10 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout: float 
 
 
 def recover_pool(pool: ConnectionPool) -> None:
-    """After an outage: drop every idle connection that no longer works (they all broke at once)."""
+    """After an outage: drop every idle connection that no longer works (they all broke at once),
+    and ask for connections again every second until one works (see Pool)."""
+    if isinstance(pool, Pool):
+        pool.outage = True
     try:
         pool.check()
     except psycopg.Error:  # the server is still away: the pool reconnects by itself
@@ -224,7 +250,7 @@ def redis_client(url: str, *, socket_timeout: float | None = 5.0, check: bool = 
     return client
 
 
-def async_redis_client(url: str, *, socket_timeout: float = 30.0, retries: int = 0) -> aredis.Redis:
+def async_redis_client(url: str, *, socket_timeout: float = 5.0, retries: int = 0) -> aredis.Redis:
     """An asyncio Redis client. No hidden retries by default: a retried XREADGROUP whose first
     reply was lost would hand entries to this consumer that it never sees."""
     try:

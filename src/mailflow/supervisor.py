@@ -207,7 +207,7 @@ class Supervisor:
 
     def _publish(self) -> None:
         if self.health is not None:
-            self.health.set(children=[self.describe(c) for c in self.children])
+            self.health.set(children=[self.describe(c) for c in self.children], now=True)
 
     @staticmethod
     def describe(c: Child) -> dict[str, Any]:

@@ -60,8 +60,8 @@ class Relay:
 
     def run(self, stop: threading.Event) -> None:
         """Wait to become leader, then publish until `stop` is set; survives lost connections."""
-        run_as_leader("relay", RELAY_LOCK_KEY, self.store.pool, stop,
-                      lambda term: self._lead(term, stop), log, self.health, self.is_leader)
+        run_as_leader("relay", RELAY_LOCK_KEY, self.store.pool, stop, lambda term: self._lead(term, stop), log,
+                      self.health, self.is_leader, redis_url=self.redis_url)
         log.info("relay.stopped", published=self.stats.published, position=self._published)
 
     # -- publishing ----------------------------------------------------------------------

@@ -77,8 +77,8 @@ class Queuer:
         self.health = health or Health("queuer", f"{socket.gethostname()}-{os.getpid()}", log)
 
     def run(self, stop: threading.Event) -> None:
-        run_as_leader("queuer", QUEUER_LOCK_KEY, self.store.pool, stop,
-                      lambda term: self._lead(term, stop), log, self.health, self.is_leader)
+        run_as_leader("queuer", QUEUER_LOCK_KEY, self.store.pool, stop, lambda term: self._lead(term, stop), log,
+                      self.health, self.is_leader, redis_url=self.redis_url)
         log.info("queuer.stopped", queued=self.stats.queued, reclaimed=self.stats.reclaimed,
                  republished=self.stats.republished)
 

@@ -187,6 +187,11 @@ async def _quit_all(clients: list[aiosmtplib.SMTP]) -> None:
             client.close()
 
 
+def check_settings(settings: Settings) -> None:
+    """Refuse, with one ConfigurationError line, delivery settings a worker could not use."""
+    mx.MxResolver(settings.mx_overrides, nameservers=settings.dns_servers)
+
+
 class Worker:
     def __init__(
         self, store: EventStore, redis_url: str, settings: Settings, secret: bytes, *,
@@ -224,7 +229,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         r = async_redis_client(self.redis_url)
-        backoff = Backoff(cap=2.0)
+        backoff = Backoff()
         flusher = asyncio.create_task(self._flush_loop(r, stop))
         self.log.info("worker.start", concurrency=self.settings.worker_concurrency)
         state = {"last_orphans": 0.0, "gathering_since": None}
@@ -553,7 +558,7 @@ class Worker:
         hit = self._fresh(cache, name)
         if hit is not None:
             return hit
-        backoff = Backoff(cap=2.0)
+        backoff = Backoff()
         while True:
             try:
                 return await asyncio.to_thread(self._cached, cache, name, load)
@@ -659,7 +664,7 @@ class Worker:
         renew_every = max(self.settings.job_lease_s / 3, 0.05)
         renewed = pruned = time.monotonic()
         renew_now = False
-        backoff = Backoff(cap=2.0)
+        backoff = Backoff()
         delay = self.settings.worker_flush_interval_s
         idle_since: float | None = None
         while True:
