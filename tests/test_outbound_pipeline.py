@@ -145,6 +145,28 @@ def test_a_queued_job_lost_by_redis_is_queued_again_exactly_once(rt, settings, d
     assert sorted(int(e[0].split(b"-")[0]) for e in entries) == seqs and len(seqs) == 3
 
 
+def test_an_entry_of_an_earlier_attempt_does_not_stand_for_the_job_queued_again(rt, settings, db_url):
+    """A job queued again (after its lease expired) has a new queue_seq; an old entry of it still
+    in the stream (pending for a dead worker) is stale to every worker, so it must not hide the
+    loss of the current one."""
+    with SinkServer(Sink()) as server:
+        setup_catalog(rt.store, server.url)
+    jid, _ = sending.send_transactional(rt.store, sender="tx", template="reset", to="again@example.net",
+                                        variables={"name": "N", "code": 1})
+    r = redis_client(rt.services.redis_url)
+    q = Queuer(rt.store, rt.services.redis_url, settings)
+    assert q.tick(r) == 1
+    key = rt.keys.jobs("high")
+    [(eid, fields)] = r.xrange(key)
+    seq = int(fields[b"queue_seq"])
+    r.xdel(key, eid)  # the current entry is lost ...
+    r.xadd(key, {"job_id": jid, "queue_seq": str(seq - 1)}, id=f"{seq}-1")  # ... an earlier attempt's is not
+    assert q.reconcile(r) == 1
+    assert sorted(int(f[b"queue_seq"]) for _, f in r.xrange(key)) == [seq - 1, seq]
+    assert q.reconcile(r) == 0
+    r.close()
+
+
 def test_a_flush_between_marking_jobs_queued_and_adding_them_to_redis_loses_none(
     rt, settings, db_url, private_redis_like_tested, monkeypatch
 ):

@@ -34,15 +34,13 @@ def stream_last_id(r: redis.Redis, key: str) -> int | None:
     return None if last is None else last[0]
 
 
-def scan_field(r: redis.Redis, key: str, field: bytes, page: int = SCAN_PAGE) -> Iterator[bytes]:
-    """The value of `field` in every entry of the stream, oldest first, a page at a time."""
+def scan_fields(r: redis.Redis, key: str, names: tuple[bytes, ...], page: int = SCAN_PAGE) -> Iterator[tuple[bytes | None, ...]]:
+    """The values of these fields in every entry of the stream, oldest first, a page at a time."""
     start = "-"
     while True:
         entries = r.xrange(key, start, "+", count=page)
         for _eid, fields in entries:
-            value = fields.get(field)
-            if value is not None:
-                yield value
+            yield tuple(fields.get(name) for name in names)
         if len(entries) < page:
             return
         last = entries[-1][0]

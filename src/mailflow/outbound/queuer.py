@@ -35,7 +35,7 @@ import redis
 
 from ..config import Settings
 from ..events.keys import Keys
-from ..events.streams import raise_unless_duplicates, scan_field, stream_last_entry_id
+from ..events.streams import raise_unless_duplicates, scan_fields, stream_last_entry_id
 from ..events.store import EventStore
 from ..health import Health
 from ..log import get_logger
@@ -190,7 +190,8 @@ class Queuer:
             raise
 
     def reconcile(self, r: redis.Redis) -> int:
-        """Add every job PostgreSQL says is queued that its stream does not hold; returns how many.
+        """Add every job PostgreSQL says is queued that its stream does not hold (under its
+        current queue_seq); returns how many.
 
         The epoch key is set first, so a flush during the comparison is seen at the next
         tick. Each stream is read before PostgreSQL: an entry the worker deletes in between
@@ -205,10 +206,12 @@ class Queuer:
         for priority in Priority:
             key = self.keys.jobs(priority)
             last = stream_last_entry_id(r, key)
-            held = set(scan_field(r, key, b"job_id"))
+            # By job and queue_seq: an entry of an earlier attempt (a job queued again after its
+            # lease expired) does not stand for the current one; the worker refuses it as stale.
+            held = set(scan_fields(r, key, (b"job_id", b"queue_seq")))
             with self.store.pool.connection() as conn:
                 rows = conn.execute(q.QUEUED_JOBS, (str(priority),)).fetchall()
-            missing = [(jid, seq) for jid, seq in rows if str(jid).encode() not in held]
+            missing = [(jid, seq) for jid, seq in rows if (str(jid).encode(), str(seq).encode()) not in held]
             if missing:
                 self._readd(r, key, missing, last)
                 total += len(missing)
