@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     queuer_batch_size: int = Field(default=500, ge=1)
     queuer_interval_s: float = Field(default=0.05, gt=0)
     queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: stop filling a deeper stream
-    queuer_reconcile_interval_s: float = Field(default=5.0, gt=0)  # compare queued jobs with the streams this often
+    queuer_reconcile_interval_s: float = Field(default=5.0, gt=0)  # check the streams against the queued jobs this often
     rate_limits: dict[str, float] = Field(default_factory=dict)  # {"*": 50, "gmail.com": 20} messages/s
     job_lease_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int = Field(default=128, ge=1)

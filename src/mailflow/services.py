@@ -162,11 +162,6 @@ def connect(url: str, *, autocommit: bool = True, **kwargs: object) -> psycopg.C
 _returned_at: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
 
 
-def _stamp_returned(conn: psycopg.Connection) -> None:
-    """Pool `reset` callback: remember when the connection came back."""
-    _returned_at[conn] = time.monotonic()
-
-
 def _check_if_idle(conn: psycopg.Connection) -> None:
     """Pool `check` callback: a round trip only for a connection idle long enough to have died.
 
@@ -197,6 +192,12 @@ class Pool(ConnectionPool):
         self.outage = False
         return conn
 
+    def putconn(self, conn: psycopg.Connection) -> None:
+        # Remember when it came back, for _check_if_idle. (Not a `reset` callback: with one,
+        # psycopg_pool hands every returned connection to a background thread.)
+        _returned_at[conn] = time.monotonic()
+        super().putconn(conn)
+
 
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout: float = POOL_TIMEOUT_S) -> ConnectionPool:
     """A pool of autocommit connections; checks the server first so failures are one line."""
@@ -208,7 +209,6 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout: float 
         kwargs={"autocommit": True, **CONNECT_KWARGS},
         configure=configure_connection,
         check=_check_if_idle,
-        reset=_stamp_returned,
         timeout=timeout,
         reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
         open=True,

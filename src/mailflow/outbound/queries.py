@@ -94,6 +94,9 @@ FOR UPDATE SKIP LOCKED
 
 NEXT_QUEUE_SEQS = "SELECT nextval('job_queue_seq') FROM generate_series(1, %s)"
 
+# How many jobs of each priority should be in their streams (the queuer's cheap check).
+QUEUED_COUNTS = "SELECT priority, count(*) FROM jobs WHERE state = 'queued' GROUP BY priority"
+
 # Every job of one priority that should be in its stream, for reconcile().
 QUEUED_JOBS = """
 SELECT id, queue_seq FROM jobs

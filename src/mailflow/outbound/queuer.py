@@ -10,9 +10,11 @@ entry ID <queue_seq>-0, so Redis refuses a second copy.
 Redis may lose anything at any moment, also between those two steps, so nothing here
 trusts it to remember: `reconcile()` compares the jobs PostgreSQL says are queued with the
 job ids the streams hold and adds the missing ones again. It runs at the start of every
-term, as soon as the epoch key shows that Redis lost its data (FLUSHALL, a restart), and
-every MAILFLOW_QUEUER_RECONCILE_INTERVAL_S as a cheap check (one XRANGE of a stream kept
-short by backpressure, one index scan).
+term, as soon as the epoch key shows that Redis lost its data (FLUSHALL, a restart), after
+an XADD failed, and whenever the cheap check every MAILFLOW_QUEUER_RECONCILE_INTERVAL_S
+(each stream's XLEN against a count of its queued jobs) finds a stream shorter than its
+queued jobs; as a backstop also every tenth interval (stale entries could hide a loss
+from the count).
 
 A worker cut off from PostgreSQL cannot renew its leases. Leases that expired only
 lately are therefore left alone for the first seconds of a term (the queuer's own
@@ -71,6 +73,7 @@ class Queuer:
         self.stats = QueuerStats()
         self._epoch: bytes | None = None
         self._reconciled = 0.0
+        self._checked = 0.0
         self._housekept = 0.0
         self._term_began = 0.0
         self.is_leader = threading.Event()
@@ -102,11 +105,7 @@ class Queuer:
 
     def tick(self, r: redis.Redis) -> int:
         """Reclaim expired leases, then queue due jobs; returns how many jobs were queued."""
-        if (
-            self._epoch is None
-            or r.get(self.keys.jobs_epoch) != self._epoch
-            or time.monotonic() - self._reconciled > self.settings.queuer_reconcile_interval_s
-        ):
+        if self._epoch is None or r.get(self.keys.jobs_epoch) != self._epoch or self._streams_short(r):
             self.reconcile(r)
         housekeeping = time.monotonic() - self._housekept > 1.0
         if housekeeping:
@@ -174,6 +173,19 @@ class Queuer:
         self.stats.queued[str(priority)] += len(granted)
         return len(granted)
 
+    def _streams_short(self, r: redis.Redis) -> bool:
+        """The periodic cheap check: is it time, and does a stream hold fewer entries than queued jobs?"""
+        now = time.monotonic()
+        interval = self.settings.queuer_reconcile_interval_s
+        if now - self._checked < interval:
+            return False
+        self._checked = now
+        if now - self._reconciled > 10 * interval:
+            return True
+        with self.store.pool.connection() as conn:
+            queued = dict(conn.execute(q.QUEUED_COUNTS).fetchall())
+        return any(r.xlen(self.keys.jobs(p)) < queued.get(str(p), 0) for p in Priority)
+
     @property
     def lease_grace_s(self) -> float:
         """How long a new term leaves lately expired leases to be renewed by their workers."""
@@ -215,7 +227,7 @@ class Queuer:
             if missing:
                 self._readd(r, key, missing, last)
                 total += len(missing)
-        self._reconciled = time.monotonic()
+        self._reconciled = self._checked = time.monotonic()
         self.stats.republished += total
         if total:
             log.warning("queuer.republished", count=total,
