@@ -325,3 +325,19 @@ def test_mailflow_web_says_503_while_postgresql_is_down_and_200_again_after_with
     lines = [line for line in procs.log_of(web).splitlines() if '"web.postgres_' in line]
     assert len(lines) == 2 and "unavailable" in lines[0] and "restored" in lines[1], lines
     assert web.poll() is None
+
+
+@pytest.mark.parametrize("what", ["database", "role"])
+def test_a_long_running_process_with_a_wrong_database_or_role_stops_at_once_with_one_line(env, pg_admin_url, what):
+    """Waiting is for servers that are away; a name that does not exist will not appear by waiting."""
+    import subprocess
+    import sys
+
+    bad = psycopg.conninfo.make_conninfo(pg_admin_url, **({"dbname": "no_such_db"} if what == "database" else {"user": "no_such_role"}))
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "mailflow", "queuer"], env=dict(env, MAILFLOW_DATABASE_URL=bad),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and time.monotonic() - started < 30
+    [line] = res.stderr.splitlines()
+    assert line.startswith("error: cannot connect to PostgreSQL") and f"no_such_{'db' if what == 'database' else 'role'}" in line
+    assert "queuer.postgres_unavailable" not in res.stdout

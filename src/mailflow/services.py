@@ -92,15 +92,31 @@ def redis_lost_data(exc: BaseException) -> bool:
     return text.startswith(("NOGROUP", "UNBLOCKED")) or "no longer exists" in text
 
 
+# FATAL refusals at connect time that mean "not now" rather than "never" (libpq's texts).
+_TRANSIENT_FATAL = (
+    "the database system is starting up", "the database system is shutting down",
+    "the database system is in recovery mode", "the database system is not yet accepting connections",
+    "too many clients", "remaining connection slots", "terminating connection due to administrator command",
+)
+
+
 def _transient_postgres_failure(exc: psycopg.Error) -> bool:
     """A failed connect that may succeed later: no answer, or a server starting or stopping.
 
-    Server-side refusals carry an SQLSTATE: class 08 (connection), 53 (out of connections)
-    and 57 (operator intervention: starting up, shutting down, in recovery) pass; 28
-    (bad password, no pg_hba entry) and 3D (no such database) do not.
+    With an SQLSTATE, class 08 (connection), 53 (out of connections) and 57 (operator
+    intervention: starting up, shutting down, in recovery) pass; 28 (bad password, no
+    pg_hba entry) and 3D (no such database) do not. libpq gives connect failures no
+    SQLSTATE, so then the server's words decide: a FATAL refusal is a mistake (no such
+    role or database, authentication failed) unless it is one of the "not now" ones; no
+    answer at all (refused, timed out, closed) is an outage.
     """
     state = getattr(exc, "sqlstate", None)
-    return state is None or state[:2] in ("08", "53", "57")
+    if state is not None:
+        return state[:2] in ("08", "53", "57")
+    text = str(exc)
+    if "FATAL:" not in text:
+        return True
+    return any(phrase in text for phrase in _TRANSIENT_FATAL)
 
 
 @dataclass(frozen=True)
