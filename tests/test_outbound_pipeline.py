@@ -125,16 +125,21 @@ def test_suppressed_addresses_receive_nothing(rt, settings, db_url):
         assert c.execute("SELECT failure_kind FROM jobs WHERE email = 'gone@example.net'").fetchone()[0] == "suppressed"
 
 
-def test_a_queued_job_lost_by_redis_is_queued_again_exactly_once(rt, settings, db_url):
-    """Crash between PostgreSQL and Redis, or FLUSHALL: the queuer refills from PostgreSQL."""
+def queued_transactional(rt, settings, n: int, local: str):
+    """n transactional jobs, queued by one pass of a queuer: (redis client, queuer, high stream key)."""
     with SinkServer(Sink()) as server:
         setup_catalog(rt.store, server.url)
-    for i in range(3):
-        sending.send_transactional(rt.store, sender="tx", template="reset", to=f"u{i}@example.net", variables={"name": "N", "code": 1})
+    for i in range(n):
+        sending.send_transactional(rt.store, sender="tx", template="reset", to=f"{local}{i}@example.net", variables={"name": "N", "code": 1})
     r = redis_client(rt.services.redis_url)
     q = Queuer(rt.store, rt.services.redis_url, settings)
-    assert q.tick(r) == 3
-    key = rt.keys.jobs("high")
+    assert q.tick(r) == n
+    return r, q, rt.keys.jobs("high")
+
+
+def test_a_queued_job_lost_by_redis_is_queued_again_exactly_once(rt, settings, db_url):
+    """Crash between PostgreSQL and Redis, or FLUSHALL: the queuer refills from PostgreSQL."""
+    r, q, key = queued_transactional(rt, settings, 3, "u")
     assert r.xlen(key) == 3
     assert q.reconcile(r) == 0  # a restart: nothing is added twice
     assert r.xlen(key) == 3
@@ -150,14 +155,7 @@ def test_entries_lost_without_the_epoch_key_going_are_found_by_the_periodic_chec
     """Redis restored from an older snapshot keeps the epoch key but not the latest entries:
     the periodic length check finds the stream short and the queuer adds them again."""
     settings = settings.model_copy(update={"queuer_reconcile_interval_s": 0.2})
-    with SinkServer(Sink()) as server:
-        setup_catalog(rt.store, server.url)
-    for i in range(3):
-        sending.send_transactional(rt.store, sender="tx", template="reset", to=f"p{i}@example.net", variables={"name": "N", "code": 1})
-    r = redis_client(rt.services.redis_url)
-    q = Queuer(rt.store, rt.services.redis_url, settings)
-    assert q.tick(r) == 3
-    key = rt.keys.jobs("high")
+    r, q, key = queued_transactional(rt, settings, 3, "p")
     first, second = [eid for eid, _ in r.xrange(key)][:2]
     r.xdel(key, first, second)
     q.tick(r)
