@@ -23,8 +23,8 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from mailflow.config import load_settings, mask_url
-from mailflow.migrate import migrate
-from mailflow.services import connect, redis_client, resolve
+from mailflow.infra.migrate import migrate
+from mailflow.infra.services import connect, redis_client, resolve
 
 
 def say(msg: str) -> None:

@@ -3,8 +3,8 @@
 Run `python bench/events.py` (a table) or `python bench/events.py --json` (one JSON object on
 stdout; progress goes to stderr). Services come from MAILFLOW_DATABASE_URL /
 MAILFLOW_REDIS_URL, or the embedded default under MAILFLOW_HOME when they are unset
-(mailflow.services.resolve). The run creates a fresh database `mailflow_bench_<pid>` on the
-server the URL points to (migrated with mailflow.migrate, dropped at the end unless --keep)
+(mailflow.infra.services.resolve). The run creates a fresh database `mailflow_bench_<pid>` on the
+server the URL points to (migrated with mailflow.infra.migrate, dropped at the end unless --keep)
 and uses a unique Redis key prefix whose keys are deleted at the end. `--quick` is a smoke
 run (small sizes, short phases); the full run takes about 1.5 minutes on 2 cores.
 
@@ -69,7 +69,7 @@ from mailflow.events.envelope import NewEvent
 from mailflow.events.keys import Keys
 from mailflow.events.store import NO_STREAM, EventStore
 from mailflow.projectors.event_counts import EventCounts
-from mailflow.services import connect, open_pool, redis_client
+from mailflow.infra.services import connect, open_pool, redis_client
 
 from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch  # noqa: E402
 

@@ -3,8 +3,8 @@
 Run `python bench/outbound.py` (a table) or `python bench/outbound.py --json` (one JSON object
 on stdout; progress goes to stderr). Services come from MAILFLOW_DATABASE_URL /
 MAILFLOW_REDIS_URL, or the embedded default under MAILFLOW_HOME when they are unset
-(mailflow.services.resolve). The run creates a fresh database `mailflow_bench_out_<pid>` on the
-server the URL points to (migrated with mailflow.migrate, dropped at the end unless --keep) and
+(mailflow.infra.services.resolve). The run creates a fresh database `mailflow_bench_out_<pid>` on the
+server the URL points to (migrated with mailflow.infra.migrate, dropped at the end unless --keep) and
 uses a unique Redis key prefix whose keys are deleted at the end. `--quick` is a smoke run
 (5,000 recipients, 50 transactional messages).
 
@@ -105,7 +105,7 @@ from mailflow.outbound import campaigns, mime, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts
 from mailflow.outbound.events import ImportedContact
 from mailflow.outbound.senders import Sender
-from mailflow.services import connect, open_pool, redis_client
+from mailflow.infra.services import connect, open_pool, redis_client
 
 from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch  # noqa: E402
 

@@ -25,11 +25,11 @@ import psycopg
 import pytest
 import redis
 
-from mailflow import embedded
-from mailflow.app import Runtime
+from mailflow.infra import embedded
+from mailflow.runtime.wiring import Runtime
 from mailflow.config import Settings
-from mailflow.migrate import migrate
-from mailflow.services import connect
+from mailflow.infra.migrate import migrate
+from mailflow.infra.services import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 

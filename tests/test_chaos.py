@@ -39,17 +39,17 @@ import psycopg
 import pytest
 import redis
 
-from mailflow.app import Runtime
+from mailflow.runtime.wiring import Runtime
 from mailflow.config import Settings, settings_env
-from mailflow.health import read_statuses
-from mailflow.migrate import migrate
+from mailflow.infra.health import read_statuses
+from mailflow.infra.migrate import migrate
 from mailflow.outbound import campaigns, segments, sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.senders import Sender
-from mailflow.outbound.sink import FaultRates, Sink, SinkServer
+from mailflow.testing.sink import FaultRates, Sink, SinkServer
 from mailflow.errors import ServiceUnavailable
-from mailflow.projectors.inline import INLINE
-from mailflow.services import connect
+from mailflow.runtime.projections import inline_projections
+from mailflow.infra.services import connect
 
 from .conftest import Processes, run_cli, wait_until
 from .servers import PrivatePostgres
@@ -369,7 +369,7 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         bad = {jid: v for jid, evs in hist.items() if (v := graph_violations(evs))}
         assert bad == {}, f"state graph violated: {list(bad.items())[:5]}"
 
-        for name, proj in INLINE.items():
+        for name, proj in inline_projections().items():
             before = {t: _table(db, t) for t in proj.tables}
             proj.rebuild(store)
             assert {t: _table(db, t) for t in proj.tables} == before, f"{name} differs from its rebuild"

@@ -13,7 +13,7 @@ import uuid
 import psycopg
 
 from mailflow.events import NewEvent
-from mailflow.services import connect
+from mailflow.infra.services import connect
 
 from .conftest import mailflow_cmd, run_cli, wait_until
 

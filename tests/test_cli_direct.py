@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mailflow.outbound.sink import SinkServer
+from mailflow.testing.sink import SinkServer
 
 from .conftest import run_cli
 

@@ -10,7 +10,7 @@ from mailflow.consumers import ConsumerRunner, Projection
 from mailflow.events import EventStore, NewEvent
 from mailflow.events.relay import Relay
 from mailflow.projectors.event_counts import EventCounts
-from mailflow.services import connect, redis_client
+from mailflow.infra.services import connect, redis_client
 
 from .conftest import wait_until
 

@@ -12,7 +12,7 @@ from mailflow.outbound import segments, suppressions, templates
 from mailflow.outbound.contacts import import_contacts, parse_csv
 from mailflow.outbound.segments import SegmentError, compile_filter
 from mailflow.outbound.templates import Template, TemplateError
-from mailflow.services import connect
+from mailflow.infra.services import connect
 
 CSV = """email,first_name,country,age,plan,vip
 ann@example.org,Ann,NL,34,pro,true

@@ -11,8 +11,8 @@ from mailflow.errors import ConfigurationError, UsageError
 from mailflow.outbound import mx, sending
 from mailflow.outbound.senders import parse_relay_url
 from mailflow.outbound.senders import Sender
-from mailflow.outbound.sink import Sink, SinkServer
-from mailflow.services import connect
+from mailflow.testing.sink import Sink, SinkServer
+from mailflow.infra.services import connect
 
 from .dns_server import DnsServer
 from .test_outbound_pipeline import run_pipeline, setup_catalog, states

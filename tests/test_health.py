@@ -13,7 +13,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from mailflow.health import Backoff, Health, read_statuses, status_dir
+from mailflow.infra.health import Backoff, Health, read_statuses, status_dir
 
 from .conftest import run_cli, wait_until
 

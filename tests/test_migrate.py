@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from mailflow.migrate import load_migrations, migrate
-from mailflow.services import connect
+from mailflow.infra.migrate import load_migrations, migrate
+from mailflow.infra.services import connect
 
 
 def _fresh_db(pg_admin_url: str, name: str) -> str:

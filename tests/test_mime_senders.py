@@ -10,7 +10,8 @@ import dkim
 import pytest
 
 from mailflow.errors import UsageError
-from mailflow.outbound import mime, tokens
+from mailflow.outbound import mime
+from mailflow.mail import tokens
 from mailflow.outbound.senders import Sender, check_sender, parse_relay_url
 from mailflow.outbound.templates import Rendered
 

@@ -19,19 +19,18 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from mailflow.app import Runtime
+from mailflow.runtime.wiring import Runtime
 from mailflow.config import Settings, settings_env
-from mailflow.migrate import migrate
+from mailflow.infra.migrate import migrate
 from mailflow.outbound import sending, templates
 from mailflow.outbound import worker as worker_module
 from mailflow.outbound.events import JobStarted
 from mailflow.outbound.queuer import Queuer
 from mailflow.outbound.senders import Sender
-from mailflow.outbound.sink import Sink, SinkServer
+from mailflow.testing.sink import Sink, SinkServer
 from mailflow.outbound.worker import Worker
-from mailflow.projectors import inline
-from mailflow.projectors import jobs as jobs_projection
-from mailflow.services import connect, redis_client
+from mailflow.consumers import inline
+from mailflow.infra.services import connect, redis_client
 
 from .conftest import wait_until
 from .servers import Blip, PrivatePostgres
@@ -196,9 +195,8 @@ def test_a_write_whose_commit_was_not_seen_is_neither_stranded_nor_repeated(
 
 
 def _active_with_lease(store, jid: str, lease_until: datetime) -> None:
-    with inline.writing(store) as conn:
-        envs = store.append_many([(f"job-{jid}", JobStarted(job_id=jid, attempt=1, worker="gone", lease_until=lease_until.isoformat()).to_new())], conn=conn)
-        jobs_projection.apply(conn, envs)
+    with inline.writing(store) as w:
+        w.record([(f"job-{jid}", JobStarted(job_id=jid, attempt=1, worker="gone", lease_until=lease_until.isoformat()).to_new())])
 
 
 def test_early_in_a_queuers_term_lately_expired_leases_are_left_to_their_workers(rt, settings, db_url):

@@ -1,4 +1,4 @@
-"""Pure outbound decisions (no servers): job transitions, SMTP reply verdicts, retry delays, rate limits."""
+"""Pure outbound decisions (no servers): SMTP reply verdicts, retry delays, rate limits."""
 
 from __future__ import annotations
 
@@ -6,31 +6,8 @@ import random
 
 import pytest
 
-from mailflow.outbound.jobs import ALLOWED, IllegalTransition, JobState, check_transition
 from mailflow.outbound.ratelimit import RateLimiter
 from mailflow.outbound.replies import FailureKind, Outcome, RetrySchedule, classify, retry_hint_seconds, transient
-
-S = JobState
-
-
-def test_only_the_documented_job_transitions_are_allowed():
-    legal = {(a, b) for a, targets in ALLOWED.items() for b in targets}
-    assert legal == {
-        (S.PENDING, S.QUEUED),
-        (S.QUEUED, S.ACTIVE),
-        (S.ACTIVE, S.COMPLETED),
-        (S.ACTIVE, S.FAILED),
-        (S.ACTIVE, S.RETRY),
-        (S.RETRY, S.QUEUED),
-    }
-    for a in S:
-        for b in S:
-            if (a, b) in legal:
-                check_transition("j", a, b)
-            else:
-                with pytest.raises(IllegalTransition):
-                    check_transition("j", a, b)
-
 
 @pytest.mark.parametrize(
     "code,msg,outcome,kind,suppress",

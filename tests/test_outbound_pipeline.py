@@ -10,9 +10,9 @@ from mailflow.outbound import sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.queuer import Queuer
 from mailflow.outbound.senders import Sender
-from mailflow.outbound.sink import Sink, SinkServer
+from mailflow.testing.sink import Sink, SinkServer
 from mailflow.outbound.worker import Worker
-from mailflow.services import connect, redis_client
+from mailflow.infra.services import connect, redis_client
 
 from .conftest import wait_until
 

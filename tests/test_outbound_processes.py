@@ -27,7 +27,7 @@ import redis
 from mailflow.outbound import campaigns, segments, sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.senders import Sender
-from mailflow.outbound.sink import Sink, SinkServer
+from mailflow.testing.sink import Sink, SinkServer
 
 from .conftest import Processes, wait_until
 

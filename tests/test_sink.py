@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mailflow.outbound.sink import FAULTS, FaultRates, fault_for
+from mailflow.testing.sink import FAULTS, FaultRates, fault_for
 
 
 def test_a_local_part_names_its_fault_and_wins_over_the_rates():

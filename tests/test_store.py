@@ -10,7 +10,7 @@ import pytest
 
 from mailflow.errors import ConcurrencyError, DuplicateEventError, InvalidEventError, NotFoundError
 from mailflow.events import ANY, NO_STREAM, EventStore, Metadata, NewEvent
-from mailflow.services import connect, open_pool
+from mailflow.infra.services import connect, open_pool
 
 
 def ev(t: str = "ThingHappened", **data) -> NewEvent:

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 
-from mailflow.supervisor import _error_line, describe_exit
+from mailflow.runtime.supervisor import _error_line, describe_exit
 
 from .conftest import run_cli, wait_until
 

@@ -24,16 +24,17 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from mailflow.app import Runtime
+from mailflow.runtime.wiring import Runtime
 from mailflow.errors import ConfigurationError
-from mailflow.outbound import campaigns, mime, segments, suppressions, templates, tokens
+from mailflow.outbound import campaigns, mime, segments, suppressions, templates
+from mailflow.mail import tokens
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded
 from mailflow.outbound.senders import Sender
-from mailflow.outbound.sink import Sink, SinkServer
+from mailflow.testing.sink import Sink, SinkServer
 from mailflow.outbound.templates import Rendered
 from mailflow.outbound.unsubscribes import Outcome, UnsubscribeRequest, plan, read_token, unsubscribe
-from mailflow.services import connect
+from mailflow.infra.services import connect
 from mailflow.web.app import create_app, unsubscribe_path
 from mailflow.web.unsubscribe import is_one_click
 

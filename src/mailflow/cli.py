@@ -22,20 +22,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import embedded, log
-from .app import Runtime
-from .health import Health, read_statuses, status_dir
-from .config import Settings, debug_enabled, load_settings, mask_url
-from .consumers.dlq import DeadLetters
-from .consumers.runtime import ConsumerRunner, checkpoints
-from .errors import MailflowError, UsageError
-from .events.envelope import Envelope, Metadata, NewEvent, uuid7
-from .events.relay import Relay
-from .lifecycle import stop_on_signals
-from .migrate import migrate as apply_migrations
-from .projectors import available as available_projections
-from .projectors import event_counts
-from .projectors import get as get_projection
+from mailflow import log
+
+from mailflow.infra import embedded
+from mailflow.runtime.wiring import Runtime
+from mailflow.infra.health import Health, read_statuses, status_dir
+from mailflow.config import Settings, debug_enabled, load_settings, mask_url
+from mailflow.consumers.dlq import DeadLetters
+from mailflow.consumers.runtime import ConsumerRunner, checkpoints
+from mailflow.errors import MailflowError, UsageError
+from mailflow.events.envelope import Envelope, Metadata, NewEvent, uuid7
+from mailflow.events.relay import Relay
+from mailflow.infra.lifecycle import stop_on_signals
+from mailflow.infra.migrate import migrate as apply_migrations
+from mailflow.projectors import available as available_projections
+from mailflow.projectors import event_counts
+from mailflow.projectors import get as get_projection
 
 app = typer.Typer(
     help="mailflow: an event-sourced email pipeline.",
@@ -204,9 +206,9 @@ def consume(
     consumer_id: Optional[str] = typer.Option(None, help="Name within the consumer group (default host-pid)."),
 ) -> None:
     """Run a consumer: catch up from PostgreSQL, then follow the live stream. SIGTERM stops it."""
-    from .projectors.inline import INLINE
+    from mailflow.runtime.projections import inline_projections
 
-    if name in INLINE:
+    if name in inline_projections():
         raise UsageError(f"{name} is an inline projection, kept current by the commands themselves; nothing to consume")
     projection = get_projection(name)
     cid = consumer_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -225,7 +227,7 @@ def demo(
 
     Exits 0 only if every job reached completed or failed.
     """
-    from . import demo as outbound_demo
+    from mailflow.runtime import demo as outbound_demo
 
     _quiet_logs()
     base = settings()
@@ -482,13 +484,13 @@ def projections_list(as_json: bool = JsonOpt) -> None:
     with rt.connect() as conn:
         cps = checkpoints(conn)
         dead = DeadLetters(conn, rt.store, rt.redis, rt.keys).open_counts()
-    from .projectors.inline import INLINE
+    from mailflow.runtime.projections import inline_projections
 
     known = available_projections()
     rows = [
         {"name": p.name, "description": p.description, "checkpoint": head, "head": head, "lag": 0,
          "dead_letters": 0, "updated_at": None, "inline": True}
-        for p in INLINE.values()
+        for p in inline_projections().values()
     ]
     for name in sorted(set(known) | set(cps)):
         cp, updated = cps.get(name, (0, None))
@@ -520,11 +522,11 @@ def projections_rebuild(
     as_json: bool = JsonOpt,
 ) -> None:
     """Undo and re-apply events from PostgreSQL, with a progress bar."""
-    from .projectors.inline import INLINE
+    from mailflow.runtime.projections import inline_projections
 
     _quiet_logs()
     rt = runtime()
-    if name in INLINE:
+    if name in inline_projections():
         _rebuild_inline(rt, name, from_position, as_json)
         return
     runner = ConsumerRunner(get_projection(name), rt.store, rt.services.redis_url, rt.settings)
@@ -577,11 +579,11 @@ def projections_rebuild(
 
 
 def _rebuild_inline(rt: Runtime, name: str, from_position: int, as_json: bool) -> None:
-    from .projectors.inline import INLINE
+    from mailflow.runtime.projections import inline_projections
 
     if from_position > 1:
         raise UsageError(f"{name} is an inline projection: it is rebuilt from scratch (drop --from)")
-    projection = INLINE[name]
+    projection = inline_projections()[name]
     started = datetime.now(timezone.utc)
     if as_json:
         applied = projection.rebuild(rt.store)
@@ -688,7 +690,7 @@ def contacts_import(
     as_json: bool = JsonOpt,
 ) -> None:
     """Import contacts; bad rows are reported by line number and the rest is imported."""
-    from .outbound.contacts import import_contacts, parse_csv
+    from mailflow.outbound.contacts import import_contacts, parse_csv
 
     _quiet_logs()
     if not path.is_file():
@@ -727,7 +729,7 @@ def contacts_list(
     as_json: bool = JsonOpt,
 ) -> None:
     """List contacts (optionally those of a segment)."""
-    from .outbound import segments
+    from mailflow.outbound import segments
 
     _quiet_logs()
     with runtime().connect() as conn:
@@ -755,7 +757,7 @@ def segments_create(
     as_json: bool = JsonOpt,
 ) -> None:
     """Save a segment (redefining a name replaces its filter)."""
-    from .outbound import segments
+    from mailflow.outbound import segments
 
     _quiet_logs()
     doc = _parse_json_object(filter_json, "--filter")
@@ -777,7 +779,7 @@ def segments_preview(
     as_json: bool = JsonOpt,
 ) -> None:
     """How many contacts match, and a sample of them."""
-    from .outbound import segments
+    from mailflow.outbound import segments
 
     _quiet_logs()
     if (name is None) == (filter_json is None):
@@ -791,8 +793,8 @@ def segments_preview(
 @segments_app.command("list")
 def segments_list(as_json: bool = JsonOpt) -> None:
     """Saved segments with their filters and current sizes."""
-    from .outbound import queries as oq
-    from .outbound import segments
+    from mailflow.outbound import queries as oq
+    from mailflow.outbound import segments
 
     _quiet_logs()
     with runtime().connect() as conn:
@@ -828,7 +830,7 @@ def templates_create(
     as_json: bool = JsonOpt,
 ) -> None:
     """Save a template (checked: every part must compile); saving a name again replaces it."""
-    from .outbound import templates
+    from mailflow.outbound import templates
 
     _quiet_logs()
     tpl = templates.Template(name, subject, _read_text(html), _read_text(text))
@@ -847,7 +849,7 @@ def templates_render(
     as_json: bool = JsonOpt,
 ) -> None:
     """Render a template with variables (or a contact's attributes) to check it."""
-    from .outbound import segments, templates
+    from mailflow.outbound import segments, templates
 
     _quiet_logs()
     values = _parse_json_object(variables, "--vars")
@@ -868,7 +870,7 @@ def templates_render(
 @templates_app.command("list")
 def templates_list(as_json: bool = JsonOpt) -> None:
     """Saved templates."""
-    from .outbound import queries as oq
+    from mailflow.outbound import queries as oq
 
     _quiet_logs()
     with runtime().connect() as conn:
@@ -883,7 +885,7 @@ def templates_list(as_json: bool = JsonOpt) -> None:
 @suppressions_app.command("list")
 def suppressions_list(limit: int = typer.Option(1000, "--limit", min=1), as_json: bool = JsonOpt) -> None:
     """Suppressed addresses, newest first."""
-    from .outbound import suppressions
+    from mailflow.outbound import suppressions
 
     _quiet_logs()
     with runtime().connect() as conn:
@@ -903,7 +905,7 @@ def suppressions_add(
     as_json: bool = JsonOpt,
 ) -> None:
     """Never send to EMAIL again (until removed)."""
-    from .outbound import suppressions
+    from mailflow.outbound import suppressions
 
     _quiet_logs()
     email = suppressions.add(runtime().store, email, reason, detail)
@@ -913,7 +915,7 @@ def suppressions_add(
 @suppressions_app.command("remove")
 def suppressions_remove(email: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
     """Lift a suppression."""
-    from .outbound import suppressions
+    from mailflow.outbound import suppressions
 
     _quiet_logs()
     email = suppressions.remove(runtime().store, email)
@@ -961,7 +963,7 @@ def services_stop(as_json: bool = JsonOpt) -> None:
             out.print(f"{x.name:<9} {'still running' if x.running else 'stopped'}")
 
 
-from . import cli_outbound  # noqa: E402,F401 - registers the outbound commands on `app`
+from mailflow import cli_outbound  # noqa: E402,F401 - registers the outbound commands on `app`
 
 
 def main(argv: list[str] | None = None) -> None:

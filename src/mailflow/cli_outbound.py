@@ -16,14 +16,14 @@ import orjson
 import typer
 from rich.table import Table
 
-from .cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, group, out, run_process, runtime, settings
-from .errors import ConfigurationError, UsageError
-from .outbound import campaigns, sending
-from .outbound import queries as oq
-from .outbound.queuer import Queuer, queue_stats
-from .outbound.senders import Sender, smtp_client
-from .outbound.tokens import load_secret
-from .outbound.worker import Worker
+from mailflow.cli import JsonOpt, _parse_json_object, _quiet_logs, app, emit_json, group, out, run_process, runtime, settings
+from mailflow.errors import ConfigurationError, UsageError
+from mailflow.outbound import campaigns, sending
+from mailflow.outbound import queries as oq
+from mailflow.outbound.queuer import Queuer, queue_stats
+from mailflow.outbound.senders import Sender, smtp_client
+from mailflow.mail.tokens import load_secret
+from mailflow.outbound.worker import Worker
 
 senders_app = group("senders", "Senders: From identity, SMTP relay, DKIM key.")
 campaigns_app = group("campaigns", "Campaigns: draft -> running -> completed.")
@@ -64,7 +64,7 @@ def senders_add(
 @senders_app.command("list")
 def senders_list(as_json: bool = JsonOpt) -> None:
     """Senders (relay passwords are not shown)."""
-    from .config import mask_url
+    from mailflow.config import mask_url
 
     _quiet_logs()
     with runtime().connect() as conn:
@@ -88,7 +88,7 @@ def senders_test(
     """Connect to the sender's relay (or, for direct delivery, a domain's MX host) and EHLO."""
     import aiosmtplib
 
-    from .outbound import mx
+    from mailflow.outbound import mx
 
     _quiet_logs()
     rt = runtime()
@@ -375,8 +375,8 @@ def up(workers: int = typer.Option(1, "--workers", min=1, max=16)) -> None:
 
     A child that dies is restarted (and the log says which and why); SIGTERM stops them all.
     """
-    from .outbound.worker import check_settings
-    from .supervisor import FATAL_EXIT, Supervisor, pipeline_parts
+    from mailflow.outbound.worker import check_settings
+    from mailflow.runtime.supervisor import FATAL_EXIT, Supervisor, pipeline_parts
 
     check_settings(settings())  # before any child starts: one line, exit 2
 
@@ -400,6 +400,6 @@ def web_cmd(
     port: int = typer.Option(8025, "--port", min=1, max=65535, help="TCP port to listen on."),
 ) -> None:
     """Serve the unsubscribe links (RFC 8058 one-click) and /healthz over HTTP. SIGTERM stops it."""
-    from .web.app import serve
+    from mailflow.web.app import serve
 
     run_process("web", f"{host}:{port}", lambda rt, stop, health: serve(rt, host, port, health=health), pool_size=8)

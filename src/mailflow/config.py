@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from .errors import ConfigurationError
+from mailflow.errors import ConfigurationError
 
 
 class Settings(BaseSettings):

@@ -1,4 +1,10 @@
-"""Typed errors a user can cause or act on; the CLI turns each into one line and an exit code."""
+"""Errors a user can cause or act on: a small hierarchy, each kind with an exit code and an HTTP status.
+
+Rooms subclass the kind that fits (a bad segment filter is a UserError, an unknown
+template NotFound, a campaign that was already started a Conflict). The CLI turns any of
+them into one `error:` line and `exit_code`; the API into problem+json with `http_status`.
+The codes are documented in docs/operations.md ("Exit codes").
+"""
 
 from __future__ import annotations
 
@@ -7,39 +13,48 @@ class MailflowError(Exception):
     """Base class for errors whose message is meant for the person at the keyboard."""
 
     exit_code = 1
+    http_status = 500
 
 
-class ConfigurationError(MailflowError):
-    """A setting is missing or malformed."""
+class UserError(MailflowError):
+    """Bad input: an argument, a file, a filter, a template, an address."""
 
     exit_code = 2
+    http_status = 422
 
 
-class UsageError(MailflowError):
+class ConfigurationError(UserError):
+    """A setting is missing or malformed (a MAILFLOW_* variable, not a request)."""
+
+    http_status = 500
+
+
+class UsageError(UserError):
     """A command was called with bad arguments or input."""
 
-    exit_code = 2
+
+class InvalidEventError(UserError):
+    """Event data failed validation against its registered schema."""
 
 
-class ServiceUnavailable(MailflowError):
-    """PostgreSQL or Redis could not be reached at the configured URL.
+class NotFoundError(MailflowError):
+    """The thing asked for (event, projection, dead letter, contact, segment, template,
+    sender, campaign, job) does not exist, or belongs to someone else."""
 
-    `transient` says whether waiting may help (no answer, a server starting or stopping)
-    or not (a wrong password, no such database, a malformed URL).
-    """
-
-    exit_code = 3
-
-    def __init__(self, message: str, *, service: str | None = None, transient: bool = False) -> None:
-        super().__init__(message)
-        self.service = service
-        self.transient = transient
+    exit_code = 5
+    http_status = 404
 
 
-class ConcurrencyError(MailflowError):
-    """An append's expected_version did not match the stream's actual version."""
+class ConflictError(MailflowError):
+    """The request is well formed but the current state refuses it: a name taken, a
+    campaign already started, a template a running campaign still uses."""
 
     exit_code = 4
+    http_status = 409
+
+
+class ConcurrencyError(ConflictError):
+    """An append's expected_version did not match the stream's actual version."""
 
     def __init__(self, stream: str, expected: int, actual: int) -> None:
         self.stream = stream
@@ -50,19 +65,21 @@ class ConcurrencyError(MailflowError):
         )
 
 
-class DuplicateEventError(MailflowError):
+class DuplicateEventError(ConflictError):
     """An event id was already stored with different content or in another stream."""
 
-    exit_code = 4
 
+class ServiceUnavailable(MailflowError):
+    """PostgreSQL or Redis could not be reached at the configured URL.
 
-class InvalidEventError(MailflowError):
-    """Event data failed validation against its registered schema."""
+    `transient` says whether waiting may help (no answer, a server starting or stopping)
+    or not (a wrong password, no such database).
+    """
 
-    exit_code = 2
+    exit_code = 3
+    http_status = 503
 
-
-class NotFoundError(MailflowError):
-    """The thing asked for (event, stream, projection, dead letter) does not exist."""
-
-    exit_code = 5
+    def __init__(self, message: str, *, service: str | None = None, transient: bool = False) -> None:
+        super().__init__(message)
+        self.service = service
+        self.transient = transient

@@ -1,6 +1,6 @@
 """Consumers room: the consumer-group runtime and the long-running processes built on it."""
 
-from .projection import Projection
-from .runtime import ConsumerRunner
+from mailflow.consumers.projection import Projection
+from mailflow.consumers.runtime import ConsumerRunner
 
 __all__ = ["ConsumerRunner", "Projection"]

@@ -14,12 +14,12 @@ from typing import Any
 import psycopg
 import redis
 
-from ..errors import MailflowError, NotFoundError, UsageError
-from ..events.keys import Keys
-from ..events.store import EventStore
-from . import queries as q
-from .projection import Projection
-from .runtime import describe
+from mailflow.errors import MailflowError, NotFoundError, UsageError
+from mailflow.events.keys import Keys
+from mailflow.events.store import EventStore
+from mailflow.consumers import queries as q
+from mailflow.consumers.projection import Projection
+from mailflow.consumers.runtime import describe
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import psycopg
 
-from ..events.envelope import Envelope
+from mailflow.events.envelope import Envelope
 
 
 class Projection(ABC):

@@ -24,16 +24,16 @@ import redis
 from psycopg.types.json import Jsonb
 import structlog
 
-from ..config import Settings
-from ..events.envelope import Envelope
-from ..events.keys import Keys
-from ..events.store import EventStore
-from ..health import Backoff, Health
-from ..log import get_logger
-from ..services import POSTGRES_OUTAGE, connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
-from ..services import redis_lost_data as _redis_lost_data
-from . import queries as q
-from .projection import Projection
+from mailflow.config import Settings
+from mailflow.events.envelope import Envelope
+from mailflow.events.keys import Keys
+from mailflow.events.store import EventStore
+from mailflow.infra.health import Backoff, Health
+from mailflow.log import get_logger
+from mailflow.infra.services import POSTGRES_OUTAGE, connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
+from mailflow.infra.services import redis_lost_data as _redis_lost_data
+from mailflow.consumers import queries as q
+from mailflow.consumers.projection import Projection
 
 log = get_logger("mailflow.consumer")
 

@@ -3,9 +3,9 @@
 Knows nothing about email; domain rooms register their own event types here.
 """
 
-from .envelope import Envelope, Metadata, NewEvent
-from .registry import Event, EventRegistry, registry
-from .store import ANY, NO_STREAM, EventStore
+from mailflow.events.envelope import Envelope, Metadata, NewEvent
+from mailflow.events.registry import Event, EventRegistry, registry
+from mailflow.events.store import ANY, NO_STREAM, EventStore
 
 __all__ = [
     "ANY",

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import InvalidEventError
+from mailflow.errors import InvalidEventError
 
 METADATA_KEYS = ("correlation_id", "causation_id", "tenant", "actor")
 

@@ -15,7 +15,7 @@ import time
 
 import psycopg
 
-from . import queries as q
+from mailflow.events import queries as q
 
 
 class Notifier:

@@ -1,5 +1,7 @@
 """Events room: every SQL statement the event store and relay run, by name."""
 
+from mailflow.infra.locks import Lock
+
 # -- append -----------------------------------------------------------------------------
 # One statement per append: bump the stream version (the optimistic-concurrency check)
 # and insert the events with unnest(). Three variants of the version bump, one per kind
@@ -151,7 +153,7 @@ SNAPSHOT_XMAX = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"
 
 # -- the sequencer ----------------------------------------------------------------------
 
-SEQUENCER_LOCK_KEY = 7_300_002
+SEQUENCER_LOCK_KEY = Lock.SEQUENCER
 
 SEQUENCER_TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
 SEQUENCER_LOCK = "SELECT pg_advisory_xact_lock(%s)"

@@ -11,8 +11,8 @@ from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import InvalidEventError
-from .envelope import Metadata, NewEvent
+from mailflow.errors import InvalidEventError
+from mailflow.events.envelope import Metadata, NewEvent
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 

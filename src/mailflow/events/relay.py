@@ -13,6 +13,8 @@ leads again from where the stream stands.
 
 from __future__ import annotations
 
+from mailflow.infra.locks import Lock
+
 import os
 import socket
 import threading
@@ -23,17 +25,17 @@ from dataclasses import dataclass
 import psycopg
 import redis
 
-from ..config import Settings
-from ..health import Health
-from ..leader import Term, run_as_leader
-from ..log import get_logger
-from ..services import redis_client
-from .envelope import Envelope
-from .keys import Keys
-from .store import EventStore
-from .streams import raise_unless_duplicates, stream_last_id
+from mailflow.config import Settings
+from mailflow.infra.health import Health
+from mailflow.infra.leader import Term, run_as_leader
+from mailflow.log import get_logger
+from mailflow.infra.services import redis_client
+from mailflow.events.envelope import Envelope
+from mailflow.events.keys import Keys
+from mailflow.events.store import EventStore
+from mailflow.events.streams import raise_unless_duplicates, stream_last_id
 
-RELAY_LOCK_KEY = 7_300_003
+RELAY_LOCK_KEY = Lock.RELAY
 _MIN_CHECKPOINT = "SELECT min(position) FROM consumer_checkpoints"
 
 log = get_logger("mailflow.relay")

@@ -18,11 +18,11 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
-from ..errors import ConcurrencyError, DuplicateEventError, InvalidEventError, MailflowError, NotFoundError
-from . import queries as q
-from .envelope import METADATA_KEYS, Envelope, Metadata, NewEvent, default_actor
-from .notify import Notifier
-from .registry import EventRegistry, registry as default_registry
+from mailflow.errors import ConcurrencyError, DuplicateEventError, InvalidEventError, MailflowError, NotFoundError
+from mailflow.events import queries as q
+from mailflow.events.envelope import METADATA_KEYS, Envelope, Metadata, NewEvent, default_actor
+from mailflow.events.notify import Notifier
+from mailflow.events.registry import EventRegistry, registry as default_registry
 
 ANY: int | None = None
 """expected_version: append whatever the stream's version is."""

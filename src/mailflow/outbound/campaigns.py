@@ -16,15 +16,15 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
-from ..errors import MailflowError, NotFoundError
-from ..events.envelope import Metadata, uuid7
-from ..events.store import EventStore
-from ..projectors import catalog, inline
-from ..projectors import jobs as jobs_projection
-from . import queries as q
-from . import segments, templates
-from .events import (
+from mailflow.consumers import inline
+from mailflow.errors import ConflictError, NotFoundError, UserError
+from mailflow.events.envelope import Metadata, uuid7
+from mailflow.events.store import EventStore
+from mailflow.outbound import queries as q
+from mailflow.outbound import segments, templates
+from mailflow.outbound.events import (
     CampaignCancelled,
     CampaignCompleted,
     CampaignCreated,
@@ -34,15 +34,20 @@ from .events import (
     CampaignScheduled,
     CampaignStarted,
     JobCreated,
+    JobFailed,
 )
-from .jobs import Priority
-from .sending import load_sender
+from mailflow.outbound.jobs import Priority
+from mailflow.outbound.sending import load_sender
 
 STATUSES = ("draft", "scheduled", "running", "paused", "completed", "cancelled")
 
 
-class CampaignError(MailflowError):
-    exit_code = 2
+class CampaignError(ConflictError):
+    """The campaign's status refuses the request (started twice, cancelled, not started)."""
+
+
+class EmptySegment(UserError):
+    """A campaign cannot start: its segment matches no one who may be sent to."""
 
 
 @dataclass(frozen=True)
@@ -55,51 +60,74 @@ class Campaign:
     status: str
 
 
+def correlation(campaign_id: str) -> Metadata:
+    """Every event a campaign causes, its jobs' included, shares this correlation id."""
+    return Metadata(correlation_id=f"campaign-{campaign_id}")
+
+
 def find(conn: psycopg.Connection, ref: str) -> str:
-    """A campaign id from an id or a name (the newest campaign of that name)."""
-    rows = conn.execute(q.FIND_CAMPAIGN, (ref, ref)).fetchall()
-    if not rows:
-        raise NotFoundError(f"no campaign {ref!r} (see `mailflow campaigns list`)")
-    return str(rows[0][0])
+    """A campaign id from its name, its id, or a unique prefix of its id (as git takes commits)."""
+    rows = conn.execute(q.FIND_CAMPAIGN, {"ref": ref, "prefix": ref.lower() + "%"}).fetchall()
+    exact = [r for r in rows if r[1] == ref or str(r[0]) == ref.lower()]
+    if exact:
+        return str(exact[0][0])
+    if len(rows) == 1 and len(ref) >= 4:
+        return str(rows[0][0])
+    if len(rows) > 1 and len(ref) >= 4:
+        raise UserError(f"{ref!r} is the start of {len(rows)} campaign ids; give more of it")
+    raise NotFoundError(f"no campaign {ref!r} (see `mailflow campaigns list`)")
 
 
 def create(store: EventStore, *, name: str, sender: str, template: str, segment: str) -> str:
-    with store.pool.connection() as conn:
-        load_sender(conn, sender)
-        templates.load(conn, template)
-        segments.load(conn, segment)
+    if not name.strip():
+        raise UserError("a campaign needs a name")
     campaign_id = str(uuid7())
     event = CampaignCreated(campaign_id=campaign_id, name=name, sender=sender, template=template, segment=segment)
-    catalog.record(store, [(f"campaign-{campaign_id}", event.to_new())])
+    with inline.writing(store) as w:
+        w.conn.execute(q.LOCK_CAMPAIGN_NAME, (name,))
+        load_sender(w.conn, sender)
+        templates.load(w.conn, template)
+        segments.load(w.conn, segment)
+        if w.conn.execute(q.CAMPAIGN_NAMED, (name,)).fetchone() is not None:
+            raise ConflictError(f"a campaign named {name!r} exists already; campaign names are unique")
+        w.record([(f"campaign-{campaign_id}", event.to_new(correlation(campaign_id)))])
     return campaign_id
 
 
 def _locked(conn: psycopg.Connection, campaign_id: str) -> Campaign:
-    row = conn.execute(q.LOCK_CAMPAIGN, (campaign_id,)).fetchone()
-    if row is None:
+    with conn.cursor(row_factory=class_row(Campaign)) as cur:
+        c = cur.execute(q.LOCK_CAMPAIGN, (campaign_id,)).fetchone()
+    if c is None:
         raise NotFoundError(f"no campaign {campaign_id}")
-    return Campaign(str(row[0]), *row[1:])
-
-
-def _transition(store: EventStore, campaign_id: str, allowed: tuple[str, ...], event_for, verb: str) -> Campaign:
-    with inline.writing(store) as conn:
-        c = _locked(conn, campaign_id)
-        if c.status not in allowed:
-            raise CampaignError(f"campaign {c.name!r} is {c.status}; it cannot be {verb}")
-        envs = store.append_many([(f"campaign-{c.id}", event_for(c, conn).to_new())], conn=conn)
-        catalog.apply(conn, envs)
-    store.notify()
     return c
 
 
+def _transition(store: EventStore, campaign_id: str, allowed: tuple[str, ...], events_for, verb: str) -> Campaign:
+    with inline.writing(store) as w:
+        c = _locked(w.conn, campaign_id)
+        if c.status not in allowed:
+            raise CampaignError(f"campaign {c.name!r} is {c.status}; it cannot be {verb}")
+        w.record(events_for(c, w.conn))
+    return c
+
+
+def _campaign_event(event):
+    return lambda c, _conn: [(f"campaign-{c.id}", event(c).to_new(correlation(c.id)))]
+
+
 def schedule(store: EventStore, campaign_id: str, at: datetime) -> None:
-    _transition(store, campaign_id, ("draft", "scheduled"), lambda c, _: CampaignScheduled(campaign_id=c.id, at=at.isoformat()), "scheduled")
+    _transition(store, campaign_id, ("draft", "scheduled"),
+                _campaign_event(lambda c: CampaignScheduled(campaign_id=c.id, at=at.isoformat())), "scheduled")
 
 
 def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
-    """Snapshot the recipients and create their jobs; returns how many (0 if already started)."""
-    metadata = Metadata(correlation_id=f"campaign-{campaign_id}")
-    with inline.writing(store) as conn:
+    """Snapshot the recipients and create their jobs; returns how many (0 if already started).
+
+    A segment that matches no one who may be sent to raises EmptySegment and records nothing:
+    the campaign stays as it was, to be started once the segment has members."""
+    metadata = correlation(campaign_id)
+    with inline.writing(store) as w:
+        conn = w.conn
         c = _locked(conn, campaign_id)
         if c.status in ("running", "paused", "completed"):
             return 0  # started before: starting again changes nothing
@@ -108,6 +136,10 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
         doc = segments.load(conn, c.segment)
         compiled = segments.compile_filter(doc)
         emails = [e for (e,) in conn.execute(sql.SQL(q.SNAPSHOT_RECIPIENTS).format(where=compiled.where), compiled.params)]
+        if not emails:
+            raise EmptySegment(
+                f"segment {c.segment!r} has no active, unsuppressed contact; campaign {c.name!r} was not started"
+            )
         for i in range(0, len(emails), batch):
             created = [
                 JobCreated(
@@ -116,13 +148,8 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
                 )
                 for email in emails[i : i + batch]
             ]
-            envs = store.append_many([(f"job-{j.job_id}", j.to_new(metadata)) for j in created], conn=conn)
-            jobs_projection.apply(conn, envs)
-        envs = store.append_many(
-            [(f"campaign-{c.id}", CampaignStarted(campaign_id=c.id, recipients=len(emails)).to_new(metadata))], conn=conn
-        )
-        catalog.apply(conn, envs)
-    store.notify()
+            w.record([(f"job-{j.job_id}", j.to_new(metadata)) for j in created])
+        w.record([(f"campaign-{c.id}", CampaignStarted(campaign_id=c.id, recipients=len(emails)).to_new(metadata))])
     if len(emails) >= 10_000:
         # A big snapshot changes the jobs table's shape at once; without fresh statistics the
         # planner picks poor plans for the queuer and workers until autovacuum catches up.
@@ -132,29 +159,42 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
 
 
 def pause(store: EventStore, campaign_id: str) -> None:
-    _transition(store, campaign_id, ("running",), lambda c, _: CampaignPaused(campaign_id=c.id), "paused")
+    """Stop queuing the campaign's jobs (those waiting to retry included) until it is resumed."""
+    _transition(store, campaign_id, ("running",), _campaign_event(lambda c: CampaignPaused(campaign_id=c.id)), "paused")
 
 
 def resume(store: EventStore, campaign_id: str) -> None:
-    _transition(store, campaign_id, ("paused",), lambda c, _: CampaignResumed(campaign_id=c.id), "resumed")
+    _transition(store, campaign_id, ("paused",), _campaign_event(lambda c: CampaignResumed(campaign_id=c.id)), "resumed")
 
 
-def cancel(store: EventStore, campaign_id: str) -> None:
-    def event(c: Campaign, conn: psycopg.Connection) -> CampaignCancelled:
-        counts = dict(conn.execute(q.CAMPAIGN_JOB_STATES, (c.id,)).fetchall())
-        unsent = sum(n for s, n in counts.items() if s in ("pending", "retry"))
-        return CampaignCancelled(campaign_id=c.id, unsent=unsent)
+def cancel(store: EventStore, campaign_id: str) -> int:
+    """Cancel the campaign; every job of it that has not started (pending, or waiting to
+    retry) ends as failed with kind `cancelled`. Returns how many. Jobs already queued or
+    being sent finish as they would (a worker refuses a queued job of a cancelled campaign)."""
 
-    _transition(store, campaign_id, ("draft", "scheduled", "running", "paused"), event, "cancelled")
+    def events(c: Campaign, conn: psycopg.Connection) -> list:
+        md = correlation(c.id)
+        unsent = conn.execute(q.UNSENT_CAMPAIGN_JOBS, (c.id,)).fetchall()
+        ended = [
+            (f"job-{job_id}", JobFailed(job_id=str(job_id), attempt=attempts, reply="campaign cancelled",
+                                         kind="cancelled").to_new(md))
+            for job_id, attempts in unsent
+        ]
+        return [*ended, (f"campaign-{c.id}", CampaignCancelled(campaign_id=c.id, unsent=len(unsent)).to_new(md))]
+
+    c = _transition(store, campaign_id, ("draft", "scheduled", "running", "paused"), events, "cancelled")
+    with store.pool.connection() as conn:
+        return int(conn.execute(q.CAMPAIGN_CANCELLED_JOBS, (c.id,)).fetchone()[0])
 
 
 def resend_failed(store: EventStore, campaign_id: str) -> int:
     """New jobs for recipients whose last job failed for a reason worth retrying."""
-    with inline.writing(store) as conn:
-        c = _locked(conn, campaign_id)
+    metadata = correlation(campaign_id)
+    with inline.writing(store) as w:
+        c = _locked(w.conn, campaign_id)
         if c.status not in ("running", "paused", "completed"):
             raise CampaignError(f"campaign {c.name!r} is {c.status}; only started campaigns can resend")
-        emails = [e for e, _ in conn.execute(q.FAILED_TO_RESEND, (c.id,)).fetchall()]
+        emails = [e for e, _ in w.conn.execute(q.FAILED_TO_RESEND, (c.id,)).fetchall()]
         if not emails:
             return 0
         resend = uuid.uuid4().hex[:8]
@@ -165,25 +205,21 @@ def resend_failed(store: EventStore, campaign_id: str) -> int:
             )
             for email in emails
         ]
-        envs = store.append_many([(f"job-{j.job_id}", j.to_new()) for j in created], conn=conn)
-        jobs_projection.apply(conn, envs)
-        envs = store.append_many([(f"campaign-{c.id}", CampaignResent(campaign_id=c.id, jobs=len(emails)).to_new())], conn=conn)
-        catalog.apply(conn, envs)
-    store.notify()
+        w.record([(f"job-{j.job_id}", j.to_new(metadata)) for j in created])
+        w.record([(f"campaign-{c.id}", CampaignResent(campaign_id=c.id, jobs=len(emails)).to_new(metadata))])
     return len(emails)
 
 
 def complete_finished(store: EventStore) -> int:
     """Mark running campaigns whose every job has finished as completed (the queuer calls this)."""
-    with inline.writing(store) as conn:
-        rows = conn.execute(q.FINISHED_CAMPAIGNS).fetchall()
-        if not rows:
-            return 0
-        events = [(f"campaign-{cid}", CampaignCompleted(campaign_id=str(cid), completed=done, failed=failed).to_new())
-                  for cid, done, failed in rows]
-        envs = store.append_many(events, conn=conn)
-        catalog.apply(conn, envs)
-    store.notify()
+    with inline.writing(store) as w:
+        rows = w.conn.execute(q.FINISHED_CAMPAIGNS).fetchall()
+        if rows:
+            w.record([
+                (f"campaign-{cid}",
+                 CampaignCompleted(campaign_id=str(cid), completed=done, failed=failed).to_new(correlation(str(cid))))
+                for cid, done, failed in rows
+            ])
     return len(rows)
 
 
@@ -191,14 +227,20 @@ def start_due(store: EventStore) -> int:
     """Start scheduled campaigns whose time has come (the queuer calls this)."""
     with store.pool.connection() as conn:
         due = [str(r[0]) for r in conn.execute(q.DUE_SCHEDULED).fetchall()]
+    started = 0
     for cid in due:
-        start(store, cid)
-    return len(due)
+        try:
+            start(store, cid)
+            started += 1
+        except EmptySegment:
+            continue  # stays scheduled; `campaigns status` says why when asked
+    return started
 
 
 def status(conn: psycopg.Connection, campaign_id: str) -> dict[str, Any]:
-    row = conn.execute(q.LOCK_CAMPAIGN.replace(" FOR UPDATE", ""), (campaign_id,)).fetchone()
-    if row is None:
+    with conn.cursor(row_factory=class_row(Campaign)) as cur:
+        c = cur.execute(q.GET_CAMPAIGN, (campaign_id,)).fetchone()
+    if c is None:
         raise NotFoundError(f"no campaign {campaign_id}")
     states = {s: 0 for s in ("pending", "queued", "active", "retry", "completed", "failed")}
     states.update({s: int(n) for s, n in conn.execute(q.CAMPAIGN_JOB_STATES, (campaign_id,)).fetchall()})
@@ -208,6 +250,6 @@ def status(conn: psycopg.Connection, campaign_id: str) -> dict[str, Any]:
     ]
     retries = int(conn.execute(q.CAMPAIGN_RETRIES, (campaign_id,)).fetchone()[0])
     return {
-        "id": str(row[0]), "name": row[1], "sender": row[2], "template": row[3], "segment": row[4],
-        "status": row[5], "jobs": states, "total": sum(states.values()), "retries": retries, "failures": failures,
+        "id": c.id, "name": c.name, "sender": c.sender, "template": c.template, "segment": c.segment,
+        "status": c.status, "jobs": states, "total": sum(states.values()), "retries": retries, "failures": failures,
     }

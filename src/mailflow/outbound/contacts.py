@@ -18,12 +18,12 @@ from typing import Any, TextIO
 
 from email_validator import EmailNotValidError, validate_email
 
-from ..errors import MailflowError
-from ..events.envelope import Metadata
-from ..events.store import EventStore
-from ..projectors import catalog
-from . import queries as q
-from .events import ContactsImported, ImportedContact
+from mailflow.errors import UserError
+from mailflow.events.envelope import Metadata
+from mailflow.events.store import EventStore
+from mailflow.consumers import inline
+from mailflow.outbound import queries as q
+from mailflow.outbound.events import ContactsImported, ImportedContact
 
 # A contact in one of these states is never mailed (checked again when each job starts).
 STOPPED_STATUSES = ("unsubscribed", "bounced", "complained")
@@ -31,8 +31,8 @@ STOPPED_STATUSES = ("unsubscribed", "bounced", "complained")
 BATCH = 1000
 
 
-class ImportError_(MailflowError):
-    exit_code = 2
+class ContactImportError(UserError):
+    """A CSV file mailflow cannot import (no email column, unreadable)."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,10 @@ def parse_csv(fh: TextIO) -> Iterator[ImportedContact | Rejected]:
     """Yield a contact or a rejection per data row, with its line number in the file."""
     reader = csv.DictReader(fh)
     if reader.fieldnames is None:
-        raise ImportError_("the CSV file is empty (it needs a header row with an `email` column)")
+        raise ContactImportError("the CSV file is empty (it needs a header row with an `email` column)")
     fields = [f.strip().lower() if f else "" for f in reader.fieldnames]
     if "email" not in fields:
-        raise ImportError_(f"the CSV header has no `email` column (found: {', '.join(fields)})")
+        raise ContactImportError(f"the CSV header has no `email` column (found: {', '.join(fields)})")
     reader.fieldnames = fields
     for row in reader:
         line = reader.line_num
@@ -135,7 +135,7 @@ def import_contacts(
         event = ContactsImported(source=source, contacts=list(batch)).to_new(Metadata(actor=actor))
         with store.pool.connection() as conn:
             known = conn.execute(q.COUNT_KNOWN_EMAILS, ([c.email for c in batch],)).fetchone()[0]
-        catalog.record(store, [(stream, event)])
+        inline.record(store, [(stream, event)])
         report.imported += len(batch)
         report.updated += known
         report.created += len(batch) - known

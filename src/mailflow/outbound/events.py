@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..events.registry import Event, registry
+from mailflow.events.registry import Event, registry
 
 
 class ImportedContact(BaseModel):

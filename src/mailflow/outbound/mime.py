@@ -27,10 +27,10 @@ from html import unescape
 
 import dkim
 
-from . import tokens
-from .smtp import check_address
-from .senders import Sender
-from .templates import Rendered
+from mailflow.mail import tokens
+from mailflow.outbound.smtp import check_address
+from mailflow.outbound.senders import Sender
+from mailflow.outbound.templates import Rendered
 
 
 

@@ -23,7 +23,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from ..errors import ConfigurationError
+from mailflow.errors import ConfigurationError
 
 MIN_TTL_S = 60.0
 MAX_TTL_S = 3600.0

@@ -1,5 +1,7 @@
 """Outbound room: every SQL statement of contacts, segments, templates and suppressions, by name."""
 
+from mailflow.infra.locks import Lock
+
 UPSERT_CONTACTS = """
 INSERT INTO contacts AS c (email, attributes, created_at, updated_at)
 SELECT u.email, u.attributes, %(at)s, %(at)s FROM unnest(%(emails)s::text[], %(attributes)s::text[]::jsonb[]) AS u(email, attributes)
@@ -13,8 +15,8 @@ COUNT_KNOWN_EMAILS = "SELECT count(*) FROM contacts WHERE email = ANY(%s)"
 SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE email = %s"
 
 # Unsubscribe requests for one address are decided one at a time (two-key advisory lock:
-# class 7300030, then the address), on what the contact and suppression tables say now.
-LOCK_ADDRESS = "SELECT pg_advisory_xact_lock(7300030, hashtext(%s))"
+# class Lock.ADDRESS, then the address), on what the contact and suppression tables say now.
+LOCK_ADDRESS = f"SELECT pg_advisory_xact_lock({Lock.ADDRESS}, hashtext(%s))"
 ADDRESS_STATE = """
 SELECT (SELECT status FROM contacts WHERE email = %(email)s),
        EXISTS (SELECT 1 FROM suppressions WHERE email = %(email)s)
@@ -69,7 +71,7 @@ JOB_BY_KEY = "SELECT id FROM jobs WHERE idempotency_key = %s"
 
 # Leases that expired more than hold_s ago (hold_s > 0 early in a queuer's term, see queuer.py).
 EXPIRED_LEASES = """
-SELECT id, attempts FROM jobs
+SELECT id, attempts, coalesce(correlation_id, 'campaign-' || campaign_id, id::text) AS correlation_id FROM jobs
 WHERE state = 'active' AND lease_until < now() - make_interval(secs => %(hold_s)s)
 ORDER BY lease_until
 LIMIT %(limit)s
@@ -78,7 +80,9 @@ FOR UPDATE SKIP LOCKED
 
 # Due work of one priority, oldest first; campaign mail only while its campaign runs.
 DUE_JOBS = """
-SELECT j.id, j.sender, j.domain FROM jobs j
+SELECT j.id, j.sender, j.domain,
+       coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id
+FROM jobs j
 WHERE j.state IN ('pending', 'retry') AND j.priority = %(priority)s AND j.due_at <= now()
   AND (j.campaign_id IS NULL
        OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = j.campaign_id AND c.status = 'running'))
@@ -89,6 +93,8 @@ LIMIT %(limit)s
 # Lock only the jobs the rate limits granted, by primary key; skip any that changed.
 LOCK_GRANTED = """
 SELECT id FROM jobs WHERE id = ANY(%s::uuid[]) AND state IN ('pending', 'retry')
+  AND (campaign_id IS NULL
+       OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = jobs.campaign_id AND c.status = 'running'))
 FOR UPDATE SKIP LOCKED
 """
 
@@ -109,10 +115,13 @@ ORDER BY queue_seq
 # Lock the jobs a worker was handed; only those still queued under that very entry start.
 CLAIM_JOBS = """
 SELECT j.id, j.state, j.queue_seq, j.attempts, j.email, j.sender, j.template, j.variables, j.campaign_id,
-       s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker
+       s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker,
+       coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id,
+       cp.status AS campaign_status
 FROM jobs j
 LEFT JOIN suppressions s ON s.email = j.email
 LEFT JOIN contacts c ON c.email = j.email
+LEFT JOIN campaigns cp ON cp.id = j.campaign_id
 WHERE j.id = ANY(%s::uuid[])
 FOR UPDATE OF j
 """
@@ -134,8 +143,22 @@ UPDATE campaigns SET status = %(status)s, updated_at = %(at)s,
     recipients = coalesce(%(recipients)s::int, recipients)
 WHERE id = %(id)s
 """
-LOCK_CAMPAIGN = "SELECT id, name, sender, template, segment, status FROM campaigns WHERE id = %s FOR UPDATE"
-FIND_CAMPAIGN = "SELECT id FROM campaigns WHERE id::text = %s OR name = %s ORDER BY created_at DESC LIMIT 2"
+GET_CAMPAIGN = "SELECT id::text, name, sender, template, segment, status FROM campaigns WHERE id = %s"
+LOCK_CAMPAIGN = "SELECT id::text, name, sender, template, segment, status FROM campaigns WHERE id = %s FOR UPDATE"
+# By name, by id, or by a prefix of the id (at most a few, to say the prefix is ambiguous).
+FIND_CAMPAIGN = """
+SELECT id, name FROM campaigns
+WHERE name = %(ref)s OR id::text = lower(%(ref)s) OR id::text LIKE %(prefix)s
+ORDER BY (name = %(ref)s) DESC, created_at DESC LIMIT 5
+"""
+CAMPAIGN_NAMED = "SELECT id FROM campaigns WHERE name = %s"
+# Two creations of one name serialise here, so the uniqueness check cannot race.
+LOCK_CAMPAIGN_NAME = f"SELECT pg_advisory_xact_lock({Lock.CAMPAIGN_NAME}, hashtext(%s))"
+# Jobs of a campaign that have not started, which cancelling ends.
+UNSENT_CAMPAIGN_JOBS = """
+SELECT id, attempts FROM jobs WHERE campaign_id = %s AND state IN ('pending', 'retry') ORDER BY id FOR UPDATE
+"""
+CAMPAIGN_CANCELLED_JOBS = "SELECT count(*) FROM jobs WHERE campaign_id = %s AND failure_kind = 'cancelled'"
 LIST_CAMPAIGNS = """
 SELECT id, name, status, recipients, sender, template, segment, created_at, started_at, finished_at
 FROM campaigns ORDER BY created_at DESC LIMIT %s

@@ -24,6 +24,8 @@ renew them instead of having their jobs sent a second time.
 
 from __future__ import annotations
 
+from mailflow.infra.locks import Lock
+
 import os
 import socket
 import threading
@@ -35,23 +37,23 @@ from datetime import datetime, timezone
 import psycopg
 import redis
 
-from ..config import Settings
-from ..events.keys import Keys
-from ..events.streams import raise_unless_duplicates, scan_fields, stream_last_entry_id
-from ..events.store import EventStore
-from ..health import Health
-from ..log import get_logger
-from ..projectors import inline
-from ..projectors import jobs as jobs_projection
-from ..leader import Term, run_as_leader
-from ..services import redis_client
-from . import campaigns
-from . import queries as q
-from .events import JobQueued, JobRetryScheduled
-from .jobs import SLA_SECONDS, Priority
-from .ratelimit import DEFAULT_LIMITS_PER_S, RateLimiter
+from mailflow.config import Settings
+from mailflow.events.envelope import Metadata
+from mailflow.events.keys import Keys
+from mailflow.events.streams import raise_unless_duplicates, scan_fields, stream_last_entry_id
+from mailflow.events.store import EventStore
+from mailflow.infra.health import Health
+from mailflow.log import get_logger
+from mailflow.consumers import inline
+from mailflow.infra.leader import Term, run_as_leader
+from mailflow.infra.services import redis_client
+from mailflow.outbound import campaigns
+from mailflow.outbound import queries as q
+from mailflow.outbound.events import JobQueued, JobRetryScheduled
+from mailflow.outbound.jobs import SLA_SECONDS, Priority
+from mailflow.outbound.ratelimit import DEFAULT_LIMITS_PER_S, RateLimiter
 
-QUEUER_LOCK_KEY = 7_300_010
+QUEUER_LOCK_KEY = Lock.QUEUER
 log = get_logger("mailflow.queuer")
 
 
@@ -123,20 +125,17 @@ class Queuer:
         """Jobs whose worker died mid-send: active -> retry, due now (another worker sends them)."""
         now = datetime.now(timezone.utc).isoformat()
         hold = max(0.0, self.lease_grace_s - (time.monotonic() - self._term_began)) if self._term_began else 0.0
-        with inline.writing(self.store) as conn:
-            rows = conn.execute(q.EXPIRED_LEASES, {"hold_s": hold, "limit": self.settings.queuer_batch_size}).fetchall()
+        with inline.writing(self.store) as w:
+            rows = w.conn.execute(q.EXPIRED_LEASES, {"hold_s": hold, "limit": self.settings.queuer_batch_size}).fetchall()
             if not rows:
                 return 0
-            events = [
-                JobRetryScheduled(
+            w.record([
+                (f"job-{jid}", JobRetryScheduled(
                     job_id=str(jid), attempt=attempts, reply="lease expired: the worker stopped answering",
                     due_at=now, reason="lease_expired",
-                ).to_new()
-                for jid, attempts in rows
-            ]
-            envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
-            jobs_projection.apply(conn, envs)
-        self.store.notify()
+                ).to_new(Metadata(correlation_id=correlation)))
+                for jid, attempts, correlation in rows
+            ])
         self.stats.reclaimed += len(rows)
         log.warning("queuer.leases_expired", count=len(rows))
         return len(rows)
@@ -148,15 +147,18 @@ class Queuer:
             return 0
         limit = min(self.settings.queuer_batch_size, room)
         now = time.monotonic()
-        with inline.writing(self.store) as conn:
+        with inline.writing(self.store) as w:
+            conn = w.conn
             # Look past the head so one throttled domain does not block everyone behind it.
             rows = conn.execute(q.DUE_JOBS, {"priority": str(priority), "limit": limit * 4}).fetchall()
             granted = []
-            for jid, sender, domain in rows:
+            correlations = {}
+            for jid, sender, domain, correlation in rows:
                 if len(granted) >= limit:
                     break
                 if self.limiter.take(sender, domain, 1, now):
                     granted.append(jid)
+                    correlations[jid] = correlation
                 else:
                     self.stats.throttled += 1
             if granted:
@@ -165,10 +167,10 @@ class Queuer:
             if not granted:
                 return 0
             seqs = [s for (s,) in conn.execute(q.NEXT_QUEUE_SEQS, (len(granted),)).fetchall()]
-            events = [JobQueued(job_id=str(j), queue_seq=s).to_new() for j, s in zip(granted, seqs)]
-            envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
-            jobs_projection.apply(conn, envs)
-        self.store.notify()
+            w.record([
+                (f"job-{j}", JobQueued(job_id=str(j), queue_seq=s).to_new(Metadata(correlation_id=correlations[j])))
+                for j, s in zip(granted, seqs)
+            ])
         self._xadd(r, key, list(zip(granted, seqs)))
         self.stats.queued[str(priority)] += len(granted)
         return len(granted)

@@ -24,10 +24,10 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ..errors import MailflowError, NotFoundError
-from ..projectors import catalog
-from . import queries as q
-from .events import SegmentDefined
+from mailflow.errors import NotFoundError, UserError
+from mailflow.consumers import inline
+from mailflow.outbound import queries as q
+from mailflow.outbound.events import SegmentDefined
 
 CORE_FIELDS: dict[str, tuple[str, str]] = {
     # name: (SQL expression, kind)
@@ -44,11 +44,8 @@ MAX_DEPTH = 8
 MAX_NODES = 200
 
 
-class SegmentError(MailflowError):
+class SegmentError(UserError):
     """The filter is not valid; the message says where (a JSON path) and why."""
-
-    exit_code = 2
-
 
 @dataclass
 class Compiled:
@@ -222,7 +219,7 @@ def define(store, name: str, doc: dict[str, Any]) -> None:
     compiled = compile_filter(doc)
     with store.pool.connection() as conn:  # prove it runs before saving it
         conn.execute(sql.SQL("EXPLAIN SELECT 1 FROM contacts WHERE {}").format(compiled.where), compiled.params)
-    catalog.record(store, [(f"segment-{name}", SegmentDefined(name=name, filter=doc).to_new())])
+    inline.record(store, [(f"segment-{name}", SegmentDefined(name=name, filter=doc).to_new())])
 
 
 def load(conn, name: str) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import aiosmtplib
 from email_validator import EmailNotValidError, validate_email
 
-from ..config import mask_url
-from ..errors import UsageError
+from mailflow.config import mask_url
+from mailflow.errors import UsageError
 
 TLS_MODES = ("none", "opportunistic", "starttls", "tls")
 

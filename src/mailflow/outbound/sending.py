@@ -13,17 +13,16 @@ import psycopg
 from email_validator import EmailNotValidError
 from psycopg import errors as pg_errors
 
-from ..errors import NotFoundError, UsageError
-from ..events.envelope import Metadata, uuid7
-from ..events.store import EventStore
-from ..projectors import catalog, inline
-from ..projectors import jobs as jobs_projection
-from . import queries as q
-from . import templates
-from .contacts import normalize_email
-from .events import JobCreated, SenderSaved
-from .jobs import Priority
-from .senders import Sender, check_sender
+from mailflow.errors import NotFoundError, UsageError
+from mailflow.events.envelope import Metadata, uuid7
+from mailflow.events.store import EventStore
+from mailflow.consumers import inline
+from mailflow.outbound import queries as q
+from mailflow.outbound import templates
+from mailflow.outbound.contacts import normalize_email
+from mailflow.outbound.events import JobCreated, SenderSaved
+from mailflow.outbound.jobs import Priority
+from mailflow.outbound.senders import Sender, check_sender
 
 
 def save_sender(store: EventStore, sender: Sender) -> Sender:
@@ -32,7 +31,7 @@ def save_sender(store: EventStore, sender: Sender) -> Sender:
         name=s.name, from_email=s.from_email, from_name=s.from_name, relay_url=s.relay_url,
         dkim_selector=s.dkim_selector, dkim_key_pem=s.dkim_key_pem,
     ).to_new()
-    catalog.record(store, [(f"sender-{s.name}", event)])
+    inline.record(store, [(f"sender-{s.name}", event)])
     return s
 
 
@@ -43,10 +42,9 @@ def load_sender(conn: psycopg.Connection, name: str) -> Sender:
     return Sender(*row)
 
 
-def create_jobs(store: EventStore, conn: psycopg.Connection, created: list[JobCreated], metadata: Metadata | None = None) -> None:
-    """Append JobCreated events and insert their jobs, inside the caller's transaction."""
-    envs = store.append_many([(f"job-{c.job_id}", c.to_new(metadata)) for c in created], conn=conn)
-    jobs_projection.apply(conn, envs)
+def create_jobs(w: inline.Writer, created: list[JobCreated], metadata: Metadata | None = None) -> None:
+    """Record JobCreated events (which insert their jobs) in the caller's writing transaction."""
+    w.record([(f"job-{c.job_id}", c.to_new(metadata)) for c in created])
 
 
 def send_transactional(
@@ -80,15 +78,14 @@ def send_transactional(
         sender=sender, template=template, variables=variables,
     )
     try:
-        with inline.writing(store) as conn:
-            create_jobs(store, conn, [created])
+        with inline.writing(store) as w:
+            create_jobs(w, [created])
     except pg_errors.UniqueViolation:
         with store.pool.connection() as conn:
             row = conn.execute(q.JOB_BY_KEY, (key,)).fetchone()
         if row:
             return str(row[0]), False
         raise
-    store.notify()
     return job_id, True
 
 

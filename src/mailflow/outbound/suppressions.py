@@ -7,11 +7,11 @@ from datetime import datetime
 
 from email_validator import EmailNotValidError
 
-from ..errors import NotFoundError, UsageError
-from ..projectors import catalog
-from . import queries as q
-from .contacts import normalize_email
-from .events import ContactStatusChanged, SuppressionAdded, SuppressionRemoved
+from mailflow.errors import NotFoundError, UsageError
+from mailflow.consumers import inline
+from mailflow.outbound import queries as q
+from mailflow.outbound.contacts import normalize_email
+from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded, SuppressionRemoved
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def add(store, raw_email: str, reason: str = "manual", detail: str = "", contact
         items.append(
             (f"contact-{email}", ContactStatusChanged(email=email, status=contact_status, reason=reason).to_new())
         )
-    catalog.record(store, items)
+    inline.record(store, items)
     return email
 
 
@@ -46,7 +46,7 @@ def remove(store, raw_email: str) -> str:
     with store.pool.connection() as conn:
         if conn.execute(q.IS_SUPPRESSED, (email,)).fetchone() is None:
             raise NotFoundError(f"{email} is not suppressed")
-    catalog.record(store, [(f"suppression-{email}", SuppressionRemoved(email=email).to_new())])
+    inline.record(store, [(f"suppression-{email}", SuppressionRemoved(email=email).to_new())])
     return email
 
 

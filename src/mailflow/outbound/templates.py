@@ -17,17 +17,15 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from ..errors import MailflowError, NotFoundError
-from ..projectors import catalog
-from . import queries as q
-from .events import TemplateSaved
+from mailflow.errors import NotFoundError, UserError
+from mailflow.consumers import inline
+from mailflow.outbound import queries as q
+from mailflow.outbound.events import TemplateSaved
 
 PARTS = ("subject", "html", "text")
 
 
-class TemplateError(MailflowError):
-    exit_code = 2
-
+class TemplateError(UserError):
     def __init__(self, template: str, part: str, line: int | None, message: str, variable: str | None = None) -> None:
         self.template, self.part, self.line, self.variable = template, part, line, variable
         where = f"template {template!r} {part}" + (f" line {line}" if line else "")
@@ -127,7 +125,7 @@ def save(store, tpl: Template) -> None:
         raise TemplateError(tpl.name, "name", None, "use letters, digits, '.', '_' and '-' (1 to 100 characters)")
     check(tpl)
     event = TemplateSaved(name=tpl.name, subject=tpl.subject, html=tpl.html, text=tpl.text).to_new()
-    catalog.record(store, [(f"template-{tpl.name}", event)])
+    inline.record(store, [(f"template-{tpl.name}", event)])
 
 
 def load(conn, name: str) -> Template:

@@ -13,15 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..events.envelope import Metadata
-from ..events.registry import Event
-from ..events.store import EventStore
-from ..projectors import catalog
-from ..projectors.locks import writing
-from . import queries as q
-from . import tokens
-from .contacts import STOPPED_STATUSES
-from .events import ContactStatusChanged, SuppressionAdded
+from mailflow.events.envelope import Metadata
+from mailflow.events.registry import Event
+from mailflow.events.store import EventStore
+from mailflow.consumers.inline import writing
+from mailflow.outbound import queries as q
+from mailflow.mail import tokens
+from mailflow.outbound.contacts import STOPPED_STATUSES
+from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded
 
 # An unsubscribe leaves a stopped contact as it is: "bounced" and "complained" say more than
 # "unsubscribed" does, and each of them already keeps the address from being mailed.
@@ -84,14 +83,11 @@ def unsubscribe(store: EventStore, req: UnsubscribeRequest, *, actor: str = "uns
 
     Committed when this returns, so a caller may acknowledge it (an HTTP 200).
     """
-    with writing(store) as conn:
-        conn.execute(q.LOCK_ADDRESS, (req.email,))
-        status, suppressed = conn.execute(q.ADDRESS_STATE, {"email": req.email}).fetchone()
+    with writing(store) as w:
+        w.conn.execute(q.LOCK_ADDRESS, (req.email,))
+        status, suppressed = w.conn.execute(q.ADDRESS_STATE, {"email": req.email}).fetchone()
         outcome, items = plan(req, status, suppressed)
         if items:
             md = Metadata(actor=actor, correlation_id=f"campaign-{req.campaign_id}")
-            envs = store.append_many([(stream, event.to_new(md)) for stream, event in items], conn=conn)
-            catalog.apply(conn, envs)
-    if items:
-        store.notify()
+            w.record([(stream, event.to_new(md)) for stream, event in items])
     return outcome

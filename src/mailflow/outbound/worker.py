@@ -32,25 +32,25 @@ from typing import Any
 import aiosmtplib
 import redis
 import redis.asyncio as aredis
+from psycopg.rows import dict_row
 
-from ..config import Settings
-from ..errors import ServiceUnavailable
-from ..events.envelope import NewEvent
-from ..events.keys import Keys
-from ..events.store import EventStore
-from ..health import Backoff, Health
-from ..log import get_logger
-from ..services import POSTGRES_OUTAGE, async_redis_client, is_postgres_outage, is_redis_outage, recover_pool
-from ..services import redis_lost_data
-from ..projectors import catalog, inline
-from ..projectors import jobs as jobs_projection
-from . import mime, mx, queries as q, smtp, templates
-from .contacts import STOPPED_STATUSES
-from .events import ContactStatusChanged, JobCompleted, JobFailed, JobRetryScheduled, JobStarted, SuppressionAdded
-from .jobs import Priority
-from .replies import FailureKind, Outcome, RetrySchedule, Verdict, classify, transient
-from .sending import load_sender
-from .senders import Sender, SmtpRelay, smtp_client
+from mailflow.config import Settings
+from mailflow.errors import ServiceUnavailable
+from mailflow.events.envelope import Metadata, NewEvent
+from mailflow.events.keys import Keys
+from mailflow.events.store import EventStore
+from mailflow.infra.health import Backoff, Health
+from mailflow.log import get_logger
+from mailflow.infra.services import POSTGRES_OUTAGE, async_redis_client, is_postgres_outage, is_redis_outage, recover_pool
+from mailflow.infra.services import redis_lost_data
+from mailflow.consumers import inline
+from mailflow.outbound import mime, mx, queries as q, smtp, templates
+from mailflow.outbound.contacts import STOPPED_STATUSES
+from mailflow.outbound.events import ContactStatusChanged, JobCompleted, JobFailed, JobRetryScheduled, JobStarted, SuppressionAdded
+from mailflow.outbound.jobs import Priority
+from mailflow.outbound.replies import FailureKind, Outcome, RetrySchedule, Verdict, classify, transient
+from mailflow.outbound.sending import load_sender
+from mailflow.outbound.senders import Sender, SmtpRelay, smtp_client
 
 GROUP = "workers"
 LOW_EVERY = 8  # every 8th read offers low before normal
@@ -72,6 +72,24 @@ class Claimed:
     variables: dict[str, Any]
     campaign_id: str | None
     attributes: dict[str, Any]
+    correlation_id: str | None = None
+
+    @property
+    def metadata(self) -> Metadata:
+        return Metadata(correlation_id=self.correlation_id)
+
+
+def refusal_reason(
+    job: Claimed, *, suppressed: str | None, contact_status: str | None, campaign_status: str | None
+) -> tuple[str, str] | None:
+    """Why a claimed job must not be sent, as (reply, failure kind); None to send it."""
+    if suppressed:
+        return f"suppressed ({suppressed})", "suppressed"
+    if contact_status in STOPPED_STATUSES:
+        return f"contact is {contact_status}", "suppressed"
+    if job.campaign_id is not None and campaign_status == "cancelled":
+        return "campaign cancelled", "cancelled"
+    return None
 
 
 @dataclass
@@ -444,43 +462,45 @@ class Worker:
         lease = (datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)).isoformat()
         claimed, stale, refused, events = [], [], [], []
         try:
-            with inline.writing(self.store) as conn:
-                rows = conn.execute(q.CLAIM_JOBS, (list(wanted),)).fetchall()
-                found = {str(r[0]): r for r in rows}
+            with inline.writing(self.store) as w, w.conn.cursor(row_factory=dict_row) as cur:
+                rows = cur.execute(q.CLAIM_JOBS, (list(wanted),)).fetchall()
+                found = {str(r["id"]): r for r in rows}
                 for job_id, (p, eid, seq) in wanted.items():
                     row = found.get(job_id)
-                    if row is None or row[2] != seq:
+                    if row is None or row["queue_seq"] != seq:
                         stale.append((p, eid))  # already handled, or queued again under a newer entry
                         continue
-                    (_, state, _, attempts, email, sender, template, variables, campaign_id, suppressed, status,
-                     attrs, worker) = row
+                    state, attempts, worker = row["state"], row["attempts"], row["worker"]
+                    md = Metadata(correlation_id=row["correlation_id"])
                     if state == "queued":
                         attempt = attempts + 1
-                        events.append(JobStarted(job_id=job_id, attempt=attempt, worker=self.name, lease_until=lease).to_new())
+                        events.append(JobStarted(job_id=job_id, attempt=attempt, worker=self.name,
+                                                 lease_until=lease).to_new(md))
                     elif state == "active" and worker == self.name and self._uncertain.get(job_id) == seq \
                             and job_id not in self.sending:
                         attempt = attempts  # this worker's own claim, committed though we did not see it
                     else:
                         stale.append((p, eid))
                         continue
-                    job = Claimed(p, eid, job_id, attempt, email, sender, template, variables or {},
-                                  str(campaign_id) if campaign_id else None, attrs or {})
-                    if suppressed or status in STOPPED_STATUSES:
-                        why = f"suppressed ({suppressed})" if suppressed else f"contact is {status}"
-                        refused.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, "suppressed"))
+                    campaign_id = row["campaign_id"]
+                    job = Claimed(p, eid, job_id, attempt, row["email"], row["sender"], row["template"],
+                                  row["variables"] or {}, str(campaign_id) if campaign_id else None,
+                                  row["attributes"] or {}, row["correlation_id"])
+                    refusal = refusal_reason(job, suppressed=row["suppressed"], contact_status=row["contact_status"],
+                                             campaign_status=row["campaign_status"])
+                    if refusal is not None:
+                        why, kind = refusal
+                        refused.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, kind))
                         continue
                     claimed.append(job)
                 if events:
-                    envs = self.store.append_many([(f"job-{e.data['job_id']}", e) for e in events], conn=conn)
-                    jobs_projection.apply(conn, envs)
+                    w.record([(f"job-{e.data['job_id']}", e) for e in events])
         except POSTGRES_OUTAGE:
             for job_id, (_, _, seq) in wanted.items():
                 self._uncertain[job_id] = seq  # if the commit happened after all, the retry resumes it
             raise
         for job_id in wanted:
             self._uncertain.pop(job_id, None)
-        if events:
-            self.store.notify()
         return claimed, stale, refused
 
     def _result_events(self, res: Result, now: datetime) -> list[tuple[str, NewEvent]]:
@@ -503,16 +523,17 @@ class Worker:
             ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind=kind)
             if v.suppress:
                 extra = [
-                    (f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new()),
-                    (f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new()),
+                    (f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new(j.metadata)),
+                    (f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new(j.metadata)),
                 ]
-        res.events = [(f"job-{j.job_id}", ev.to_new()), *extra]
+        res.events = [(f"job-{j.job_id}", ev.to_new(j.metadata)), *extra]
         return res.events
 
     def _finish(self, results: list[Result]) -> None:
         now = datetime.now(timezone.utc)
         planned = [self._result_events(res, now) for res in results]
-        with inline.writing(self.store) as conn:
+        with inline.writing(self.store) as w:
+            conn = w.conn
             ids = [res.job.job_id for res in results]
             mine = {
                 str(j): attempts
@@ -529,14 +550,8 @@ class Worker:
                 if lost:
                     self.log.warning("worker.lease_lost", jobs=lost,
                                      detail="these jobs were handed to another worker while this one was sending")
-            job_events = [planned[i][0] for i in keep]
-            catalog_events = [ce for i in keep for ce in planned[i][1:]]
-            if job_events:
-                envs = self.store.append_many(job_events + catalog_events, conn=conn)
-                jobs_projection.apply(conn, envs[: len(job_events)])
-                if catalog_events:
-                    catalog.apply(conn, envs[len(job_events):])
-        self.store.notify()
+            if keep:
+                w.record([item for i in keep for item in planned[i]])
 
     # -- sending ------------------------------------------------------------------------------
 

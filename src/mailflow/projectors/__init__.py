@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from ..consumers.projection import Projection
-from ..errors import NotFoundError
-from .event_counts import EventCounts
+from mailflow.consumers.projection import Projection
+from mailflow.errors import NotFoundError
+from mailflow.projectors.event_counts import EventCounts
 
 BUILTIN: dict[str, type[Projection]] = {EventCounts.name: EventCounts}
 

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from ..consumers.projection import Projection
-from ..events.envelope import Envelope
+from mailflow.consumers.projection import Projection
+from mailflow.events.envelope import Envelope
 
 UPSERT = """
 INSERT INTO event_counts (type, hour, count)

@@ -17,14 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..app import Runtime
-from ..errors import ConfigurationError, MailflowError
-from ..events.store import EventStore
-from ..health import Health
-from ..lifecycle import stop_on_signals
-from ..log import get_logger
-from ..outbound.tokens import load_secret
-from .unsubscribe import UnsubscribePages
+from mailflow.runtime.wiring import Runtime
+from mailflow.errors import ConfigurationError, MailflowError
+from mailflow.events.store import EventStore
+from mailflow.infra.health import Health
+from mailflow.infra.lifecycle import stop_on_signals
+from mailflow.log import get_logger
+from mailflow.mail.tokens import load_secret
+from mailflow.web.unsubscribe import UnsubscribePages
 
 DEFAULT_UNSUBSCRIBE_PATH = "/unsubscribe"
 HEALTH_DB_TIMEOUT_S = 5.0

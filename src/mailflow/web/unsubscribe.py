@@ -17,11 +17,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
-from ..errors import MailflowError
-from ..events.store import EventStore
-from ..log import get_logger
-from ..outbound.tokens import BadToken
-from ..outbound.unsubscribes import Outcome, UnsubscribeRequest, read_token, unsubscribe
+from mailflow.errors import MailflowError
+from mailflow.events.store import EventStore
+from mailflow.log import get_logger
+from mailflow.mail.tokens import BadToken
+from mailflow.outbound.unsubscribes import Outcome, UnsubscribeRequest, read_token, unsubscribe
 
 MAX_BODY_BYTES = 16 * 1024  # RFC 8058 bodies are a few dozen bytes; read no more than this
 

@@ -30,11 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from .config import Settings, settings_env
-from .health import Health
-from .log import get_logger
+from mailflow.config import Settings, settings_env
+from mailflow.infra.health import Health
+from mailflow.log import get_logger
 
-log = get_logger("mailflow.supervisor")
+log = get_logger("mailflow.runtime.supervisor")
 
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ServiceUnavailable
-from .lifecycle import pid_alive
+from mailflow.errors import ServiceUnavailable
+from mailflow.infra.lifecycle import pid_alive
 
 DATABASE_NAME = "mailflow"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin

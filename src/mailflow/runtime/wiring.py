@@ -13,13 +13,13 @@ import psycopg
 import redis
 from psycopg_pool import ConnectionPool
 
-from .config import Settings
-from .errors import ConfigurationError
-from .events.keys import Keys
-from .events.store import EventStore
-from .health import Backoff, Health
-from .migrate import migrate, pending
-from .services import Services, connect, is_postgres_outage, is_redis_outage, open_pool, redis_client, resolve
+from mailflow.config import Settings
+from mailflow.errors import ConfigurationError
+from mailflow.events.keys import Keys
+from mailflow.events.store import EventStore
+from mailflow.infra.health import Backoff, Health
+from mailflow.infra.migrate import migrate, pending
+from mailflow.infra.services import Services, connect, is_postgres_outage, is_redis_outage, open_pool, redis_client, resolve
 
 
 class Runtime:

@@ -1,8 +1,8 @@
-"""Projectors room: the outbound catalogue - contacts, segments, templates, suppressions.
+"""Outbound room: the catalogue - contacts, segments, templates, suppressions, senders, campaigns.
 
 An inline projection: commands apply it in the same transaction that appends the events,
 so the tables are never behind their events. `mailflow projections rebuild catalog`
-replays the events through apply() (see projectors/inline.py); timestamps come from the
+replays the events through its handlers (see consumers/inline.py); timestamps come from the
 events, so a replay gives the same tables.
 """
 
@@ -15,9 +15,9 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ..events.envelope import Envelope
-from ..outbound import queries as q
-from .locks import writing
+from mailflow.events.envelope import Envelope
+from mailflow.outbound import queries as q
+from mailflow.consumers.inline import InlineProjection, register
 
 
 def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime) -> None:
@@ -97,17 +97,20 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime], None]] = {
 }
 
 
-def apply(conn: psycopg.Connection, events: list[Envelope]) -> None:
-    for env in events:
-        handler = HANDLERS.get(env.type)
-        if handler is not None:
+
+def _per_event(handler: Callable[[psycopg.Connection, dict, datetime], None]):
+    def apply(conn: psycopg.Connection, events: list[Envelope]) -> None:
+        for env in events:
             handler(conn, env.data, env.recorded_at)
 
+    return apply
 
-def record(store, items: list[tuple[str, object]]) -> list[Envelope]:
-    """Append (stream, NewEvent) pairs and apply them to the catalogue in one transaction."""
-    with writing(store) as conn:
-        envs = store.append_many(items, conn=conn)
-        apply(conn, envs)
-    store.notify()
-    return envs
+
+PROJECTION = register(
+    InlineProjection(
+        "catalog",
+        "contacts, segments, templates, suppressions, senders, campaigns (inline)",
+        ("contacts", "suppressions", "segments", "templates", "senders", "campaigns"),
+        {etype: _per_event(h) for etype, h in HANDLERS.items()},
+    )
+)

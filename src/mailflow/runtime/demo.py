@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .app import Runtime
-from .outbound import campaigns, queries as oq, segments, sending, templates
-from .outbound.contacts import import_contacts, parse_csv
-from .outbound.queuer import queue_stats
-from .outbound.senders import Sender
-from .outbound.sink import FaultRates, Sink, SinkServer
-from .supervisor import Child, Supervisor, pipeline_parts
+from mailflow.runtime.wiring import Runtime
+from mailflow.outbound import campaigns, queries as oq, segments, sending, templates
+from mailflow.outbound.contacts import import_contacts, parse_csv
+from mailflow.outbound.queuer import queue_stats
+from mailflow.outbound.senders import Sender
+from mailflow.testing.sink import FaultRates, Sink, SinkServer
+from mailflow.runtime.supervisor import Child, Supervisor, pipeline_parts
 
 TEMPLATE_HTML = """<h1>Spring news, {{ first_name }}</h1>
 <p>Your {{ plan }} plan in {{ country }} now includes more.</p>

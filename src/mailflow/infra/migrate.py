@@ -6,6 +6,8 @@ lock makes two processes migrating at once take turns, so running twice is harml
 
 from __future__ import annotations
 
+from mailflow.infra.locks import Lock
+
 import hashlib
 import re
 from dataclasses import dataclass
@@ -14,9 +16,9 @@ from pathlib import Path
 
 import psycopg
 
-from .errors import MailflowError
+from mailflow.errors import MailflowError
 
-_MIGRATION_LOCK = 7_300_001  # pg_advisory_lock key, constant across versions
+_MIGRATION_LOCK = Lock.MIGRATIONS
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -36,7 +38,7 @@ def migrations_dir() -> Path:
     packaged = resources.files("mailflow").joinpath("migrations")
     if packaged.is_dir():
         return Path(str(packaged))
-    source = Path(__file__).resolve().parents[2] / "migrations"
+    source = Path(__file__).resolve().parents[3] / "migrations"
     if source.is_dir():
         return source
     raise MailflowError("cannot find the migrations folder (reinstall mailflow)")

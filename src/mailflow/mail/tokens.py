@@ -13,13 +13,13 @@ import os
 import secrets
 from pathlib import Path
 
-from ..errors import MailflowError
+from mailflow.errors import UserError
 
 _SIG_BYTES = 12
 
 
-class BadToken(MailflowError):
-    exit_code = 2
+class BadToken(UserError):
+    """A token that is malformed, forged or expired."""
 
 
 def _b64(raw: bytes) -> str:

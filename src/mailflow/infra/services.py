@@ -27,9 +27,9 @@ from psycopg_pool import ConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from . import embedded
-from .config import Settings, mask_url
-from .errors import ConfigurationError, ServiceUnavailable
+from mailflow.infra import embedded
+from mailflow.config import Settings, mask_url
+from mailflow.errors import ConfigurationError, ServiceUnavailable
 
 # libpq connection parameters for every PostgreSQL connection (ignored on unix sockets).
 CONNECT_KWARGS: dict[str, object] = {

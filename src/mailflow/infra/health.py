@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .lifecycle import pid_alive
+from mailflow.infra.lifecycle import pid_alive
 
 SERVICES = ("postgres", "redis")
 STATUS_INTERVAL_S = 2.0

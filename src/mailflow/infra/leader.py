@@ -23,8 +23,8 @@ import redis
 import structlog
 from psycopg_pool import ConnectionPool
 
-from .health import Backoff, Health
-from .services import connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
+from mailflow.infra.health import Backoff, Health
+from mailflow.infra.services import connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
 
 LOCK_CHECK_INTERVAL_S = 1.0
 

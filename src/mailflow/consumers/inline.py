@@ -1,0 +1,157 @@
+"""Consumers room: the one write path - append events, apply the inline projections, wake the relay.
+
+An inline projection is a read model written by the very transaction that appends its
+events (the outbound catalogue, the jobs table), so it is never behind the log. Every
+domain write goes through `writing()` and `Writer.record()`: append in the caller's
+transaction, apply every registered inline projection that handles each event's type, and
+after the commit wake the relay once. No room wires those three steps by hand.
+
+A room registers its inline projections when its package is imported (see
+`outbound/__init__.py`), the way event types register themselves; `registered()` lists them
+for `mailflow projections`.
+
+Inline projections can still be rebuilt from the log: every writing transaction holds the
+inline advisory lock shared, and a rebuild takes it exclusively, waits for the writers in
+flight, empties the tables and replays every relevant event in position order, in one
+transaction. Writers wait for the rebuild; readers see the old tables until it commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import groupby
+
+import psycopg
+from psycopg import sql
+
+from mailflow.events.envelope import Envelope, NewEvent
+from mailflow.events.store import EventStore
+from mailflow.infra.locks import Lock
+
+Handler = Callable[[psycopg.Connection, list[Envelope]], None]
+
+__all__ = ["InlineProjection", "Writer", "record", "register", "registered", "writing"]
+
+
+@dataclass(frozen=True)
+class InlineProjection:
+    """A read model kept in step with the log by the writing transaction itself.
+
+    `handlers` maps an event type to a function that applies a run of consecutive events of
+    that type (set-based: one statement for a thousand jobs)."""
+
+    name: str
+    description: str
+    tables: tuple[str, ...]
+    handlers: dict[str, Handler]
+
+    @property
+    def types(self) -> frozenset[str]:
+        return frozenset(self.handlers)
+
+    def apply(self, conn: psycopg.Connection, events: Sequence[Envelope]) -> None:
+        """Apply the events this projection handles, in order, runs of one type at a time."""
+        for etype, run in groupby(events, key=lambda e: e.type):
+            handler = self.handlers.get(etype)
+            if handler is not None:
+                handler(conn, list(run))
+
+    def rebuild(self, store: EventStore, progress: Callable[[int, int], None] | None = None) -> int:
+        """Replay every relevant event into emptied tables; returns how many were applied."""
+        applied = 0
+        types = self.types
+        with store.pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (Lock.INLINE,))
+            upto = store.sync()
+            # RESTART IDENTITY: generated ids (contacts.id) come out as they first did.
+            conn.execute(
+                sql.SQL("TRUNCATE {} RESTART IDENTITY").format(
+                    sql.SQL(", ").join(map(sql.Identifier, self.tables))
+                )
+            )
+            for batch in store.iter_all(0, upto=upto):
+                relevant = [e for e in batch if e.type in types]
+                if relevant:
+                    self.apply(conn, relevant)
+                    applied += len(relevant)
+                if progress is not None:
+                    progress(batch[-1].position or 0, upto)
+        return applied
+
+
+_REGISTRY: dict[str, InlineProjection] = {}
+
+
+def register(projection: InlineProjection) -> InlineProjection:
+    """Make `projection` part of the write path. A second projection handling a type that
+    one already handles is refused: an event is applied by exactly one read model."""
+    existing = _REGISTRY.get(projection.name)
+    if existing is not None and existing is not projection:
+        raise ValueError(f"an inline projection named {projection.name!r} is already registered")
+    for other in _REGISTRY.values():
+        shared = other.types & projection.types
+        if other.name != projection.name and shared:
+            raise ValueError(f"{projection.name} and {other.name} both handle {sorted(shared)}")
+    _REGISTRY[projection.name] = projection
+    return projection
+
+
+def registered() -> dict[str, InlineProjection]:
+    return dict(_REGISTRY)
+
+
+def apply_inline(conn: psycopg.Connection, envelopes: Sequence[Envelope]) -> None:
+    """Apply every registered inline projection to the envelopes it handles."""
+    for projection in _REGISTRY.values():
+        relevant = [e for e in envelopes if e.type in projection.handlers]
+        if relevant:
+            projection.apply(conn, relevant)
+
+
+class Writer:
+    """One writing transaction. `conn` is for the reads and locks the decision needs."""
+
+    def __init__(self, store: EventStore, conn: psycopg.Connection) -> None:
+        self.store = store
+        self.conn = conn
+        self.recorded = 0
+
+    def record(self, items: Sequence[tuple[str, NewEvent]]) -> list[Envelope]:
+        """Append (stream, event) pairs in this transaction and apply the inline projections."""
+        envelopes = self.store.append_many(items, conn=self.conn)
+        apply_inline(self.conn, envelopes)
+        self.recorded += len(envelopes)
+        return envelopes
+
+
+@contextmanager
+def writing(store: EventStore, conn: psycopg.Connection | None = None) -> Iterator[Writer]:
+    """A transaction that records domain events; the relay is woken once it has committed.
+
+    It holds the inline lock shared: any number run at once, and a rebuild (which takes it
+    exclusively) waits for them and they for it. With `conn`, the transaction is opened on
+    that connection instead of one from the store's pool.
+    """
+    if conn is None:
+        with store.pool.connection() as pooled, _transaction(store, pooled) as writer:
+            yield writer
+    else:
+        with _transaction(store, conn) as writer:
+            yield writer
+    if writer.recorded:
+        store.notify()
+
+
+@contextmanager
+def _transaction(store: EventStore, conn: psycopg.Connection) -> Iterator[Writer]:
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (Lock.INLINE,))
+        yield Writer(store, conn)
+
+
+def record(store: EventStore, items: Sequence[tuple[str, NewEvent]]) -> list[Envelope]:
+    """Record events in a transaction of their own."""
+    with writing(store) as w:
+        return w.record(items)
