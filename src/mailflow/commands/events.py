@@ -1,0 +1,189 @@
+"""Commands room: `mailflow events` - append, read and follow events."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Optional
+
+import orjson
+import typer
+from rich.table import Table
+
+from mailflow.infra.lifecycle import stop_on_signals
+from mailflow.consumers.runtime import checkpoints
+from mailflow.commands.base import (
+    new_app,
+    JsonOpt, emit_json, err, out, parse_json_object, quiet_logs, runtime,
+)
+from mailflow.errors import MailflowError, UsageError
+from mailflow.events.envelope import Envelope, Metadata, NewEvent, uuid7
+from mailflow.projectors import event_counts
+
+app = new_app("Append, read and follow events.")
+
+
+@app.command("append")
+def events_append(
+    stream: str = typer.Argument(..., help="Stream name, e.g. campaign-42."),
+    event_type: str = typer.Argument(..., metavar="TYPE", help="Event type, e.g. CampaignCreated."),
+    data: str = typer.Option(..., "--data", help="Event data as a JSON object."),
+    expected_version: Optional[int] = typer.Option(
+        None, "--expected-version", help="Fail unless the stream is at this version (0 = new stream)."
+    ),
+    schema: int = typer.Option(1, "--schema", min=1, help="Schema version of the data."),
+    event_id: Optional[str] = typer.Option(None, "--id", help="Event id (UUID); retries with the same id are no-ops."),
+    correlation_id: Optional[str] = typer.Option(None, "--correlation-id"),
+    causation_id: Optional[str] = typer.Option(None, "--causation-id"),
+    tenant: Optional[str] = typer.Option(None, "--tenant"),
+    actor: Optional[str] = typer.Option(None, "--actor"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Append one event (an operator's tool, like a console producer)."""
+    quiet_logs()
+    payload = parse_json_object(data, "--data")
+    try:
+        eid = uuid.UUID(event_id) if event_id else uuid7()
+    except ValueError as exc:
+        raise UsageError(f"--id {event_id!r} is not a UUID") from exc
+    md = Metadata(correlation_id=correlation_id, causation_id=causation_id, tenant=tenant, actor=actor)
+    store = runtime().store
+    [env] = store.append(
+        stream, [NewEvent(event_type, payload, schema=schema, id=eid, metadata=md)], expected_version
+    )
+    # Give it a position now when we can (the relay does it too); appended is committed already.
+    if env.position is None:
+        store.sequence(wait=False)
+        env = store.get_by_id(env.id)
+    if as_json:
+        emit_json(env.to_dict())
+    else:
+        where = (
+            f"position {env.position}"
+            if env.position
+            else "position pending (the sequencer assigns it once older transactions finish)"
+        )
+        out.print(f"appended {env.type} to {env.stream} at version {env.version}, {where}, id {env.id}")
+
+
+def _fmt_event_line(env: Envelope) -> str:
+    data = orjson.dumps(env.data).decode()
+    if len(data) > 120:
+        data = data[:117] + "..."
+    ts = env.recorded_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{env.position:>8}  {ts}  {env.stream}@{env.version}  {env.type}  {data}"
+
+
+@app.command("tail")
+def events_tail(
+    from_position: Optional[int] = typer.Option(None, "--from", min=1, help="Start at this position (default: the last --limit events)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until interrupted."),
+    types: Optional[list[str]] = typer.Option(None, "--type", help="Only this type (repeatable)."),
+    stream: Optional[str] = typer.Option(None, "--stream", help="Only this stream."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many to show without --from."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Print events in position order; with --follow, wait for more (Ctrl-C or SIGTERM stops)."""
+    quiet_logs()
+    rt = runtime()
+    store = rt.store
+    store.sequence(wait=False)
+    head = store.head()
+    after = from_position - 1 if from_position is not None else max(head - limit, 0)
+    stop = stop_on_signals() if follow else threading.Event()
+
+    def show(batch: list[Envelope]) -> None:
+        for env in batch:
+            if as_json:
+                emit_json(env.to_dict())
+            else:
+                out.print(_fmt_event_line(env), markup=False)
+
+    listen = rt.connect() if follow else None
+    if listen is not None:
+        listen.execute(f"LISTEN {store.channel}")
+    try:
+        while True:
+            batch = store.read_all(after, 1000, types=types, stream=stream)
+            if batch:
+                show(batch)
+                after = batch[-1].position or after
+                continue
+            if types or stream:
+                # Filtered reads may skip over the head; remember how far we looked.
+                after = max(after, store.head())
+            if not follow or stop.is_set():
+                return
+            for _ in listen.notifies(timeout=0.5, stop_after=1):  # type: ignore[union-attr]
+                pass
+            if stop.is_set():
+                return
+            store.sequence(wait=False)
+    finally:
+        if listen is not None:
+            listen.close()
+
+
+@app.command("show")
+def events_show(position: int = typer.Argument(..., min=1), as_json: bool = JsonOpt) -> None:
+    """Show the full envelope of the event at POSITION."""
+    quiet_logs()
+    env = runtime().store.get(position)
+    if as_json:
+        emit_json(env.to_dict())
+    else:
+        out.print_json(orjson.dumps(env.to_dict()).decode())
+
+
+@app.command("stream")
+def events_stream(stream: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
+    """Show every event of STREAM in version order."""
+    quiet_logs()
+    envs = runtime().store.read_stream(stream)
+    if not envs:
+        raise MailflowError(f"stream {stream!r} has no events")
+    if as_json:
+        emit_json([e.to_dict() for e in envs])
+        return
+    for env in envs:
+        pos = env.position if env.position is not None else "-"
+        ts = env.recorded_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        out.print(f"v{env.version:<5} pos {pos!s:<8} {ts}  {env.type}  {orjson.dumps(env.data).decode()}", markup=False)
+
+
+@app.command("stats")
+def events_stats(
+    hourly: bool = typer.Option(False, "--hourly", help="Per-hour counts for the last 24 hours."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Events per type (from the event_counts projection; see `projections list` for its lag)."""
+    quiet_logs()
+    rt = runtime()
+    rt.store.sequence(wait=False)
+    head = rt.store.head()
+    with rt.connect() as conn:
+        checkpoint = checkpoints(conn).get("event_counts", (0, None))[0]
+        if hourly:
+            since = datetime.now(timezone.utc) - timedelta(hours=24)
+            rows = event_counts.hourly(conn, since)
+        else:
+            rows = event_counts.stats(conn)
+    lag = head - checkpoint
+    if as_json:
+        emit_json({"head": head, "checkpoint": checkpoint, "lag": lag, "rows": rows})
+        return
+    table = Table(title=f"event_counts (checkpoint {checkpoint} of {head})")
+    if hourly:
+        for col in ("hour (UTC)", "type", "count"):
+            table.add_column(col, justify="right" if col == "count" else "left")
+        for r in rows:
+            table.add_row(str(r["hour"]), str(r["type"]), str(r["count"]))
+    else:
+        for col in ("type", "total", "last 24h", "latest hour"):
+            table.add_column(col, justify="right" if col in ("total", "last 24h") else "left")
+        for r in rows:
+            table.add_row(str(r["type"]), str(r["total"]), str(r["last_24h"]), str(r["last_hour"]))
+    out.print(table)
+    if lag > 0:
+        err.print(f"note: event_counts is {lag} event(s) behind; is `mailflow consume event_counts` running?")

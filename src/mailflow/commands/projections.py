@@ -1,0 +1,147 @@
+"""Commands room: `mailflow projections` - inspect and rebuild projections."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mailflow.infra.lifecycle import stop_on_signals
+from mailflow.consumers.dlq import DeadLetters
+from mailflow.commands.base import (
+    new_app,
+    JsonOpt, emit_json, err, out, quiet_logs, runtime,
+)
+from mailflow.errors import UsageError
+from mailflow.consumers.runtime import ConsumerRunner, checkpoints
+from mailflow.runtime.projections import available as available_projections
+from mailflow.runtime.projections import get as get_projection
+from mailflow.runtime.wiring import Runtime
+
+app = new_app("Inspect and rebuild projections.")
+
+
+@app.command("list")
+def projections_list(as_json: bool = JsonOpt) -> None:
+    """Name, checkpoint, head position and lag (in events) of every projection."""
+    quiet_logs()
+    rt = runtime()
+    rt.store.sequence(wait=False)
+    head = rt.store.head()
+    with rt.connect() as conn:
+        cps = checkpoints(conn)
+        dead = DeadLetters(conn, rt.store, rt.redis, rt.keys).open_counts()
+    from mailflow.runtime.projections import inline_projections
+
+    known = available_projections()
+    rows = [
+        {"name": p.name, "description": p.description, "checkpoint": head, "head": head, "lag": 0,
+         "dead_letters": 0, "updated_at": None, "inline": True}
+        for p in inline_projections().values()
+    ]
+    for name in sorted(set(known) | set(cps)):
+        cp, updated = cps.get(name, (0, None))
+        rows.append({
+            "name": name,
+            "description": known[name].description if name in known else "(not installed here)",
+            "checkpoint": cp,
+            "head": head,
+            "lag": head - cp,
+            "dead_letters": int(dead.get(name, 0)),
+            "updated_at": updated.isoformat() if isinstance(updated, datetime) else None,
+            "inline": False,
+        })
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table()
+    for col in ("name", "checkpoint", "head", "lag", "dead letters", "description"):
+        table.add_column(col, justify="right" if col in ("checkpoint", "head", "lag", "dead letters") else "left")
+    for r in rows:
+        table.add_row(r["name"], str(r["checkpoint"]), str(r["head"]), str(r["lag"]), str(r["dead_letters"]), r["description"])
+    out.print(table)
+
+
+@app.command("rebuild")
+def projections_rebuild(
+    name: str = typer.Argument(...),
+    from_position: int = typer.Option(1, "--from", min=1, help="Rewind to this position (default: from scratch)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Undo and re-apply events from PostgreSQL, with a progress bar."""
+    from mailflow.runtime.projections import inline_projections
+
+    quiet_logs()
+    rt = runtime()
+    if name in inline_projections():
+        _rebuild_inline(rt, name, from_position, as_json)
+        return
+    runner = ConsumerRunner(get_projection(name), rt.store, rt.services.redis_url, rt.settings)
+    stop_on_signals(runner.stop)
+    started = datetime.now(timezone.utc)
+    try:
+        if as_json:
+            applied = runner.rebuild(from_position)
+        else:
+            with Progress(
+                TextColumn(f"rebuilding {name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            ) as bar:
+                task = bar.add_task("rebuild", total=None)
+                first: list[int] = []
+
+                def progress(pos: int, upto: int) -> None:
+                    if not first:
+                        first.append(pos)
+                    bar.update(task, total=max(upto - from_position + 1, 1), completed=pos - from_position + 1)
+
+                applied = runner.rebuild(from_position, progress)
+        checkpoint = runner.checkpoint()
+    finally:
+        runner.close()
+    seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    result = {
+        "projection": name,
+        "from": from_position,
+        "applied": applied,
+        "checkpoint": checkpoint,
+        "dead_lettered": runner.dead_lettered,
+        "seconds": round(seconds, 3),
+        "interrupted": runner.stop.is_set(),
+    }
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(
+            f"rebuilt {name}: {applied} event(s) applied, checkpoint {checkpoint}, "
+            f"{runner.dead_lettered} dead-lettered, {seconds:.1f} s"
+            + (" (interrupted)" if runner.stop.is_set() else "")
+        )
+    if runner.stop.is_set():
+        raise typer.Exit(130)
+
+
+def _rebuild_inline(rt: Runtime, name: str, from_position: int, as_json: bool) -> None:
+    from mailflow.runtime.projections import inline_projections
+
+    if from_position > 1:
+        raise UsageError(f"{name} is an inline projection: it is rebuilt from scratch (drop --from)")
+    projection = inline_projections()[name]
+    started = datetime.now(timezone.utc)
+    if as_json:
+        applied = projection.rebuild(rt.store)
+    else:
+        with Progress(TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task("rebuild", total=None)
+            applied = projection.rebuild(rt.store, lambda pos, upto: bar.update(task, completed=pos, total=upto))
+    seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    if as_json:
+        emit_json({"projection": name, "from": 1, "applied": applied, "seconds": round(seconds, 3), "inline": True})
+    else:
+        out.print(f"rebuilt {name}: {applied} event(s) replayed into {', '.join(projection.tables)}, {seconds:.1f} s")

@@ -1,0 +1,20 @@
+"""Commands room: `mailflow relay` - publish committed events to Redis."""
+
+from __future__ import annotations
+
+
+
+from mailflow.commands.base import (
+    new_app,
+    run_process,
+)
+from mailflow.events.relay import Relay
+
+app = new_app()
+
+
+@app.command()
+def relay() -> None:
+    """Publish committed events to Redis (one leader; more instances wait as hot standbys)."""
+    run_process("relay", None, lambda rt, stop, health: Relay(
+        rt.store, rt.services.redis_url, rt.settings, health=health).run(stop))

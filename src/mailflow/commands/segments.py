@@ -1,0 +1,81 @@
+"""Commands room: `mailflow segments` - segments: saved filters over contacts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import orjson
+import typer
+from rich.table import Table
+
+from mailflow.commands.base import (
+    new_app,
+    JsonOpt, emit_json, out, parse_json_object, quiet_logs, runtime,
+)
+from mailflow.errors import UsageError
+from mailflow.commands.contacts import print_contacts
+
+app = new_app("Segments: saved filters over contacts.")
+
+
+@app.command("create")
+def segments_create(
+    name: str = typer.Argument(...),
+    filter_json: str = typer.Option(..., "--filter", help='Filter, e.g. \'{"attributes.country": "NL"}\' (docs/segments.md).'),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Save a segment (redefining a name replaces its filter)."""
+    from mailflow.outbound import segments
+
+    quiet_logs()
+    doc = parse_json_object(filter_json, "--filter")
+    rt = runtime()
+    segments.define(rt.store, name, doc)
+    with rt.connect() as conn:
+        count = segments.preview(conn, doc, sample=0).count
+    if as_json:
+        emit_json({"name": name, "filter": doc, "count": count})
+    else:
+        out.print(f"segment {name} saved: {count} contact(s) match now")
+
+
+@app.command("preview")
+def segments_preview(
+    name: Optional[str] = typer.Argument(None, help="A saved segment (or use --filter)."),
+    filter_json: Optional[str] = typer.Option(None, "--filter"),
+    sample: int = typer.Option(10, "--sample", min=0, max=1000),
+    as_json: bool = JsonOpt,
+) -> None:
+    """How many contacts match, and a sample of them."""
+    from mailflow.outbound import segments
+
+    quiet_logs()
+    if (name is None) == (filter_json is None):
+        raise UsageError("give a segment name or --filter (one of them)")
+    with runtime().connect() as conn:
+        doc = segments.load(conn, name) if name else parse_json_object(filter_json or "", "--filter")
+        pv = segments.preview(conn, doc, sample=sample)
+    print_contacts(pv, as_json)
+
+
+@app.command("list")
+def segments_list(as_json: bool = JsonOpt) -> None:
+    """Saved segments with their filters and current sizes."""
+    from mailflow.outbound import queries as oq
+    from mailflow.outbound import segments
+
+    quiet_logs()
+    with runtime().connect() as conn:
+        rows = [
+            {"name": n, "filter": f, "count": segments.preview(conn, f, sample=0).count, "updated_at": u.isoformat()}
+            for n, f, u in conn.execute(oq.LIST_SEGMENTS).fetchall()
+        ]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table()
+    for col in ("name", "contacts", "filter"):
+        table.add_column(col, justify="right" if col == "contacts" else "left")
+    for r in rows:
+        table.add_row(r["name"], str(r["count"]), orjson.dumps(r["filter"]).decode())
+    out.print(table)

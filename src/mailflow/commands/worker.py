@@ -1,0 +1,38 @@
+"""Commands room: `mailflow worker` - send jobs over SMTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Optional
+
+import typer
+
+from mailflow.commands.base import (
+    new_app,
+    run_process,
+)
+from mailflow.mail.tokens import load_secret
+from mailflow.outbound.worker import Worker
+
+app = new_app()
+
+
+@app.command("worker")
+def worker_cmd(name: Optional[str] = typer.Option(None, "--name", help="Consumer name (default host-pid).")) -> None:
+    """Send jobs over SMTP (asyncio; MAILFLOW_WORKER_CONCURRENCY at once). SIGTERM finishes in-flight sends."""
+
+    def body(rt, stop: threading.Event, health) -> None:
+        s = rt.settings
+        worker = Worker(rt.store, rt.services.redis_url, s, load_secret(s.home, s.secret_key), name=health.name,
+                        health=health)
+
+        async def main() -> None:
+            astop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=lambda: (stop.wait(), loop.call_soon_threadsafe(astop.set)), daemon=True).start()
+            await worker.run(astop)
+
+        asyncio.run(main())
+
+    run_process("worker", name, body, pool_size=8)
