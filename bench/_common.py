@@ -170,8 +170,15 @@ def scratch(tag: str, keep: bool, elapsed: dict[str, float]) -> Iterator[Scratch
                 shutil.rmtree(workdir, ignore_errors=True)
 
 
-def finish(out: dict[str, Any], goals: dict[str, tuple[str, float]], params: Any, notes: dict[str, str],
-           load_start: float, elapsed: dict[str, float], t_total: float) -> dict[str, Any]:
+def finish(
+    out: dict[str, Any],
+    goals: dict[str, tuple[str, float]],
+    params: Any,
+    notes: dict[str, str],
+    load_start: float,
+    elapsed: dict[str, float],
+    t_total: float,
+) -> dict[str, Any]:
     """The common tail of a result: goals met or not, parameters, notes, the machine, phase times."""
     elapsed["total"] = round(time.perf_counter() - t_total, 2)
     out["goals"] = {

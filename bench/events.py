@@ -62,16 +62,15 @@ from typing import Any
 import orjson
 from psycopg.conninfo import conninfo_to_dict
 
+from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch
 from mailflow import log as mailflow_log
 from mailflow.config import Settings, load_settings
 from mailflow.consumers.runtime import ConsumerRunner
 from mailflow.events.envelope import NewEvent
 from mailflow.events.keys import Keys
 from mailflow.events.store import NO_STREAM, EventStore
-from mailflow.projectors.event_counts import EventCounts
 from mailflow.infra.services import connect, open_pool, redis_client
-
-from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch  # noqa: E402
+from mailflow.projectors.event_counts import EventCounts
 
 EVENT_TYPES = ("JobQueued", "JobActivated", "MessageDelivered", "MessageOpened", "ReplyReceived")
 DATA_BYTES = 100
@@ -139,9 +138,7 @@ def payload(n: int, size: int = DATA_BYTES) -> dict[str, Any]:
 
 
 def new_events(count: int, start: int, size: int = DATA_BYTES) -> list[NewEvent]:
-    return [
-        NewEvent(EVENT_TYPES[(start + i) % len(EVENT_TYPES)], payload(start + i, size)) for i in range(count)
-    ]
+    return [NewEvent(EVENT_TYPES[(start + i) % len(EVENT_TYPES)], payload(start + i, size)) for i in range(count)]
 
 
 def _stop_children(procs: list[Any], grace_s: float = 5.0) -> None:
@@ -243,12 +240,8 @@ def bench_batched(store: EventStore, db_url: str, p: Params) -> dict[str, Any]:
         datastore.close()
     with store.pool.connection() as conn:
         es_state = scalar(conn, "SELECT avg(octet_length(state)) FROM es_stored_events")
-        mf_data = scalar(
-            conn, "SELECT avg(octet_length(data::text)) FROM events WHERE stream LIKE 'bench-b%'"
-        )
-        mf_meta = scalar(
-            conn, "SELECT avg(octet_length(metadata::text)) FROM events WHERE stream LIKE 'bench-b%'"
-        )
+        mf_data = scalar(conn, "SELECT avg(octet_length(data::text)) FROM events WHERE stream LIKE 'bench-b%'")
+        mf_meta = scalar(conn, "SELECT avg(octet_length(metadata::text)) FROM events WHERE stream LIKE 'bench-b%'")
     total = per_round * p.batched_rounds
     mf_rate = total / sum(mf_times)
     es_rate = total / sum(es_times)
@@ -353,9 +346,7 @@ def bench_concurrent(ctx: Ctx, db_url: str, p: Params) -> dict[str, Any]:
             "p99": rnd((percentile(lat, 99) or 0) * 1000, 2),
             "max": rnd(lat[-1] * 1000 if lat else None, 2),
         },
-        "append_concurrent_per_writer_events": sorted(
-            d["appends"] * p.concurrent_events_per_append for d in done
-        ),
+        "append_concurrent_per_writer_events": sorted(d["appends"] * p.concurrent_events_per_append for d in done),
     }
 
 
@@ -448,9 +439,7 @@ def _stream_last(r: Any, key: str) -> int | None:
     return int((raw.decode() if isinstance(raw, bytes) else raw).split("-")[0])
 
 
-def _start_relay(
-    db_url: str, redis_url: str, prefix: str, home: Path, log_path: Path
-) -> subprocess.Popen[bytes]:
+def _start_relay(db_url: str, redis_url: str, prefix: str, home: Path, log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.update(
         MAILFLOW_DATABASE_URL=db_url,
@@ -553,9 +542,7 @@ def _measure_relay(
         start_at.value = time.monotonic() + 0.2
         go.set()
         measure_from = start_at.value + p.relay_warmup_s
-        done = collect(
-            results, len(writers), procs, p.relay_warmup_s + p.relay_seconds + 120, "relay writers"
-        )
+        done = collect(results, len(writers), procs, p.relay_warmup_s + p.relay_seconds + 120, "relay writers")
         commits = {eid: t for d in done for eid, t in d["commits"]}
         # Wait (up to 10 s) for the stream to hold every event (plus the warm-up appends).
         expected = len(commits) + 10 * p.relay_events_per_append * p.relay_writers
@@ -712,9 +699,7 @@ def print_table(res: dict[str, Any]) -> None:
         value = res[name]
         shown = f"{value:,}" if isinstance(value, int) else f"{value}"
         goal = res["goals"].get(name)
-        rows.append(
-            (name, shown, goal["goal"] if goal else "", "" if not goal else "ok" if goal["met"] else "MISSED")
-        )
+        rows.append((name, shown, goal["goal"] if goal else "", "" if not goal else "ok" if goal["met"] else "MISSED"))
     width = [max(len(r[i]) for r in rows + [("metric", "value", "goal", "")]) for i in range(4)]
     print(
         f"mailflow event log benchmark ({res['services']} services: "
@@ -743,9 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not ANALYZE before the relay and rebuild phases (a fresh database, before autovacuum)",
     )
-    ap.add_argument(
-        "--phases", default=None, help=f"comma-separated subset of {','.join(PHASES)} (run in that order)"
-    )
+    ap.add_argument("--phases", default=None, help=f"comma-separated subset of {','.join(PHASES)} (run in that order)")
     args = ap.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the relay, the database and the Redis keys are cleaned up.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))

@@ -96,18 +96,17 @@ from typing import Any
 
 import orjson
 
+from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch
 from mailflow import log as mailflow_log
 from mailflow.config import load_settings
 from mailflow.events.keys import Keys
 from mailflow.events.relay import stream_last_id
 from mailflow.events.store import EventStore
+from mailflow.infra.services import connect, open_pool, redis_client
 from mailflow.outbound import campaigns, mime, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts
 from mailflow.outbound.events import ImportedContact
 from mailflow.outbound.senders import Sender
-from mailflow.infra.services import connect, open_pool, redis_client
-
-from _common import collect, finish, percentile, phase, rnd, say, scalar, scratch  # noqa: E402
 
 GOALS: dict[str, tuple[str, float]] = {
     "campaign_messages_per_s": (">=", 1000),
@@ -132,7 +131,9 @@ CAMPAIGN_TEMPLATE = templates.Template(
     + "See the offer: https://bench.example.org/offer?u={{ email }}\n",
 )
 TX_TEMPLATE = templates.Template(
-    "bench-reset", "Reset your password, {{ name }}", "<p>Hi {{ name }}, your code is {{ code }}.</p>",
+    "bench-reset",
+    "Reset your password, {{ name }}",
+    "<p>Hi {{ name }}, your code is {{ code }}.</p>",
     "Hi {{ name }}, your code is {{ code }}.\n",
 )
 SINK_SEPARATOR = b"==MAILFLOW-BENCH-SINK==\n"  # smtp-sink -S: written before every dumped message
@@ -468,8 +469,9 @@ def _bare_sender(
             pool: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
             clients = []
             for _ in range(connections):
-                c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, use_tls=False, start_tls=False,
-                                    validate_certs=False)
+                c = aiosmtplib.SMTP(
+                    hostname="127.0.0.1", port=port, timeout=30, use_tls=False, start_tls=False, validate_certs=False
+                )
                 await c.connect()
                 clients.append(c)
                 pool.put_nowait(c)
@@ -507,8 +509,14 @@ def bench_bare(ctx: Ctx, sink: Any, p: Params, secret: bytes) -> dict[str, Any]:
     sender = Sender(SENDER, FROM_EMAIL, "Bench", f"smtp://127.0.0.1:{sink.port}?tls=none")
     email = f"user12345@d{12345 % p.domains}.example.net"
     rendered = templates.render(CAMPAIGN_TEMPLATE, {"name": "User 12345", "country": "NL", "email": email})
-    out = mime.build(job_id=placeholder.decode(), sender=sender, to=email, rendered=rendered, secret=secret,
-                     campaign_id=str(uuid.uuid4()))
+    out = mime.build(
+        job_id=placeholder.decode(),
+        sender=sender,
+        to=email,
+        rendered=rendered,
+        secret=secret,
+        campaign_id=str(uuid.uuid4()),
+    )
     # The job id appears in the Message-ID and the MIME boundary; each message gets its own.
     assert f"<{placeholder.decode()}@".encode() in out.data, "the placeholder must name the Message-ID"
     results = ctx.Queue()
@@ -518,8 +526,20 @@ def bench_bare(ctx: Ctx, sink: Any, p: Params, secret: bytes) -> dict[str, Any]:
     procs = [
         ctx.Process(
             target=_bare_sender,
-            args=(w, sink.port, per[w], firsts[w], p.worker_concurrency, p.worker_connections_per_relay, out.data,
-                  placeholder, out.mail_from, p.domains, go, results),
+            args=(
+                w,
+                sink.port,
+                per[w],
+                firsts[w],
+                p.worker_concurrency,
+                p.worker_connections_per_relay,
+                out.data,
+                placeholder,
+                out.mail_from,
+                p.domains,
+                go,
+                results,
+            ),
             daemon=True,
         )
         for w in range(p.workers)
@@ -575,8 +595,11 @@ class Pipeline:
             log = open(self.log_path(name), "wb")  # noqa: SIM115 - closed with the process
             try:
                 self.procs[name] = subprocess.Popen(
-                    [*MAILFLOW_CMD, *args], env=self.env, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True,
+                    [*MAILFLOW_CMD, *args],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             finally:
                 log.close()
@@ -680,9 +703,22 @@ class Profiler:
             name = group if seen[group] == 1 else f"{group}-{seen[group]}"
             out = self.directory / f"{name}.txt"
             proc = subprocess.Popen(
-                [pyspy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE), "--format", "raw", "--nonblocking",
-                 "--threads", "--output", str(out)],
-                stdout=subprocess.DEVNULL, stderr=open(self.directory / f"{name}.py-spy.log", "wb"),  # noqa: SIM115
+                [
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    str(PROFILE_RATE),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--threads",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.directory / f"{name}.py-spy.log", "wb"),  # noqa: SIM115
             )
             self.procs.append((name, out, proc))
 
@@ -724,8 +760,11 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
             continue
         total += count
         leaf[_short(frames[-1])] += count
-        for f in {_short(f) for f in frames if "mailflow" in f or "psycopg" in f or "aiosmtplib" in f or "email/" in f
-                  or "jinja2" in f}:
+        for f in {
+            _short(f)
+            for f in frames
+            if "mailflow" in f or "psycopg" in f or "aiosmtplib" in f or "email/" in f or "jinja2" in f
+        }:
             incl[f] += count
     if not total:
         return {"samples": 0}
@@ -740,7 +779,7 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
 
 
 def _short(frame: str) -> str:
-    """"func (/long/path/pkg/file.py:123)" -> "func (pkg/file.py)"."""
+    """ "func (/long/path/pkg/file.py:123)" -> "func (pkg/file.py)"."""
     m = re.match(r"^(.*) \(([^()]*?):\d+\)$", frame)
     if not m:
         return frame
@@ -751,11 +790,15 @@ def _short(frame: str) -> str:
 
 
 def setup_catalog(store: EventStore, sink_port: int, p: Params) -> str:
-    sending.save_sender(store, Sender(SENDER, FROM_EMAIL, "Bench News", f"smtp://127.0.0.1:{sink_port}?tls=none&timeout=30"))
+    sending.save_sender(
+        store, Sender(SENDER, FROM_EMAIL, "Bench News", f"smtp://127.0.0.1:{sink_port}?tls=none&timeout=30")
+    )
     templates.save(store, CAMPAIGN_TEMPLATE)
     templates.save(store, TX_TEMPLATE)
     rows = (
-        ImportedContact(email=f"user{i}@d{i % p.domains}.example.net", attributes={"name": f"User {i}", "country": "NL"})
+        ImportedContact(
+            email=f"user{i}@d{i % p.domains}.example.net", attributes={"name": f"User {i}", "country": "NL"}
+        )
         for i in range(p.recipients)
     )
     report = import_contacts(store, rows, "bench", batch_size=1000)
@@ -767,7 +810,11 @@ def setup_catalog(store: EventStore, sink_port: int, p: Params) -> str:
 
 def send_tx(store: EventStore, key: str, to: str) -> str:
     job_id, _ = sending.send_transactional(
-        store, sender=SENDER, template=TX_TEMPLATE.name, to=to, variables={"name": "VIP", "code": "123456"},
+        store,
+        sender=SENDER,
+        template=TX_TEMPLATE.name,
+        to=to,
+        variables={"name": "VIP", "code": "123456"},
         idempotency_key=key,
     )
     return job_id
@@ -840,7 +887,9 @@ def drain(db_url: str, store: EventStore, sink: Any, pipeline: Pipeline, p: Para
                     break
             if now - last_report >= 5:
                 rate = (accepted - reported_n) / (now - reported_at)
-                say(f"  sink accepted {accepted:,} of {expected:,} ({rate:,.0f}/s), transactional sent {len(tx.job_ids)}")
+                say(
+                    f"  sink accepted {accepted:,} of {expected:,} ({rate:,.0f}/s), transactional sent {len(tx.job_ids)}"
+                )
                 last_report, reported_at, reported_n = now, now, accepted
             pipeline.check_alive()
             if now > deadline:
@@ -859,9 +908,14 @@ def drain(db_url: str, store: EventStore, sink: Any, pipeline: Pipeline, p: Para
 
 def measure(db_url: str, campaign_id: str, tx_ids: list[str]) -> dict[str, Any]:
     with connect(db_url) as conn:
-        end = scalar(conn, "SELECT extract(epoch FROM max(finished_at)) FROM jobs WHERE campaign_id = %s", (campaign_id,))
-        states = dict(conn.execute("SELECT state, count(*) FROM jobs WHERE campaign_id = %s GROUP BY state",
-                                   (campaign_id,)).fetchall())
+        end = scalar(
+            conn, "SELECT extract(epoch FROM max(finished_at)) FROM jobs WHERE campaign_id = %s", (campaign_id,)
+        )
+        states = dict(
+            conn.execute(
+                "SELECT state, count(*) FROM jobs WHERE campaign_id = %s GROUP BY state", (campaign_id,)
+            ).fetchall()
+        )
         lat = conn.execute(
             """SELECT extract(epoch FROM accepted_at - created_at) * 1000,
                       extract(epoch FROM queued_at - created_at) * 1000,
@@ -877,8 +931,13 @@ def measure(db_url: str, campaign_id: str, tx_ids: list[str]) -> dict[str, Any]:
                FROM jobs WHERE campaign_id = %s""",
             (campaign_id,),
         ).fetchone()
-    return {"end_wall": float(end) if end is not None else None, "states": states, "tx_rows": lat,
-            "campaign_queue_wait_s": camp_lat[0], "campaign_max_attempts": camp_lat[1]}
+    return {
+        "end_wall": float(end) if end is not None else None,
+        "states": states,
+        "tx_rows": lat,
+        "campaign_queue_wait_s": camp_lat[0],
+        "campaign_max_attempts": camp_lat[1],
+    }
 
 
 def avg(values: list[int]) -> int | None:
@@ -891,7 +950,13 @@ def ms_stats(values: list[float]) -> dict[str, float | None]:
 
 
 def run_campaign(
-    ctx: Ctx, db_url: str, redis_url: str, prefix: str, p: Params, workdir: Path, elapsed: dict[str, float],
+    ctx: Ctx,
+    db_url: str,
+    redis_url: str,
+    prefix: str,
+    p: Params,
+    workdir: Path,
+    elapsed: dict[str, float],
     out: dict[str, Any],
 ) -> None:
     keys = Keys(prefix)
@@ -974,8 +1039,11 @@ def run_campaign(
             out["analyze_after_start_s"] = round(time.perf_counter() - t_an, 2)
         with connect(db_url) as conn:
             # CampaignStarted is the snapshot transaction's last event: later seqs are the drain's.
-            seq_t0 = scalar(conn, "SELECT seq FROM events WHERE stream = %s AND type = 'CampaignStarted'",
-                            (f"campaign-{campaign_id}",))
+            seq_t0 = scalar(
+                conn,
+                "SELECT seq FROM events WHERE stream = %s AND type = 'CampaignStarted'",
+                (f"campaign-{campaign_id}",),
+            )
         with phase(elapsed, "campaign_drain"):
             facts = drain(db_url, store, sink, pipeline, p, base)
             t_drained = time.monotonic()
@@ -987,8 +1055,9 @@ def run_campaign(
             out["profile_dir"] = str(p.profile_dir)
         tx: Transactional = facts["tx"]
         with connect(db_url) as conn:
-            ev_rows = conn.execute("SELECT type, count(*) FROM events WHERE seq > %s GROUP BY type ORDER BY 2 DESC",
-                                   (seq_t0,)).fetchall()
+            ev_rows = conn.execute(
+                "SELECT type, count(*) FROM events WHERE seq > %s GROUP BY type ORDER BY 2 DESC", (seq_t0,)
+            ).fetchall()
             events_total = scalar(conn, "SELECT count(*) FROM events")
         # The relay: how far behind was it when the drain ended, and how long to catch up?
         # (Positions are dense from 1, so the stream is complete when its last ID is the count.)
@@ -1008,8 +1077,11 @@ def run_campaign(
                 time.sleep(0.1)
             completed_ids = [str(j) for (j,) in conn.execute("SELECT id FROM jobs WHERE state = 'completed'")]
             non_terminal = scalar(conn, NOT_TERMINAL)
-            failed = dict(conn.execute("SELECT coalesce(failure_kind, '?'), count(*) FROM jobs WHERE state = 'failed' "
-                                       "GROUP BY 1").fetchall())
+            failed = dict(
+                conn.execute(
+                    "SELECT coalesce(failure_kind, '?'), count(*) FROM jobs WHERE state = 'failed' GROUP BY 1"
+                ).fetchall()
+            )
             all_jobs = scalar(conn, "SELECT count(*) FROM jobs")
         codes = pipeline.stop()
         pg_after = pg_counters(db_url)  # the processes' backends have exited: their stats are flushed
@@ -1019,11 +1091,15 @@ def run_campaign(
         ids, sizes = sink.message_ids()
 
         # -- results ------------------------------------------------------------------------
-        job_acceptances = {mid: n for mid, n in ids.items() if mid.endswith(f"@{MID_DOMAIN}>") and not mid.startswith("<bare")}
+        job_acceptances = {
+            mid: n for mid, n in ids.items() if mid.endswith(f"@{MID_DOMAIN}>") and not mid.startswith("<bare")
+        }
         bare_acceptances = sum(n for mid, n in ids.items() if mid.startswith("<bare"))
         with connect(db_url) as conn:
-            campaign_mids = {f"<{j}@{MID_DOMAIN}>" for (j,) in conn.execute(
-                "SELECT id FROM jobs WHERE campaign_id = %s", (campaign_id,))}
+            campaign_mids = {
+                f"<{j}@{MID_DOMAIN}>"
+                for (j,) in conn.execute("SELECT id FROM jobs WHERE campaign_id = %s", (campaign_id,))
+            }
         never_accepted = sum(1 for j in completed_ids if f"<{j}@{MID_DOMAIN}>" not in job_acceptances)
         duplicates = sum(n - 1 for n in job_acceptances.values() if n > 1)
         unknown = sum(n for mid, n in ids.items() if not mid.endswith(f"@{MID_DOMAIN}>"))
@@ -1032,56 +1108,61 @@ def run_campaign(
         events_during = sum(n for _, n in ev_rows)
         tx_rows = m["tx_rows"]
         rate = round(p.recipients / drain_s) if drain_s and not facts["timed_out"] else None
-        out.update({
-            "campaign_messages_per_s": rate,
-            "ratio_vs_bare_aiosmtplib": round(rate / out["bare_aiosmtplib_messages_per_s"], 3) if rate else None,
-            "campaign_recipients": p.recipients,
-            "campaign_drain_s": rnd(drain_s, 2),
-            "campaign_start_s": round(campaign_start_s, 2),
-            "campaign_start_jobs_per_s": round(p.recipients / campaign_start_s),
-            "campaign_jobs": {k: int(v) for k, v in m["states"].items()},
-            "campaign_status_after": status,
-            "campaign_queued_to_started_s": {
-                "p50": rnd(m["campaign_queue_wait_s"][0], 2) if m["campaign_queue_wait_s"] else None,
-                "p99": rnd(m["campaign_queue_wait_s"][1], 2) if m["campaign_queue_wait_s"] else None,
-            },
-            "high_priority_p99_ms": ms_stats([float(x[0]) for x in tx_rows if x[0] is not None])["p99"],
-            "high_priority_latency_ms": {
-                "created_to_accepted": ms_stats([float(x[0]) for x in tx_rows if x[0] is not None]),
-                "created_to_queued": ms_stats([float(x[1]) for x in tx_rows if x[1] is not None]),
-                "queued_to_started": ms_stats([float(x[2]) for x in tx_rows if x[2] is not None]),
-                "started_to_accepted": ms_stats([float(x[3]) for x in tx_rows if x[3] is not None]),
-                "messages": len(tx_rows),
-                "not_completed": sum(1 for x in tx_rows if x[4] != "completed"),
-                "sent_after_the_drain": tx.after_drain,
-                "sent_at_campaign_progress": [tx.sent_at_progress[0], tx.sent_at_progress[-1]] if tx.sent_at_progress else None,
-            },
-            "events_per_message": round(events_during / messages, 3) if messages else None,
-            "events_during_drain": events_during,
-            "events_by_type": {t: int(n) for t, n in ev_rows},
-            "lost": int(non_terminal) + never_accepted,
-            "lost_detail": {"not_terminal": int(non_terminal), "completed_never_accepted": never_accepted},
-            "duplicates": duplicates,
-            "failed_jobs": {k: int(v) for k, v in failed.items()},
-            "jobs_total": int(all_jobs),
-            "sink_accepted": {"jobs": sum(job_acceptances.values()), "bare": bare_acceptances, "unknown": unknown},
-            # Bytes per message as the sink stored it (smtp-sink adds ~250 bytes of its own headers
-            # and drops CRs): a check that the baseline sent messages of the campaign's size.
-            "sink_avg_message_bytes": {
-                "campaign": avg([n for mid, n in sizes.items() if mid in campaign_mids]),
-                "bare": avg([n for mid, n in sizes.items() if mid.startswith("<bare")]),
-            },
-            "relay": {
-                "behind_when_drained_events": int(relay_behind),
-                "caught_up": relay_caught_up,
-                "catch_up_s": round(relay_catchup_s, 2),
-            },
-            "postgres_per_message": pg_delta(pg_before, pg_after, messages),
-            "cpu_seconds_during_drain": cpu_delta(cpu_before, cpu_after, busy_after - busy_before,
-                                                  wall_after - wall_before),
-            "process_exit_codes": codes,
-            "process_log_problems": problems,
-        })
+        out.update(
+            {
+                "campaign_messages_per_s": rate,
+                "ratio_vs_bare_aiosmtplib": round(rate / out["bare_aiosmtplib_messages_per_s"], 3) if rate else None,
+                "campaign_recipients": p.recipients,
+                "campaign_drain_s": rnd(drain_s, 2),
+                "campaign_start_s": round(campaign_start_s, 2),
+                "campaign_start_jobs_per_s": round(p.recipients / campaign_start_s),
+                "campaign_jobs": {k: int(v) for k, v in m["states"].items()},
+                "campaign_status_after": status,
+                "campaign_queued_to_started_s": {
+                    "p50": rnd(m["campaign_queue_wait_s"][0], 2) if m["campaign_queue_wait_s"] else None,
+                    "p99": rnd(m["campaign_queue_wait_s"][1], 2) if m["campaign_queue_wait_s"] else None,
+                },
+                "high_priority_p99_ms": ms_stats([float(x[0]) for x in tx_rows if x[0] is not None])["p99"],
+                "high_priority_latency_ms": {
+                    "created_to_accepted": ms_stats([float(x[0]) for x in tx_rows if x[0] is not None]),
+                    "created_to_queued": ms_stats([float(x[1]) for x in tx_rows if x[1] is not None]),
+                    "queued_to_started": ms_stats([float(x[2]) for x in tx_rows if x[2] is not None]),
+                    "started_to_accepted": ms_stats([float(x[3]) for x in tx_rows if x[3] is not None]),
+                    "messages": len(tx_rows),
+                    "not_completed": sum(1 for x in tx_rows if x[4] != "completed"),
+                    "sent_after_the_drain": tx.after_drain,
+                    "sent_at_campaign_progress": [tx.sent_at_progress[0], tx.sent_at_progress[-1]]
+                    if tx.sent_at_progress
+                    else None,
+                },
+                "events_per_message": round(events_during / messages, 3) if messages else None,
+                "events_during_drain": events_during,
+                "events_by_type": {t: int(n) for t, n in ev_rows},
+                "lost": int(non_terminal) + never_accepted,
+                "lost_detail": {"not_terminal": int(non_terminal), "completed_never_accepted": never_accepted},
+                "duplicates": duplicates,
+                "failed_jobs": {k: int(v) for k, v in failed.items()},
+                "jobs_total": int(all_jobs),
+                "sink_accepted": {"jobs": sum(job_acceptances.values()), "bare": bare_acceptances, "unknown": unknown},
+                # Bytes per message as the sink stored it (smtp-sink adds ~250 bytes of its own headers
+                # and drops CRs): a check that the baseline sent messages of the campaign's size.
+                "sink_avg_message_bytes": {
+                    "campaign": avg([n for mid, n in sizes.items() if mid in campaign_mids]),
+                    "bare": avg([n for mid, n in sizes.items() if mid.startswith("<bare")]),
+                },
+                "relay": {
+                    "behind_when_drained_events": int(relay_behind),
+                    "caught_up": relay_caught_up,
+                    "catch_up_s": round(relay_catchup_s, 2),
+                },
+                "postgres_per_message": pg_delta(pg_before, pg_after, messages),
+                "cpu_seconds_during_drain": cpu_delta(
+                    cpu_before, cpu_after, busy_after - busy_before, wall_after - wall_before
+                ),
+                "process_exit_codes": codes,
+                "process_log_problems": problems,
+            }
+        )
         if facts["timed_out"]:
             out["timed_out"] = facts["timed_out"]
     finally:
@@ -1142,8 +1223,11 @@ def pg_delta(before: dict[str, Any], after: dict[str, Any], messages: int, top: 
     idx = {}
     for name, (scans, read, blks) in after["indexes"].items():
         b = before["indexes"].get(name, (0, 0, 0))
-        idx[name] = {"scans": round((scans - b[0]) / messages, 2), "tuples_read": round((read - b[1]) / messages, 1),
-                     "blocks": round((blks - b[2]) / messages, 1)}
+        idx[name] = {
+            "scans": round((scans - b[0]) / messages, 2),
+            "tuples_read": round((read - b[1]) / messages, 1),
+            "blocks": round((blks - b[2]) / messages, 1),
+        }
     per["indexes"] = dict(sorted(idx.items(), key=lambda kv: -kv[1]["tuples_read"])[:top])
     return per
 
@@ -1152,10 +1236,16 @@ def source_state() -> dict[str, Any]:
     """The commit the run measured, and whether src/ had uncommitted changes."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "migrations"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "migrations"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None}
     return {"commit": commit or None, "uncommitted": sorted(line[3:] for line in dirty if line.strip())}
@@ -1182,8 +1272,16 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
 
 
 def print_table(res: dict[str, Any]) -> None:
-    names = ["campaign_messages_per_s", "bare_aiosmtplib_messages_per_s", "ratio_vs_bare_aiosmtplib",
-             "campaign_start_s", "high_priority_p99_ms", "events_per_message", "lost", "duplicates"]
+    names = [
+        "campaign_messages_per_s",
+        "bare_aiosmtplib_messages_per_s",
+        "ratio_vs_bare_aiosmtplib",
+        "campaign_start_s",
+        "high_priority_p99_ms",
+        "events_per_message",
+        "lost",
+        "duplicates",
+    ]
     rows = []
     for name in names:
         if name not in res:
@@ -1193,13 +1291,18 @@ def print_table(res: dict[str, Any]) -> None:
         goal = res["goals"].get(name)
         rows.append((name, shown, goal["goal"] if goal else "", "" if not goal else "ok" if goal["met"] else "MISSED"))
     width = [max(len(r[i]) for r in rows + [("metric", "value", "goal", "")]) for i in range(4)]
-    print(f"mailflow outbound benchmark ({res['services']} services: PostgreSQL {res['postgres_version']}, "
-          f"Redis {res['redis_version']}; {res.get('campaign_recipients')} recipients, "
-          f"{res['params']['workers']} worker(s); sink: {res.get('sink')})")
+    print(
+        f"mailflow outbound benchmark ({res['services']} services: PostgreSQL {res['postgres_version']}, "
+        f"Redis {res['redis_version']}; {res.get('campaign_recipients')} recipients, "
+        f"{res['params']['workers']} worker(s); sink: {res.get('sink')})"
+    )
     print(f"{'metric':<{width[0]}}  {'value':>{width[1]}}  {'goal':<{width[2]}}")
     for r in rows:
         print(f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:<{width[2]}}  {r[3]}")
-    print("cpu seconds during the drain: " + ", ".join(f"{k} {v}" for k, v in res.get("cpu_seconds_during_drain", {}).items()))
+    print(
+        "cpu seconds during the drain: "
+        + ", ".join(f"{k} {v}" for k, v in res.get("cpu_seconds_during_drain", {}).items())
+    )
     print("elapsed: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["elapsed_s"].items()))
 
 
@@ -1209,15 +1312,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="5,000 recipients and 50 transactional messages")
     ap.add_argument("--recipients", type=int, default=None, metavar="N", help="campaign size (default 100,000)")
     ap.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes (default 1)")
-    ap.add_argument("--transactional", type=int, default=None, metavar="T",
-                    help="high-priority messages sent during the drain (default 200; 50 with --quick)")
-    ap.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto",
-                    help="SMTP sink (auto: postfix smtp-sink when installed, else aiosmtpd)")
+    ap.add_argument(
+        "--transactional",
+        type=int,
+        default=None,
+        metavar="T",
+        help="high-priority messages sent during the drain (default 200; 50 with --quick)",
+    )
+    ap.add_argument(
+        "--sink",
+        choices=("auto", "smtp-sink", "aiosmtpd"),
+        default="auto",
+        help="SMTP sink (auto: postfix smtp-sink when installed, else aiosmtpd)",
+    )
     ap.add_argument("--timeout", type=float, default=1800, metavar="S", help="give up on the drain after S seconds")
-    ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="py-spy record the relay, queuer and workers during the drain into DIR")
-    ap.add_argument("--no-analyze", action="store_true",
-                    help="no ANALYZE after loading the contacts and after the campaign start (a fresh database)")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="py-spy record the relay, queuer and workers during the drain into DIR",
+    )
+    ap.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="no ANALYZE after loading the contacts and after the campaign start (a fresh database)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the database, the Redis keys and the process logs")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))

@@ -25,17 +25,35 @@ import psycopg
 import pytest
 import redis
 
-from mailflow.infra import embedded
-from mailflow.runtime.wiring import Runtime
 from mailflow.config import Settings
+from mailflow.infra import embedded
 from mailflow.infra.migrate import migrate
 from mailflow.infra.services import connect
+from mailflow.runtime.wiring import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tests' own pools reconnect through PostgreSQL restarts; psycopg_pool's warning per
 # attempt would bury a failure's output (mailflow's processes silence it the same way).
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
+KINDS = ("pure", "integration", "process")
+_SERVER_FIXTURES = {"pg_admin_url", "redis_url"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test says what it needs (pyproject's markers), and a pure one asks for no server."""
+    wrong = []
+    for item in items:
+        kinds = [k for k in KINDS if item.get_closest_marker(k)]
+        servers = _SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if len(kinds) != 1:
+            wrong.append(f"{item.nodeid}: needs exactly one of the markers {', '.join(KINDS)}, has {kinds or 'none'}")
+        elif kinds == ["pure"] and servers:
+            wrong.append(f"{item.nodeid}: marked pure but uses a server ({', '.join(sorted(servers))})")
+    if wrong:
+        raise pytest.UsageError("tests without the right kind marker:\n  " + "\n  ".join(wrong))
 
 
 def _docker_available() -> bool:
@@ -277,12 +295,29 @@ class PrivateRedis:
     def start(self) -> None:
         subprocess.run(
             [
-                str(self.binary), "--daemonize", "yes", "--pidfile", str(self.pidfile),
-                "--dir", str(self.home), "--logfile", str(self.home / "redis.log"),
-                "--save", "", "--appendonly", "no",
-                "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm", "700",
+                str(self.binary),
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.pidfile),
+                "--dir",
+                str(self.home),
+                "--logfile",
+                str(self.home / "redis.log"),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.sock),
+                "--unixsocketperm",
+                "700",
             ],
-            check=True, capture_output=True, timeout=15,
+            check=True,
+            capture_output=True,
+            timeout=15,
         )
         wait_until(self._ping, 10, what=f"{self.binary} to answer on {self.sock}")
 

@@ -48,7 +48,7 @@ class DnsServer:
         while not self._stop.is_set():
             try:
                 wire, peer = self.sock.recvfrom(4096)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             query = dns.message.from_wire(wire)
             response = dns.message.make_response(query)

@@ -79,23 +79,47 @@ class PrivatePostgres:
 
     def _run(self, tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(self.bindir / tool), *args], user=self.user, capture_output=True, text=True, timeout=timeout,
-            cwd=self.home, check=True,
+            [str(self.bindir / tool), *args],
+            user=self.user,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.home,
+            check=True,
         )
 
     def _options(self) -> str:
-        return " ".join([
-            f"-p {self.port}", f"-k {self.home}", "-c listen_addresses=127.0.0.1",
-            # Safe for a server that is killed but never loses power: WAL still reaches the page cache.
-            "-c fsync=off", "-c full_page_writes=off", "-c max_connections=200", "-c shared_buffers=64MB",
-        ])
+        return " ".join(
+            [
+                f"-p {self.port}",
+                f"-k {self.home}",
+                "-c listen_addresses=127.0.0.1",
+                # Safe for a server that is killed but never loses power: WAL still reaches the page cache.
+                "-c fsync=off",
+                "-c full_page_writes=off",
+                "-c max_connections=200",
+                "-c shared_buffers=64MB",
+            ]
+        )
 
     def init(self) -> PrivatePostgres:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync")
         return self
 
     def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.home / "log"), "-o", self._options(), "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.home / "log"),
+            "-o",
+            self._options(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         self.wait_ready()
 
     def stop(self, mode: str = "fast") -> None:
@@ -103,8 +127,21 @@ class PrivatePostgres:
 
     def restart(self, mode: str = "fast") -> None:
         """`pg_ctl restart -m MODE`: fast rolls back and disconnects everyone; immediate is a crash."""
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.home / "log"), "-o", self._options(),
-                  "-m", mode, "-w", "-t", "60", "restart")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.home / "log"),
+            "-o",
+            self._options(),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "restart",
+        )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:

@@ -39,24 +39,24 @@ import psycopg
 import pytest
 import redis
 
-from mailflow.runtime.wiring import Runtime
 from mailflow.config import Settings, settings_env
+from mailflow.errors import ServiceUnavailable
 from mailflow.infra.health import read_statuses
 from mailflow.infra.migrate import migrate
+from mailflow.infra.services import connect
 from mailflow.outbound import campaigns, segments, sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.senders import Sender
-from mailflow.testing.sink import FaultRates, Sink, SinkServer
-from mailflow.errors import ServiceUnavailable
 from mailflow.runtime.projections import inline_projections
-from mailflow.infra.services import connect
+from mailflow.runtime.wiring import Runtime
+from mailflow.testing.sink import FaultRates, Sink, SinkServer
 
 from .conftest import Processes, run_cli, wait_until
 from .servers import PrivatePostgres
 from .test_outbound_processes import graph_violations, receptions
 from .test_processes import counts_table, counts_truth
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.process]
 
 ITERATIONS = int(os.environ.get("MAILFLOW_CHAOS_ITERATIONS", "1"))
 SEED = os.environ.get("MAILFLOW_CHAOS_SEED")
@@ -93,7 +93,9 @@ class Fleet:
     def check(self) -> None:
         for name, p in self.live.items():
             if p.poll() is not None:
-                raise AssertionError(f"{name} exited on its own with code {p.returncode}:\n{self.procs.log_of(p)[-4000:]}")
+                raise AssertionError(
+                    f"{name} exited on its own with code {p.returncode}:\n{self.procs.log_of(p)[-4000:]}"
+                )
 
     def log_events(self, p: subprocess.Popen[bytes]) -> list[dict]:
         out = []
@@ -129,8 +131,13 @@ class Transactional(threading.Thread):
         while True:
             try:
                 jid, _ = sending.send_transactional(
-                    self.store, sender="tx", template="receipt", to=f"buyer{n}@example.com",
-                    variables={"order": f"A-{n}"}, idempotency_key=f"chaos-receipt-{n}")
+                    self.store,
+                    sender="tx",
+                    template="receipt",
+                    to=f"buyer{n}@example.com",
+                    variables={"order": f"A-{n}"},
+                    idempotency_key=f"chaos-receipt-{n}",
+                )
                 self.jobs.append(jid)
                 return
             except (psycopg.Error, OSError) as exc:  # PostgreSQL is away: try again, as any client would
@@ -183,7 +190,7 @@ def _pause(fleet: Fleet, seconds: float) -> None:
 
 
 def _table(db: psycopg.Connection, name: str) -> list[tuple]:
-    return sorted(map(tuple, db.execute(f"SELECT * FROM {name}").fetchall()), key=repr)  # noqa: S608 - our own names
+    return sorted(map(tuple, db.execute(f"SELECT * FROM {name}").fetchall()), key=repr)
 
 
 def _states(db: Db | psycopg.Connection) -> Counter:
@@ -210,11 +217,21 @@ def test_a_campaign_under_random_faults_loses_nothing_and_sends_twice_only_what_
         with connect(db_url) as c:
             migrate(c)
         settings = Settings(
-            database_url=db_url, redis_url=pr.url, redis_prefix="chaos", home=tmp_path / "home",
-            job_lease_s=LEASE_S, retry_base_s=0.5, rate_limits={"*": 100000},
-            queuer_interval_s=0.05, worker_concurrency=32, worker_connections_per_relay=8,
-            consumer_block_ms=500, consumer_claim_idle_ms=5000, relay_poll_interval_s=0.5,
-            secret_key="chaos-test", log_format="json",
+            database_url=db_url,
+            redis_url=pr.url,
+            redis_prefix="chaos",
+            home=tmp_path / "home",
+            job_lease_s=LEASE_S,
+            retry_base_s=0.5,
+            rate_limits={"*": 100000},
+            queuer_interval_s=0.05,
+            worker_concurrency=32,
+            worker_connections_per_relay=8,
+            consumer_block_ms=500,
+            consumer_claim_idle_ms=5000,
+            relay_poll_interval_s=0.5,
+            secret_key="chaos-test",
+            log_format="json",
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILFLOW_")}
         env.update(settings_env(settings))
@@ -263,14 +280,24 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         fleet.start("queuer-b", "queuer")
         fleet.start("w1", "worker", "--name", "w1")
         fleet.start("w2", "worker", "--name", "w2")
-        wait_until(lambda: fleet.check() is None and all(
-            any(e.get("event") == "worker.start" for e in fleet.log_events(fleet.live[w])) for w in ("w1", "w2")),
-            60, what="the workers to start")
+        wait_until(
+            lambda: (
+                fleet.check() is None
+                and all(
+                    any(e.get("event") == "worker.start" for e in fleet.log_events(fleet.live[w])) for w in ("w1", "w2")
+                )
+            ),
+            60,
+            what="the workers to start",
+        )
         assert campaigns.start(store, cid) == RECIPIENTS
         tx = Transactional(store, random.Random(seed + 1))
         tx.start()
-        wait_until(lambda: fleet.check() is None and _states(db)["completed"] >= RECIPIENTS * 0.03, 60,
-                   what="the campaign to be under way")
+        wait_until(
+            lambda: fleet.check() is None and _states(db)["completed"] >= RECIPIENTS * 0.03,
+            60,
+            what="the campaign to be under way",
+        )
 
         schedule = list(FAULTS) + rng.choices(FAULTS, k=3)
         rng.shuffle(schedule)
@@ -278,17 +305,24 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         for kind in schedule:
             _pause(fleet, rng.uniform(1.0, 4.0))
             done = _states(db)
-            fault = {"kind": kind, "t": round(time.monotonic() - started, 1),
-                     "terminal": done["completed"] + done["failed"]}
+            fault = {
+                "kind": kind,
+                "t": round(time.monotonic() - started, 1),
+                "terminal": done["completed"] + done["failed"],
+            }
             t0 = time.monotonic()
             if kind in KILLS:
                 role = kind.removeprefix("kill_")
-                name = rng.choice(sorted(n for n in fleet.live if n.startswith({"worker": "w", "queuer": "queuer"}.get(role, role))))
+                name = rng.choice(
+                    sorted(n for n in fleet.live if n.startswith({"worker": "w", "queuer": "queuer"}.get(role, role)))
+                )
                 fleet.kill(name)
                 fault["process"] = name
                 if role == "worker":
-                    held = {str(j) for (j,) in db.execute(
-                        "SELECT id FROM jobs WHERE state = 'active' AND worker = %s", (name,))}
+                    held = {
+                        str(j)
+                        for (j,) in db.execute("SELECT id FROM jobs WHERE state = 'active' AND worker = %s", (name,))
+                    }
                     in_flight |= held
                     fault["in_flight"] = len(held)
                 _pause(fleet, rng.uniform(0.3, 2.0))  # systemd's RestartSec
@@ -307,8 +341,11 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
                     pg.stop("fast")
                     down = rng.uniform(3.0, 6.0)
                     _pause(fleet, 2.5)
-                    degraded = [st["name"] for st in read_statuses(settings.home)
-                                if st["role"] == "worker" and not st["services"]["postgres"]["ok"]]
+                    degraded = [
+                        st["name"]
+                        for st in read_statuses(settings.home)
+                        if st["role"] == "worker" and not st["services"]["postgres"]["ok"]
+                    ]
                     fault["workers_reporting_outage"] = sorted(degraded)
                     _pause(fleet, down - 2.5)
                     pg.start()
@@ -334,15 +371,25 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         try:
             wait_until(finished, 240, interval=0.2, what="every job to end")
         except AssertionError:
-            stuck = db.execute("SELECT state, worker, count(*) FROM jobs WHERE state NOT IN ('completed', 'failed')"
-                               " GROUP BY 1, 2")
+            stuck = db.execute(
+                "SELECT state, worker, count(*) FROM jobs WHERE state NOT IN ('completed', 'failed') GROUP BY 1, 2"
+            )
             raise AssertionError(f"unfinished jobs after the faults: {stuck}; faults: {faults}") from None
-        wait_until(lambda: db.execute("SELECT status FROM campaigns WHERE id = %s", (cid,))[0][0] == "completed",
-                   20, what="the campaign to complete")
+        wait_until(
+            lambda: db.execute("SELECT status FROM campaigns WHERE id = %s", (cid,))[0][0] == "completed",
+            20,
+            what="the campaign to complete",
+        )
         head = store.sync()
-        wait_until(lambda: fleet.check() is None and db.execute(
-            "SELECT position FROM consumer_checkpoints WHERE consumer = 'event_counts'")[0][0] == head,
-            60, what="event_counts to reach the head")
+        wait_until(
+            lambda: (
+                fleet.check() is None
+                and db.execute("SELECT position FROM consumer_checkpoints WHERE consumer = 'event_counts'")[0][0]
+                == head
+            ),
+            60,
+            what="event_counts to reach the head",
+        )
         elapsed = time.monotonic() - started
         codes = fleet.stop_all()
         assert codes == dict.fromkeys(codes, 0), f"exit codes after SIGTERM: {codes}"
@@ -361,8 +408,10 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         assert n_dups <= len(in_flight), f"{n_dups} duplicates, {len(in_flight)} in flight at the kills"
         assert set(dups) <= in_flight, f"duplicated but not in flight at a kill: {set(dups) - in_flight}"
 
-        rows = db.execute("SELECT j.id, e.type, e.data FROM jobs j JOIN events e ON e.stream = 'job-' || j.id::text"
-                          " ORDER BY j.id, e.version").fetchall()
+        rows = db.execute(
+            "SELECT j.id, e.type, e.data FROM jobs j JOIN events e ON e.stream = 'job-' || j.id::text"
+            " ORDER BY j.id, e.version"
+        ).fetchall()
         hist: dict[str, list] = {}
         for jid, etype, data in rows:
             hist.setdefault(str(jid), []).append((etype, data))
@@ -380,18 +429,29 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         assert counts_table(db) == counted
         assert db.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
 
-        latency = {str(j): float(s) for j, s in db.execute(
-            "SELECT id, extract(epoch FROM accepted_at - created_at) FROM jobs WHERE id = ANY(%s::uuid[])",
-            (tx.jobs,)).fetchall()}
-        created = {str(j): c for j, c in db.execute(
-            "SELECT id, extract(epoch FROM created_at) FROM jobs WHERE id = ANY(%s::uuid[])", (tx.jobs,)).fetchall()}
+        latency = {
+            str(j): float(s)
+            for j, s in db.execute(
+                "SELECT id, extract(epoch FROM accepted_at - created_at) FROM jobs WHERE id = ANY(%s::uuid[])",
+                (tx.jobs,),
+            ).fetchall()
+        }
+        created = {
+            str(j): c
+            for j, c in db.execute(
+                "SELECT id, extract(epoch FROM created_at) FROM jobs WHERE id = ANY(%s::uuid[])", (tx.jobs,)
+            ).fetchall()
+        }
         t_start_wall = time.time() - (time.monotonic() - started)
 
         def near(kinds: tuple[str, ...]) -> list[float]:
             """Latencies of the receipts created from 3 s before such a fault to 3 s after it ended."""
             windows = [(f["t"], f["t_end"]) for f in faults if f["kind"] in kinds]
-            return [latency[j] for j in tx.jobs
-                    if any(a - 3 <= float(created[j]) - t_start_wall <= b + 3 for a, b in windows)]
+            return [
+                latency[j]
+                for j in tx.jobs
+                if any(a - 3 <= float(created[j]) - t_start_wall <= b + 3 for a, b in windows)
+            ]
 
         near_restart = near(("pg_restart_fast", "pg_restart_immediate"))
         near_outage = near(("pg_outage",))
@@ -413,18 +473,30 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         for f in faults:
             if f["kind"] == "pg_outage":
                 assert f["workers_reporting_outage"], f"no worker's status showed PostgreSQL down: {f}"
-        republished = sum(e.get("count", 0) for _, p, _ in fleet.history
-                          for e in fleet.log_events(p) if e.get("event") == "queuer.republished")
+        republished = sum(
+            e.get("count", 0)
+            for _, p, _ in fleet.history
+            for e in fleet.log_events(p)
+            if e.get("event") == "queuer.republished"
+        )
         retries = int(db.execute("SELECT count(*) FROM events WHERE type = 'JobRetryScheduled'").fetchone()[0])
 
     return {
-        "iteration": iteration, "seed": seed, "recipients": RECIPIENTS, "transactional": len(tx.jobs),
-        "seconds": round(elapsed, 1), "faults": [f["kind"] for f in faults],
-        "duplicates": n_dups, "in_flight_at_kills": len(in_flight),
+        "iteration": iteration,
+        "seed": seed,
+        "recipients": RECIPIENTS,
+        "transactional": len(tx.jobs),
+        "seconds": round(elapsed, 1),
+        "faults": [f["kind"] for f in faults],
+        "duplicates": n_dups,
+        "in_flight_at_kills": len(in_flight),
         "max_tx_latency_s": round(max_tx, 2),
-        "max_tx_latency_near_pg_restart_s": round(max(near_restart, default=0.0), 2), "tx_near_pg_restart": len(near_restart),
-        "max_tx_latency_near_pg_outage_s": round(max(near_outage, default=0.0), 2), "tx_near_pg_outage": len(near_outage),
+        "max_tx_latency_near_pg_restart_s": round(max(near_restart, default=0.0), 2),
+        "tx_near_pg_restart": len(near_restart),
+        "max_tx_latency_near_pg_outage_s": round(max(near_outage, default=0.0), 2),
+        "tx_near_pg_outage": len(near_outage),
         "pg_outages_s": [f["took_s"] for f in faults if f["kind"] == "pg_outage"],
-        "republished": republished, "outages_reported": dict(lived),
+        "republished": republished,
+        "outages_reported": dict(lived),
         "retries": retries,
     }

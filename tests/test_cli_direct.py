@@ -10,12 +10,18 @@ from mailflow.testing.sink import SinkServer
 
 from .conftest import run_cli
 
+pytestmark = pytest.mark.process
+
 
 def test_senders_test_on_a_direct_sender_ehlos_the_mx_host_of_the_domain_it_is_given(env):
     with SinkServer() as server:
         # The sink stands in for example.net's MX host; every other domain routes to a closed port.
-        denv = dict(env, MAILFLOW_MX_OVERRIDES=json.dumps({"example.net": f"127.0.0.1:{server.port}", "*": "127.0.0.1:1"}))
-        added = run_cli(denv, "senders", "add", "direct", "--from", "news@example.org", "--relay", "direct://?timeout=5")
+        denv = dict(
+            env, MAILFLOW_MX_OVERRIDES=json.dumps({"example.net": f"127.0.0.1:{server.port}", "*": "127.0.0.1:1"})
+        )
+        added = run_cli(
+            denv, "senders", "add", "direct", "--from", "news@example.org", "--relay", "direct://?timeout=5"
+        )
         assert added.returncode == 0, added.stderr
         assert "via direct to MX hosts, tls opportunistic" in added.stdout
 

@@ -9,10 +9,12 @@ import pytest
 from mailflow.consumers import ConsumerRunner, Projection
 from mailflow.events import EventStore, NewEvent
 from mailflow.events.relay import Relay
-from mailflow.projectors.event_counts import EventCounts
 from mailflow.infra.services import connect, redis_client
+from mailflow.projectors.event_counts import EventCounts
 
 from .conftest import wait_until
+
+pytestmark = pytest.mark.integration
 
 TRUTH = """
 SELECT type, date_trunc('hour', recorded_at, 'UTC') AS hour, count(*)
@@ -41,10 +43,7 @@ def fill(store: EventStore, n: int, types=("Sent", "Opened", "Bounced")) -> None
 
 
 def entries_for(store: EventStore, after: int, limit: int):
-    return [
-        (f"{e.position}-0".encode(), {b"event": e.to_json()})
-        for e in store.read_all(after, limit)
-    ]
+    return [(f"{e.position}-0".encode(), {b"event": e.to_json()}) for e in store.read_all(after, limit)]
 
 
 def test_catch_up_from_postgres_applies_every_event_once(rt, store, settings, db_url):
@@ -142,7 +141,9 @@ def test_rebuild_from_a_position_gives_the_same_result_as_from_scratch(rt, store
 
 def test_two_runners_of_one_projection_never_apply_an_event_twice(rt, store, settings, db_url):
     fill(store, 1200)
-    runners = [ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings, consumer_id=f"c{i}") for i in range(2)]
+    runners = [
+        ConsumerRunner(EventCounts(), store, rt.services.redis_url, settings, consumer_id=f"c{i}") for i in range(2)
+    ]
     for r in runners:
         r.ensure_checkpoint()
     ts = [threading.Thread(target=r.catch_up) for r in runners]
@@ -262,7 +263,7 @@ def test_a_malformed_stream_entry_is_recorded_acknowledged_and_cannot_be_retried
 
 
 def test_envelopes_read_from_redis_are_upcast_like_those_read_from_postgres(rt, settings):
-    from mailflow.events import EventRegistry, Event
+    from mailflow.events import Event, EventRegistry
 
     reg = EventRegistry()
 
@@ -292,3 +293,58 @@ def test_envelopes_read_from_redis_are_upcast_like_those_read_from_postgres(rt, 
     runner.close()
     store.close()
     old_store.close()
+
+
+def test_a_relay_that_lost_its_stream_republishes_from_the_oldest_checkpoint_a_consumer_needs(rt, store, settings, db):
+    from mailflow.consumers.runtime import retention_floor
+
+    fill(store, 100)
+    assert retention_floor(db) is None  # no consumer yet
+    for name, position in (("slow", 60), ("fast", 90)):
+        db.execute("INSERT INTO consumer_checkpoints (consumer, position) VALUES (%s, %s)", (name, position))
+    assert retention_floor(db) == 60
+    stop = threading.Event()
+    relay = Relay(store, rt.services.redis_url, settings, retention_floor=retention_floor)
+    t = threading.Thread(target=relay.run, args=(stop,))
+    t.start()
+    try:
+        r = redis_client(rt.services.redis_url)
+        wait_until(lambda: r.xlen(rt.keys.events) == 40, what="positions 61..100 in Redis")
+        assert [int(e[0].split(b"-")[0]) for e in r.xrange(rt.keys.events)] == list(range(61, 101))
+        assert relay.stats.republished_from == 60
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def test_dead_letters_are_read_by_column_name_whatever_order_the_query_lists_them_in(rt, store, db, monkeypatch):
+    from mailflow.consumers import dlq
+    from mailflow.consumers import queries as q
+
+    event_id = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+    db.execute(
+        "INSERT INTO dead_letters (consumer, position, event_id, event_type, attempts, error) "
+        "VALUES ('event_counts', 7, %s, 'Sent', 3, 'boom')",
+        (event_id,),
+    )
+    reordered = q.LIST_DEAD_LETTERS.replace(
+        "SELECT id, consumer, position, event_id, event_type, attempts, error, status, created_at, resolved_at,\n       entry_id",
+        "SELECT entry_id, error, resolved_at, status, attempts, created_at, event_type, event_id, position, consumer, id",
+    )
+    assert reordered != q.LIST_DEAD_LETTERS
+    monkeypatch.setattr(q, "LIST_DEAD_LETTERS", reordered)
+    [letter] = dlq.DeadLetters(db, store, redis_client(rt.services.redis_url), rt.keys).list()
+    assert (letter.consumer, letter.position, letter.event_id, letter.event_type) == (
+        "event_counts",
+        7,
+        event_id,
+        "Sent",
+    )
+    assert (letter.attempts, letter.error, letter.status, letter.entry_id, letter.resolved_at) == (
+        3,
+        "boom",
+        "open",
+        None,
+        None,
+    )
+    assert letter.to_dict()["created_at"].startswith(str(letter.created_at.year))

@@ -8,11 +8,13 @@ import re
 import pytest
 
 from mailflow.errors import NotFoundError
+from mailflow.infra.services import connect
 from mailflow.outbound import segments, suppressions, templates
 from mailflow.outbound.contacts import import_contacts, parse_csv
 from mailflow.outbound.segments import SegmentError, compile_filter
 from mailflow.outbound.templates import Template, TemplateError
-from mailflow.infra.services import connect
+
+pytestmark = pytest.mark.integration
 
 CSV = """email,first_name,country,age,plan,vip
 ann@example.org,Ann,NL,34,pro,true
@@ -116,7 +118,12 @@ def test_a_saved_segment_is_loaded_by_name_and_redefinition_replaces_it(store, d
 
 
 def test_templates_render_per_contact_and_errors_name_template_line_and_variable(store, db_url):
-    tpl = Template("welcome", "Hi {{ first_name }}", "<h1>Hi</h1>\n<p>{{ first_name }} from {{ country }}</p>", "Hi {{ first_name }}")
+    tpl = Template(
+        "welcome",
+        "Hi {{ first_name }}",
+        "<h1>Hi</h1>\n<p>{{ first_name }} from {{ country }}</p>",
+        "Hi {{ first_name }}",
+    )
     templates.save(store, tpl)
     with connect(db_url) as c:
         loaded = templates.load(c, "welcome")
@@ -124,7 +131,12 @@ def test_templates_render_per_contact_and_errors_name_template_line_and_variable
     assert out.subject == "Hi <Ann>" and "&lt;Ann&gt; from NL" in out.html and out.text == "Hi <Ann>"
     with pytest.raises(TemplateError) as info:
         templates.render(loaded, {"first_name": "Ann"})
-    assert (info.value.template, info.value.part, info.value.line, info.value.variable) == ("welcome", "html", 2, "country")
+    assert (info.value.template, info.value.part, info.value.line, info.value.variable) == (
+        "welcome",
+        "html",
+        2,
+        "country",
+    )
     with pytest.raises(TemplateError, match="syntax error"):
         templates.save(store, Template("broken", "x", "{% for %}"))
     with pytest.raises(TemplateError, match="not allowed"):
@@ -138,9 +150,12 @@ def test_suppressing_an_address_marks_the_contact_and_removal_lifts_it(store, db
         assert [s.email for s in suppressions.listing(c)] == ["bob@example.org"]
         assert c.execute("SELECT status FROM contacts WHERE email = 'bob@example.org'").fetchone()[0] == "bounced"
         assert segments.preview(c, {"status": "active"}).count == 3
-    suppressions.remove(store, "bob@example.org")
+    removed = suppressions.remove(store, "bob@example.org")
     with connect(db_url) as c:
         assert suppressions.listing(c) == []
+        # The contact stays bounced (not mailed) until `contacts reactivate`.
+        assert c.execute("SELECT status FROM contacts WHERE email = 'bob@example.org'").fetchone()[0] == "bounced"
+    assert removed.still_stopped and removed.contact_status == "bounced"
 
 
 def test_csv_values_are_typed_only_when_nothing_is_lost():
@@ -149,4 +164,9 @@ def test_csv_values_are_typed_only_when_nothing_is_lost():
     assert [typed(v) for v in ("42", "-7", "2.5", "true", "FALSE")] == [42, -7, 2.5, True, False]
     # Postcodes, phone numbers, long ids and odd spellings stay text.
     assert [typed(v) for v in ("0123", "+31612345678", "12345678901234567890", "1e5", "1,5")] == [
-        "0123", "+31612345678", "12345678901234567890", "1e5", "1,5"]
+        "0123",
+        "+31612345678",
+        "12345678901234567890",
+        "1e5",
+        "1,5",
+    ]

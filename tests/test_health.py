@@ -17,6 +17,8 @@ from mailflow.infra.health import Backoff, Health, read_statuses, status_dir
 
 from .conftest import run_cli, wait_until
 
+pytestmark = pytest.mark.process
+
 
 def test_backoff_grows_to_its_cap_with_jitter_and_starts_over_after_a_success():
     b = Backoff(base=0.1, cap=2.0)
@@ -41,7 +43,9 @@ def test_an_outage_is_told_once_when_it_starts_and_once_when_it_ends_with_its_le
         h.ok("postgres")
         h.ok("redis")  # never lost: nothing to say
     assert [(e["event"], e["log_level"]) for e in logs] == [
-        ("worker.postgres_unavailable", "warning"), ("worker.postgres_restored", "warning")]
+        ("worker.postgres_unavailable", "warning"),
+        ("worker.postgres_restored", "warning"),
+    ]
     assert "server closed the connection" in logs[0]["error"]
     assert logs[1]["outage_s"] >= 0.2 and "server closed" in logs[1]["first_error"]
     assert h.healthy and h.outage_count["postgres"] == 1
@@ -73,8 +77,18 @@ def test_a_failed_process_leaves_its_last_status_and_a_killed_one_is_shown_as_go
     assert st["state"] == "failed" and st["exit_code"] == 3 and st["alive"] is False
     # A file whose process vanished without a last word (kill -9): same pid start time check.
     other = status_dir(tmp_path) / "relay-x.json"
-    other.write_bytes(orjson.dumps({"role": "relay", "name": "x", "pid": 2**22 + 12345, "host": socket.gethostname(),
-                                    "state": "running", "services": {}}))
+    other.write_bytes(
+        orjson.dumps(
+            {
+                "role": "relay",
+                "name": "x",
+                "pid": 2**22 + 12345,
+                "host": socket.gethostname(),
+                "state": "running",
+                "services": {},
+            }
+        )
+    )
     by_name = {s["name"]: s for s in read_statuses(tmp_path)}
     assert by_name["x"]["state"] == "gone" and by_name["x"]["alive"] is False
     os.utime(other, (time.time() - 7200, time.time() - 7200))
@@ -135,7 +149,9 @@ def test_systemd_hears_ready_status_and_the_watchdog_only_while_the_loop_turns(n
     h.close(0)
 
 
-def test_a_relay_process_is_ready_for_systemd_and_listed_by_mailflow_health_until_it_is_killed(procs, env, notify_socket):
+def test_a_relay_process_is_ready_for_systemd_and_listed_by_mailflow_health_until_it_is_killed(
+    procs, env, notify_socket
+):
     assert run_cli(env, "health").returncode == 1  # nothing runs yet
     relay = procs.start("relay", env=dict(env, NOTIFY_SOCKET=os.environ["NOTIFY_SOCKET"]))
     assert "READY=1" in "".join(_messages(notify_socket, "READY=1", 30))

@@ -9,12 +9,13 @@ from mailflow.events.envelope import Metadata
 from mailflow.infra.services import connect
 from mailflow.outbound import campaigns, segments, sending
 from mailflow.outbound.events import JobCompleted, JobQueued, JobRetryScheduled, JobStarted
-from mailflow.outbound.jobs import ALLOWED, IllegalTransition, JobState, sources
+from mailflow.outbound.jobs import ALLOWED, IllegalTransition, JobState, Priority, sources
 from mailflow.outbound.replies import FailureKind, Outcome, Verdict
 from mailflow.outbound.worker import Claimed, Result, Worker
-from mailflow.outbound.jobs import Priority
 
 from .test_outbound_pipeline import load_contacts, setup_catalog
+
+pytestmark = pytest.mark.integration
 
 S = JobState
 
@@ -22,9 +23,14 @@ S = JobState
 def test_the_graph_is_the_documented_one_plus_cancelling_jobs_that_never_started():
     legal = {(a, b) for a, targets in ALLOWED.items() for b in targets}
     assert legal == {
-        (S.PENDING, S.QUEUED), (S.QUEUED, S.ACTIVE), (S.ACTIVE, S.COMPLETED), (S.ACTIVE, S.FAILED),
-        (S.ACTIVE, S.RETRY), (S.RETRY, S.QUEUED),
-        (S.PENDING, S.FAILED), (S.RETRY, S.FAILED),  # a cancelled campaign's unsent jobs
+        (S.PENDING, S.QUEUED),
+        (S.QUEUED, S.ACTIVE),
+        (S.ACTIVE, S.COMPLETED),
+        (S.ACTIVE, S.FAILED),
+        (S.ACTIVE, S.RETRY),
+        (S.RETRY, S.QUEUED),
+        (S.PENDING, S.FAILED),
+        (S.RETRY, S.FAILED),  # a cancelled campaign's unsent jobs
     }
     assert sources(S.ACTIVE) == ["queued"]
     assert sources(S.FAILED) == ["active", "pending", "retry"]
@@ -32,8 +38,9 @@ def test_the_graph_is_the_documented_one_plus_cancelling_jobs_that_never_started
 
 def _job(rt) -> str:
     setup_catalog(rt.store, "smtp://127.0.0.1:1?tls=none")
-    job_id, _ = sending.send_transactional(rt.store, sender="tx", template="reset", to="ann@example.org",
-                                           variables={"name": "Ann", "code": 1})
+    job_id, _ = sending.send_transactional(
+        rt.store, sender="tx", template="reset", to="ann@example.org", variables={"name": "Ann", "code": 1}
+    )
     return job_id
 
 
@@ -73,11 +80,14 @@ def test_the_jobs_table_refuses_a_move_the_graph_does_not_allow_and_nothing_is_r
 def test_a_result_for_an_earlier_attempt_is_refused_by_the_jobs_table(rt, db_url):
     job_id = _job(rt)
     lease = "2030-01-01T00:00:00+00:00"
-    _record(rt, JobQueued(job_id=job_id, queue_seq=1).to_new(),
-            JobStarted(job_id=job_id, attempt=1, worker="a", lease_until=lease).to_new(),
-            JobRetryScheduled(job_id=job_id, attempt=1, reply="lease expired", due_at=lease).to_new(),
-            JobQueued(job_id=job_id, queue_seq=2).to_new(),
-            JobStarted(job_id=job_id, attempt=2, worker="b", lease_until=lease).to_new())
+    _record(
+        rt,
+        JobQueued(job_id=job_id, queue_seq=1).to_new(),
+        JobStarted(job_id=job_id, attempt=1, worker="a", lease_until=lease).to_new(),
+        JobRetryScheduled(job_id=job_id, attempt=1, reply="lease expired", due_at=lease).to_new(),
+        JobQueued(job_id=job_id, queue_seq=2).to_new(),
+        JobStarted(job_id=job_id, attempt=2, worker="b", lease_until=lease).to_new(),
+    )
     with pytest.raises(IllegalTransition):
         _record(rt, JobCompleted(job_id=job_id, attempt=1, code=250, reply="ok").to_new())
     assert _state(db_url, job_id) == ("active", 2, "b")
@@ -88,11 +98,14 @@ def test_a_worker_does_not_record_the_result_of_a_job_handed_to_another_worker(r
     records its result, the job's history and state stay b's, and a says so in its log."""
     job_id = _job(rt)
     lease = "2030-01-01T00:00:00+00:00"
-    _record(rt, JobQueued(job_id=job_id, queue_seq=1).to_new(),
-            JobStarted(job_id=job_id, attempt=1, worker="a", lease_until=lease).to_new(),
-            JobRetryScheduled(job_id=job_id, attempt=1, reply="lease expired", due_at=lease).to_new(),
-            JobQueued(job_id=job_id, queue_seq=2).to_new(),
-            JobStarted(job_id=job_id, attempt=2, worker="b", lease_until=lease).to_new())
+    _record(
+        rt,
+        JobQueued(job_id=job_id, queue_seq=1).to_new(),
+        JobStarted(job_id=job_id, attempt=1, worker="a", lease_until=lease).to_new(),
+        JobRetryScheduled(job_id=job_id, attempt=1, reply="lease expired", due_at=lease).to_new(),
+        JobQueued(job_id=job_id, queue_seq=2).to_new(),
+        JobStarted(job_id=job_id, attempt=2, worker="b", lease_until=lease).to_new(),
+    )
     before = _count(db_url, job_id)
     worker = Worker(rt.store, rt.services.redis_url, settings, b"secret", name="a")
     job = Claimed(Priority.HIGH, b"1-0", job_id, 1, "ann@example.org", "tx", "reset", {}, None, {})
@@ -108,22 +121,33 @@ def test_cancelling_a_campaign_ends_its_unsent_jobs_and_the_queuer_never_queues_
     cid = campaigns.create(rt.store, name="spring", sender="tx", template="reset", segment="all")
     assert campaigns.start(rt.store, cid) == 3
     with connect(db_url) as c:
-        first, second, _third = [str(r[0]) for r in c.execute(
-            "SELECT id FROM jobs WHERE campaign_id = %s ORDER BY email", (cid,))]
+        first, second, _third = [
+            str(r[0]) for r in c.execute("SELECT id FROM jobs WHERE campaign_id = %s ORDER BY email", (cid,))
+        ]
     lease = "2030-01-01T00:00:00+00:00"
     md = Metadata(correlation_id=f"campaign-{cid}")
     # One job waits to retry, one was sent; the third is still pending.
-    _record(rt, JobQueued(job_id=first, queue_seq=1).to_new(md),
-            JobStarted(job_id=first, attempt=1, worker="w", lease_until=lease).to_new(md),
-            JobRetryScheduled(job_id=first, attempt=1, reply="451 later", due_at=lease).to_new(md),
-            JobQueued(job_id=second, queue_seq=2).to_new(md),
-            JobStarted(job_id=second, attempt=1, worker="w", lease_until=lease).to_new(md),
-            JobCompleted(job_id=second, attempt=1, code=250, reply="ok").to_new(md))
+    _record(
+        rt,
+        JobQueued(job_id=first, queue_seq=1).to_new(md),
+        JobStarted(job_id=first, attempt=1, worker="w", lease_until=lease).to_new(md),
+        JobRetryScheduled(job_id=first, attempt=1, reply="451 later", due_at=lease).to_new(md),
+        JobQueued(job_id=second, queue_seq=2).to_new(md),
+        JobStarted(job_id=second, attempt=1, worker="w", lease_until=lease).to_new(md),
+        JobCompleted(job_id=second, attempt=1, code=250, reply="ok").to_new(md),
+    )
     assert campaigns.cancel(rt.store, cid) == 2
     with connect(db_url) as c:
-        rows = dict(c.execute("SELECT state || ':' || coalesce(failure_kind, ''), count(*) FROM jobs "
-                              "WHERE campaign_id = %s GROUP BY 1", (cid,)).fetchall())
-        kinds = [t for (t,) in c.execute("SELECT type FROM events WHERE stream = %s ORDER BY version", (f"job-{first}",))]
+        rows = dict(
+            c.execute(
+                "SELECT state || ':' || coalesce(failure_kind, ''), count(*) FROM jobs "
+                "WHERE campaign_id = %s GROUP BY 1",
+                (cid,),
+            ).fetchall()
+        )
+        kinds = [
+            t for (t,) in c.execute("SELECT type FROM events WHERE stream = %s ORDER BY version", (f"job-{first}",))
+        ]
     assert rows == {"failed:cancelled": 2, "completed:": 1}
     assert kinds[-1] == "JobFailed"
     with pytest.raises(campaigns.CampaignError):
@@ -131,8 +155,9 @@ def test_cancelling_a_campaign_ends_its_unsent_jobs_and_the_queuer_never_queues_
 
 
 def test_job_events_after_creation_keep_the_campaigns_correlation_id(rt, settings, db_url):
-    from .test_outbound_pipeline import run_pipeline
     from mailflow.testing.sink import Sink, SinkServer
+
+    from .test_outbound_pipeline import run_pipeline
 
     settings = settings.model_copy(update={"queuer_interval_s": 0.02})
     with SinkServer(Sink()) as server:

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import threading
+import uuid
+
+import pytest
 
 from mailflow.infra.migrate import load_migrations, migrate
 from mailflow.infra.services import connect
 
+pytestmark = pytest.mark.integration
 
-def _fresh_db(pg_admin_url: str, name: str) -> str:
+
+def _fresh_db(pg_admin_url: str, prefix: str) -> tuple[str, str]:
+    """A new empty database, named uniquely: other pytest sessions may share the server."""
     import psycopg
 
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with connect(pg_admin_url) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.execute(f'CREATE DATABASE "{name}"')
-    return psycopg.conninfo.make_conninfo(pg_admin_url, dbname=name)
+    return name, psycopg.conninfo.make_conninfo(pg_admin_url, dbname=name)
 
 
 def test_migrate_applies_every_file_once_and_is_a_no_op_the_second_time(pg_admin_url):
-    url = _fresh_db(pg_admin_url, "mftest_migrate_twice")
+    name, url = _fresh_db(pg_admin_url, "mftest_migrate_twice")
     try:
         with connect(url) as conn:
             first = migrate(conn)
@@ -29,11 +36,11 @@ def test_migrate_applies_every_file_once_and_is_a_no_op_the_second_time(pg_admin
         assert recorded == first
     finally:
         with connect(pg_admin_url) as admin:
-            admin.execute('DROP DATABASE "mftest_migrate_twice" WITH (FORCE)')
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def test_two_processes_migrating_at_once_apply_each_file_exactly_once(pg_admin_url):
-    url = _fresh_db(pg_admin_url, "mftest_migrate_race")
+    name, url = _fresh_db(pg_admin_url, "mftest_migrate_race")
     results: list[list[str]] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
@@ -57,4 +64,4 @@ def test_two_processes_migrating_at_once_apply_each_file_exactly_once(pg_admin_u
         assert applied == sorted(m.name for m in load_migrations())
     finally:
         with connect(pg_admin_url) as admin:
-            admin.execute('DROP DATABASE "mftest_migrate_race" WITH (FORCE)')
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -4,36 +4,50 @@ from __future__ import annotations
 
 import email
 import subprocess
+from datetime import UTC
 from email.policy import default
 
 import dkim
 import pytest
 
 from mailflow.errors import UsageError
+from mailflow.mail import message_ids, tokens
 from mailflow.outbound import mime
-from mailflow.mail import tokens
 from mailflow.outbound.senders import Sender, check_sender, parse_relay_url
 from mailflow.outbound.templates import Rendered
+
+pytestmark = pytest.mark.pure
 
 SECRET = b"test-secret"
 
 
 def sender(**kw) -> Sender:
-    base = dict(name="news", from_email="news@example.org", from_name="Example News", relay_url="smtp://127.0.0.1:2525?tls=none")
+    base = dict(
+        name="news", from_email="news@example.org", from_name="Example News", relay_url="smtp://127.0.0.1:2525?tls=none"
+    )
     base.update(kw)
     return Sender(**base)
 
 
 def test_campaign_mail_is_multipart_with_stable_id_verp_and_one_click_unsubscribe():
     r = Rendered("Hello Ann", "<p>Hello <b>Ann</b></p>", "Hello Ann\n")
-    out = mime.build(job_id="job-123", sender=sender(), to="ann@example.net", rendered=r, secret=SECRET,
-                     campaign_id="camp-9", unsubscribe_base_url="https://mail.example.org/u")
-    again = mime.build(job_id="job-123", sender=sender(), to="ann@example.net", rendered=r, secret=SECRET, campaign_id="camp-9")
+    out = mime.build(
+        job_id="job-123",
+        sender=sender(),
+        to="ann@example.net",
+        rendered=r,
+        secret=SECRET,
+        campaign_id="camp-9",
+        unsubscribe_base_url="https://mail.example.org/u",
+    )
+    again = mime.build(
+        job_id="job-123", sender=sender(), to="ann@example.net", rendered=r, secret=SECRET, campaign_id="camp-9"
+    )
     msg = email.message_from_bytes(out.data, policy=default)
     assert msg.get_content_type() == "multipart/alternative"
     assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
     assert msg["Message-ID"] == "<job-123@example.org>" == out.message_id == again.message_id
-    assert mime.job_from_message_id(msg["Message-ID"]) == "job-123"
+    assert message_ids.job_from_message_id(msg["Message-ID"]) == "job-123"
     assert msg["From"] == "Example News <news@example.org>"
     assert tokens.job_from_verp(SECRET, out.mail_from) == "job-123"
     assert out.mail_from.startswith("bounces+") and out.mail_from.endswith("@example.org")
@@ -45,7 +59,9 @@ def test_campaign_mail_is_multipart_with_stable_id_verp_and_one_click_unsubscrib
 
 
 def test_transactional_mail_has_no_unsubscribe_headers_and_html_only_gets_a_text_part():
-    out = mime.build(job_id="j", sender=sender(), to="a@example.net", rendered=Rendered("S", "<p>Hi<br>there</p>", ""), secret=SECRET)
+    out = mime.build(
+        job_id="j", sender=sender(), to="a@example.net", rendered=Rendered("S", "<p>Hi<br>there</p>", ""), secret=SECRET
+    )
     msg = email.message_from_bytes(out.data, policy=default)
     assert msg["List-Unsubscribe"] is None
     assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n").strip() == "Hi\nthere"
@@ -61,14 +77,18 @@ def test_forged_tokens_are_rejected():
 
 def test_dkim_signature_verifies_against_the_public_key():
     key = subprocess.run(["openssl", "genrsa", "2048"], capture_output=True, check=True).stdout
-    pub = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=key, capture_output=True, check=True).stdout
+    pub = subprocess.run(
+        ["openssl", "rsa", "-pubout", "-outform", "DER"], input=key, capture_output=True, check=True
+    ).stdout
     import base64
 
     record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(pub)
     s = sender(dkim_selector="mf1", dkim_key_pem=key.decode())
     out = mime.build(job_id="j1", sender=s, to="a@example.net", rendered=Rendered("S", "<p>x</p>", "x"), secret=SECRET)
     assert out.data.startswith(b"DKIM-Signature:")
-    assert dkim.verify(out.data, dnsfunc=lambda name, timeout=5: record if name == b"mf1._domainkey.example.org." else None)
+    assert dkim.verify(
+        out.data, dnsfunc=lambda name, timeout=5: record if name == b"mf1._domainkey.example.org." else None
+    )
     tampered = out.data.replace(b"Subject: S", b"Subject: T")
     assert not dkim.verify(tampered, dnsfunc=lambda name, timeout=5: record)
 
@@ -165,21 +185,30 @@ def random_text(rnd, n):
 
 def test_messages_are_byte_for_byte_what_the_email_package_generates():
     import random
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     rnd = random.Random(20261128)
-    now = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
     for i in range(400):
         s = sender(from_name=rnd.choice(["", "News", "Ünïcode Nâme", 'A, B "q"', "n" * 90]))
         html = rnd.choice([None, "<p>" + random_text(rnd, rnd.randint(0, 200)) + "</p>"])
         rendered = Rendered(
             rnd.choice(["Hello", "Sübject ü", "s" * 150, "tab\there", " padded "]),
             html,
-            rnd.choice([None, random_text(rnd, rnd.randint(1, 200))]) if html else random_text(rnd, rnd.randint(1, 200)),
+            rnd.choice([None, random_text(rnd, rnd.randint(1, 200))])
+            if html
+            else random_text(rnd, rnd.randint(1, 200)),
         )
-        kw = dict(job_id=f"0190c0de-0000-7000-8000-{i:012d}", sender=s, to="bob@example.net", rendered=rendered,
-                  secret=SECRET, campaign_id=rnd.choice([None, "camp-1"]),
-                  unsubscribe_base_url=rnd.choice([None, "https://mail.example.org/u"]), now=now)
+        kw = dict(
+            job_id=f"0190c0de-0000-7000-8000-{i:012d}",
+            sender=s,
+            to="bob@example.net",
+            rendered=rendered,
+            secret=SECRET,
+            campaign_id=rnd.choice([None, "camp-1"]),
+            unsubscribe_base_url=rnd.choice([None, "https://mail.example.org/u"]),
+            now=now,
+        )
         assert mime.build(**kw).data == reference_build(**kw), kw
 
 

@@ -13,28 +13,30 @@ import asyncio
 import contextlib
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from mailflow.runtime.wiring import Runtime
 from mailflow.config import Settings, settings_env
+from mailflow.consumers import inline
 from mailflow.infra.migrate import migrate
+from mailflow.infra.services import connect, redis_client
 from mailflow.outbound import sending, templates
 from mailflow.outbound import worker as worker_module
 from mailflow.outbound.events import JobStarted
 from mailflow.outbound.queuer import Queuer
 from mailflow.outbound.senders import Sender
-from mailflow.testing.sink import Sink, SinkServer
 from mailflow.outbound.worker import Worker
-from mailflow.consumers import inline
-from mailflow.infra.services import connect, redis_client
+from mailflow.runtime.wiring import Runtime
+from mailflow.testing.sink import Sink, SinkServer
 
 from .conftest import wait_until
 from .servers import Blip, PrivatePostgres
 from .test_outbound_processes import graph_violations
+
+pytestmark = pytest.mark.process
 
 SECRET = b"outage-test"
 
@@ -60,8 +62,10 @@ class Pipeline:
         self.stop = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.astop = asyncio.Event()
-        self.threads = [threading.Thread(target=self.queuer.run, args=(self.stop,)),
-                        threading.Thread(target=self._work)]
+        self.threads = [
+            threading.Thread(target=self.queuer.run, args=(self.stop,)),
+            threading.Thread(target=self._work),
+        ]
 
     def _work(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -80,8 +84,16 @@ class Pipeline:
 
 
 def _settings(db_url: str, redis_url: str, prefix: str, tmp_path, **kw) -> Settings:
-    base = dict(database_url=db_url, redis_url=redis_url, redis_prefix=prefix, home=tmp_path / "home",
-                job_lease_s=30.0, retry_base_s=0.5, rate_limits={"*": 100000}, queuer_interval_s=0.02)
+    base = dict(
+        database_url=db_url,
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        home=tmp_path / "home",
+        job_lease_s=30.0,
+        retry_base_s=0.5,
+        rate_limits={"*": 100000},
+        queuer_interval_s=0.02,
+    )
     return Settings(**{**base, **kw})
 
 
@@ -91,8 +103,12 @@ def _catalog(store, relay_url: str) -> None:
 
 
 def _send(store, n: int) -> list[str]:
-    return [sending.send_transactional(store, sender="tx", template="hello", to=f"u{i}@example.net",
-                                       variables={"name": str(i)})[0] for i in range(n)]
+    return [
+        sending.send_transactional(
+            store, sender="tx", template="hello", to=f"u{i}@example.net", variables={"name": str(i)}
+        )[0]
+        for i in range(n)
+    ]
 
 
 def _history(db_url: str, jid: str) -> list[tuple[str, dict]]:
@@ -122,7 +138,9 @@ def test_sends_in_flight_while_postgresql_is_down_are_recorded_when_it_is_back_a
                 wait_until(lambda: len(sink.received) == 4, 10, what="the sends to finish without PostgreSQL")
                 time.sleep(6.5)  # outcomes wait in memory; longer than the pool's 5 s wait, so it is an outage
                 private_pg.start()
-                wait_until(lambda: set(_states(db_url).values()) == {"completed"}, 20, what="the outcomes to be recorded")
+                wait_until(
+                    lambda: set(_states(db_url).values()) == {"completed"}, 20, what="the outcomes to be recorded"
+                )
         assert sink.delivered_to() == {f"u{i}@example.net": 1 for i in range(4)}
         for jid in jobs:
             hist = _history(db_url, jid)
@@ -196,7 +214,14 @@ def test_a_write_whose_commit_was_not_seen_is_neither_stranded_nor_repeated(
 
 def _active_with_lease(store, jid: str, lease_until: datetime) -> None:
     with inline.writing(store) as w:
-        w.record([(f"job-{jid}", JobStarted(job_id=jid, attempt=1, worker="gone", lease_until=lease_until.isoformat()).to_new())])
+        w.record(
+            [
+                (
+                    f"job-{jid}",
+                    JobStarted(job_id=jid, attempt=1, worker="gone", lease_until=lease_until.isoformat()).to_new(),
+                )
+            ]
+        )
 
 
 def test_early_in_a_queuers_term_lately_expired_leases_are_left_to_their_workers(rt, settings, db_url):
@@ -207,7 +232,7 @@ def test_early_in_a_queuers_term_lately_expired_leases_are_left_to_their_workers
     q = Queuer(rt.store, settings.redis_url, settings)
     r = redis_client(settings.redis_url)
     assert q.tick(r) == 2
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     _active_with_lease(rt.store, recent, now - timedelta(seconds=2))  # its worker may be coming back from an outage
     _active_with_lease(rt.store, old, now - timedelta(seconds=60))  # long dead
     q._term_began = time.monotonic()  # a term that just began (grace: min(20 / 2, 15) = 10 s)
@@ -221,8 +246,12 @@ def test_early_in_a_queuers_term_lately_expired_leases_are_left_to_their_workers
 
 def test_a_leader_whose_lock_connection_dies_stops_leading_and_one_queuer_leads_after(procs, env, db):
     def holders() -> list[int]:
-        return [p for (p,) in db.execute(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 7300010 AND granted").fetchall()]
+        return [
+            p
+            for (p,) in db.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 7300010 AND granted"
+            ).fetchall()
+        ]
 
     a = procs.start("queuer", env=env)
     wait_until(lambda: a.poll() is None and '"queuer.leader"' in procs.log_of(a), 30, what="the first queuer to lead")
@@ -251,11 +280,16 @@ def test_a_network_blip_to_postgresql_and_redis_stops_no_process_and_loses_no_jo
     pg_blip = Blip("127.0.0.1", private_pg.port)
     redis_blip = Blip(str(private_redis_like_tested.sock))
     direct = _settings(private_pg.url_for("mailflow"), private_redis_like_tested.url, "blip", tmp_path)
-    via_blips = direct.model_copy(update={
-        "database_url": f"postgresql://postgres@127.0.0.1:{pg_blip.port}/mailflow",
-        "redis_url": f"redis://127.0.0.1:{redis_blip.port}/0", "secret_key": "blip", "log_format": "json",
-        "worker_concurrency": 16, "job_lease_s": 60.0,
-    })
+    via_blips = direct.model_copy(
+        update={
+            "database_url": f"postgresql://postgres@127.0.0.1:{pg_blip.port}/mailflow",
+            "redis_url": f"redis://127.0.0.1:{redis_blip.port}/0",
+            "secret_key": "blip",
+            "log_format": "json",
+            "worker_concurrency": 16,
+            "job_lease_s": 60.0,
+        }
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILFLOW_")}
     env.update(settings_env(via_blips))
     rt = Runtime(direct, pool_size=4)
@@ -279,8 +313,11 @@ def test_a_network_blip_to_postgresql_and_redis_stops_no_process_and_loses_no_jo
             assert queuer.poll() is None and worker.poll() is None
             pg_blip.thaw()
             redis_blip.thaw()
-            wait_until(lambda: queuer.poll() is None and worker.poll() is None and done() == n, 90,
-                       what="every job to complete after the blip")
+            wait_until(
+                lambda: queuer.poll() is None and worker.poll() is None and done() == n,
+                90,
+                what="every job to complete after the blip",
+            )
             for p in (queuer, worker):
                 p.send_signal(__import__("signal").SIGTERM)
                 assert p.wait(30) == 0, procs.log_of(p)[-3000:]
@@ -298,7 +335,9 @@ def test_a_network_blip_to_postgresql_and_redis_stops_no_process_and_loses_no_jo
         rt.close()
 
 
-def test_mailflow_web_says_503_while_postgresql_is_down_and_200_again_after_without_restarting(private_pg, procs, env, tmp_path):
+def test_mailflow_web_says_503_while_postgresql_is_down_and_200_again_after_without_restarting(
+    private_pg, procs, env, tmp_path
+):
     import httpx
 
     from .servers import free_port
@@ -331,11 +370,21 @@ def test_a_long_running_process_with_a_wrong_database_or_role_stops_at_once_with
     import subprocess
     import sys
 
-    bad = psycopg.conninfo.make_conninfo(pg_admin_url, **({"dbname": "no_such_db"} if what == "database" else {"user": "no_such_role"}))
+    bad = psycopg.conninfo.make_conninfo(
+        pg_admin_url, **({"dbname": "no_such_db"} if what == "database" else {"user": "no_such_role"})
+    )
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "mailflow", "queuer"], env=dict(env, MAILFLOW_DATABASE_URL=bad),
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "mailflow", "queuer"],
+        env=dict(env, MAILFLOW_DATABASE_URL=bad),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 3 and time.monotonic() - started < 30
     [line] = res.stderr.splitlines()
-    assert line.startswith("error: cannot connect to PostgreSQL") and f"no_such_{'db' if what == 'database' else 'role'}" in line
+    assert (
+        line.startswith("error: cannot connect to PostgreSQL")
+        and f"no_such_{'db' if what == 'database' else 'role'}" in line
+    )
     assert "queuer.postgres_unavailable" not in res.stdout

@@ -9,13 +9,22 @@ import pytest
 from mailflow.outbound.ratelimit import RateLimiter
 from mailflow.outbound.replies import FailureKind, Outcome, RetrySchedule, classify, retry_hint_seconds, transient
 
+pytestmark = pytest.mark.pure
+
+
 @pytest.mark.parametrize(
     "code,msg,outcome,kind,suppress",
     [
         (250, "2.0.0 Ok: queued as 4XyZ", Outcome.DELIVERED, FailureKind.NONE, False),
         (421, "4.7.0 Try again later", Outcome.RETRY, FailureKind.TRANSIENT, False),
         (451, "4.3.0 temporary failure", Outcome.RETRY, FailureKind.TRANSIENT, False),
-        (550, "5.1.1 <x@example.org>: Recipient address rejected: User unknown", Outcome.FAILED, FailureKind.BAD_MAILBOX, True),
+        (
+            550,
+            "5.1.1 <x@example.org>: Recipient address rejected: User unknown",
+            Outcome.FAILED,
+            FailureKind.BAD_MAILBOX,
+            True,
+        ),
         (550, "5.7.1 Message rejected due to poor reputation", Outcome.FAILED, FailureKind.POLICY, False),
         (552, "5.2.2 Mailbox full", Outcome.FAILED, FailureKind.MAILBOX_FULL, False),
         (552, "5.3.4 Message size exceeds fixed limit", Outcome.FAILED, FailureKind.MESSAGE, False),

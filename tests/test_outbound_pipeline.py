@@ -6,22 +6,31 @@ import asyncio
 import threading
 import time
 
+import pytest
+
+from mailflow.infra.services import connect, redis_client
 from mailflow.outbound import sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.queuer import Queuer
 from mailflow.outbound.senders import Sender
-from mailflow.testing.sink import Sink, SinkServer
 from mailflow.outbound.worker import Worker
-from mailflow.infra.services import connect, redis_client
+from mailflow.testing.sink import Sink, SinkServer
 
 from .conftest import wait_until
+
+pytestmark = pytest.mark.process
 
 SECRET = b"pipeline-test"
 
 
 def setup_catalog(store, relay_url: str) -> None:
     sending.save_sender(store, Sender("tx", "noreply@example.org", "Example", relay_url))
-    templates.save(store, templates.Template("reset", "Reset for {{ name }}", "<p>Hi {{ name }}, code {{ code }}</p>", "Hi {{ name }}, code {{ code }}"))
+    templates.save(
+        store,
+        templates.Template(
+            "reset", "Reset for {{ name }}", "<p>Hi {{ name }}, code {{ code }}</p>", "Hi {{ name }}, code {{ code }}"
+        ),
+    )
 
 
 def run_pipeline(rt, settings, until, timeout=30.0, redis_url=None):
@@ -60,12 +69,24 @@ def test_each_reply_decides_the_jobs_fate_and_every_attempt_is_an_event(rt, sett
     sink = Sink(tempfail_times=1)
     with SinkServer(sink) as server:
         setup_catalog(rt.store, server.url)
-        rcpts = ["ann@example.net", "bounce-1@example.net", "policy-1@example.net", "tempfail-1@example.net", "drop-1@example.net"]
+        rcpts = [
+            "ann@example.net",
+            "bounce-1@example.net",
+            "policy-1@example.net",
+            "tempfail-1@example.net",
+            "drop-1@example.net",
+        ]
         ids = {}
         for to in rcpts:
-            ids[to], created = sending.send_transactional(rt.store, sender="tx", template="reset", to=to, variables={"name": "X", "code": "123"})
+            ids[to], created = sending.send_transactional(
+                rt.store, sender="tx", template="reset", to=to, variables={"name": "X", "code": "123"}
+            )
             assert created
-        run_pipeline(rt, settings, lambda: all(s in ("completed", "failed") for s in states(db_url).values()) and len(states(db_url)) == 5)
+        run_pipeline(
+            rt,
+            settings,
+            lambda: all(s in ("completed", "failed") for s in states(db_url).values()) and len(states(db_url)) == 5,
+        )
     final = states(db_url)
     assert final == {
         "ann@example.net": "completed",
@@ -78,7 +99,10 @@ def test_each_reply_decides_the_jobs_fate_and_every_attempt_is_an_event(rt, sett
     assert sink.delivered_to() == {"ann@example.net": 1, "tempfail-1@example.net": 1, "drop-1@example.net": 1}
     with connect(db_url) as c:
         history = {
-            to: [t for (t,) in c.execute("SELECT type FROM events WHERE stream = %s ORDER BY version", (f"job-{ids[to]}",))]
+            to: [
+                t
+                for (t,) in c.execute("SELECT type FROM events WHERE stream = %s ORDER BY version", (f"job-{ids[to]}",))
+            ]
             for to in rcpts
         }
         kinds = dict(c.execute("SELECT email, failure_kind FROM jobs WHERE state = 'failed'").fetchall())
@@ -86,7 +110,14 @@ def test_each_reply_decides_the_jobs_fate_and_every_attempt_is_an_event(rt, sett
         replies = dict(c.execute("SELECT email, last_reply FROM jobs").fetchall())
     assert history["ann@example.net"] == ["JobCreated", "JobQueued", "JobStarted", "JobCompleted"]
     assert history["tempfail-1@example.net"] == [
-        "JobCreated", "JobQueued", "JobStarted", "JobRetryScheduled", "JobQueued", "JobStarted", "JobCompleted"]
+        "JobCreated",
+        "JobQueued",
+        "JobStarted",
+        "JobRetryScheduled",
+        "JobQueued",
+        "JobStarted",
+        "JobCompleted",
+    ]
     assert history["drop-1@example.net"][3] == "JobRetryScheduled"
     assert kinds == {"bounce-1@example.net": "bad_mailbox", "policy-1@example.net": "policy"}
     assert suppressed == ["bounce-1@example.net"]  # 5.1.1 suppresses; 5.7.1 does not
@@ -102,8 +133,22 @@ def test_each_reply_decides_the_jobs_fate_and_every_attempt_is_an_event(rt, sett
 def test_the_same_idempotency_key_never_creates_a_second_job(rt, settings, db_url):
     with SinkServer(Sink()) as server:
         setup_catalog(rt.store, server.url)
-    a = sending.send_transactional(rt.store, sender="tx", template="reset", to="a@example.net", variables={"name": "A", "code": 1}, idempotency_key="order-42")
-    b = sending.send_transactional(rt.store, sender="tx", template="reset", to="a@example.net", variables={"name": "A", "code": 1}, idempotency_key="order-42")
+    a = sending.send_transactional(
+        rt.store,
+        sender="tx",
+        template="reset",
+        to="a@example.net",
+        variables={"name": "A", "code": 1},
+        idempotency_key="order-42",
+    )
+    b = sending.send_transactional(
+        rt.store,
+        sender="tx",
+        template="reset",
+        to="a@example.net",
+        variables={"name": "A", "code": 1},
+        idempotency_key="order-42",
+    )
     assert a[0] == b[0] and (a[1], b[1]) == (True, False)
     with connect(db_url) as c:
         assert c.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
@@ -118,7 +163,9 @@ def test_suppressed_addresses_receive_nothing(rt, settings, db_url):
         import_csv_text(rt.store, "email,name\nunsub@example.net,U\n")
         suppressions.add(rt.store, "gone@example.net", reason="complaint")
         for to in ("gone@example.net", "ok@example.net"):
-            sending.send_transactional(rt.store, sender="tx", template="reset", to=to, variables={"name": "N", "code": 1})
+            sending.send_transactional(
+                rt.store, sender="tx", template="reset", to=to, variables={"name": "N", "code": 1}
+            )
         run_pipeline(rt, settings, lambda: sorted(states(db_url).values()) == ["completed", "failed"])
     assert sink.delivered_to() == {"ok@example.net": 1}
     with connect(db_url) as c:
@@ -130,7 +177,9 @@ def queued_transactional(rt, settings, n: int, local: str):
     with SinkServer(Sink()) as server:
         setup_catalog(rt.store, server.url)
     for i in range(n):
-        sending.send_transactional(rt.store, sender="tx", template="reset", to=f"{local}{i}@example.net", variables={"name": "N", "code": 1})
+        sending.send_transactional(
+            rt.store, sender="tx", template="reset", to=f"{local}{i}@example.net", variables={"name": "N", "code": 1}
+        )
     r = redis_client(rt.services.redis_url)
     q = Queuer(rt.store, rt.services.redis_url, settings)
     assert q.tick(r) == n
@@ -172,8 +221,9 @@ def test_an_entry_of_an_earlier_attempt_does_not_stand_for_the_job_queued_again(
     loss of the current one."""
     with SinkServer(Sink()) as server:
         setup_catalog(rt.store, server.url)
-    jid, _ = sending.send_transactional(rt.store, sender="tx", template="reset", to="again@example.net",
-                                        variables={"name": "N", "code": 1})
+    jid, _ = sending.send_transactional(
+        rt.store, sender="tx", template="reset", to="again@example.net", variables={"name": "N", "code": 1}
+    )
     r = redis_client(rt.services.redis_url)
     q = Queuer(rt.store, rt.services.redis_url, settings)
     assert q.tick(r) == 1
@@ -195,14 +245,16 @@ def test_a_flush_between_marking_jobs_queued_and_adding_them_to_redis_loses_none
     re-creates the stream holding only that batch; the batches queued before it, wiped by
     the flush, must still reach a worker (a watermark on the stream's last ID skips them)."""
     pr = private_redis_like_tested
-    settings = settings.model_copy(update={"redis_url": pr.url, "queuer_batch_size": 20, "queuer_interval_s": 0.02,
-                                        "rate_limits": {"*": 100000}})
+    settings = settings.model_copy(
+        update={"redis_url": pr.url, "queuer_batch_size": 20, "queuer_interval_s": 0.02, "rate_limits": {"*": 100000}}
+    )
     sink = Sink()
     with SinkServer(sink) as server:
         setup_catalog(rt.store, server.url)
         for i in range(60):
-            sending.send_transactional(rt.store, sender="tx", template="reset", to=f"f{i}@example.net",
-                                       variables={"name": "N", "code": i})
+            sending.send_transactional(
+                rt.store, sender="tx", template="reset", to=f"f{i}@example.net", variables={"name": "N", "code": i}
+            )
         r = redis_client(pr.url)
         key = rt.keys.jobs("high")
         q = Queuer(rt.store, pr.url, settings)
@@ -245,7 +297,9 @@ def test_a_campaign_sends_once_to_its_snapshot_and_completes(rt, settings, db_ur
     with SinkServer(sink) as server:
         setup_catalog(rt.store, server.url)
         templates.save(rt.store, templates.Template("news", "News for {{ name }}", "<p>Hello {{ name }}</p>"))
-        load_contacts(rt.store, 40, extra="bounce-7@example.net,B,NL\ntempfail-3@example.net,T,NL\nunsub@example.net,U,NL\n")
+        load_contacts(
+            rt.store, 40, extra="bounce-7@example.net,B,NL\ntempfail-3@example.net,T,NL\nunsub@example.net,U,NL\n"
+        )
         suppressions.add(rt.store, "user5@example.net", reason="complaint")
         segments.define(rt.store, "dutch", {"attributes.country": "NL"})
         cid = campaigns.create(rt.store, name="spring", sender="tx", template="news", segment="dutch")
@@ -277,7 +331,9 @@ def test_a_campaign_sends_once_to_its_snapshot_and_completes(rt, settings, db_ur
 def test_transactional_mail_overtakes_a_running_campaign(rt, settings, db_url):
     from mailflow.outbound import campaigns, segments
 
-    settings = settings.model_copy(update={"worker_concurrency": 4, "queuer_interval_s": 0.02, "worker_connections_per_relay": 4})
+    settings = settings.model_copy(
+        update={"worker_concurrency": 4, "queuer_interval_s": 0.02, "worker_connections_per_relay": 4}
+    )
     sink = Sink(delay_s=0.02)  # each message takes a while: the campaign needs ~1.5 s
     with SinkServer(sink) as server:
         setup_catalog(rt.store, server.url)
@@ -290,17 +346,32 @@ def test_transactional_mail_overtakes_a_running_campaign(rt, settings, db_url):
 
         def until():
             with connect(db_url) as c:
-                accepted = c.execute("SELECT count(*) FROM jobs WHERE campaign_id = %s AND state = 'completed'", (cid,)).fetchone()[0]
+                accepted = c.execute(
+                    "SELECT count(*) FROM jobs WHERE campaign_id = %s AND state = 'completed'", (cid,)
+                ).fetchone()[0]
                 if accepted >= 30 and not sent_tx.is_set():
-                    sending.send_transactional(rt.store, sender="tx", template="reset", to="vip@example.net", variables={"name": "V", "code": 9})
+                    sending.send_transactional(
+                        rt.store,
+                        sender="tx",
+                        template="reset",
+                        to="vip@example.net",
+                        variables={"name": "V", "code": 9},
+                    )
                     sent_tx.set()
-                return c.execute("SELECT count(*) FROM jobs WHERE state NOT IN ('completed', 'failed')").fetchone()[0] == 0 and sent_tx.is_set()
+                return (
+                    c.execute("SELECT count(*) FROM jobs WHERE state NOT IN ('completed', 'failed')").fetchone()[0] == 0
+                    and sent_tx.is_set()
+                )
 
         run_pipeline(rt, settings, until, timeout=60)
     with connect(db_url) as c:
         tx_accepted = c.execute("SELECT accepted_at FROM jobs WHERE email = 'vip@example.net'").fetchone()[0]
-        after = c.execute("SELECT count(*) FROM jobs WHERE campaign_id = %s AND accepted_at > %s", (cid, tx_accepted)).fetchone()[0]
-        tx_latency = c.execute("SELECT extract(epoch FROM accepted_at - created_at) FROM jobs WHERE email = 'vip@example.net'").fetchone()[0]
+        after = c.execute(
+            "SELECT count(*) FROM jobs WHERE campaign_id = %s AND accepted_at > %s", (cid, tx_accepted)
+        ).fetchone()[0]
+        tx_latency = c.execute(
+            "SELECT extract(epoch FROM accepted_at - created_at) FROM jobs WHERE email = 'vip@example.net'"
+        ).fetchone()[0]
     # It did not wait for the campaign: most of the campaign was accepted after it.
     assert after > 150, f"only {after} campaign messages were accepted after the transactional one"
     assert float(tx_latency) < 2.0
@@ -313,7 +384,9 @@ def test_entries_left_unstarted_by_a_dead_worker_are_reclaimed_and_sent_once(rt,
     with SinkServer(sink) as server:
         setup_catalog(rt.store, server.url)
         for i in range(3):
-            sending.send_transactional(rt.store, sender="tx", template="reset", to=f"o{i}@example.net", variables={"name": "N", "code": 1})
+            sending.send_transactional(
+                rt.store, sender="tx", template="reset", to=f"o{i}@example.net", variables={"name": "N", "code": 1}
+            )
         r = redis_client(rt.services.redis_url)
         Queuer(rt.store, rt.services.redis_url, settings).tick(r)
         key = rt.keys.jobs("high")
@@ -373,7 +446,9 @@ def test_a_crash_while_sending_is_recorded_as_an_attempt_not_left_active(rt, set
     settings = settings.model_copy(update={"retry_base_s": 0.05, "retry_max_attempts": 2, "queuer_interval_s": 0.02})
     with SinkServer(Sink()) as server:
         setup_catalog(rt.store, server.url)
-        sending.send_transactional(rt.store, sender="tx", template="reset", to="ann@example.net", variables={"name": "A", "code": 1})
+        sending.send_transactional(
+            rt.store, sender="tx", template="reset", to="ann@example.net", variables={"name": "A", "code": 1}
+        )
         run_pipeline(rt, settings, lambda: states(db_url) == {"ann@example.net": "failed"})
     with connect(db_url) as c:
         attempts, kind, reply = c.execute("SELECT attempts, failure_kind, last_reply FROM jobs").fetchone()

@@ -31,6 +31,8 @@ from mailflow.testing.sink import Sink, SinkServer
 
 from .conftest import Processes, wait_until
 
+pytestmark = pytest.mark.process
+
 GROUP = "workers"
 LEASE_S = 3
 
@@ -82,7 +84,9 @@ def pipeline_env(env: dict[str, str], **extra: str) -> dict[str, str]:
 def setup_campaign(store, relay_url: str, locals_: list[str], name: str = "spring") -> str:
     """Sender, template, contacts <local>@example.net, segment `all`, a draft campaign."""
     sending.save_sender(store, Sender("news", "news@example.org", "Example News", relay_url))
-    templates.save(store, templates.Template("news", "News for {{ name }}", "<p>Hello {{ name }}</p>", "Hello {{ name }}"))
+    templates.save(
+        store, templates.Template("news", "News for {{ name }}", "<p>Hello {{ name }}</p>", "Hello {{ name }}")
+    )
     rows = "\n".join(f"{lp}@example.net,{lp.title()}" for lp in locals_)
     report = import_csv_text(store, "email,name\n" + rows + "\n")
     assert report.imported == len(locals_) and not report.rejected
@@ -95,7 +99,8 @@ def alive(procs: Processes, *ps: subprocess.Popen[bytes]) -> bool:
     for p in ps:
         if p.poll() is not None:
             raise AssertionError(
-                f"`mailflow {' '.join(p.args[len(MAILFLOW):])}` exited with code {p.returncode}:\n" + procs.log_of(p)[-4000:]
+                f"`mailflow {' '.join(p.args[len(MAILFLOW) :])}` exited with code {p.returncode}:\n"
+                + procs.log_of(p)[-4000:]
             )
     return True
 
@@ -116,7 +121,9 @@ def log_events(procs: Processes, p: subprocess.Popen[bytes]) -> list[str]:
 
 def start_workers(procs: Processes, env: dict[str, str], *names: str) -> list[subprocess.Popen[bytes]]:
     ws = [procs.start("worker", "--name", n, env=env) for n in names]
-    wait_until(lambda: alive(procs, *ws) and all(in_log(procs, w, "worker.start") for w in ws), 30, what="workers to start")
+    wait_until(
+        lambda: alive(procs, *ws) and all(in_log(procs, w, "worker.start") for w in ws), 30, what="workers to start"
+    )
     return ws
 
 
@@ -135,7 +142,9 @@ def stop(*ps: subprocess.Popen[bytes], timeout: float = 15) -> list[int]:
 
 
 def job_states(db: psycopg.Connection, cid: str) -> Counter:
-    return Counter(dict(db.execute("SELECT state, count(*) FROM jobs WHERE campaign_id = %s GROUP BY 1", (cid,)).fetchall()))
+    return Counter(
+        dict(db.execute("SELECT state, count(*) FROM jobs WHERE campaign_id = %s GROUP BY 1", (cid,)).fetchall())
+    )
 
 
 def active_of(db: psycopg.Connection, worker: str) -> set[str]:
@@ -174,7 +183,8 @@ def wait_campaign_done(db, r, prefix, procs, ps, cid: str, total: int, timeout: 
             return st
         time.sleep(0.1)
     raise AssertionError(
-        f"after {timeout} s the campaign still has unfinished jobs {dict(job_states(db, cid))}:\n" + stuck_report(db, r, prefix)
+        f"after {timeout} s the campaign still has unfinished jobs {dict(job_states(db, cid))}:\n"
+        + stuck_report(db, r, prefix)
     )
 
 
@@ -212,7 +222,11 @@ def graph_violations(events: list[tuple[str, dict]]) -> list[str]:
             state = "queued"
         elif etype == "JobStarted" and state == "queued":
             state, attempt = "active", data["attempt"]
-        elif etype in ("JobCompleted", "JobFailed", "JobRetryScheduled") and state == "active" and data.get("attempt") == attempt:
+        elif (
+            etype in ("JobCompleted", "JobFailed", "JobRetryScheduled")
+            and state == "active"
+            and data.get("attempt") == attempt
+        ):
             state = {"JobCompleted": "completed", "JobFailed": "failed", "JobRetryScheduled": "retry"}[etype]
         else:
             bad.append(f"{etype}(attempt {data.get('attempt')}) while {state} (attempt {attempt})")
@@ -236,8 +250,14 @@ def test_a_worker_killed_mid_campaign_loses_nothing_and_resends_only_what_was_in
 
         # Kill w1 while it has sends in flight, a good way into the campaign.
         wait_until(
-            lambda: alive(procs, queuer, w1, w2) and job_states(db, cid)["completed"] >= 60 and len(active_of(db, "w1")) >= 2,
-            30, interval=0.01, what="w1 to be sending mid-campaign",
+            lambda: (
+                alive(procs, queuer, w1, w2)
+                and job_states(db, cid)["completed"] >= 60
+                and len(active_of(db, "w1")) >= 2
+            ),
+            30,
+            interval=0.01,
+            what="w1 to be sending mid-campaign",
         )
         w1.kill()
         w1.wait(10)
@@ -250,7 +270,8 @@ def test_a_worker_killed_mid_campaign_loses_nothing_and_resends_only_what_was_in
             wait_campaign_done(db, r, prefix, procs, [queuer, w1b, w2], cid, len(recipients), 20)
             wait_until(
                 lambda: db.execute("SELECT status FROM campaigns WHERE id = %s", (cid,)).fetchone()[0] == "completed",
-                10, what="the campaign to be marked completed",
+                10,
+                what="the campaign to be marked completed",
             )
             unfinished = None
         except AssertionError as exc:  # still count the duplicates, then fail below
@@ -320,7 +341,9 @@ def test_stream_entries_of_a_worker_killed_before_it_claimed_them_are_not_lost(p
 # -- b, d. kill -9 the queuer; a standby takes over ------------------------------------------
 
 
-def test_queuer_killed_mid_campaign_and_replaced_loses_nothing_and_queues_nothing_twice(procs, env, store, db, r, prefix):
+def test_queuer_killed_mid_campaign_and_replaced_loses_nothing_and_queues_nothing_twice(
+    procs, env, store, db, r, prefix
+):
     # Small batches and a shallow stream: the queuer is busy all through the campaign.
     penv = pipeline_env(env, MAILFLOW_QUEUER_BATCH_SIZE="10", MAILFLOW_QUEUE_MAX_DEPTH="10")
     sink = Sink(delay_s=0.03)
@@ -333,8 +356,12 @@ def test_queuer_killed_mid_campaign_and_replaced_loses_nothing_and_queues_nothin
         target = 0
         for _ in range(3):  # kill -9, start another, three times
             target += 50
-            wait_until(lambda: alive(procs, queuer, w1) and job_states(db, cid)["completed"] >= target, 30,
-                       interval=0.01, what=f"{target} accepted")
+            wait_until(
+                lambda: alive(procs, queuer, w1) and job_states(db, cid)["completed"] >= target,
+                30,
+                interval=0.01,
+                what=f"{target} accepted",
+            )
             queuer.kill()
             queuer.wait(10)
             queuer = procs.start("queuer", env=penv)
@@ -363,7 +390,8 @@ def test_a_standby_queuer_takes_over_when_the_leader_is_killed(procs, env, store
         jid, _ = sending.send_transactional(store, sender="tx", template="hello", to=to, variables={"name": "A"})
         wait_until(
             lambda: db.execute("SELECT state FROM jobs WHERE id = %s", (jid,)).fetchone()[0] == "queued",
-            10, what=f"{to} to be queued",
+            10,
+            what=f"{to} to be queued",
         )
         return jid
 
@@ -371,7 +399,9 @@ def test_a_standby_queuer_takes_over_when_the_leader_is_killed(procs, env, store
     assert not in_log(procs, standby, "queuer.leader")
     leader.kill()
     leader.wait(10)
-    wait_until(lambda: alive(procs, standby) and in_log(procs, standby, "queuer.leader"), 15, what="the standby to lead")
+    wait_until(
+        lambda: alive(procs, standby) and in_log(procs, standby, "queuer.leader"), 15, what="the standby to lead"
+    )
     second = send_and_wait_queued("b@example.net")
     events = log_events(procs, standby)
     assert events.index("queuer.standby") < events.index("queuer.leader")
@@ -394,17 +424,25 @@ def test_sigterm_on_a_worker_finishes_its_sends_in_flight_and_exits_0(procs, env
         w1, w2 = start_workers(procs, penv, "w1", "w2")
         campaigns.start(store, cid)
         wait_until(
-            lambda: alive(procs, queuer, w1, w2) and job_states(db, cid)["completed"] >= 10 and len(active_of(db, "w1")) >= 4,
-            30, interval=0.01, what="w1 to have sends in flight",
+            lambda: (
+                alive(procs, queuer, w1, w2)
+                and job_states(db, cid)["completed"] >= 10
+                and len(active_of(db, "w1")) >= 4
+            ),
+            30,
+            interval=0.01,
+            what="w1 to have sends in flight",
         )
         w1.send_signal(signal.SIGTERM)
         in_flight = active_of(db, "w1")  # read after the signal: none of these may be abandoned
         assert w1.wait(15) == 0, procs.log_of(w1)[-3000:]
         assert active_of(db, "w1") == set(), "w1 exited leaving active jobs"
         finished_by_w1 = dict(
-            db.execute("SELECT id::text, state FROM jobs WHERE id = ANY(%s::uuid[]) AND worker = 'w1'", (list(in_flight),)).fetchall()
+            db.execute(
+                "SELECT id::text, state FROM jobs WHERE id = ANY(%s::uuid[]) AND worker = 'w1'", (list(in_flight),)
+            ).fetchall()
         )
-        assert finished_by_w1 == {j: "completed" for j in in_flight}, "w1 did not finish its in-flight sends itself"
+        assert finished_by_w1 == dict.fromkeys(in_flight, "completed"), "w1 did not finish its in-flight sends itself"
         assert in_log(procs, w1, "worker.stopped")
         wait_campaign_done(db, r, prefix, procs, [queuer, w2], cid, len(recipients), 40)
         assert stop(queuer, w2) == [0, 0]
@@ -434,7 +472,8 @@ def test_smtp_faults_end_every_job_with_every_attempt_recorded_and_reported(proc
         wait_campaign_done(db, r, prefix, procs, [queuer, w1, w2], cid, len(recipients), 40)
         wait_until(
             lambda: db.execute("SELECT status FROM campaigns WHERE id = %s", (cid,)).fetchone()[0] == "completed",
-            10, what="the campaign to be marked completed",
+            10,
+            what="the campaign to be marked completed",
         )
         assert stop(queuer, w1, w2) == [0, 0, 0]
 
@@ -442,10 +481,23 @@ def test_smtp_faults_end_every_job_with_every_attempt_recorded_and_reported(proc
     # Every attempt is an event: through the CLI for the jobs tried more than once (in
     # parallel, each CLI start costs half a second), straight from the event log for the rest.
     retried = ["tempfail-1", "drop-1", "busy-1", "stall-1"]
-    running = {lp: subprocess.Popen(mailflow_cmd("jobs", "show", ids[f"{lp}@example.net"], "--json"), env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for lp in retried}
-    status = subprocess.Popen(mailflow_cmd("campaigns", "status", "faulty", "--json"), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = {
+        lp: subprocess.Popen(
+            mailflow_cmd("jobs", "show", ids[f"{lp}@example.net"], "--json"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for lp in retried
+    }
+    status = subprocess.Popen(
+        mailflow_cmd("campaigns", "status", "faulty", "--json"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     shown = {}
     for lp, p in running.items():
         out, errout = p.communicate(timeout=60)
@@ -463,16 +515,30 @@ def test_smtp_faults_end_every_job_with_every_attempt_recorded_and_reported(proc
     assert types["tempfail-1"] == [*once, "JobRetryScheduled", "JobQueued", "JobStarted", "JobCompleted"]
     assert types["drop-1"] == [*once, "JobRetryScheduled", "JobQueued", "JobStarted", "JobCompleted"]
     for lp in ("busy-1", "stall-1"):  # three attempts, then given up
-        assert types[lp] == [*once, "JobRetryScheduled", "JobQueued", "JobStarted", "JobRetryScheduled",
-                             "JobQueued", "JobStarted", "JobFailed"], types[lp]
+        assert types[lp] == [
+            *once,
+            "JobRetryScheduled",
+            "JobQueued",
+            "JobStarted",
+            "JobRetryScheduled",
+            "JobQueued",
+            "JobStarted",
+            "JobFailed",
+        ], types[lp]
         started = [e["data"]["attempt"] for e in shown[lp]["history"] if e["type"] == "JobStarted"]
         assert started == [1, 2, 3]
         assert shown[lp]["job"]["attempts"] == 3 and shown[lp]["job"]["failure_kind"] == "retries_exhausted"
     last = {lp: s["history"][-1]["data"] for lp, s in shown.items()}
-    assert last["bounce-1"]["code"] == 550 and last["bounce-1"]["kind"] == "bad_mailbox" and "5.1.1" in last["bounce-1"]["reply"]
+    assert (
+        last["bounce-1"]["code"] == 550
+        and last["bounce-1"]["kind"] == "bad_mailbox"
+        and "5.1.1" in last["bounce-1"]["reply"]
+    )
     assert last["policy-1"]["kind"] == "policy" and "5.7.1" in last["policy-1"]["reply"]
     assert last["busy-1"]["code"] == 451 and "4.2.1" in last["busy-1"]["reply"]
-    assert "timeout" in last["stall-1"]["reply"].lower() or "timed out" in last["stall-1"]["reply"].lower(), last["stall-1"]
+    assert "timeout" in last["stall-1"]["reply"].lower() or "timed out" in last["stall-1"]["reply"].lower(), last[
+        "stall-1"
+    ]
     retry = next(e["data"] for e in shown["tempfail-1"]["history"] if e["type"] == "JobRetryScheduled")
     assert retry["code"] == 451 and "4.3.0" in retry["reply"]
 
@@ -481,7 +547,9 @@ def test_smtp_faults_end_every_job_with_every_attempt_recorded_and_reported(proc
     assert status.returncode == 0, errout
     st = json.loads(out)
     assert st["status"] == "completed"
-    assert st["jobs"]["completed"] == len(recipients) - 4 and st["jobs"]["failed"] == 4 and st["total"] == len(recipients)
+    assert (
+        st["jobs"]["completed"] == len(recipients) - 4 and st["jobs"]["failed"] == 4 and st["total"] == len(recipients)
+    )
     failures = {f["kind"]: f for f in st["failures"]}
     assert {k: f["count"] for k, f in failures.items()} == {"bad_mailbox": 1, "policy": 1, "retries_exhausted": 2}
     assert "5.1.1" in failures["bad_mailbox"]["example"] and "5.7.1" in failures["policy"]["example"]
@@ -507,19 +575,30 @@ def test_a_send_slower_than_the_lease_is_not_sent_again_while_its_worker_lives(p
     penv = pipeline_env(env, MAILFLOW_JOB_LEASE_S="1.5")
     sink = Sink(delay_s=2.5)  # accepted after 2.5 s: longer than the lease, well within the relay timeout
     with SinkServer(sink) as server:
-        sending.save_sender(store, Sender("tx", "noreply@example.org", "", f"smtp://127.0.0.1:{server.port}?tls=none&timeout=10"))
+        sending.save_sender(
+            store, Sender("tx", "noreply@example.org", "", f"smtp://127.0.0.1:{server.port}?tls=none&timeout=10")
+        )
         templates.save(store, templates.Template("hello", "Hello", "<p>Hi {{ name }}</p>"))
         queuer = start_queuer(procs, penv)
         (w1,) = start_workers(procs, penv, "w1")
-        jid, _ = sending.send_transactional(store, sender="tx", template="hello", to="slow@example.net", variables={"name": "S"})
+        jid, _ = sending.send_transactional(
+            store, sender="tx", template="hello", to="slow@example.net", variables={"name": "S"}
+        )
         wait_until(
-            lambda: alive(procs, queuer, w1)
-            and db.execute("SELECT state FROM jobs WHERE id = %s", (jid,)).fetchone()[0] in ("completed", "failed"),
-            20, what="the job to finish",
+            lambda: (
+                alive(procs, queuer, w1)
+                and db.execute("SELECT state FROM jobs WHERE id = %s", (jid,)).fetchone()[0] in ("completed", "failed")
+            ),
+            20,
+            what="the job to finish",
         )
         assert stop(w1, queuer) == [0, 0]  # SIGTERM: whatever is still in flight finishes and is recorded
-    evs = [(t, d if isinstance(d, dict) else json.loads(d)) for t, d in db.execute(
-        "SELECT type, data FROM events WHERE stream = %s ORDER BY version", (f"job-{jid}",)).fetchall()]
+    evs = [
+        (t, d if isinstance(d, dict) else json.loads(d))
+        for t, d in db.execute(
+            "SELECT type, data FROM events WHERE stream = %s ORDER BY version", (f"job-{jid}",)
+        ).fetchall()
+    ]
     trail = [f"{t}(attempt {d.get('attempt')}{', ' + d['reason'] if d.get('reason') else ''})" for t, d in evs]
     got = receptions(sink)[jid]
     assert got == 1, f"a live worker's slow send was sent {got} times; job history: {trail}"

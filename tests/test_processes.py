@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,6 +27,8 @@ import redis
 from mailflow.events import EventStore, Metadata, NewEvent
 
 from .conftest import Processes, run_cli, wait_until
+
+pytestmark = pytest.mark.process
 
 # Free-form types: registered ones (CampaignCreated, JobQueued, ...) would be validated.
 TYPES = ("OrderPlaced", "OrderPaid", "MessageSent", "MessageBounced", "ReplyReceived")
@@ -86,8 +88,7 @@ def alive(procs: Processes, *ps: subprocess.Popen[bytes]) -> bool:
     for p in ps:
         if p.poll() is not None:
             raise AssertionError(
-                f"`mailflow {' '.join(p.args[3:])}` exited with code {p.returncode}:\n"
-                + procs.log_of(p)[-4000:]
+                f"`mailflow {' '.join(p.args[3:])}` exited with code {p.returncode}:\n" + procs.log_of(p)[-4000:]
             )
     return True
 
@@ -171,9 +172,11 @@ def start_pipeline(
     cons = procs.start("consume", GROUP, env=env)
     relay = procs.start("relay", env=env)
     wait_until(
-        lambda: alive(procs, cons, relay)
-        and r.exists(f"{prefix}:relay:epoch")
-        and GROUP in group_names(r, f"{prefix}:events"),
+        lambda: (
+            alive(procs, cons, relay)
+            and r.exists(f"{prefix}:relay:epoch")
+            and GROUP in group_names(r, f"{prefix}:events")
+        ),
         30,
         what="relay and consumer to start",
     )
@@ -275,7 +278,7 @@ def test_a_non_mailflow_client_reads_the_documented_envelope_with_plain_xreadgro
         assert env["metadata"] == src.metadata.to_dict()
         assert env["recorded_at"].endswith("Z")
         ts = datetime.fromisoformat(env["recorded_at"].replace("Z", "+00:00"))
-        assert ts.utcoffset() == timezone.utc.utcoffset(None)
+        assert ts.utcoffset() == UTC.utcoffset(None)
         assert abs(ts - src.recorded_at).total_seconds() < 1e-3
         ids.append(entry_id)
     assert seen == set(by_id), "every appended event arrives exactly once"
@@ -312,9 +315,7 @@ def test_relay_killed_mid_stream_and_restarted_publishes_every_position_exactly_
     assert_projection_exact(env, db, head)
 
 
-def test_consumer_killed_mid_stream_and_replaced_counts_every_event_once(
-    procs, env, store, db, r, prefix, key
-):
+def test_consumer_killed_mid_stream_and_replaced_counts_every_event_once(procs, env, store, db, r, prefix, key):
     relay, cons = start_pipeline(procs, r, prefix)
     w = Writer(store)
     w.start()
@@ -331,9 +332,7 @@ def test_consumer_killed_mid_stream_and_replaced_counts_every_event_once(
     assert_projection_exact(env, db, head)
 
 
-def test_a_surviving_consumer_reclaims_the_pending_entries_of_a_killed_one(
-    procs, env, store, db, r, prefix, key
-):
+def test_a_surviving_consumer_reclaims_the_pending_entries_of_a_killed_one(procs, env, store, db, r, prefix, key):
     c1 = procs.start("consume", GROUP, "--consumer-id", "c1")
     c2 = procs.start("consume", GROUP, "--consumer-id", "c2")
     relay = procs.start("relay")
@@ -454,9 +453,11 @@ def test_redis_restart_without_persistence_loses_nothing(procs, store, db, on_pr
     down_at = time.monotonic()
     # Both report the outage once, at warning level, and keep retrying (not exit) while it lasts.
     wait_until(
-        lambda: alive(procs, relay, cons)
-        and log_count(procs, relay, "relay.redis_unavailable") == 1
-        and log_count(procs, cons, "consumer.redis_unavailable") == 1,
+        lambda: (
+            alive(procs, relay, cons)
+            and log_count(procs, relay, "relay.redis_unavailable") == 1
+            and log_count(procs, cons, "consumer.redis_unavailable") == 1
+        ),
         30,
         what="both processes to report Redis gone",
     )
@@ -564,9 +565,7 @@ def test_a_poison_event_goes_to_the_dlq_the_consumer_moves_on_and_retry_applies_
 # -- 6. SIGTERM ---------------------------------------------------------------------------
 
 
-def test_sigterm_stops_relay_and_consumer_cleanly_with_a_truthful_checkpoint(
-    procs, env, store, db, r, prefix, key
-):
+def test_sigterm_stops_relay_and_consumer_cleanly_with_a_truthful_checkpoint(procs, env, store, db, r, prefix, key):
     relay, cons = start_pipeline(procs, r, prefix)
     w = Writer(store)
     w.start()
@@ -614,9 +613,11 @@ def test_a_standby_relay_takes_over_after_the_leader_is_killed_without_gaps_or_d
     killed_at = int(last_entry_id(r, key).split("-")[0])
     t0 = time.monotonic()
     wait_until(
-        lambda: alive(procs, standby)
-        and in_log(procs, standby, "relay.leader")
-        and int(last_entry_id(r, key).split("-")[0]) > killed_at,
+        lambda: (
+            alive(procs, standby)
+            and in_log(procs, standby, "relay.leader")
+            and int(last_entry_id(r, key).split("-")[0]) > killed_at
+        ),
         10,
         what="the standby to take over and publish",
     )

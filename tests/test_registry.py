@@ -7,6 +7,8 @@ import pytest
 from mailflow.errors import InvalidEventError
 from mailflow.events import Event, EventRegistry, EventStore, NewEvent
 
+pytestmark = pytest.mark.integration
+
 
 def make_registry() -> tuple[EventRegistry, type[Event]]:
     reg = EventRegistry()
@@ -58,7 +60,7 @@ def test_invalid_data_for_a_registered_type_names_the_field():
 def test_registering_two_models_under_one_type_is_an_error():
     reg, _ = make_registry()
 
-    class ContactAdded(Event):  # noqa: F811 - same name on purpose
+    class ContactAdded(Event):
         email: str
 
     with pytest.raises(ValueError, match="twice"):

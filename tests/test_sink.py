@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from mailflow.testing.sink import FAULTS, FaultRates, fault_for
+
+pytestmark = pytest.mark.pure
 
 
 def test_a_local_part_names_its_fault_and_wins_over_the_rates():

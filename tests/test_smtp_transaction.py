@@ -11,6 +11,8 @@ from aiosmtpd.controller import Controller
 
 from mailflow.outbound import smtp
 
+pytestmark = pytest.mark.integration
+
 MESSAGE = b"Subject: hi\r\nMessage-ID: <1@example.org>\r\n\r\n.leading dot\r\nbody\r\n"
 
 
@@ -80,14 +82,21 @@ async def outcome(coro):
 def test_each_refusal_is_raised_with_the_servers_reply_and_the_session_stays_usable(server):
     handler, port, _ = server
     send = lambda mail_from, rcpt: lambda c: outcome(smtp.transact(c, mail_from, rcpt, MESSAGE))  # noqa: E731
-    results = run(port, [
-        send("refused@example.org", "ann@example.net"),
-        send("bounces@example.org", "nobody@example.net"),
-        send("bounces@example.org", "spam@example.net"),
-        send("bounces@example.org", "ann@example.net"),  # same session, after three refusals
-    ])
-    assert [r[:2] for r in results] == [("SMTPSenderRefused", 550), ("SMTPRecipientRefused", 550),
-                                       ("SMTPDataError", 554), ("ok", 250)]
+    results = run(
+        port,
+        [
+            send("refused@example.org", "ann@example.net"),
+            send("bounces@example.org", "nobody@example.net"),
+            send("bounces@example.org", "spam@example.net"),
+            send("bounces@example.org", "ann@example.net"),  # same session, after three refusals
+        ],
+    )
+    assert [r[:2] for r in results] == [
+        ("SMTPSenderRefused", 550),
+        ("SMTPRecipientRefused", 550),
+        ("SMTPDataError", 554),
+        ("ok", 250),
+    ]
     assert "5.1.1" in results[1][2] and "queued as 42" in results[3][2]
     [(mail_from, rcpts, content)] = handler.accepted
     assert (mail_from, rcpts) == ("bounces@example.org", ["ann@example.net"])
@@ -107,7 +116,9 @@ def test_size_is_declared_and_internationalised_addresses_need_smtputf8(server):
     assert handler.mail_options[-1] == [f"SIZE={len(MESSAGE)}"]
 
 
-@pytest.mark.parametrize("address", ["", "no-at-sign", "a b@example.net", "a@example.net>\r\nRCPT TO:<x@y", "<a@example.net>"])
+@pytest.mark.parametrize(
+    "address", ["", "no-at-sign", "a b@example.net", "a@example.net>\r\nRCPT TO:<x@y", "<a@example.net>"]
+)
 def test_addresses_that_would_break_the_envelope_are_refused_before_sending(address):
     with pytest.raises(ValueError, match="envelope address"):
         smtp.check_address(address)

@@ -12,6 +12,8 @@ from mailflow.errors import ConcurrencyError, DuplicateEventError, InvalidEventE
 from mailflow.events import ANY, NO_STREAM, EventStore, Metadata, NewEvent
 from mailflow.infra.services import connect, open_pool
 
+pytestmark = pytest.mark.integration
+
 
 def ev(t: str = "ThingHappened", **data) -> NewEvent:
     return NewEvent(t, data or {"n": 1})
@@ -243,10 +245,9 @@ def test_append_many_writes_many_streams_in_one_commit_with_per_stream_versions(
 def test_append_many_inside_a_caller_transaction_rolls_back_with_it(store: EventStore, db_url: str):
     conn = connect(db_url)
     try:
-        with pytest.raises(RuntimeError):
-            with conn.transaction():
-                store.append_many([("a", ev()), ("b", ev())], conn=conn)
-                raise RuntimeError("the caller's work failed")
+        with pytest.raises(RuntimeError), conn.transaction():
+            store.append_many([("a", ev()), ("b", ev())], conn=conn)
+            raise RuntimeError("the caller's work failed")
         with conn.transaction():
             store.append_many([("a", ev())], conn=conn)
         store.notify()

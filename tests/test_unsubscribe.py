@@ -24,23 +24,25 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from mailflow.runtime.wiring import Runtime
 from mailflow.errors import ConfigurationError
-from mailflow.outbound import campaigns, mime, segments, suppressions, templates
+from mailflow.infra.services import connect
 from mailflow.mail import tokens
+from mailflow.outbound import campaigns, mime, segments, suppressions, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded
 from mailflow.outbound.senders import Sender
-from mailflow.testing.sink import Sink, SinkServer
 from mailflow.outbound.templates import Rendered
 from mailflow.outbound.unsubscribes import Outcome, UnsubscribeRequest, plan, read_token, unsubscribe
-from mailflow.infra.services import connect
+from mailflow.runtime.wiring import Runtime
+from mailflow.testing.sink import Sink, SinkServer
 from mailflow.web.app import create_app, unsubscribe_path
 from mailflow.web.unsubscribe import is_one_click
 
 from .conftest import run_cli, wait_until
 from .test_outbound_pipeline import SECRET as PIPELINE_SECRET
 from .test_outbound_pipeline import run_pipeline, setup_catalog
+
+pytestmark = pytest.mark.process
 
 SECRET = b"unsubscribe-test"
 CAMPAIGN = "0190f5a2-7c1e-7d0a-9b1e-1f2a3b4c5d6e"
@@ -88,8 +90,14 @@ REQ = UnsubscribeRequest(CAMPAIGN, "ann@example.net")
 def test_an_active_contact_becomes_unsubscribed_with_the_campaign_as_reason():
     outcome, items = plan(REQ, "active", suppressed=False)
     assert outcome is Outcome.UNSUBSCRIBED
-    assert items == [("contact-ann@example.net", ContactStatusChanged(
-        email="ann@example.net", status="unsubscribed", reason=f"unsubscribe link (campaign {CAMPAIGN})"))]
+    assert items == [
+        (
+            "contact-ann@example.net",
+            ContactStatusChanged(
+                email="ann@example.net", status="unsubscribed", reason=f"unsubscribe link (campaign {CAMPAIGN})"
+            ),
+        )
+    ]
     # A suppression (say, manual) does not make the contact's status say unsubscribed.
     assert plan(REQ, "active", suppressed=True)[0] is Outcome.UNSUBSCRIBED
 
@@ -102,8 +110,14 @@ def test_a_contact_that_is_already_stopped_is_left_as_it_is(status):
 def test_an_address_without_a_contact_is_suppressed_once():
     outcome, items = plan(REQ, None, suppressed=False)
     assert outcome is Outcome.SUPPRESSED
-    assert items == [("suppression-ann@example.net", SuppressionAdded(
-        email="ann@example.net", reason="unsubscribe", detail=f"unsubscribe link (campaign {CAMPAIGN})"))]
+    assert items == [
+        (
+            "suppression-ann@example.net",
+            SuppressionAdded(
+                email="ann@example.net", reason="unsubscribe", detail=f"unsubscribe link (campaign {CAMPAIGN})"
+            ),
+        )
+    ]
     assert plan(REQ, None, suppressed=True) == (Outcome.ALREADY, [])
 
 
@@ -112,11 +126,18 @@ def test_an_address_without_a_contact_is_suppressed_once():
     [
         ("application/x-www-form-urlencoded", b"List-Unsubscribe=One-Click", True),
         ("", b"List-Unsubscribe=One-Click", True),
-        ("multipart/form-data; boundary=b1",
-         b'--b1\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n\r\nOne-Click\r\n--b1--\r\n', True),
+        (
+            "multipart/form-data; boundary=b1",
+            b'--b1\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n\r\nOne-Click\r\n--b1--\r\n',
+            True,
+        ),
         ("application/x-www-form-urlencoded", b"confirm=yes", False),
         ("application/x-www-form-urlencoded", b"List-Unsubscribe=Two-Clicks", False),
-        ("multipart/form-data; boundary=b1", b'--b1\r\nContent-Disposition: form-data; name="x"\r\n\r\nOne-Click\r\n--b1--\r\n', False),
+        (
+            "multipart/form-data; boundary=b1",
+            b'--b1\r\nContent-Disposition: form-data; name="x"\r\n\r\nOne-Click\r\n--b1--\r\n',
+            False,
+        ),
     ],
 )
 def test_one_click_bodies_are_recognised_in_both_encodings_rfc_8058_allows(content_type, body, expected):
@@ -154,7 +175,9 @@ def contact_status(db_url: str, email_: str) -> str | None:
 
 def stream_events(db_url: str, stream: str) -> list[tuple[str, dict, dict]]:
     with connect(db_url) as c:
-        return c.execute("SELECT type, data, metadata FROM events WHERE stream = %s ORDER BY version", (stream,)).fetchall()
+        return c.execute(
+            "SELECT type, data, metadata FROM events WHERE stream = %s ORDER BY version", (stream,)
+        ).fetchall()
 
 
 def test_get_shows_a_confirmation_form_and_changes_nothing(rt, client, db_url):
@@ -179,7 +202,11 @@ def test_a_one_click_post_unsubscribes_the_contact_once(rt, client, db_url):
     assert contact_status(db_url, "bob@example.net") == "active"
     [(etype, data, metadata)] = stream_events(db_url, "contact-ann@example.net")
     assert etype == "ContactStatusChanged"
-    assert data == {"email": "ann@example.net", "status": "unsubscribed", "reason": f"unsubscribe link (campaign {CAMPAIGN})"}
+    assert data == {
+        "email": "ann@example.net",
+        "status": "unsubscribed",
+        "reason": f"unsubscribe link (campaign {CAMPAIGN})",
+    }
     assert metadata["actor"] == "unsubscribe-link" and metadata["correlation_id"] == f"campaign-{CAMPAIGN}"
 
     after_first = event_count(db_url)
@@ -226,7 +253,9 @@ def test_an_address_without_a_contact_is_suppressed_and_never_twice(rt, client, 
     assert client.post(url, data=ONE_CLICK).status_code == 200
     with connect(db_url) as c:
         assert c.execute("SELECT reason, detail FROM suppressions WHERE email = 'gone@example.net'").fetchone() == (
-            "unsubscribe", f"unsubscribe link (campaign {CAMPAIGN})")
+            "unsubscribe",
+            f"unsubscribe link (campaign {CAMPAIGN})",
+        )
     assert contact_status(db_url, "gone@example.net") is None  # no contact is made up
     before = event_count(db_url)
     assert client.post(url, data=ONE_CLICK).status_code == 200
@@ -308,9 +337,15 @@ def test_mailflow_web_serves_a_real_one_click_post_and_exits_0_on_sigterm(procs,
 
     wait_until(healthy, 30, what="`mailflow web` to answer /healthz")
     # The link exactly as a campaign message carries it, signed with the process's key.
-    out = mime.build(job_id="job-1", sender=Sender("news", "news@example.org", "", "smtp://127.0.0.1:25?tls=none"),
-                     to="ann@example.net", rendered=Rendered("Hi", "<p>Hi</p>", "Hi\n"), secret=SECRET,
-                     campaign_id=CAMPAIGN, unsubscribe_base_url=base)
+    out = mime.build(
+        job_id="job-1",
+        sender=Sender("news", "news@example.org", "", "smtp://127.0.0.1:25?tls=none"),
+        to="ann@example.net",
+        rendered=Rendered("Hi", "<p>Hi</p>", "Hi\n"),
+        secret=SECRET,
+        campaign_id=CAMPAIGN,
+        unsubscribe_base_url=base,
+    )
     url = re.findall(r"<([^>]+)>", email.message_from_bytes(out.data, policy=default)["List-Unsubscribe"])[0]
     assert url.startswith(base + "/")
     res = httpx.post(url, data=ONE_CLICK, timeout=10)
@@ -335,7 +370,9 @@ def test_mailflow_web_on_a_port_in_use_is_one_line_and_exit_1(env):
 
 
 def test_mailflow_web_with_a_base_url_that_is_not_a_url_is_one_line_and_exit_2(env):
-    res = run_cli(dict(env, MAILFLOW_UNSUBSCRIBE_BASE_URL="mail.example.org/unsubscribe"), "web", "--port", str(free_port()))
+    res = run_cli(
+        dict(env, MAILFLOW_UNSUBSCRIBE_BASE_URL="mail.example.org/unsubscribe"), "web", "--port", str(free_port())
+    )
     assert res.returncode == 2, res.stderr
     [line] = res.stderr.strip().splitlines()
     assert "MAILFLOW_UNSUBSCRIBE_BASE_URL" in line and "https://" in line
@@ -354,6 +391,7 @@ def test_the_link_in_a_sent_campaign_message_unsubscribes_and_the_worker_then_re
         def check() -> bool:
             with connect(db_url) as c:
                 return c.execute("SELECT status FROM campaigns WHERE id = %s", (cid,)).fetchone()[0] == "completed"
+
         return check
 
     def received(cid: str) -> dict[str, email.message.EmailMessage]:

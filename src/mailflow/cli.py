@@ -91,8 +91,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    _version_flag: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
-                                       help="Print the version and exit."),
+    _version_flag: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+    ),
 ) -> None:
     """mailflow: an event-sourced email pipeline. `mailflow demo` shows it end to end."""
 
@@ -142,8 +143,7 @@ def _report(exc: Exception) -> int:
     if debug_enabled():
         raise exc
     _err(
-        f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
-        "(set MAILFLOW_DEBUG=1 for a traceback)",
+        f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (set MAILFLOW_DEBUG=1 for a traceback)",
     )
     return 70
 

@@ -1,7 +1,10 @@
 """Configuration room: every setting comes from MAILFLOW_* environment variables, read once.
 
 With no MAILFLOW_DATABASE_URL / MAILFLOW_REDIS_URL the embedded PostgreSQL and Redis
-under MAILFLOW_HOME are used (started on demand, shared by every process).
+under MAILFLOW_HOME are used (started on demand, shared by every process). A URL that is
+set is checked here, before anything connects: a malformed one is a settings mistake to
+fix (exit code 2), not an outage to wait out, and a bare `postgresql://` that names no
+host and no database would otherwise reach whatever the local socket offers.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from mailflow.errors import ConfigurationError
@@ -53,7 +56,9 @@ class Settings(BaseSettings):
     queuer_batch_size: int = Field(default=500, ge=1)
     queuer_interval_s: float = Field(default=0.05, gt=0)
     queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: stop filling a deeper stream
-    queuer_reconcile_interval_s: float = Field(default=5.0, gt=0)  # check the streams against the queued jobs this often
+    queuer_reconcile_interval_s: float = Field(
+        default=5.0, gt=0
+    )  # check the streams against the queued jobs this often
     rate_limits: dict[str, float] = Field(default_factory=dict)  # {"*": 50, "gmail.com": 20} messages/s
     job_lease_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int = Field(default=128, ge=1)
@@ -73,6 +78,105 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         return self.database_url is None or self.redis_url is None
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str | None:
+        problem = None if url is None else database_url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        problem = None if url is None else redis_url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why `url` cannot name a PostgreSQL database, or None when it can.
+
+    A postgresql:// (or postgres://) URL or a libpq key=value string, as libpq parses it,
+    naming a host or a database (or both); ports are numbers. Passwords are masked."""
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not url.strip():
+        return "is empty; unset it to use the embedded PostgreSQL, or give e.g. postgresql://localhost/mailflow"
+    scheme, is_url, _ = url.partition("://")
+    if is_url and scheme.lower() not in POSTGRES_SCHEMES:
+        return (
+            f"{mask_url(url)} is not a PostgreSQL URL: it must start with postgresql:// "
+            "(or be a libpq string such as 'host=db dbname=mailflow')"
+        )
+    try:
+        params = conninfo_to_dict(url)
+    except PsycopgError as exc:
+        what = "PostgreSQL URL" if is_url else "PostgreSQL URL or libpq connection string"
+        return f"{_masked(url)} is not a valid {what}: {_libpq_reason(url, exc)}"
+    if not (params.get("host") or params.get("hostaddr") or params.get("dbname")):
+        return (
+            f"{mask_url(url)} names no host and no database; give at least one, "
+            "e.g. postgresql://localhost/mailflow or postgresql:///mailflow for the local socket"
+        )
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return f"{mask_url(url)}: the port must be a number from 1 to 65535"
+    return None
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` cannot name a Redis server, or None: redis://, rediss:// or unix:///path."""
+    if not url.strip():
+        return "is empty; unset it to use the embedded Redis, or give e.g. redis://localhost:6379/0"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        return f"{mask_url(url)} is not a valid Redis URL: {exc}"
+    if parts.scheme.lower() not in REDIS_SCHEMES:
+        return f"{mask_url(url)} is not a Redis URL: it must start with redis://, rediss:// or unix://"
+    if parts.scheme.lower() == "unix" and not parts.path:
+        return f"{mask_url(url)} names no socket; give its path, e.g. unix:///run/redis/redis.sock"
+    return None
+
+
+def check_service_urls(database_url: str | None, redis_url: str | None) -> None:
+    """ConfigurationError naming the variable for a URL that bypassed Settings' validation
+    (`model_copy(update=...)` does not validate); see services.resolve()."""
+    for name, url, problem_of in (
+        ("DATABASE_URL", database_url, database_url_problem),
+        ("REDIS_URL", redis_url, redis_url_problem),
+    ):
+        problem = None if url is None else problem_of(url)
+        if problem:
+            raise ConfigurationError(f"bad setting MAILFLOW_{name}: {problem}")
+
+
+def _secret_of(url: str) -> str:
+    """The password part of a URL's user info, found without parsing (it may not parse)."""
+    _, _, rest = url.partition("://")
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+    return userinfo.partition(":")[2]
+
+
+def _masked(url: str) -> str:
+    secret = _secret_of(url)
+    return url.replace(secret, "***") if secret else url
+
+
+def _libpq_reason(url: str, exc: Exception) -> str:
+    """libpq's first line, which may quote the URL (and so its password): masked."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    secret = _secret_of(url)
+    return text.replace(secret, "***") if secret else text
+
 
 _JSON_EXAMPLES = {
     "rate_limits": '{"*": 50, "gmail.com": 20}',
@@ -88,7 +192,8 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = "MAILFLOW_" + "_".join(str(p) for p in first["loc"]).upper()
-        raise ConfigurationError(f"bad setting {name}: {first['msg']}") from exc
+        message = first["msg"].removeprefix("Value error, ")  # our validators' ValueErrors
+        raise ConfigurationError(f"bad setting {name}: {message}") from exc
     except SettingsError as exc:  # a JSON setting that is not JSON: 'error parsing value for field "x" ...'
         field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
         raise ConfigurationError(

@@ -60,9 +60,7 @@ class ConcurrencyError(ConflictError):
         self.stream = stream
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            f"stream {stream!r} is at version {actual}, expected version {expected}; nothing was written"
-        )
+        super().__init__(f"stream {stream!r} is at version {actual}, expected version {expected}; nothing was written")
 
 
 class DuplicateEventError(ConflictError):

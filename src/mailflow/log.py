@@ -21,9 +21,7 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     json_lines = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer = (
-        structlog.processors.JSONRenderer()
-        if json_lines
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[

@@ -37,8 +37,12 @@ def new_app(help: str | None = None) -> typer.Typer:
 
     Plain click help (no rich boxes, flags without a `<bool>` value), no shell-completion options."""
     return typer.Typer(
-        help=help, no_args_is_help=help is not None, add_completion=False, rich_markup_mode=None,
-        pretty_exceptions_enable=False, context_settings={"help_option_names": ["--help", "-h"], "max_content_width": 80},
+        help=help,
+        no_args_is_help=help is not None,
+        add_completion=False,
+        rich_markup_mode=None,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["--help", "-h"], "max_content_width": 80},
     )
 
 
@@ -94,8 +98,6 @@ def parse_json_object(raw: str, what: str) -> dict[str, Any]:
     return value
 
 
-
-
 def stop_with_parent(stop: threading.Event) -> None:
     """A child of `mailflow up` stops (as on SIGTERM) when its supervisor is gone, even after kill -9."""
     parent = os.environ.get("MAILFLOW_PARENT_PID", "")
@@ -123,8 +125,12 @@ def run_process(
     s = settings()
     log.configure(s.log_level, s.log_format, stream=sys.stdout)
     stop = stop_on_signals()
-    health = Health(role, name or f"{socket.gethostname()}-{os.getpid()}", log.get_logger(f"mailflow.{role}"),
-                    status_dir=status_dir(s.home))
+    health = Health(
+        role,
+        name or f"{socket.gethostname()}-{os.getpid()}",
+        log.get_logger(f"mailflow.{role}"),
+        status_dir=status_dir(s.home),
+    )
     rt = runtime(pool_size=pool_size)
     stop_with_parent(stop)
     code = 70
@@ -141,5 +147,3 @@ def run_process(
         raise
     finally:
         health.close(code)
-
-

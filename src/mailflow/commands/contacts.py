@@ -1,9 +1,10 @@
-"""Commands room: `mailflow contacts` - contacts: import from CSV, list."""
+"""Commands room: `mailflow contacts` - contacts: import from CSV, list, show, update, reactivate."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import orjson
 import typer
@@ -11,12 +12,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
+    err,
     new_app,
-    JsonOpt, emit_json, err, out, quiet_logs, runtime,
+    out,
+    parse_json_object,
+    quiet_logs,
+    runtime,
 )
 from mailflow.errors import UsageError
 
-app = new_app("Contacts: import from CSV, list.")
+app = new_app("Contacts: import from CSV, list, show, update, reactivate.")
 
 
 @app.command("import")
@@ -43,7 +50,9 @@ def contacts_import(
         else:
             with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
                 task = bar.add_task("import", total=total)
-                report = import_contacts(store, parse_csv(fh), path.name, progress=lambda n: bar.update(task, completed=n))
+                report = import_contacts(
+                    store, parse_csv(fh), path.name, progress=lambda n: bar.update(task, completed=n)
+                )
     if as_json:
         emit_json(report.to_dict())
         return
@@ -59,7 +68,7 @@ def contacts_import(
 
 @app.command("list")
 def contacts_list(
-    segment: Optional[str] = typer.Option(None, "--segment", help="Only contacts in this segment."),
+    segment: str | None = typer.Option(None, "--segment", help="Only contacts in this segment."),
     limit: int = typer.Option(50, "--limit", "-n", min=1),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -83,3 +92,95 @@ def print_contacts(pv: Any, as_json: bool) -> None:
     for c in pv.sample:
         table.add_row(c["email"], c["status"], orjson.dumps(c["attributes"]).decode()[:80])
     out.print(table)
+
+
+@app.command("show")
+def contacts_show(email: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
+    """One contact: status, attributes, suppression and its jobs by state."""
+    from mailflow.outbound import contacts
+
+    quiet_logs()
+    with runtime().connect() as conn:
+        c = contacts.show(conn, email)
+    if as_json:
+        emit_json(c.to_dict())
+        return
+    sup = "no"
+    if c.suppression_reason is not None:
+        sup = f"yes ({c.suppression_reason}{': ' + c.suppression_detail if c.suppression_detail else ''})"
+    jobs = ", ".join(f"{n} {state}" for state, n in c.jobs.items()) or "none"
+    out.print(
+        f"{c.email}\n  status:     {c.status}\n  suppressed: {sup}\n"
+        f"  attributes: {orjson.dumps(c.attributes).decode()}\n  jobs:       {jobs}\n"
+        f"  created {c.created_at.isoformat()}, updated {c.updated_at.isoformat()}",
+        markup=False,
+    )
+
+
+def parse_attrs(pairs: list[str], attrs_json: str | None) -> dict[str, Any]:
+    """--attr key=value (typed as a CSV cell is; an empty value removes the key) and --attrs JSON."""
+    from mailflow.outbound.contacts import typed
+
+    values: dict[str, Any] = parse_json_object(attrs_json, "--attrs") if attrs_json else {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--attr {pair!r}: write it as k=v (an empty v removes the attribute)")
+        values[key.strip()] = typed(value) if value.strip() else None
+    return values
+
+
+def acting_user() -> str:
+    """Who is at the keyboard, for the events' metadata: MAILFLOW_ACTOR, else user@host:pid."""
+    from mailflow.events.envelope import default_actor
+
+    return os.environ.get("MAILFLOW_ACTOR", "").strip() or default_actor()
+
+
+@app.command("update")
+def contacts_update(
+    email: str = typer.Argument(...),
+    attr: list[str] = typer.Option([], "--attr", help="key=value (repeatable); an empty value removes the key."),
+    attrs: str | None = typer.Option(
+        None, "--attrs", help='A JSON object, e.g. \'{"plan": "pro"}\'; null removes a key.'
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Set or remove attributes of a contact."""
+    from mailflow.outbound import contacts
+
+    quiet_logs()
+    values = parse_attrs(attr, attrs)
+    result = contacts.update(runtime().store, email, values, actor=acting_user())
+    if as_json:
+        emit_json({"email": contacts.address(email), "attributes": result})
+    else:
+        out.print(f"{contacts.address(email)}: {orjson.dumps(result).decode()}", markup=False)
+
+
+@app.command("reactivate")
+def contacts_reactivate(
+    email: str = typer.Argument(...),
+    reason: str = typer.Option(..., "--reason", help="Why it may be mailed again (kept in the event log)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Mail a bounced, complained, unsubscribed or suppressed contact again: status active and
+    the suppression lifted, recording who (MAILFLOW_ACTOR or the OS user) and why."""
+    from mailflow.outbound import contacts
+
+    quiet_logs()
+    actor = acting_user()
+    r = contacts.reactivate(runtime().store, email, reason=reason, actor=actor)
+    if as_json:
+        emit_json(
+            {
+                "email": r.email,
+                "status": "active",
+                "previous_status": r.previous_status,
+                "suppression_lifted": r.suppression_lifted,
+                "actor": actor,
+            }
+        )
+        return
+    lifted = f", suppression ({r.suppression_lifted}) lifted" if r.suppression_lifted else ""
+    out.print(f"{r.email} is active again (was {r.previous_status}{lifted})", markup=False)

@@ -9,8 +9,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
+    err,
     new_app,
-    JsonOpt, emit_json, err, out, quiet_logs, runtime, settings, state,
+    out,
+    quiet_logs,
+    runtime,
+    settings,
+    state,
 )
 from mailflow.config import mask_url
 
@@ -19,8 +26,12 @@ app = new_app()
 
 @app.command()
 def demo(
-    contacts: int = typer.Option(1000, "--contacts", min=1, max=1_000_000, help="How many contacts to import and mail."),
-    transactional: int = typer.Option(20, "--transactional", min=0, help="Transactional messages sent during the campaign."),
+    contacts: int = typer.Option(
+        1000, "--contacts", min=1, max=1_000_000, help="How many contacts to import and mail."
+    ),
+    transactional: int = typer.Option(
+        20, "--transactional", min=0, help="Transactional messages sent during the campaign."
+    ),
     timeout: float = typer.Option(600, "--timeout", help="Give up after this many seconds."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -33,17 +44,23 @@ def demo(
     quiet_logs()
     base = settings()
     # Demo pacing: retries after seconds, not minutes; no per-domain throttle on the local sink.
-    state.settings = base.model_copy(update={
-        "retry_base_s": 2.0, "retry_max_attempts": 6, "rate_limits": {"*": 5000.0, **base.rate_limits},
-        "job_lease_s": 10.0,  # the killed worker's jobs come back in seconds
-    })
+    state.settings = base.model_copy(
+        update={
+            "retry_base_s": 2.0,
+            "retry_max_attempts": 6,
+            "rate_limits": {"*": 5000.0, **base.rate_limits},
+            "job_lease_s": 10.0,  # the killed worker's jobs come back in seconds
+        }
+    )
     rt = runtime(pool_size=16)
     if not as_json:
         err.print(f"services: PostgreSQL {mask_url(rt.services.database_url)}, Redis {mask_url(rt.services.redis_url)}")
     if as_json:
         res = outbound_demo.run(rt, contacts, transactional, timeout)
     else:
-        with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+        with Progress(
+            TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err
+        ) as bar:
             tasks: dict[str, Any] = {}
 
             def progress(phase: str, done: int, total: int) -> None:
@@ -61,24 +78,33 @@ def demo(
 
 
 def _print_demo(res: Any) -> None:
-    out.print(f"imported {res.contacts} contacts ({res.rejected_rows} bad rows reported), "
-              f"campaign to {res.recipients}, {res.transactional} transactional sent during it")
+    out.print(
+        f"imported {res.contacts} contacts ({res.rejected_rows} bad rows reported), "
+        f"campaign to {res.recipients}, {res.transactional} transactional sent during it"
+    )
     table = Table(title="jobs by state")
     for s_ in res.states:
         table.add_column(s_, justify="right")
     table.add_row(*[str(n) for n in res.states.values()])
     out.print(table)
     in_flight = sum(f.get("jobs_in_flight", 0) for f in res.faults)
-    out.print(f"retry attempts: {res.retries}; duplicates seen by the SMTP server: {res.duplicates}"
-              + (f" (at most the {in_flight} in flight at the kill)" if in_flight else ""))
+    out.print(
+        f"retry attempts: {res.retries}; duplicates seen by the SMTP server: {res.duplicates}"
+        + (f" (at most the {in_flight} in flight at the kill)" if in_flight else "")
+    )
     for f in res.faults:
         if f["kind"] == "worker killed":
-            out.print(f"fault at {f['at']}: {f['child']} killed with {f['signal']} with {f['jobs_in_flight']} job(s) "
-                      f"in flight; restarted after {f.get('restarted_after_s', '?')} s, its jobs retried after their lease",
-                      markup=False)
+            out.print(
+                f"fault at {f['at']}: {f['child']} killed with {f['signal']} with {f['jobs_in_flight']} job(s) "
+                f"in flight; restarted after {f.get('restarted_after_s', '?')} s, its jobs retried after their lease",
+                markup=False,
+            )
         else:
-            out.print(f"fault at {f['at']}: Redis lost the job streams with {f['jobs_queued']} job(s) queued; "
-                      "the queuer added them again from PostgreSQL", markup=False)
+            out.print(
+                f"fault at {f['at']}: Redis lost the job streams with {f['jobs_queued']} job(s) queued; "
+                "the queuer added them again from PostgreSQL",
+                markup=False,
+            )
     for f in res.failures:
         out.print(f"failed {f['count']} x {f['kind']}: {f['example']}", markup=False)
     lat = Table(title="queue latency (pending -> accepted by SMTP) against the SLA")
@@ -87,8 +113,14 @@ def _print_demo(res: Any) -> None:
     for r in res.latency:
         if not r["completed"]:
             continue
-        lat.add_row(r["priority"], str(r["completed"]), f"{r['latency_p50_s']:.2f}s", f"{r['latency_p99_s']:.2f}s",
-                    f"{r['sla_s']:.0f}s", "yes" if r["within_sla"] else "NO")
+        lat.add_row(
+            r["priority"],
+            str(r["completed"]),
+            f"{r['latency_p50_s']:.2f}s",
+            f"{r['latency_p99_s']:.2f}s",
+            f"{r['sla_s']:.0f}s",
+            "yes" if r["within_sla"] else "NO",
+        )
     out.print(lat)
     out.print(f"{res.seconds:.1f} s, {res.messages_per_s} messages/s delivered, {res.events} events recorded")
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import psycopg
 import typer
 from rich.table import Table
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
+    err,
     new_app,
-    JsonOpt, emit_json, err, out, quiet_logs, runtime,
+    out,
+    quiet_logs,
+    runtime,
 )
-from mailflow.errors import MailflowError
 from mailflow.consumers.dlq import DeadLetters
+from mailflow.errors import MailflowError
 from mailflow.runtime.projections import get as get_projection
 from mailflow.runtime.wiring import Runtime
 
@@ -27,7 +30,7 @@ def _dead_letters(rt: Runtime) -> tuple[DeadLetters, psycopg.Connection]:
 
 @app.command("list")
 def dlq_list(
-    consumer: Optional[str] = typer.Option(None, "--consumer", help="Only this consumer."),
+    consumer: str | None = typer.Option(None, "--consumer", help="Only this consumer."),
     include_resolved: bool = typer.Option(False, "--all", help="Include retried and dropped ones."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -47,11 +50,13 @@ def dlq_list(
         table.add_column(col)
     for d in letters:
         where = str(d.position) if d.position is not None else f"entry {d.entry_id}"
-        table.add_row(str(d.id), d.consumer, where, d.event_type or "(malformed)", str(d.attempts), d.status, d.error[:100])
+        table.add_row(
+            str(d.id), d.consumer, where, d.event_type or "(malformed)", str(d.attempts), d.status, d.error[:100]
+        )
     out.print(table)
 
 
-def _dlq_act(action: str, ids: list[int], every: bool, consumer: Optional[str], as_json: bool) -> None:
+def _dlq_act(action: str, ids: list[int], every: bool, consumer: str | None, as_json: bool) -> None:
     quiet_logs()
     rt = runtime()
     dl, conn = _dead_letters(rt)
@@ -80,9 +85,9 @@ def _dlq_act(action: str, ids: list[int], every: bool, consumer: Optional[str], 
 
 @app.command("retry")
 def dlq_retry(
-    ids: Optional[list[int]] = typer.Argument(None, help="Dead letter ids."),
+    ids: list[int] | None = typer.Argument(None, help="Dead letter ids."),
     every: bool = typer.Option(False, "--all", help="Every open dead letter (of --consumer)."),
-    consumer: Optional[str] = typer.Option(None, "--consumer"),
+    consumer: str | None = typer.Option(None, "--consumer"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Re-apply dead-lettered events (after the fault is fixed)."""
@@ -91,9 +96,9 @@ def dlq_retry(
 
 @app.command("drop")
 def dlq_drop(
-    ids: Optional[list[int]] = typer.Argument(None, help="Dead letter ids."),
+    ids: list[int] | None = typer.Argument(None, help="Dead letter ids."),
     every: bool = typer.Option(False, "--all", help="Every open dead letter (of --consumer)."),
-    consumer: Optional[str] = typer.Option(None, "--consumer"),
+    consumer: str | None = typer.Option(None, "--consumer"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Give up on dead letters for good (the events stay in the log)."""

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
-from typing import Optional
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import typer
 from rich.table import Table
 
-from mailflow.infra.lifecycle import stop_on_signals
-from mailflow.consumers.runtime import checkpoints
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
+    err,
     new_app,
-    JsonOpt, emit_json, err, out, parse_json_object, quiet_logs, runtime,
+    out,
+    parse_json_object,
+    quiet_logs,
+    runtime,
 )
+from mailflow.consumers.runtime import checkpoints
 from mailflow.errors import MailflowError, UsageError
 from mailflow.events.envelope import Envelope, Metadata, NewEvent, uuid7
+from mailflow.infra.lifecycle import stop_on_signals
 from mailflow.projectors import event_counts
 
 app = new_app("Append, read and follow events.")
@@ -29,15 +34,17 @@ def events_append(
     stream: str = typer.Argument(..., help="Stream name, e.g. campaign-42."),
     event_type: str = typer.Argument(..., metavar="TYPE", help="Event type, e.g. CampaignCreated."),
     data: str = typer.Option(..., "--data", help="Event data as a JSON object."),
-    expected_version: Optional[int] = typer.Option(
+    expected_version: int | None = typer.Option(
         None, "--expected-version", help="Fail unless the stream is at this version (0 = new stream)."
     ),
     schema: int = typer.Option(1, "--schema", min=1, help="Schema version of the data."),
-    event_id: Optional[str] = typer.Option(None, "--id", help="Event id (UUID); retries with the same id are no-ops."),
-    correlation_id: Optional[str] = typer.Option(None, "--correlation-id"),
-    causation_id: Optional[str] = typer.Option(None, "--causation-id"),
-    tenant: Optional[str] = typer.Option(None, "--tenant"),
-    actor: Optional[str] = typer.Option(None, "--actor"),
+    event_id: str | None = typer.Option(None, "--id", help="Event id (UUID); retries with the same id are no-ops."),
+    correlation_id: str | None = typer.Option(
+        None, "--correlation-id", help="Conversation the event belongs to (default: its own id)."
+    ),
+    causation_id: str | None = typer.Option(None, "--causation-id", help="Id of the event that caused this one."),
+    tenant: str | None = typer.Option(None, "--tenant", help="Tenant the event belongs to."),
+    actor: str | None = typer.Option(None, "--actor", help="Who is acting (default: user@host:pid)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Append one event (an operator's tool, like a console producer)."""
@@ -49,9 +56,7 @@ def events_append(
         raise UsageError(f"--id {event_id!r} is not a UUID") from exc
     md = Metadata(correlation_id=correlation_id, causation_id=causation_id, tenant=tenant, actor=actor)
     store = runtime().store
-    [env] = store.append(
-        stream, [NewEvent(event_type, payload, schema=schema, id=eid, metadata=md)], expected_version
-    )
+    [env] = store.append(stream, [NewEvent(event_type, payload, schema=schema, id=eid, metadata=md)], expected_version)
     # Give it a position now when we can (the relay does it too); appended is committed already.
     if env.position is None:
         store.sequence(wait=False)
@@ -71,16 +76,18 @@ def _fmt_event_line(env: Envelope) -> str:
     data = orjson.dumps(env.data).decode()
     if len(data) > 120:
         data = data[:117] + "..."
-    ts = env.recorded_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    ts = env.recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     return f"{env.position:>8}  {ts}  {env.stream}@{env.version}  {env.type}  {data}"
 
 
 @app.command("tail")
 def events_tail(
-    from_position: Optional[int] = typer.Option(None, "--from", min=1, help="Start at this position (default: the last --limit events)."),
+    from_position: int | None = typer.Option(
+        None, "--from", min=1, help="Start at this position (default: the last --limit events)."
+    ),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until interrupted."),
-    types: Optional[list[str]] = typer.Option(None, "--type", help="Only this type (repeatable)."),
-    stream: Optional[str] = typer.Option(None, "--stream", help="Only this stream."),
+    types: list[str] | None = typer.Option(None, "--type", help="Only this type (repeatable)."),
+    stream: str | None = typer.Option(None, "--stream", help="Only this stream."),
     limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many to show without --from."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -89,8 +96,6 @@ def events_tail(
     rt = runtime()
     store = rt.store
     store.sequence(wait=False)
-    head = store.head()
-    after = from_position - 1 if from_position is not None else max(head - limit, 0)
     stop = stop_on_signals() if follow else threading.Event()
 
     def show(batch: list[Envelope]) -> None:
@@ -104,6 +109,13 @@ def events_tail(
     if listen is not None:
         listen.execute(f"LISTEN {store.channel}")
     try:
+        if from_position is not None:
+            after = from_position - 1
+        else:  # the last --limit events that match, then (with --follow) whatever comes after them
+            head = store.head()
+            last = store.read_last(limit, types=types, stream=stream)
+            show(last)
+            after = max(head, last[-1].position or 0) if last else head
         while True:
             batch = store.read_all(after, 1000, types=types, stream=stream)
             if batch:
@@ -126,7 +138,9 @@ def events_tail(
 
 
 @app.command("show")
-def events_show(position: int = typer.Argument(..., min=1), as_json: bool = JsonOpt) -> None:
+def events_show(
+    position: int = typer.Argument(..., min=1, help="Global position of the event."), as_json: bool = JsonOpt
+) -> None:
     """Show the full envelope of the event at POSITION."""
     quiet_logs()
     env = runtime().store.get(position)
@@ -137,7 +151,9 @@ def events_show(position: int = typer.Argument(..., min=1), as_json: bool = Json
 
 
 @app.command("stream")
-def events_stream(stream: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
+def events_stream(
+    stream: str = typer.Argument(..., help="Stream name, e.g. job-<id>."), as_json: bool = JsonOpt
+) -> None:
     """Show every event of STREAM in version order."""
     quiet_logs()
     envs = runtime().store.read_stream(stream)
@@ -148,7 +164,7 @@ def events_stream(stream: str = typer.Argument(...), as_json: bool = JsonOpt) ->
         return
     for env in envs:
         pos = env.position if env.position is not None else "-"
-        ts = env.recorded_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        ts = env.recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         out.print(f"v{env.version:<5} pos {pos!s:<8} {ts}  {env.type}  {orjson.dumps(env.data).decode()}", markup=False)
 
 
@@ -165,7 +181,7 @@ def events_stats(
     with rt.connect() as conn:
         checkpoint = checkpoints(conn).get("event_counts", (0, None))[0]
         if hourly:
-            since = datetime.now(timezone.utc) - timedelta(hours=24)
+            since = datetime.now(UTC) - timedelta(hours=24)
             rows = event_counts.hourly(conn, since)
         else:
             rows = event_counts.stats(conn)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-
 import typer
 from rich.table import Table
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, out, settings,
+    out,
+    settings,
 )
 from mailflow.infra.health import read_statuses, status_dir
 
@@ -41,8 +43,14 @@ def health(as_json: bool = JsonOpt) -> None:
                     return "-"
                 return "ok" if info.get("ok") else f"down {info.get('down_s', '?')} s"
 
-            table.add_row(f"{st['role']}-{st['name']}"[:32], st["state"], str(st.get("pid", "")),
-                          cell("postgres"), cell("redis"), str(st.get("started_at", ""))[:19])
+            table.add_row(
+                f"{st['role']}-{st['name']}"[:32],
+                st["state"],
+                str(st.get("pid", "")),
+                cell("postgres"),
+                cell("redis"),
+                str(st.get("started_at", ""))[:19],
+            )
         out.print(table)
     if not rows or any(not st["alive"] or st["state"] != "running" for st in rows):
         raise typer.Exit(1)

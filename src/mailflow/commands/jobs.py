@@ -1,63 +1,99 @@
-"""Commands room: `mailflow jobs` - jobs: one per recipient message."""
+"""Commands room: `mailflow jobs` - jobs: one per recipient message (formats outbound/views.py)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from datetime import UTC
+from typing import Any
 
-import orjson
 import typer
+from rich.table import Table
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, iso, out, quiet_logs, runtime,
+    out,
+    quiet_logs,
+    runtime,
 )
-from mailflow.errors import UsageError
-from mailflow.outbound import campaigns, sending
-from mailflow.outbound import queries as oq
+from mailflow.events.envelope import Envelope
+from mailflow.outbound import campaigns, views
+from mailflow.outbound.jobs import JobState, Priority
 
 app = new_app("Jobs: one per recipient message.")
 
 
 @app.command("list")
 def jobs_list(
-    state: Optional[str] = typer.Option(None, "--state"),
-    campaign: Optional[str] = typer.Option(None, "--campaign", help="Campaign id or name."),
-    limit: int = typer.Option(50, "--limit", "-n", min=1),
+    state: JobState | None = typer.Option(None, "--state", help="Only jobs in this state."),
+    priority: Priority | None = typer.Option(None, "--priority", help="Only jobs of this priority."),
+    campaign: str | None = typer.Option(None, "--campaign", help="Only this campaign's jobs (name, id or id prefix)."),
+    limit: int = typer.Option(50, "--limit", "-n", min=1, help="Show at most this many."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Jobs, newest first."""
+    """Jobs, newest first. Ids are shortened to a unique prefix that `jobs show` takes."""
     quiet_logs()
     with runtime().connect() as conn:
         cid = campaigns.find(conn, campaign) if campaign else None
-        rows = conn.execute(oq.LIST_JOBS, {"state": state, "campaign": cid, "limit": limit}).fetchall()
-    keys = ("id", "priority", "state", "email", "campaign_id", "attempts", "last_code", "failure_kind", "created_at", "finished_at")
-    items = [dict(zip(keys, (str(r[0]), r[1], r[2], r[3], str(r[4]) if r[4] else None, *[iso(x) for x in r[5:]]))) for r in rows]
+        jobs = views.list_jobs(conn, state=state, priority=priority, campaign_id=cid, limit=limit)
     if as_json:
-        emit_json(items)
+        emit_json([j.to_dict() for j in jobs])
         return
-    for j in items:
-        out.print(f"{j['id']}  {j['priority']:<6} {j['state']:<9} {j['email']:<36} attempts {j['attempts']}  {j['last_code'] or ''} {j['failure_kind'] or ''}", markup=False)
+    short = views.short_ids(str(j.id) for j in jobs)
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="", padding=(0, 0, 0, 2))
+    for col in ("id", "state", "priority", "tries", "last reply"):
+        table.add_column(col, justify="right" if col == "tries" else "left", no_wrap=True)
+    table.add_column("email", overflow="ellipsis")  # the one column that gives way at 80 columns
+    for j in jobs:
+        last = " ".join(str(x) for x in (j.last_code, j.failure_kind) if x)
+        table.add_row(short[str(j.id)], j.state, j.priority, str(j.attempts), last or "-", j.email)
+    out.print(table)
+
+
+def history_line(e: Envelope) -> str:
+    """One event of a job's history: time, type, the data that matters (printed cut to the width)."""
+    d = e.data
+    parts: list[Any] = []
+    if "attempt" in d:
+        parts.append(f"attempt {d['attempt']}")
+    if e.type == "JobCreated":
+        parts.append(f"{d.get('priority')}, {d.get('template')} from {d.get('sender')}")
+    if e.type == "JobQueued":
+        parts.append(f"queue seq {d.get('queue_seq')}")
+    if e.type == "JobStarted":
+        parts.append(f"by {d.get('worker')}")
+    if d.get("kind") or d.get("reason"):
+        parts.append(str(d.get("kind") or d.get("reason")))
+    if d.get("reply"):
+        code = d.get("code")
+        reply = " ".join(str(d["reply"]).split())
+        parts.append(reply if code is None or reply.startswith(str(code)) else f"{code} {reply}")
+    elif d.get("code") is not None:
+        parts.append(str(d["code"]))
+    ts = e.recorded_at.astimezone(UTC).strftime("%m-%d %H:%M:%S")
+    return f"  {ts}  {e.type:<17} {', '.join(parts)}".rstrip()
 
 
 @app.command("show")
-def jobs_show(job_id: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
-    """A job's current state and its full history from its events."""
+def jobs_show(
+    job_id: str = typer.Argument(..., metavar="JOB", help="Job id, or a unique prefix of it (as `jobs list` shows)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """A job's current state and its history from its events (the full data with --json)."""
     quiet_logs()
     rt = runtime()
-    jid = sending.job_uuid(job_id)
     with rt.connect() as conn:
-        row = conn.execute(oq.GET_JOB, (jid,)).fetchone()
-    if row is None:
-        raise UsageError(f"no job {job_id}")
-    keys = ("id", "idempotency_key", "priority", "state", "email", "sender", "template", "campaign_id", "attempts",
-            "due_at", "queue_seq", "lease_until", "worker", "last_code", "last_reply", "failure_kind", "created_at",
-            "queued_at", "started_at", "accepted_at", "finished_at")
-    job = {k: (str(v) if k in ("id", "campaign_id") and v else iso(v)) for k, v in zip(keys, row)}
-    history = [e.to_dict() for e in rt.store.read_stream(f"job-{jid}")]
+        found = views.job_with_history(conn, rt.store, job_id)
     if as_json:
-        emit_json({"job": job, "history": history})
+        emit_json(found.to_dict())
         return
-    out.print(f"job {job['id']}: {job['state']} ({job['priority']}), to {job['email']}, attempts {job['attempts']}", markup=False)
-    for e in history:
-        d = {k: v for k, v in e["data"].items() if k not in ("job_id", "variables")}
-        out.print(f"  {e['recorded_at']}  {e['type']:<18} {orjson.dumps(d).decode()[:140]}", markup=False)
+    j = found.job
+    lines = [f"job {j.id}", f"  {j.state} ({j.priority}), attempts {j.attempts}, to {j.email}"]
+    if j.campaign_id:
+        lines.append(f"  campaign {j.campaign_id}")
+    if j.last_reply:
+        lines.append(f"  last reply: {' '.join(j.last_reply.split())}")
+    lines.append("history (UTC):")
+    lines.extend(history_line(e) for e in found.history)
+    for line in lines:  # one line each, cut with an ellipsis at the terminal's width (80 when not a terminal)
+        out.print(line, markup=False, soft_wrap=False, no_wrap=True, overflow="ellipsis")

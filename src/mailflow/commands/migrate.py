@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-
-
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, out, runtime,
+    out,
+    runtime,
 )
 from mailflow.config import mask_url
 from mailflow.infra.migrate import migrate as apply_migrations

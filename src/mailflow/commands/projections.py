@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mailflow.infra.lifecycle import stop_on_signals
-from mailflow.consumers.dlq import DeadLetters
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
+    err,
     new_app,
-    JsonOpt, emit_json, err, out, quiet_logs, runtime,
+    out,
+    quiet_logs,
+    runtime,
 )
-from mailflow.errors import UsageError
+from mailflow.consumers.dlq import DeadLetters
 from mailflow.consumers.runtime import ConsumerRunner, checkpoints
+from mailflow.errors import UsageError
+from mailflow.infra.lifecycle import stop_on_signals
 from mailflow.runtime.projections import available as available_projections
 from mailflow.runtime.projections import get as get_projection
 from mailflow.runtime.wiring import Runtime
@@ -37,22 +42,32 @@ def projections_list(as_json: bool = JsonOpt) -> None:
 
     known = available_projections()
     rows = [
-        {"name": p.name, "description": p.description, "checkpoint": head, "head": head, "lag": 0,
-         "dead_letters": 0, "updated_at": None, "inline": True}
+        {
+            "name": p.name,
+            "description": p.description,
+            "checkpoint": head,
+            "head": head,
+            "lag": 0,
+            "dead_letters": 0,
+            "updated_at": None,
+            "inline": True,
+        }
         for p in inline_projections().values()
     ]
     for name in sorted(set(known) | set(cps)):
         cp, updated = cps.get(name, (0, None))
-        rows.append({
-            "name": name,
-            "description": known[name].description if name in known else "(not installed here)",
-            "checkpoint": cp,
-            "head": head,
-            "lag": head - cp,
-            "dead_letters": int(dead.get(name, 0)),
-            "updated_at": updated.isoformat() if isinstance(updated, datetime) else None,
-            "inline": False,
-        })
+        rows.append(
+            {
+                "name": name,
+                "description": known[name].description if name in known else "(not installed here)",
+                "checkpoint": cp,
+                "head": head,
+                "lag": head - cp,
+                "dead_letters": int(dead.get(name, 0)),
+                "updated_at": updated.isoformat() if isinstance(updated, datetime) else None,
+                "inline": False,
+            }
+        )
     if as_json:
         emit_json(rows)
         return
@@ -60,13 +75,20 @@ def projections_list(as_json: bool = JsonOpt) -> None:
     for col in ("name", "checkpoint", "head", "lag", "dead letters", "description"):
         table.add_column(col, justify="right" if col in ("checkpoint", "head", "lag", "dead letters") else "left")
     for r in rows:
-        table.add_row(r["name"], str(r["checkpoint"]), str(r["head"]), str(r["lag"]), str(r["dead_letters"]), r["description"])
+        table.add_row(
+            str(r["name"]),
+            str(r["checkpoint"]),
+            str(r["head"]),
+            str(r["lag"]),
+            str(r["dead_letters"]),
+            str(r["description"] or ""),
+        )
     out.print(table)
 
 
 @app.command("rebuild")
 def projections_rebuild(
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., help="Projection name (see `mailflow projections list`)."),
     from_position: int = typer.Option(1, "--from", min=1, help="Rewind to this position (default: from scratch)."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -80,7 +102,7 @@ def projections_rebuild(
         return
     runner = ConsumerRunner(get_projection(name), rt.store, rt.services.redis_url, rt.settings)
     stop_on_signals(runner.stop)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     try:
         if as_json:
             applied = runner.rebuild(from_position)
@@ -105,7 +127,7 @@ def projections_rebuild(
         checkpoint = runner.checkpoint()
     finally:
         runner.close()
-    seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    seconds = (datetime.now(UTC) - started).total_seconds()
     result = {
         "projection": name,
         "from": from_position,
@@ -133,14 +155,16 @@ def _rebuild_inline(rt: Runtime, name: str, from_position: int, as_json: bool) -
     if from_position > 1:
         raise UsageError(f"{name} is an inline projection: it is rebuilt from scratch (drop --from)")
     projection = inline_projections()[name]
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     if as_json:
         applied = projection.rebuild(rt.store)
     else:
-        with Progress(TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+        with Progress(
+            TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err
+        ) as bar:
             task = bar.add_task("rebuild", total=None)
             applied = projection.rebuild(rt.store, lambda pos, upto: bar.update(task, completed=pos, total=upto))
-    seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    seconds = (datetime.now(UTC) - started).total_seconds()
     if as_json:
         emit_json({"projection": name, "from": 1, "applied": applied, "seconds": round(seconds, 3), "inline": True})
     else:

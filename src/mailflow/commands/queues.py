@@ -1,36 +1,67 @@
-"""Commands room: `mailflow queues` - queue depth, age and SLA per priority."""
+"""Commands room: `mailflow queues` - queue depth, waiting work and latency vs SLA per priority."""
 
 from __future__ import annotations
-
 
 from rich.table import Table
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, out, quiet_logs, runtime,
+    out,
+    quiet_logs,
+    runtime,
 )
-from mailflow.outbound.queuer import queue_stats
+from mailflow.outbound import views
 
 app = new_app()
 
 
+def duration(seconds: float | None) -> str:
+    """A short duration: 0.42s, 12.3s, 4m05s, 2h03m; '-' for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds.is_integer() else f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def sla_line(s: views.QueueStats) -> str:
+    """One priority's verdict and what it rests on, in 80 columns."""
+    verdict = {None: "-", True: "ok", False: "MISSED"}[s.within_sla]
+    if s.within_sla is None:
+        why = "nothing waiting, nothing sent in the last hour"
+    else:
+        why = (
+            f"oldest waiting {duration(s.oldest_waiting_s)}, "
+            f"p99 {duration(s.latency_p99_s)} (p50 {duration(s.latency_p50_s)})"
+        )
+    return f"{s.priority:<8}  SLA {duration(s.sla_s):<5}  {verdict:<6}  {why}"
+
+
 @app.command("queues")
 def queues(as_json: bool = JsonOpt) -> None:
-    """Per priority: stream depth, jobs by state, oldest unfinished, p50/p99 latency (pending -> accepted) vs SLA."""
+    """Per priority: stream depth and jobs by state, then the SLA verdict: met when the oldest
+    waiting job (pending, queued or retry) and the last hour's p99 latency (created -> accepted)
+    are both within the SLA."""
     quiet_logs()
     rt = runtime()
     with rt.connect() as conn:
-        rows = queue_stats(conn, rt.redis, rt.keys)
+        stats = views.queue_stats(conn, rt.redis, rt.keys)
     if as_json:
-        emit_json(rows)
+        emit_json([s.to_dict() for s in stats])
         return
-    table = Table()
-    for col in ("priority", "depth", "pending", "retry", "queued", "active", "completed", "failed", "oldest", "p50", "p99", "SLA"):
-        table.add_column(col, justify="left" if col == "priority" else "right")
-    fmt = lambda v: "-" if v is None else f"{v:.2f}s"  # noqa: E731
-    for r in rows:
-        sla = f"{r['sla_s']:.0f}s " + ("" if r["within_sla"] is None else ("ok" if r["within_sla"] else "MISSED"))
-        table.add_row(r["priority"], str(r["stream_depth"]), str(r["pending"]), str(r["retry"]), str(r["queued"]),
-                      str(r["active"]), str(r["completed"]), str(r["failed"]), fmt(r["oldest_unfinished_s"]),
-                      fmt(r["latency_p50_s"]), fmt(r["latency_p99_s"]), sla)
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="", padding=(0, 0, 0, 2))
+    columns = ("priority", "stream", "pending", "retry", "queued", "active", "completed", "failed")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "priority" else "right", no_wrap=True)
+    for s in stats:
+        table.add_row(s.priority, *(str(getattr(s, c)) for c in ("stream_depth", *columns[2:])))
     out.print(table)
+    out.print()
+    for s in stats:
+        out.print(sla_line(s), markup=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from mailflow.commands.base import (
     new_app,
     run_process,
@@ -16,5 +14,12 @@ app = new_app()
 @app.command()
 def relay() -> None:
     """Publish committed events to Redis (one leader; more instances wait as hot standbys)."""
-    run_process("relay", None, lambda rt, stop, health: Relay(
-        rt.store, rt.services.redis_url, rt.settings, health=health).run(stop))
+    from mailflow.consumers.runtime import retention_floor
+
+    run_process(
+        "relay",
+        None,
+        lambda rt, stop, health: Relay(
+            rt.store, rt.services.redis_url, rt.settings, health=health, retention_floor=retention_floor
+        ).run(stop),
+    )

@@ -1,19 +1,23 @@
-"""Commands room: `mailflow segments` - segments: saved filters over contacts."""
+"""Commands room: `mailflow segments` - segments: saved filters over contacts (create, preview, list, delete)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import orjson
 import typer
+from psycopg.rows import dict_row
 from rich.table import Table
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, out, parse_json_object, quiet_logs, runtime,
+    out,
+    parse_json_object,
+    quiet_logs,
+    runtime,
 )
-from mailflow.errors import UsageError
 from mailflow.commands.contacts import print_contacts
+from mailflow.errors import UsageError
 
 app = new_app("Segments: saved filters over contacts.")
 
@@ -21,7 +25,9 @@ app = new_app("Segments: saved filters over contacts.")
 @app.command("create")
 def segments_create(
     name: str = typer.Argument(...),
-    filter_json: str = typer.Option(..., "--filter", help='Filter, e.g. \'{"attributes.country": "NL"}\' (docs/segments.md).'),
+    filter_json: str = typer.Option(
+        ..., "--filter", help='Filter, e.g. \'{"attributes.country": "NL"}\' (docs/segments.md).'
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Save a segment (redefining a name replaces its filter)."""
@@ -41,8 +47,8 @@ def segments_create(
 
 @app.command("preview")
 def segments_preview(
-    name: Optional[str] = typer.Argument(None, help="A saved segment (or use --filter)."),
-    filter_json: Optional[str] = typer.Option(None, "--filter"),
+    name: str | None = typer.Argument(None, help="A saved segment (or use --filter)."),
+    filter_json: str | None = typer.Option(None, "--filter"),
     sample: int = typer.Option(10, "--sample", min=0, max=1000),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -65,10 +71,15 @@ def segments_list(as_json: bool = JsonOpt) -> None:
     from mailflow.outbound import segments
 
     quiet_logs()
-    with runtime().connect() as conn:
+    with runtime().connect() as conn, conn.cursor(row_factory=dict_row) as cur:
         rows = [
-            {"name": n, "filter": f, "count": segments.preview(conn, f, sample=0).count, "updated_at": u.isoformat()}
-            for n, f, u in conn.execute(oq.LIST_SEGMENTS).fetchall()
+            {
+                "name": r["name"],
+                "filter": r["filter"],
+                "count": segments.preview(conn, r["filter"], sample=0).count,
+                "updated_at": r["updated_at"].isoformat(),
+            }
+            for r in cur.execute(oq.LIST_SEGMENTS).fetchall()
         ]
     if as_json:
         emit_json(rows)
@@ -79,3 +90,13 @@ def segments_list(as_json: bool = JsonOpt) -> None:
     for r in rows:
         table.add_row(r["name"], str(r["count"]), orjson.dumps(r["filter"]).decode())
     out.print(table)
+
+
+@app.command("delete")
+def segments_delete(name: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
+    """Delete a segment; refused while a draft, scheduled, running or paused campaign uses it."""
+    from mailflow.outbound import segments
+
+    quiet_logs()
+    segments.delete(runtime().store, name)
+    emit_json({"deleted": name}) if as_json else out.print(f"segment {name} deleted", markup=False)

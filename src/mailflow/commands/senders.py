@@ -1,21 +1,27 @@
-"""Commands room: `mailflow senders` - senders: From identity, SMTP relay, DKIM key."""
+"""Commands room: `mailflow senders` - senders: From identity, SMTP relay, DKIM key (and its DNS record)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
+from psycopg.rows import dict_row
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, out, quiet_logs, runtime,
+    out,
+    quiet_logs,
+    runtime,
 )
+from mailflow.commands.templates import read_text_file
 from mailflow.errors import UsageError
-from mailflow.outbound import sending
 from mailflow.outbound import queries as oq
+from mailflow.outbound import sending
 from mailflow.outbound.senders import Sender, smtp_client
 
 app = new_app("Senders: From identity, SMTP relay, DKIM key.")
@@ -26,18 +32,18 @@ def senders_add(
     name: str = typer.Argument(...),
     from_email: str = typer.Option(..., "--from", help="From address, e.g. news@example.org."),
     from_name: str = typer.Option("", "--from-name"),
-    relay: str = typer.Option(..., "--relay", help="smtp://user:pass@host:587, smtps://host:465 (?tls=none for plain), or direct:// to deliver to the recipients' MX hosts."),
-    dkim_selector: Optional[str] = typer.Option(None, "--dkim-selector"),
-    dkim_key: Optional[Path] = typer.Option(None, "--dkim-key", help="PEM private key file."),
+    relay: str = typer.Option(
+        ...,
+        "--relay",
+        help="smtp://user:pass@host:587, smtps://host:465 (?tls=none for plain), or direct:// to deliver to the recipients' MX hosts.",
+    ),
+    dkim_selector: str | None = typer.Option(None, "--dkim-selector"),
+    dkim_key: Path | None = typer.Option(None, "--dkim-key", help="PEM private key file (- for stdin)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Add or replace a sender."""
     quiet_logs()
-    key = None
-    if dkim_key is not None:
-        if not dkim_key.is_file():
-            raise UsageError(f"no such file: {dkim_key}")
-        key = dkim_key.read_text()
+    key = read_text_file(dkim_key, "--dkim-key") if dkim_key is not None else None
     s = sending.save_sender(runtime().store, Sender(name, from_email, from_name, relay, dkim_selector, key))
     if as_json:
         emit_json({"name": s.name, "from": s.from_email, "dkim": key is not None})
@@ -51,10 +57,16 @@ def senders_list(as_json: bool = JsonOpt) -> None:
     from mailflow.config import mask_url
 
     quiet_logs()
-    with runtime().connect() as conn:
+    with runtime().connect() as conn, conn.cursor(row_factory=dict_row) as cur:
         rows = [
-            {"name": n, "from": f, "from_name": fn, "relay": mask_url(r), "dkim": d}
-            for n, f, fn, r, d in conn.execute(oq.LIST_SENDERS).fetchall()
+            {
+                "name": r["name"],
+                "from": r["from_email"],
+                "from_name": r["from_name"],
+                "relay": mask_url(r["relay_url"]),
+                "dkim": r["dkim"],
+            }
+            for r in cur.execute(oq.LIST_SENDERS).fetchall()
         ]
     if as_json:
         emit_json(rows)
@@ -79,12 +91,16 @@ def senders_test(
     with rt.connect() as conn:
         s = sending.load_sender(conn, name)
 
-    async def probe() -> dict[str, object]:
+    async def probe() -> dict[str, Any]:
         relay = s.relay
         if relay.direct:
             target_domain = domain or s.domain
             try:
-                host, port = (await mx.MxResolver(rt.settings.mx_overrides, nameservers=rt.settings.dns_servers).hosts(target_domain))[0]
+                host, port = (
+                    await mx.MxResolver(rt.settings.mx_overrides, nameservers=rt.settings.dns_servers).hosts(
+                        target_domain
+                    )
+                )[0]
             except (mx.NoRoute, mx.LookupFailed) as exc:
                 raise UsageError(f"direct delivery to {target_domain}: {exc}") from exc
             relay = relay.at(host, port or relay.port)
@@ -97,13 +113,45 @@ def senders_test(
             await client.quit()
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise UsageError(f"relay {relay.host}:{relay.port} failed: {exc}") from exc
-        return {"sender": name, "host": relay.host, "port": relay.port, "tls": relay.tls, "direct": relay.direct,
-                "ehlo_code": code, "greeting": " ".join(message.split())[:200], "extensions": exts,
-                "ms": round((time.perf_counter() - started) * 1000, 1)}
+        return {
+            "sender": name,
+            "host": relay.host,
+            "port": relay.port,
+            "tls": relay.tls,
+            "direct": relay.direct,
+            "ehlo_code": code,
+            "greeting": " ".join(message.split())[:200],
+            "extensions": exts,
+            "ms": round((time.perf_counter() - started) * 1000, 1),
+        }
 
     res = asyncio.run(probe())
     if as_json:
         emit_json(res)
     else:
-        out.print(f"{res['host']}:{res['port']} answered EHLO with {res['ehlo_code']} in {res['ms']} ms; "
-                  f"extensions: {', '.join(res['extensions'])}")
+        out.print(
+            f"{res['host']}:{res['port']} answered EHLO with {res['ehlo_code']} in {res['ms']} ms; "
+            f"extensions: {', '.join(res['extensions'])}"
+        )
+
+
+@app.command("dkim-record")
+def senders_dkim_record(name: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
+    """The DNS TXT record that publishes the sender's DKIM public key (derived from its private key)."""
+    from mailflow.outbound.senders import dkim_record
+
+    quiet_logs()
+    with runtime().connect() as conn:
+        rec = dkim_record(sending.load_sender(conn, name))
+    if as_json:
+        emit_json({"sender": name, "name": rec.name, "type": "TXT", "value": rec.value, "strings": rec.strings()})
+    else:
+        out.print(rec.zone_line(), markup=False)
+
+
+@app.command("delete")
+def senders_delete(name: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
+    """Delete a sender; refused while an unfinished campaign or an unsent job uses it."""
+    quiet_logs()
+    sending.delete_sender(runtime().store, name)
+    emit_json({"deleted": name}) if as_json else out.print(f"sender {name} deleted", markup=False)

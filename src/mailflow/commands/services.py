@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-
-
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, out, settings,
+    out,
+    settings,
 )
 from mailflow.config import mask_url
 from mailflow.infra import embedded
@@ -21,14 +22,16 @@ def services_status(as_json: bool = JsonOpt) -> None:
     rows = []
     for svc in embedded.status(s.home):
         configured = s.database_url if svc.name == "postgres" else s.redis_url
-        rows.append({
-            "name": svc.name,
-            "mode": "configured" if configured else "embedded",
-            "running": svc.running,
-            "pid": svc.pid,
-            "url": mask_url(configured) if configured else svc.url,
-            "detail": svc.detail,
-        })
+        rows.append(
+            {
+                "name": svc.name,
+                "mode": "configured" if configured else "embedded",
+                "running": svc.running,
+                "pid": svc.pid,
+                "url": mask_url(configured) if configured else svc.url,
+                "detail": svc.detail,
+            }
+        )
     if as_json:
         emit_json(rows)
         return

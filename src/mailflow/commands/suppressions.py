@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-
 import typer
 
 from mailflow.commands.base import (
+    JsonOpt,
+    emit_json,
     new_app,
-    JsonOpt, emit_json, out, quiet_logs, runtime,
+    out,
+    quiet_logs,
+    runtime,
 )
 
 app = new_app("Suppressed addresses: never sent to.")
@@ -45,9 +48,19 @@ def suppressions_add(
 
 @app.command("remove")
 def suppressions_remove(email: str = typer.Argument(...), as_json: bool = JsonOpt) -> None:
-    """Lift a suppression."""
+    """Lift a suppression. A bounced, complained or unsubscribed contact stays so: nothing is
+    sent to it until `mailflow contacts reactivate`."""
     from mailflow.outbound import suppressions
 
     quiet_logs()
-    email = suppressions.remove(runtime().store, email)
-    emit_json({"unsuppressed": email}) if as_json else out.print(f"no longer suppressed: {email}")
+    r = suppressions.remove(runtime().store, email)
+    if as_json:
+        emit_json({"unsuppressed": r.email, "contact_status": r.contact_status, "still_stopped": r.still_stopped})
+        return
+    out.print(f"no longer suppressed: {r.email}", markup=False)
+    if r.still_stopped:
+        out.print(
+            f"the contact is still {r.contact_status}, so nothing is sent to it; to mail it again run "
+            f"`mailflow contacts reactivate {r.email} --reason ...`",
+            markup=False,
+        )

@@ -8,7 +8,8 @@ import typer
 
 from mailflow.commands.base import (
     new_app,
-    run_process, settings,
+    run_process,
+    settings,
 )
 from mailflow.errors import ConfigurationError
 
@@ -28,7 +29,9 @@ def up(workers: int = typer.Option(1, "--workers", min=1, max=16)) -> None:
 
     def body(rt, stop: threading.Event, health) -> None:
         # Children resolve the same servers: embedded ones are started (once) here first.
-        s = rt.settings.model_copy(update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url})
+        s = rt.settings.model_copy(
+            update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url}
+        )
         supervisor = Supervisor(s, pipeline_parts(workers), health=health)
         code = supervisor.run(stop)
         if code == FATAL_EXIT and supervisor.fatal is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Optional
 
 import typer
 
@@ -19,13 +18,14 @@ app = new_app()
 
 
 @app.command("worker")
-def worker_cmd(name: Optional[str] = typer.Option(None, "--name", help="Consumer name (default host-pid).")) -> None:
+def worker_cmd(name: str | None = typer.Option(None, "--name", help="Consumer name (default host-pid).")) -> None:
     """Send jobs over SMTP (asyncio; MAILFLOW_WORKER_CONCURRENCY at once). SIGTERM finishes in-flight sends."""
 
     def body(rt, stop: threading.Event, health) -> None:
         s = rt.settings
-        worker = Worker(rt.store, rt.services.redis_url, s, load_secret(s.home, s.secret_key), name=health.name,
-                        health=health)
+        worker = Worker(
+            rt.store, rt.services.redis_url, s, load_secret(s.home, s.secret_key), name=health.name, health=health
+        )
 
         async def main() -> None:
             astop = asyncio.Event()

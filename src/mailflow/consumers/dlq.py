@@ -6,6 +6,7 @@ mirrors the open ones for integrators and loses nothing that matters if Redis is
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,13 +14,14 @@ from typing import Any
 
 import psycopg
 import redis
+from psycopg.rows import dict_row
 
-from mailflow.errors import MailflowError, NotFoundError, UsageError
-from mailflow.events.keys import Keys
-from mailflow.events.store import EventStore
 from mailflow.consumers import queries as q
 from mailflow.consumers.projection import Projection
 from mailflow.consumers.runtime import describe
+from mailflow.errors import MailflowError, NotFoundError, UsageError
+from mailflow.events.keys import Keys
+from mailflow.events.store import EventStore
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,21 @@ class DeadLetter:
         return d
 
 
-def _row(r: tuple[Any, ...]) -> DeadLetter:
+def _letter(row: dict[str, Any]) -> DeadLetter:
+    """A dead_letters row (read with dict_row, so by column name) as a DeadLetter."""
+    event_id = row["event_id"]
     return DeadLetter(
-        r[0], r[1], r[2], None if r[3] is None else str(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]
+        id=row["id"],
+        consumer=row["consumer"],
+        position=row["position"],
+        event_id=None if event_id is None else str(event_id),
+        event_type=row["event_type"],
+        attempts=row["attempts"],
+        error=row["error"],
+        status=row["status"],
+        created_at=row["created_at"],
+        resolved_at=row["resolved_at"],
+        entry_id=row["entry_id"],
     )
 
 
@@ -60,12 +74,11 @@ class DeadLetters:
         return {c: int(n) for c, n in self.conn.execute(q.OPEN_DEAD_LETTER_COUNTS).fetchall()}
 
     def list(self, consumer: str | None = None, *, include_resolved: bool = False) -> list[DeadLetter]:
-        rows = self.conn.execute(
-            q.LIST_DEAD_LETTERS, {"consumer": consumer, "all": include_resolved}
-        ).fetchall()
-        return [_row(r) for r in rows]
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(q.LIST_DEAD_LETTERS, {"consumer": consumer, "all": include_resolved}).fetchall()
+        return [_letter(r) for r in rows]
 
-    def select(self, ids: list[int], consumer: str | None, every: bool) -> list[DeadLetter]:
+    def select(self, ids: builtins.list[int], consumer: str | None, every: bool) -> builtins.list[DeadLetter]:
         if every:
             return self.list(consumer)
         if not ids:
@@ -87,14 +100,15 @@ class DeadLetters:
         event = self.store.get(letter.position)
         try:
             with self.conn.transaction():
-                row = self.conn.execute(q.LOCK_DEAD_LETTER, (letter.id,)).fetchone()
-                if row is None or row[7] != "open":
+                with self.conn.cursor(row_factory=dict_row) as cur:
+                    row = cur.execute(q.LOCK_DEAD_LETTER, (letter.id,)).fetchone()
+                if row is None or row["status"] != "open":
                     raise NotFoundError(f"dead letter {letter.id} is no longer open")
                 projection.apply(self.conn, [event])
                 self.conn.execute(q.RESOLVE_DEAD_LETTER, ("retried", letter.id))
         except MailflowError:
             raise
-        except Exception as exc:  # noqa: BLE001 - report the projection's error in one line
+        except Exception as exc:
             raise MailflowError(
                 f"dead letter {letter.id} (position {letter.position}) failed again: {describe(exc)}"
             ) from exc
@@ -108,8 +122,8 @@ class DeadLetters:
     def _unmirror(self, letter: DeadLetter) -> None:
         key = self.keys.dlq(letter.consumer)
         try:
-            for entry_id, fields in self.redis.xrange(key):
-                if fields.get(b"dead_letter_id") == str(letter.id).encode():
+            for entry_id, fields in self.redis.xrange(key) or []:
+                if entry_id is not None and fields and fields.get(b"dead_letter_id") == str(letter.id).encode():
                     self.redis.xdel(key, entry_id)
         except (redis.ConnectionError, redis.TimeoutError):
             pass  # the mirror is best effort; PostgreSQL has the status

@@ -67,9 +67,7 @@ class InlineProjection:
             upto = store.sync()
             # RESTART IDENTITY: generated ids (contacts.id) come out as they first did.
             conn.execute(
-                sql.SQL("TRUNCATE {} RESTART IDENTITY").format(
-                    sql.SQL(", ").join(map(sql.Identifier, self.tables))
-                )
+                sql.SQL("TRUNCATE {} RESTART IDENTITY").format(sql.SQL(", ").join(map(sql.Identifier, self.tables)))
             )
             for batch in store.iter_all(0, upto=upto):
                 relevant = [e for e in batch if e.type in types]

@@ -9,6 +9,8 @@ SET_CHECKPOINT = """
 UPDATE consumer_checkpoints SET position = %s, updated_at = now() WHERE consumer = %s
 """
 ALL_CHECKPOINTS = "SELECT consumer, position, updated_at FROM consumer_checkpoints ORDER BY consumer"
+# The relay's retention floor: what the slowest consumer still needs after a Redis loss.
+OLDEST_CHECKPOINT = "SELECT min(position) FROM consumer_checkpoints"
 
 RECORD_FAILURE = """
 INSERT INTO consumer_failures (consumer, position, attempts, last_error)

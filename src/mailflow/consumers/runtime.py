@@ -5,8 +5,8 @@ one PostgreSQL transaction that also moves the consumer's checkpoint, so an even
 exactly once: entries at or below the checkpoint are acknowledged and skipped, and a hole
 between the checkpoint and the next entry (new consumer, trimmed stream, Redis flushed) is
 filled from PostgreSQL, the truth. XACK follows the commit. Pending entries of a dead
-consumer are reclaimed with XAUTOCLAIM. An event that keeps failing goes to the DLQ after
-`consumer_max_attempts` tries, and the consumer moves on. A lost PostgreSQL or Redis is
+consumer are reclaimed (the Redis side - group, read, claim, ack, lost data - is groups.py).
+An event that keeps failing goes to the DLQ after `consumer_max_attempts` tries, and the consumer moves on. A lost PostgreSQL or Redis is
 reported once per outage (health.py); the consumer backs off and resumes from its
 checkpoint, so the batch that failed is simply applied again.
 """
@@ -18,22 +18,32 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import redis
-from psycopg.types.json import Jsonb
 import structlog
+from psycopg.types.json import Jsonb
 
 from mailflow.config import Settings
+from mailflow.consumers import groups
+from mailflow.consumers import queries as q
+from mailflow.consumers.projection import Projection
 from mailflow.events.envelope import Envelope
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Backoff, Health
+from mailflow.infra.services import (
+    POSTGRES_OUTAGE,
+    connect,
+    is_postgres_outage,
+    is_redis_outage,
+    pool_conninfo,
+    recover_pool,
+    redis_client,
+    scalar,
+)
 from mailflow.log import get_logger
-from mailflow.infra.services import POSTGRES_OUTAGE, connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
-from mailflow.infra.services import redis_lost_data as _redis_lost_data
-from mailflow.consumers import queries as q
-from mailflow.consumers.projection import Projection
 
 log = get_logger("mailflow.consumer")
 
@@ -45,6 +55,13 @@ ProgressFn = Callable[[int, int], None]
 def checkpoints(conn: psycopg.Connection) -> dict[str, tuple[int, object]]:
     """Every consumer's checkpoint and when it last moved."""
     return {c: (int(p), u) for c, p, u in conn.execute(q.ALL_CHECKPOINTS).fetchall()}
+
+
+def retention_floor(conn: psycopg.Connection) -> int | None:
+    """The oldest checkpoint a consumer still needs: a relay republishing a lost stream starts
+    there. None when no consumer has a checkpoint yet."""
+    oldest = scalar(conn, q.OLDEST_CHECKPOINT)
+    return None if oldest is None else int(oldest)
 
 
 class _ApplyFailed(Exception):
@@ -87,7 +104,7 @@ class ConsumerRunner:
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.store.pool.conninfo)
+            self._conn = connect(pool_conninfo(self.store.pool))
         return self._conn
 
     @property
@@ -146,18 +163,17 @@ class ConsumerRunner:
         while not self.stop.is_set():
             self.health.beat()
             try:
-                resp = self.redis.xreadgroup(
+                resp = groups.read(
+                    self.redis,
                     self.name,
                     self.consumer_id,
                     {self.keys.events: ">"},
                     count=self.settings.consumer_batch_size,
                     block=self.settings.consumer_block_ms,
                 )
-            except redis.ResponseError as exc:
-                if _redis_lost_data(exc):
-                    self._recover_group()
-                    continue
-                raise
+            except groups.StreamLost:
+                self._recover_group()
+                continue
             self.health.ok("redis")
             entries = resp[0][1] if resp else []
             if entries:
@@ -169,9 +185,7 @@ class ConsumerRunner:
             if time.monotonic() - last_claim > claim_every:
                 try:
                     self._claim_stale()
-                except redis.ResponseError as exc:
-                    if not _redis_lost_data(exc):
-                        raise
+                except groups.StreamLost:
                     self._recover_group()
                 last_claim = time.monotonic()
 
@@ -183,43 +197,34 @@ class ConsumerRunner:
 
     def _ensure_group(self) -> None:
         cp = self.checkpoint()
-        try:
-            self.redis.xgroup_create(self.keys.events, self.name, id=f"{cp}-0", mkstream=True)
+        if groups.ensure_group(self.redis, self.keys.events, self.name, start_id=f"{cp}-0"):
             self.log.info("consumer.group_created", from_position=cp)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
 
     def _claim_stale(self) -> None:
         """Take over entries a dead consumer of this group read but never acknowledged."""
-        cursor: bytes | str = "0-0"
-        while not self.stop.is_set():
-            res = self.redis.xautoclaim(
-                self.keys.events,
-                self.name,
-                self.consumer_id,
-                min_idle_time=self.settings.consumer_claim_idle_ms,
-                start_id=cursor,
-                count=self.settings.consumer_batch_size,
-            )
-            cursor, claimed = res[0], res[1]
-            live = [(eid, f) for eid, f in claimed if f]
-            gone = [eid for eid, f in claimed if not f]
-            if gone:
-                self.redis.xack(self.keys.events, self.name, *gone)
-            if live:
-                self.log.info("consumer.reclaimed", count=len(live))
-                self.handle_entries(live)
-            if cursor in (b"0-0", "0-0"):
+        if self.stop.is_set():
+            return
+        for page in groups.claim_stale(
+            self.redis,
+            self.keys.events,
+            self.name,
+            self.consumer_id,
+            min_idle_ms=self.settings.consumer_claim_idle_ms,
+            count=self.settings.consumer_batch_size,
+        ):
+            groups.ack(self.redis, self.keys.events, self.name, page.deleted)
+            if page.entries:
+                self.log.info("consumer.reclaimed", count=len(page.entries))
+                self.handle_entries(page.entries)
+            if self.stop.is_set():
                 break
-        self._forget_dead_consumers()
-
-    def _forget_dead_consumers(self) -> None:
-        idle_limit = self.settings.consumer_claim_idle_ms * 4
-        for info in self.redis.xinfo_consumers(self.keys.events, self.name):
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name != self.consumer_id and info["pending"] == 0 and info["idle"] > idle_limit:
-                self.redis.xgroup_delconsumer(self.keys.events, self.name, name)
+        groups.forget_idle_consumers(
+            self.redis,
+            self.keys.events,
+            self.name,
+            keep=self.consumer_id,
+            idle_ms=self.settings.consumer_claim_idle_ms * 4,
+        )
 
     # -- applying ----------------------------------------------------------------------
 
@@ -240,8 +245,7 @@ class ConsumerRunner:
             envs.sort(key=lambda e: e.position or 0)
             if not self.apply_events(envs):
                 return  # stopping: leave the rest pending, to be reclaimed
-        if ids:
-            self.redis.xack(self.keys.events, self.name, *ids)
+        groups.ack(self.redis, self.keys.events, self.name, ids)
 
     def apply_events(self, envs: list[Envelope]) -> bool:
         """Apply consecutive events; returns False if asked to stop before finishing."""
@@ -279,7 +283,7 @@ class ConsumerRunner:
                         self.projection.apply(conn, todo)
                 except _INFRA_ERRORS:
                     raise
-                except Exception as exc:  # noqa: BLE001 - projection code may raise anything
+                except Exception as exc:
                     raise _ApplyFailed(describe(exc)) from exc
                 conn.execute(q.SET_CHECKPOINT, (tail.position, self.name))
                 self.applied += len(todo)
@@ -288,9 +292,7 @@ class ConsumerRunner:
             self._apply_tx(envs)
 
     def _apply_one(self, env: Envelope) -> bool:
-        with structlog.contextvars.bound_contextvars(
-            position=env.position, correlation_id=env.metadata.correlation_id
-        ):
+        with structlog.contextvars.bound_contextvars(position=env.position, correlation_id=env.metadata.correlation_id):
             return self._apply_one_with_retries(env)
 
     def _apply_one_with_retries(self, env: Envelope) -> bool:
@@ -306,10 +308,11 @@ class ConsumerRunner:
                 failed_before = True
                 error = str(failure)
                 with self.conn.transaction():
-                    attempts = self.conn.execute(
+                    attempts = scalar(
+                        self.conn,
                         q.RECORD_FAILURE,
                         {"consumer": self.name, "position": env.position, "error": error},
-                    ).fetchone()[0]
+                    )
                 limit = self.settings.consumer_max_attempts
                 self.log.warning("consumer.apply_failed", attempts=attempts, max_attempts=limit, error=error)
                 if attempts >= limit:
@@ -325,7 +328,8 @@ class ConsumerRunner:
             cp = self._lock_checkpoint(conn)
             if env.position != cp + 1:
                 return  # someone else applied or dead-lettered it meanwhile
-            dl_id = conn.execute(
+            dl_id = scalar(
+                conn,
                 q.DEAD_LETTER,
                 {
                     "consumer": self.name,
@@ -335,7 +339,7 @@ class ConsumerRunner:
                     "attempts": attempts,
                     "error": error,
                 },
-            ).fetchone()[0]
+            )
             conn.execute(q.CLEAR_FAILURE, (self.name, env.position))
             conn.execute(q.SET_CHECKPOINT, (env.position, self.name))
         self.dead_lettered += 1
@@ -368,14 +372,13 @@ class ConsumerRunner:
         self.log.error("consumer.malformed_entry", entry_id=entry_id.decode(), error=error)
         raw = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
         with self.conn.transaction():
-            dl_id = self.conn.execute(
+            dl_id = scalar(
+                self.conn,
                 q.DEAD_LETTER_ENTRY,
                 {"consumer": self.name, "entry_id": entry_id.decode(), "entry": Jsonb(raw), "error": error},
-            ).fetchone()[0]
-        mirror: dict[str, str | bytes] = dict(raw)
-        mirror.update(
-            {"dead_letter_id": str(dl_id), "consumer": self.name, "entry_id": entry_id, "error": error}
-        )
+            )
+        mirror: dict[Any, Any] = dict(raw)
+        mirror.update({"dead_letter_id": str(dl_id), "consumer": self.name, "entry_id": entry_id, "error": error})
         try:
             self.redis.xadd(self.keys.dlq(self.name), mirror, maxlen=100_000, approximate=True)
         except _REDIS_ERRORS as exc:
@@ -394,7 +397,7 @@ class ConsumerRunner:
         row = conn.execute(q.LOCK_CHECKPOINT, (self.name,)).fetchone()
         if row is None:
             conn.execute(q.ENSURE_CHECKPOINT, (self.name,))
-            row = conn.execute(q.LOCK_CHECKPOINT, (self.name,)).fetchone()
+            return int(scalar(conn, q.LOCK_CHECKPOINT, (self.name,)))
         return int(row[0])
 
     def catch_up(self, upto: int | None = None, progress: ProgressFn | None = None) -> int:

@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -54,16 +54,14 @@ class Metadata:
         }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> "Metadata":
+    def from_dict(cls, raw: dict[str, Any] | None) -> Metadata:
         raw = raw or {}
         unknown = set(raw) - set(METADATA_KEYS)
         if unknown:
-            raise InvalidEventError(
-                f"unknown metadata keys {sorted(unknown)}; allowed: {', '.join(METADATA_KEYS)}"
-            )
+            raise InvalidEventError(f"unknown metadata keys {sorted(unknown)}; allowed: {', '.join(METADATA_KEYS)}")
         return cls(**{k: (None if raw.get(k) is None else str(raw[k])) for k in METADATA_KEYS})
 
-    def caused_by(self, envelope: "Envelope") -> "Metadata":
+    def caused_by(self, envelope: Envelope) -> Metadata:
         """Metadata for an event caused by `envelope`: same correlation, causation = its id."""
         return Metadata(
             correlation_id=envelope.metadata.correlation_id or str(envelope.id),
@@ -115,7 +113,7 @@ class Envelope:
         return orjson.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Envelope":
+    def from_dict(cls, raw: dict[str, Any]) -> Envelope:
         try:
             return cls(
                 id=uuid.UUID(str(raw["id"])),
@@ -132,7 +130,7 @@ class Envelope:
             raise InvalidEventError(f"malformed event envelope: {exc!r}") from exc
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "Envelope":
+    def from_json(cls, raw: bytes | str) -> Envelope:
         try:
             return cls.from_dict(orjson.loads(raw))
         except orjson.JSONDecodeError as exc:
@@ -141,5 +139,5 @@ class Envelope:
 
 def _iso(ts: datetime) -> str:
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -39,9 +39,7 @@ class Notifier:
             self._idle.clear()
             self._pending.set()
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="mailflow-notifier", daemon=True
-                )
+                self._thread = threading.Thread(target=self._run, name="mailflow-notifier", daemon=True)
                 self._thread.start()
 
     def flush(self, timeout: float = 2.0) -> None:

@@ -129,6 +129,20 @@ ORDER BY p.position
 LIMIT %(limit)s
 """
 
+# The last `limit` events that match, by position, returned oldest first (`events tail`
+# without --from: the last N matching events, not the matching ones among the last N).
+READ_LAST_FILTERED = """
+SELECT * FROM (
+    SELECT e.id, p.position, e.stream, e.version, e.type, e.schema, e.data, e.metadata, e.recorded_at
+    FROM event_positions p JOIN events e ON e.seq = p.seq
+    WHERE (%(types)s::text[] IS NULL OR e.type = ANY(%(types)s::text[]))
+      AND (%(stream)s::text IS NULL OR e.stream = %(stream)s::text)
+    ORDER BY p.position DESC
+    LIMIT %(limit)s
+) last
+ORDER BY position
+"""
+
 # A wake-up signal, not data: committing it asynchronously keeps NOTIFY's global
 # commit-order lock from being held across a WAL flush.
 NOTIFY = "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, '')"

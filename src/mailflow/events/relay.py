@@ -6,39 +6,43 @@ already has: a relay that crashed mid-batch restarts from the stream's last ID a
 is lost or duplicated. The relay is also the sequencer that gives committed events their
 positions. It wakes on NOTIFY (sent once per burst of commits) and polls as a fallback.
 Redis is disposable: when the relay's epoch key vanishes (restart without persistence,
-FLUSHALL) it republishes from the oldest checkpoint a consumer still needs. A lost
+FLUSHALL) it republishes the retention window (`stream_maxlen` entries), or less: from the
+oldest checkpoint a consumer still needs, when it is given `retention_floor` (the consumers
+room knows the checkpoints; this room ranks below it, so it is handed in). A lost
 PostgreSQL or Redis ends its term (leader.py): it reports the outage once, backs off and
 leads again from where the stream stands.
 """
 
 from __future__ import annotations
 
-from mailflow.infra.locks import Lock
-
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
 import redis
 
 from mailflow.config import Settings
-from mailflow.infra.health import Health
-from mailflow.infra.leader import Term, run_as_leader
-from mailflow.log import get_logger
-from mailflow.infra.services import redis_client
 from mailflow.events.envelope import Envelope
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
 from mailflow.events.streams import raise_unless_duplicates, stream_last_id
+from mailflow.infra.health import Health
+from mailflow.infra.leader import Term, run_as_leader
+from mailflow.infra.locks import Lock
+from mailflow.infra.services import redis_client
+from mailflow.log import get_logger
 
 RELAY_LOCK_KEY = Lock.RELAY
-_MIN_CHECKPOINT = "SELECT min(position) FROM consumer_checkpoints"
 
 log = get_logger("mailflow.relay")
+
+# The oldest position some consumer still needs (None: no consumer yet); e.g. consumers.runtime.retention_floor.
+RetentionFloor = Callable[[psycopg.Connection], int | None]
 
 
 @dataclass
@@ -49,8 +53,17 @@ class RelayStats:
 
 
 class Relay:
-    def __init__(self, store: EventStore, redis_url: str, settings: Settings, *, health: Health | None = None) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        redis_url: str,
+        settings: Settings,
+        *,
+        health: Health | None = None,
+        retention_floor: RetentionFloor | None = None,
+    ) -> None:
         self.store = store
+        self.retention_floor = retention_floor
         self.redis_url = redis_url
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
@@ -62,8 +75,17 @@ class Relay:
 
     def run(self, stop: threading.Event) -> None:
         """Wait to become leader, then publish until `stop` is set; survives lost connections."""
-        run_as_leader("relay", RELAY_LOCK_KEY, self.store.pool, stop, lambda term: self._lead(term, stop), log,
-                      self.health, self.is_leader, redis_url=self.redis_url)
+        run_as_leader(
+            "relay",
+            RELAY_LOCK_KEY,
+            self.store.pool,
+            stop,
+            lambda term: self._lead(term, stop),
+            log,
+            self.health,
+            self.is_leader,
+            redis_url=self.redis_url,
+        )
         log.info("relay.stopped", published=self.stats.published, position=self._published)
 
     # -- publishing ----------------------------------------------------------------------
@@ -130,10 +152,12 @@ class Relay:
                     "is another database publishing to the same prefix?",
                 )
         else:
-            with self.store.pool.connection() as c:
-                oldest = c.execute(_MIN_CHECKPOINT).fetchone()[0]
+            oldest = None
+            if self.retention_floor is not None:
+                with self.store.pool.connection() as c:
+                    oldest = self.retention_floor(c)
             # No mailflow consumer yet: publish the retention window for other readers.
-            start = 0 if oldest is None else int(oldest)
+            start = 0 if oldest is None else oldest
             start = max(start, head - self.settings.stream_maxlen, 0)
             self.stats.republished_from = start
             log.info("relay.republish", from_position=start + 1, head=head)

@@ -1,9 +1,9 @@
 """Events room: the PostgreSQL event store.
 
 Append with optimistic concurrency and idempotency by event id; read one stream; read
-every event after a global position. Positions are dense and assigned by the sequencer
-(see migrations/0001_event_store.sql for why that keeps tailing readers from skipping
-late commits).
+every event after a global position, or the last N (matching) events. Positions are
+dense and assigned by the sequencer (see migrations/0001_event_store.sql for why that
+keeps tailing readers from skipping late commits).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from mailflow.errors import ConcurrencyError, DuplicateEventError, InvalidEventE
 from mailflow.events import queries as q
 from mailflow.events.envelope import METADATA_KEYS, Envelope, Metadata, NewEvent, default_actor
 from mailflow.events.notify import Notifier
-from mailflow.events.registry import EventRegistry, registry as default_registry
+from mailflow.events.registry import EventRegistry
+from mailflow.events.registry import registry as default_registry
+from mailflow.infra.services import pool_conninfo, scalar
 
 ANY: int | None = None
 """expected_version: append whatever the stream's version is."""
@@ -50,7 +52,7 @@ class EventStore:
         self.registry = registry
         self.channel = channel
         self.actor = actor or default_actor()
-        self.notifier = Notifier(pool.conninfo, channel, notify_min_interval_s)
+        self.notifier = Notifier(pool_conninfo(pool), channel, notify_min_interval_s)
 
     def close(self) -> None:
         """Send any NOTIFY still owed, then release the notifier (the pool is the caller's)."""
@@ -83,7 +85,9 @@ class EventStore:
                 sql = (
                     q.APPEND_ANY
                     if expected_version is None
-                    else q.APPEND_NO_STREAM if expected_version == 0 else q.APPEND_EXPECTED
+                    else q.APPEND_NO_STREAM
+                    if expected_version == 0
+                    else q.APPEND_EXPECTED
                 )
                 with self.pool.connection() as conn:
                     # Binary parameters: text-format arrays would be quoted by regex, per element.
@@ -154,9 +158,7 @@ class EventStore:
                     rows = c.execute(q.APPEND_MANY, params, binary=True).fetchall()
         except pg_errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "events_id_key":
-                raise DuplicateEventError(
-                    "an event id of this batch was already used; nothing was written"
-                ) from exc
+                raise DuplicateEventError("an event id of this batch was already used; nothing was written") from exc
             raise
         if conn is None:
             self.notifier.poke()
@@ -166,8 +168,15 @@ class EventStore:
             version, recorded_at = by_id[ev.id]
             out.append(
                 Envelope(
-                    ev.id, None, stream, version, ev.type, params["schemas"][i], ev.data,
-                    self._stored_metadata(ev), recorded_at,
+                    ev.id,
+                    None,
+                    stream,
+                    version,
+                    ev.type,
+                    params["schemas"][i],
+                    ev.data,
+                    self._stored_metadata(ev),
+                    recorded_at,
                 )
             )
         return out
@@ -176,9 +185,7 @@ class EventStore:
         """Wake the relay after a transaction that appended through `conn` has committed."""
         self.notifier.poke()
 
-    def _append_params(
-        self, stream: str, events: Sequence[NewEvent], expected: int | None
-    ) -> dict[str, Any]:
+    def _append_params(self, stream: str, events: Sequence[NewEvent], expected: int | None) -> dict[str, Any]:
         ids, types, schemas, datas, metas = [], [], [], [], []
         validate = self.registry.validate if self.registry.types() else None
         # Events of one batch usually share their metadata: serialise each distinct one once.
@@ -260,13 +267,12 @@ class EventStore:
         Only one sequencer runs at a time (advisory lock). With wait=False a busy lock
         returns 0 at once: the other sequencer is doing the work.
         """
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                if wait:
-                    conn.execute(q.SEQUENCER_LOCK, (q.SEQUENCER_LOCK_KEY,))
-                elif not conn.execute(q.SEQUENCER_TRY_LOCK, (q.SEQUENCER_LOCK_KEY,)).fetchone()[0]:
-                    return 0
-                row = conn.execute(q.SEQUENCE, {"limit": limit}).fetchone()
+        with self.pool.connection() as conn, conn.transaction():
+            if wait:
+                conn.execute(q.SEQUENCER_LOCK, (q.SEQUENCER_LOCK_KEY,))
+            elif not scalar(conn, q.SEQUENCER_TRY_LOCK, (q.SEQUENCER_LOCK_KEY,)):
+                return 0
+            row = conn.execute(q.SEQUENCE, {"limit": limit}).fetchone()
         return int(row[1]) if row else 0
 
     def sync(self, limit: int = 10_000, timeout_s: float = 60.0) -> int:
@@ -276,7 +282,7 @@ class EventStore:
         if that lasts longer than timeout_s, raise instead of waiting forever.
         """
         with self.pool.connection() as conn:
-            below = conn.execute(q.SNAPSHOT_XMAX).fetchone()[0]
+            below = scalar(conn, q.SNAPSHOT_XMAX)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.sequence(limit, wait=True) >= limit:
@@ -294,14 +300,14 @@ class EventStore:
     def has_unsequenced(self, below: str | None = None) -> bool:
         """Are there committed events without a position (of transactions older than `below`)?"""
         with self.pool.connection() as conn:
-            return bool(conn.execute(q.UNSEQUENCED_EXIST, {"below": below}).fetchone()[0])
+            return bool(scalar(conn, q.UNSEQUENCED_EXIST, {"below": below}))
 
     # -- reading -----------------------------------------------------------------------
 
     def head(self) -> int:
         """The highest position given so far (0 when empty)."""
         with self.pool.connection() as conn:
-            return int(conn.execute(q.HEAD_POSITION).fetchone()[0])
+            return int(scalar(conn, q.HEAD_POSITION))
 
     def stream_version(self, stream: str) -> int:
         with self.pool.connection() as conn:
@@ -310,9 +316,7 @@ class EventStore:
 
     def read_stream(self, stream: str, after_version: int = 0, limit: int = 10_000) -> list[Envelope]:
         with self.pool.connection() as conn:
-            rows = conn.execute(
-                q.READ_STREAM, {"stream": stream, "after": after_version, "limit": limit}
-            ).fetchall()
+            rows = conn.execute(q.READ_STREAM, {"stream": stream, "after": after_version, "limit": limit}).fetchall()
         return [self._envelope(r) for r in rows]
 
     def read_all(
@@ -328,13 +332,16 @@ class EventStore:
         """Events with position > after (and <= upto), in position order."""
         upto = upto if upto is not None else 2**62
         if types or stream:
-            sql, params = q.READ_ALL_FILTERED, {
-                "after": after,
-                "upto": upto,
-                "limit": limit,
-                "types": list(types) if types else None,
-                "stream": stream,
-            }
+            sql, params = (
+                q.READ_ALL_FILTERED,
+                {
+                    "after": after,
+                    "upto": upto,
+                    "limit": limit,
+                    "types": list(types) if types else None,
+                    "stream": stream,
+                },
+            )
         else:
             sql, params = q.READ_ALL, {"after": after, "upto": upto, "limit": limit}
         if conn is not None:
@@ -342,6 +349,13 @@ class EventStore:
         else:
             with self.pool.connection() as c:
                 rows = c.execute(sql, params).fetchall()
+        return [self._envelope(r) for r in rows]
+
+    def read_last(self, limit: int, *, types: Sequence[str] | None = None, stream: str | None = None) -> list[Envelope]:
+        """The last `limit` events (of these types, of this stream), in position order."""
+        params = {"limit": limit, "types": list(types) if types else None, "stream": stream}
+        with self.pool.connection() as conn:
+            rows = conn.execute(q.READ_LAST_FILTERED, params).fetchall()
         return [self._envelope(r) for r in rows]
 
     def iter_all(self, after: int = 0, *, upto: int | None = None, batch: int = 5000) -> Iterator[list[Envelope]]:
@@ -394,6 +408,4 @@ class EventStore:
 
 def _check_stream_name(stream: str) -> None:
     if not stream or len(stream) > _MAX_STREAM_NAME or stream != stream.strip():
-        raise InvalidEventError(
-            f"stream name must be 1 to {_MAX_STREAM_NAME} characters without surrounding spaces"
-        )
+        raise InvalidEventError(f"stream name must be 1 to {_MAX_STREAM_NAME} characters without surrounding spaces")

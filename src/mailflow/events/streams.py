@@ -8,6 +8,7 @@ holds, and tell that refusal apart from real errors.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import redis
 
@@ -34,11 +35,14 @@ def stream_last_id(r: redis.Redis, key: str) -> int | None:
     return None if last is None else last[0]
 
 
-def scan_fields(r: redis.Redis, key: str, names: tuple[bytes, ...], page: int = SCAN_PAGE) -> Iterator[tuple[bytes | None, ...]]:
+def scan_fields(
+    r: redis.Redis, key: str, names: tuple[bytes, ...], page: int = SCAN_PAGE
+) -> Iterator[tuple[bytes | None, ...]]:
     """The values of these fields in every entry of the stream, oldest first, a page at a time."""
     start = "-"
     while True:
-        entries = r.xrange(key, start, "+", count=page)
+        # Clients here do not decode responses: ids and fields come back as bytes.
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", r.xrange(key, start, "+", count=page) or [])
         for _eid, fields in entries:
             yield tuple(fields.get(name) for name in names)
         if len(entries) < page:

@@ -15,9 +15,9 @@ import signal
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from mailflow.errors import ServiceUnavailable
 from mailflow.infra.lifecycle import pid_alive
@@ -65,19 +65,15 @@ def ensure_postgres(home: Path) -> str:
             import psycopg
 
             with psycopg.connect(base_uri, autocommit=True) as conn:
-                exists = conn.execute(
-                    "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
-                ).fetchone()
+                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
                 if not exists:
                     conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
             return server.get_uri(DATABASE_NAME)
     except ServiceUnavailable:
         raise
-    except Exception as exc:  # noqa: BLE001 - any start-up failure becomes one clear line
+    except Exception as exc:
         log = pgdata / "log"
-        raise ServiceUnavailable(
-            f"could not start the embedded PostgreSQL in {pgdata}: {exc} (see {log})"
-        ) from exc
+        raise ServiceUnavailable(f"could not start the embedded PostgreSQL in {pgdata}: {exc} (see {log})") from exc
 
 
 def _redis_binary() -> Path:
@@ -125,12 +121,18 @@ def ensure_redis(home: Path) -> str:
             return url
         args = [
             str(_redis_binary()),
-            "--daemonize", "yes",
-            "--pidfile", str(pidfile),
-            "--dir", str(rdir),
-            "--logfile", str(rdir / "redis.log"),
-            "--save", "",
-            "--appendonly", "no",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(pidfile),
+            "--dir",
+            str(rdir),
+            "--logfile",
+            str(rdir / "redis.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
         ]
         if len(str(sock)) <= _SOCKET_PATH_MAX:
             with contextlib.suppress(FileNotFoundError):
@@ -152,9 +154,7 @@ def ensure_redis(home: Path) -> str:
             if _redis_ping(url):
                 return url
             time.sleep(0.05)
-        raise ServiceUnavailable(
-            f"the embedded Redis in {rdir} did not answer within 10 s (see {rdir / 'redis.log'})"
-        )
+        raise ServiceUnavailable(f"the embedded Redis in {rdir} did not answer within 10 s (see {rdir / 'redis.log'})")
 
 
 def _free_port() -> int:

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class Backoff:
         self.failures = 0
 
     def next(self) -> float:
-        ceiling = min(self.cap, self.base * 2 ** self.failures)
+        ceiling = min(self.cap, self.base * 2**self.failures)
         self.failures += 1
         return random.uniform(self.base / 2, max(ceiling, self.base))
 
@@ -140,8 +140,11 @@ class Health:
                 return False
             self.outages[service] = _Outage(_now(), time.monotonic(), _one_line(exc))
             self.outage_count[service] = self.outage_count.get(service, 0) + 1
-        self.log.warning(f"{self.role}.{service}_unavailable", error=_one_line(exc),
-                         detail="retrying with backoff; nothing is lost meanwhile")
+        self.log.warning(
+            f"{self.role}.{service}_unavailable",
+            error=_one_line(exc),
+            detail="retrying with backoff; nothing is lost meanwhile",
+        )
         self._changed.set()
         return True
 
@@ -153,8 +156,12 @@ class Health:
             outage = self.outages.pop(service, None)
         if outage is None:
             return
-        self.log.warning(f"{self.role}.{service}_restored", outage_s=round(time.monotonic() - outage.since, 3),
-                         since=outage.since_wall, first_error=outage.error)
+        self.log.warning(
+            f"{self.role}.{service}_restored",
+            outage_s=round(time.monotonic() - outage.since, 3),
+            since=outage.since_wall,
+            first_error=outage.error,
+        )
         self._changed.set()
 
     def down(self, service: str) -> bool:
@@ -227,19 +234,32 @@ class Health:
         with self._lock:
             services = {
                 svc: (
-                    {"ok": False, "down_since": o.since_wall, "down_s": round(now - o.since, 1), "error": o.error,
-                     "outages": self.outage_count.get(svc, 0)}
-                    if (o := self.outages.get(svc)) else {"ok": True, "outages": self.outage_count.get(svc, 0)}
+                    {
+                        "ok": False,
+                        "down_since": o.since_wall,
+                        "down_s": round(now - o.since, 1),
+                        "error": o.error,
+                        "outages": self.outage_count.get(svc, 0),
+                    }
+                    if (o := self.outages.get(svc))
+                    else {"ok": True, "outages": self.outage_count.get(svc, 0)}
                 )
                 for svc in SERVICES
             }
             detail = dict(self.detail)
         state = self.state if self.state != "running" or not self.outages else "degraded"
         return {
-            "role": self.role, "name": self.name, "pid": os.getpid(), "proc_start": self._proc_start,
+            "role": self.role,
+            "name": self.name,
+            "pid": os.getpid(),
+            "proc_start": self._proc_start,
             "host": socket.gethostname(),
-            "state": state, "started_at": self.started_at, "updated_at": _now(),
-            "loop_idle_s": round(now - self._beat, 1), "services": services, **detail,
+            "state": state,
+            "started_at": self.started_at,
+            "updated_at": _now(),
+            "loop_idle_s": round(now - self._beat, 1),
+            "services": services,
+            **detail,
         }
 
     def _publish(self) -> None:
@@ -269,7 +289,7 @@ def read_statuses(home: Path, forget_after_s: float = 3600.0) -> list[dict[str, 
 
     The file of a process that ended or vanished more than `forget_after_s` ago is removed.
     """
-    out = []
+    out: list[dict[str, Any]] = []
     folder = status_dir(home)
     if not folder.is_dir():
         return out
@@ -282,7 +302,9 @@ def read_statuses(home: Path, forget_after_s: float = 3600.0) -> list[dict[str, 
             continue
         pid = int(st.get("pid") or 0)
         st["alive"] = (
-            st.get("host") == host and pid_alive(pid) and _proc_start(pid) == st.get("proc_start")
+            st.get("host") == host
+            and pid_alive(pid)
+            and _proc_start(pid) == st.get("proc_start")
             and st.get("state") not in ("stopped", "failed")
         )
         if not st["alive"] and st.get("state") not in ("stopped", "failed"):
@@ -305,4 +327,4 @@ def _proc_start(pid: int) -> int | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

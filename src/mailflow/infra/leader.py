@@ -24,7 +24,15 @@ import structlog
 from psycopg_pool import ConnectionPool
 
 from mailflow.infra.health import Backoff, Health
-from mailflow.infra.services import connect, is_postgres_outage, is_redis_outage, recover_pool, redis_client
+from mailflow.infra.services import (
+    connect,
+    is_postgres_outage,
+    is_redis_outage,
+    pool_conninfo,
+    recover_pool,
+    redis_client,
+    scalar,
+)
 
 LOCK_CHECK_INTERVAL_S = 1.0
 
@@ -78,14 +86,20 @@ def run_as_leader(
 
 
 def _compete(
-    role: str, lock_key: int, pool: ConnectionPool, stop: threading.Event, lead: Callable[[Term], None],
-    log: structlog.typing.FilteringBoundLogger, health: Health, is_leader: threading.Event | None,
+    role: str,
+    lock_key: int,
+    pool: ConnectionPool,
+    stop: threading.Event,
+    lead: Callable[[Term], None],
+    log: structlog.typing.FilteringBoundLogger,
+    health: Health,
+    is_leader: threading.Event | None,
     probe: redis.Redis | None,
 ) -> None:
     backoff = Backoff()
     while not stop.is_set():
         try:
-            with connect(pool.conninfo) as lock_conn:
+            with connect(pool_conninfo(pool)) as lock_conn:
                 if not _acquire(role, lock_key, lock_conn, stop, log, health, probe):
                     return
                 log.info(f"{role}.leader", pid=lock_conn.info.backend_pid)
@@ -110,12 +124,13 @@ def _compete(
             stop.wait(backoff.next())
 
 
-def _acquire(role: str, key: int, conn: psycopg.Connection, stop: threading.Event, log, health: Health,
-             probe: redis.Redis | None) -> bool:
+def _acquire(
+    role: str, key: int, conn: psycopg.Connection, stop: threading.Event, log, health: Health, probe: redis.Redis | None
+) -> bool:
     announced = False
     while not stop.is_set():
         health.beat()
-        won = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+        won = scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,))
         health.ok("postgres")
         if won:
             return True

@@ -6,8 +6,6 @@ lock makes two processes migrating at once take turns, so running twice is harml
 
 from __future__ import annotations
 
-from mailflow.infra.locks import Lock
-
 import hashlib
 import re
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from pathlib import Path
 import psycopg
 
 from mailflow.errors import MailflowError
+from mailflow.infra.locks import Lock
 
 _MIGRATION_LOCK = Lock.MIGRATIONS
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")

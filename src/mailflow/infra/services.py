@@ -17,22 +17,24 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import psycopg
 import redis
 import redis.asyncio as aredis
+from psycopg.abc import Params, QueryNoTemplate
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from mailflow.infra import embedded
-from mailflow.config import Settings, mask_url
+from mailflow.config import Settings, check_service_urls, mask_url
 from mailflow.errors import ConfigurationError, ServiceUnavailable
+from mailflow.infra import embedded
 
 # libpq connection parameters for every PostgreSQL connection (ignored on unix sockets).
-CONNECT_KWARGS: dict[str, object] = {
+CONNECT_KWARGS: dict[str, Any] = {
     "connect_timeout": 5,
     "keepalives": 1,
     "keepalives_idle": 5,
@@ -80,23 +82,15 @@ def is_redis_outage(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_REDIS_OUTAGE_REPLIES)
 
 
-def redis_lost_data(exc: BaseException) -> bool:
-    """Did Redis lose a stream or group we use (FLUSHALL, restart without persistence)?
-
-    NOGROUP: the group (or the key) is gone. UNBLOCKED (Redis 7): the key was deleted while
-    we were blocked reading it. "no longer exists": Redis 6.2's words for the same.
-    """
-    if not isinstance(exc, redis.ResponseError):
-        return False
-    text = str(exc)
-    return text.startswith(("NOGROUP", "UNBLOCKED")) or "no longer exists" in text
-
-
 # FATAL refusals at connect time that mean "not now" rather than "never" (libpq's texts).
 _TRANSIENT_FATAL = (
-    "the database system is starting up", "the database system is shutting down",
-    "the database system is in recovery mode", "the database system is not yet accepting connections",
-    "too many clients", "remaining connection slots", "terminating connection due to administrator command",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "too many clients",
+    "remaining connection slots",
+    "terminating connection due to administrator command",
 )
 
 
@@ -133,9 +127,13 @@ class Services:
 
 
 def resolve(settings: Settings, *, start_embedded: bool = True) -> Services:
-    """Pick configured URLs, or start/attach to the embedded servers under MAILFLOW_HOME."""
+    """Pick configured URLs, or start/attach to the embedded servers under MAILFLOW_HOME.
+
+    Settings validates the URLs when it reads them; they are checked again here because a
+    copy made with model_copy(update=...) is not validated."""
     db_url = settings.database_url
     redis_url = settings.redis_url
+    check_service_urls(db_url, redis_url)
     if db_url is None and start_embedded:
         db_url = embedded.ensure_postgres(settings.home)
     if redis_url is None and start_embedded:
@@ -143,6 +141,19 @@ def resolve(settings: Settings, *, start_embedded: bool = True) -> Services:
     if db_url is None or redis_url is None:
         raise ConfigurationError("MAILFLOW_DATABASE_URL and MAILFLOW_REDIS_URL are required")
     return Services(settings=settings, database_url=db_url, redis_url=redis_url)
+
+
+def scalar(conn: psycopg.Connection[Any], query: QueryNoTemplate, params: Params | None = None) -> Any:
+    """The first value of a statement that always returns a row (an aggregate, a function call)."""
+    return scalar_row(conn, query, params)[0]
+
+
+def scalar_row(conn: psycopg.Connection[Any], query: QueryNoTemplate, params: Params | None = None) -> Any:
+    """The one row of a statement that always returns a row."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise psycopg.ProgrammingError(f"the statement returned no row: {query!r}")
+    return row
 
 
 def configure_connection(conn: psycopg.Connection) -> None:
@@ -159,7 +170,7 @@ def configure_connection(conn: psycopg.Connection) -> None:
         conn.commit()
 
 
-def connect(url: str, *, autocommit: bool = True, **kwargs: object) -> psycopg.Connection:
+def connect(url: str, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection:
     """Open one PostgreSQL connection, or raise ServiceUnavailable naming the (masked) URL."""
     try:
         conn = psycopg.connect(url, autocommit=autocommit, **{**CONNECT_KWARGS, **kwargs})
@@ -167,7 +178,8 @@ def connect(url: str, *, autocommit: bool = True, **kwargs: object) -> psycopg.C
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ServiceUnavailable(
             f"cannot connect to PostgreSQL at {mask_url(url)}: {reason}",
-            service="postgres", transient=_transient_postgres_failure(exc),
+            service="postgres",
+            transient=_transient_postgres_failure(exc),
         ) from exc
     except (ValueError, TypeError) as exc:  # malformed conninfo
         raise ServiceUnavailable(f"invalid PostgreSQL URL {mask_url(url)}: {exc}", service="postgres") from exc
@@ -232,6 +244,11 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout: float 
     return pool
 
 
+def pool_conninfo(pool: ConnectionPool) -> str:
+    """The conninfo string a pool connects with (psycopg_pool also allows a callable)."""
+    return pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
+
+
 def recover_pool(pool: ConnectionPool) -> None:
     """After an outage: drop every idle connection that no longer works (they all broke at once),
     and ask for connections again every second until one works (see Pool)."""
@@ -283,4 +300,6 @@ def async_redis_client(url: str, *, socket_timeout: float = 5.0, retries: int = 
 
 def _redis_unavailable(url: str, exc: BaseException) -> ServiceUnavailable:
     transient = not isinstance(exc, (ValueError, redis.AuthenticationError, redis.ResponseError))
-    return ServiceUnavailable(f"cannot connect to Redis at {mask_url(url)}: {exc}", service="redis", transient=transient)
+    return ServiceUnavailable(
+        f"cannot connect to Redis at {mask_url(url)}: {exc}", service="redis", transient=transient
+    )

@@ -16,14 +16,15 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row
 
 from mailflow.consumers import inline
 from mailflow.errors import ConflictError, NotFoundError, UserError
 from mailflow.events.envelope import Metadata, uuid7
 from mailflow.events.store import EventStore
+from mailflow.infra.services import scalar
 from mailflow.outbound import queries as q
-from mailflow.outbound import segments, templates
+from mailflow.outbound import segments, streams, templates
 from mailflow.outbound.events import (
     CampaignCancelled,
     CampaignCompleted,
@@ -62,17 +63,18 @@ class Campaign:
 
 def correlation(campaign_id: str) -> Metadata:
     """Every event a campaign causes, its jobs' included, shares this correlation id."""
-    return Metadata(correlation_id=f"campaign-{campaign_id}")
+    return Metadata(correlation_id=streams.campaign(campaign_id))
 
 
 def find(conn: psycopg.Connection, ref: str) -> str:
     """A campaign id from its name, its id, or a unique prefix of its id (as git takes commits)."""
-    rows = conn.execute(q.FIND_CAMPAIGN, {"ref": ref, "prefix": ref.lower() + "%"}).fetchall()
-    exact = [r for r in rows if r[1] == ref or str(r[0]) == ref.lower()]
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(q.FIND_CAMPAIGN, {"ref": ref, "prefix": ref.lower() + "%"}).fetchall()
+    exact = [r for r in rows if r["name"] == ref or str(r["id"]) == ref.lower()]
     if exact:
-        return str(exact[0][0])
+        return str(exact[0]["id"])
     if len(rows) == 1 and len(ref) >= 4:
-        return str(rows[0][0])
+        return str(rows[0]["id"])
     if len(rows) > 1 and len(ref) >= 4:
         raise UserError(f"{ref!r} is the start of {len(rows)} campaign ids; give more of it")
     raise NotFoundError(f"no campaign {ref!r} (see `mailflow campaigns list`)")
@@ -90,7 +92,7 @@ def create(store: EventStore, *, name: str, sender: str, template: str, segment:
         segments.load(w.conn, segment)
         if w.conn.execute(q.CAMPAIGN_NAMED, (name,)).fetchone() is not None:
             raise ConflictError(f"a campaign named {name!r} exists already; campaign names are unique")
-        w.record([(f"campaign-{campaign_id}", event.to_new(correlation(campaign_id)))])
+        w.record([(streams.campaign(campaign_id), event.to_new(correlation(campaign_id)))])
     return campaign_id
 
 
@@ -112,12 +114,17 @@ def _transition(store: EventStore, campaign_id: str, allowed: tuple[str, ...], e
 
 
 def _campaign_event(event):
-    return lambda c, _conn: [(f"campaign-{c.id}", event(c).to_new(correlation(c.id)))]
+    return lambda c, _conn: [(streams.campaign(c.id), event(c).to_new(correlation(c.id)))]
 
 
 def schedule(store: EventStore, campaign_id: str, at: datetime) -> None:
-    _transition(store, campaign_id, ("draft", "scheduled"),
-                _campaign_event(lambda c: CampaignScheduled(campaign_id=c.id, at=at.isoformat())), "scheduled")
+    _transition(
+        store,
+        campaign_id,
+        ("draft", "scheduled"),
+        _campaign_event(lambda c: CampaignScheduled(campaign_id=c.id, at=at.isoformat())),
+        "scheduled",
+    )
 
 
 def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
@@ -135,7 +142,9 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
             raise CampaignError(f"campaign {c.name!r} was cancelled; create a new one")
         doc = segments.load(conn, c.segment)
         compiled = segments.compile_filter(doc)
-        emails = [e for (e,) in conn.execute(sql.SQL(q.SNAPSHOT_RECIPIENTS).format(where=compiled.where), compiled.params)]
+        emails = [
+            e for (e,) in conn.execute(sql.SQL(q.SNAPSHOT_RECIPIENTS).format(where=compiled.where), compiled.params)
+        ]
         if not emails:
             raise EmptySegment(
                 f"segment {c.segment!r} has no active, unsuppressed contact; campaign {c.name!r} was not started"
@@ -143,13 +152,18 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
         for i in range(0, len(emails), batch):
             created = [
                 JobCreated(
-                    job_id=str(uuid7()), idempotency_key=f"campaign:{c.id}:{email}", priority=str(Priority.NORMAL),
-                    email=email, sender=c.sender, template=c.template, campaign_id=c.id,
+                    job_id=str(uuid7()),
+                    idempotency_key=f"campaign:{c.id}:{email}",
+                    priority=str(Priority.NORMAL),
+                    email=email,
+                    sender=c.sender,
+                    template=c.template,
+                    campaign_id=c.id,
                 )
                 for email in emails[i : i + batch]
             ]
-            w.record([(f"job-{j.job_id}", j.to_new(metadata)) for j in created])
-        w.record([(f"campaign-{c.id}", CampaignStarted(campaign_id=c.id, recipients=len(emails)).to_new(metadata))])
+            w.record([(streams.job(j.job_id), j.to_new(metadata)) for j in created])
+        w.record([(streams.campaign(c.id), CampaignStarted(campaign_id=c.id, recipients=len(emails)).to_new(metadata))])
     if len(emails) >= 10_000:
         # A big snapshot changes the jobs table's shape at once; without fresh statistics the
         # planner picks poor plans for the queuer and workers until autovacuum catches up.
@@ -164,7 +178,9 @@ def pause(store: EventStore, campaign_id: str) -> None:
 
 
 def resume(store: EventStore, campaign_id: str) -> None:
-    _transition(store, campaign_id, ("paused",), _campaign_event(lambda c: CampaignResumed(campaign_id=c.id)), "resumed")
+    _transition(
+        store, campaign_id, ("paused",), _campaign_event(lambda c: CampaignResumed(campaign_id=c.id)), "resumed"
+    )
 
 
 def cancel(store: EventStore, campaign_id: str) -> int:
@@ -176,15 +192,19 @@ def cancel(store: EventStore, campaign_id: str) -> int:
         md = correlation(c.id)
         unsent = conn.execute(q.UNSENT_CAMPAIGN_JOBS, (c.id,)).fetchall()
         ended = [
-            (f"job-{job_id}", JobFailed(job_id=str(job_id), attempt=attempts, reply="campaign cancelled",
-                                         kind="cancelled").to_new(md))
+            (
+                streams.job(job_id),
+                JobFailed(job_id=str(job_id), attempt=attempts, reply="campaign cancelled", kind="cancelled").to_new(
+                    md
+                ),
+            )
             for job_id, attempts in unsent
         ]
-        return [*ended, (f"campaign-{c.id}", CampaignCancelled(campaign_id=c.id, unsent=len(unsent)).to_new(md))]
+        return [*ended, (streams.campaign(c.id), CampaignCancelled(campaign_id=c.id, unsent=len(unsent)).to_new(md))]
 
     c = _transition(store, campaign_id, ("draft", "scheduled", "running", "paused"), events, "cancelled")
     with store.pool.connection() as conn:
-        return int(conn.execute(q.CAMPAIGN_CANCELLED_JOBS, (c.id,)).fetchone()[0])
+        return int(scalar(conn, q.CAMPAIGN_CANCELLED_JOBS, (c.id,)))
 
 
 def resend_failed(store: EventStore, campaign_id: str) -> int:
@@ -200,13 +220,18 @@ def resend_failed(store: EventStore, campaign_id: str) -> int:
         resend = uuid.uuid4().hex[:8]
         created = [
             JobCreated(
-                job_id=str(uuid7()), idempotency_key=f"campaign:{c.id}:{email}:resend:{resend}",
-                priority=str(Priority.NORMAL), email=email, sender=c.sender, template=c.template, campaign_id=c.id,
+                job_id=str(uuid7()),
+                idempotency_key=f"campaign:{c.id}:{email}:resend:{resend}",
+                priority=str(Priority.NORMAL),
+                email=email,
+                sender=c.sender,
+                template=c.template,
+                campaign_id=c.id,
             )
             for email in emails
         ]
-        w.record([(f"job-{j.job_id}", j.to_new(metadata)) for j in created])
-        w.record([(f"campaign-{c.id}", CampaignResent(campaign_id=c.id, jobs=len(emails)).to_new(metadata))])
+        w.record([(streams.job(j.job_id), j.to_new(metadata)) for j in created])
+        w.record([(streams.campaign(c.id), CampaignResent(campaign_id=c.id, jobs=len(emails)).to_new(metadata))])
     return len(emails)
 
 
@@ -215,11 +240,17 @@ def complete_finished(store: EventStore) -> int:
     with inline.writing(store) as w:
         rows = w.conn.execute(q.FINISHED_CAMPAIGNS).fetchall()
         if rows:
-            w.record([
-                (f"campaign-{cid}",
-                 CampaignCompleted(campaign_id=str(cid), completed=done, failed=failed).to_new(correlation(str(cid))))
-                for cid, done, failed in rows
-            ])
+            w.record(
+                [
+                    (
+                        streams.campaign(cid),
+                        CampaignCompleted(campaign_id=str(cid), completed=done, failed=failed).to_new(
+                            correlation(str(cid))
+                        ),
+                    )
+                    for cid, done, failed in rows
+                ]
+            )
     return len(rows)
 
 
@@ -242,14 +273,22 @@ def status(conn: psycopg.Connection, campaign_id: str) -> dict[str, Any]:
         c = cur.execute(q.GET_CAMPAIGN, (campaign_id,)).fetchone()
     if c is None:
         raise NotFoundError(f"no campaign {campaign_id}")
-    states = {s: 0 for s in ("pending", "queued", "active", "retry", "completed", "failed")}
+    states = dict.fromkeys(("pending", "queued", "active", "retry", "completed", "failed"), 0)
     states.update({s: int(n) for s, n in conn.execute(q.CAMPAIGN_JOB_STATES, (campaign_id,)).fetchall()})
     failures = [
         {"kind": k or "unknown", "count": int(n), "example": reply}
         for k, n, reply in conn.execute(q.CAMPAIGN_FAILURES, (campaign_id,)).fetchall()
     ]
-    retries = int(conn.execute(q.CAMPAIGN_RETRIES, (campaign_id,)).fetchone()[0])
+    retries = int(scalar(conn, q.CAMPAIGN_RETRIES, (campaign_id,)))
     return {
-        "id": c.id, "name": c.name, "sender": c.sender, "template": c.template, "segment": c.segment,
-        "status": c.status, "jobs": states, "total": sum(states.values()), "retries": retries, "failures": failures,
+        "id": c.id,
+        "name": c.name,
+        "sender": c.sender,
+        "template": c.template,
+        "segment": c.segment,
+        "status": c.status,
+        "jobs": states,
+        "total": sum(states.values()),
+        "retries": retries,
+        "failures": failures,
     }

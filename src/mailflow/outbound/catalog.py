@@ -4,6 +4,9 @@ An inline projection: commands apply it in the same transaction that appends the
 so the tables are never behind their events. `mailflow projections rebuild catalog`
 replays the events through its handlers (see consumers/inline.py); timestamps come from the
 events, so a replay gives the same tables.
+
+`refuse_if_in_use()` is the one check that deleting a segment, template or sender makes:
+nothing an unfinished campaign (or, for templates and senders, an unsent job) still needs.
 """
 
 from __future__ import annotations
@@ -13,11 +16,34 @@ from datetime import datetime
 
 import orjson
 import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from mailflow.consumers.inline import InlineProjection, register
+from mailflow.errors import ConflictError
 from mailflow.events.envelope import Envelope
 from mailflow.outbound import queries as q
-from mailflow.consumers.inline import InlineProjection, register
+
+
+def refuse_if_in_use(conn: psycopg.Connection, kind: str, name: str) -> None:
+    """ConflictError naming the campaign when a draft, scheduled, running or paused campaign
+    uses the segment, template or sender `name` (kind), or an unsent job uses the template
+    or sender. Call it in the deleting transaction, after locking the row to delete."""
+    column = sql.Identifier(kind)
+    with conn.cursor(row_factory=dict_row) as cur:
+        using = cur.execute(sql.SQL(q.CAMPAIGNS_USING).format(column=column), (name,)).fetchall()
+        if using:
+            named = ", ".join(f"{c['name']!r} ({c['status']})" for c in using)
+            raise ConflictError(
+                f"{kind} {name!r} is used by campaign {named}; cancel the campaign or let it finish first"
+            )
+        if kind in ("template", "sender"):
+            row = cur.execute(sql.SQL(q.UNFINISHED_JOBS_USING).format(column=column), (name,)).fetchone()
+            if row and row["jobs"]:
+                raise ConflictError(
+                    f"{kind} {name!r} is used by {row['jobs']} unsent job(s); try again when they are sent"
+                )
 
 
 def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime) -> None:
@@ -36,12 +62,37 @@ def _status_changed(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(q.SET_CONTACT_STATUS, (data["status"], at, data["email"]))
 
 
+def _contact_updated(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+    conn.execute(
+        q.UPDATE_CONTACT_ATTRIBUTES,
+        {
+            "email": data["email"],
+            "attributes": Jsonb(data.get("attributes") or {}),
+            "removed": list(data.get("removed") or []),
+            "at": at,
+        },
+    )
+
+
+def _contact_reactivated(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+    conn.execute(q.REACTIVATE_CONTACT, {"email": data["email"], "at": at})
+    conn.execute(q.REMOVE_SUPPRESSION, (data["email"],))
+
+
 def _segment_defined(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(q.UPSERT_SEGMENT, (data["name"], Jsonb(data["filter"]), at, at))
 
 
+def _segment_deleted(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+    conn.execute(q.DELETE_SEGMENT, (data["name"],))
+
+
 def _template_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(q.UPSERT_TEMPLATE, (data["name"], data["subject"], data.get("html", ""), data.get("text", ""), at, at))
+
+
+def _template_deleted(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+    conn.execute(q.DELETE_TEMPLATE, (data["name"],))
 
 
 def _suppression_added(conn: psycopg.Connection, data: dict, at: datetime) -> None:
@@ -55,9 +106,21 @@ def _suppression_removed(conn: psycopg.Connection, data: dict, at: datetime) -> 
 def _sender_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     conn.execute(
         q.UPSERT_SENDER,
-        (data["name"], data["from_email"], data.get("from_name", ""), data["relay_url"],
-         data.get("dkim_selector"), data.get("dkim_key_pem"), at, at),
+        (
+            data["name"],
+            data["from_email"],
+            data.get("from_name", ""),
+            data["relay_url"],
+            data.get("dkim_selector"),
+            data.get("dkim_key_pem"),
+            at,
+            at,
+        ),
     )
+
+
+def _sender_deleted(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+    conn.execute(q.DELETE_SENDER, (data["name"],))
 
 
 def _campaign_created(conn: psycopg.Connection, data: dict, at: datetime) -> None:
@@ -71,8 +134,13 @@ def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict, datetim
     def apply(conn: psycopg.Connection, data: dict, at: datetime) -> None:
         conn.execute(
             q.SET_CAMPAIGN_STATUS,
-            {"id": data["campaign_id"], "status": status, "scheduled_at": data.get("at"),
-             "recipients": data.get("recipients"), "at": at},
+            {
+                "id": data["campaign_id"],
+                "status": status,
+                "scheduled_at": data.get("at"),
+                "recipients": data.get("recipients"),
+                "at": at,
+            },
         )
 
     return apply
@@ -81,11 +149,16 @@ def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict, datetim
 HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime], None]] = {
     "ContactsImported": _contacts_imported,
     "ContactStatusChanged": _status_changed,
+    "ContactUpdated": _contact_updated,
+    "ContactReactivated": _contact_reactivated,
     "SegmentDefined": _segment_defined,
+    "SegmentDeleted": _segment_deleted,
     "TemplateSaved": _template_saved,
+    "TemplateDeleted": _template_deleted,
     "SuppressionAdded": _suppression_added,
     "SuppressionRemoved": _suppression_removed,
     "SenderSaved": _sender_saved,
+    "SenderDeleted": _sender_deleted,
     "CampaignCreated": _campaign_created,
     "CampaignScheduled": _campaign_status("scheduled"),
     "CampaignStarted": _campaign_status("running"),
@@ -95,7 +168,6 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime], None]] = {
     "CampaignCancelled": _campaign_status("cancelled"),
     "CampaignCompleted": _campaign_status("completed"),
 }
-
 
 
 def _per_event(handler: Callable[[psycopg.Connection, dict, datetime], None]):

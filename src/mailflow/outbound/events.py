@@ -1,4 +1,5 @@
-"""Outbound room: the events that record changes to contacts, segments, templates and suppressions."""
+"""Outbound room: the events that record changes to contacts, segments, templates, suppressions,
+senders, campaigns and jobs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from mailflow.events.registry import Event, registry
+
+_model: type[Event]
 
 
 class ImportedContact(BaseModel):
@@ -50,7 +53,46 @@ class SuppressionRemoved(Event):
     email: str
 
 
-for _model in (ContactsImported, ContactStatusChanged, SegmentDefined, TemplateSaved, SuppressionAdded, SuppressionRemoved):
+class ContactUpdated(Event):
+    """Attributes set (merged over the contact's) and removed by hand."""
+
+    email: str
+    attributes: dict[str, Any] = {}
+    removed: list[str] = []
+
+
+class ContactReactivated(Event):
+    """A stopped or suppressed contact may be mailed again: status active, suppression lifted.
+
+    Who decided it is the event's metadata actor; `reason` is why. `previous_status` and
+    `suppression` (the lifted suppression's reason, if there was one) say what it undid."""
+
+    email: str
+    reason: str
+    previous_status: str
+    suppression: str | None = None
+
+
+class SegmentDeleted(Event):
+    name: str
+
+
+class TemplateDeleted(Event):
+    name: str
+
+
+for _model in (
+    ContactsImported,
+    ContactStatusChanged,
+    SegmentDefined,
+    TemplateSaved,
+    SuppressionAdded,
+    SuppressionRemoved,
+    ContactUpdated,
+    ContactReactivated,
+    SegmentDeleted,
+    TemplateDeleted,
+):
     registry.register(_model)
 
 
@@ -64,6 +106,10 @@ class SenderSaved(Event):
     relay_url: str
     dkim_selector: str | None = None
     dkim_key_pem: str | None = None
+
+
+class SenderDeleted(Event):
+    name: str
 
 
 class JobCreated(Event):
@@ -114,7 +160,16 @@ class JobRetryScheduled(Event):
     reason: str = "transient"
 
 
-for _model in (SenderSaved, JobCreated, JobQueued, JobStarted, JobCompleted, JobFailed, JobRetryScheduled):
+for _model in (
+    SenderSaved,
+    SenderDeleted,
+    JobCreated,
+    JobQueued,
+    JobStarted,
+    JobCompleted,
+    JobFailed,
+    JobRetryScheduled,
+):
     registry.register(_model)
 
 
@@ -164,6 +219,14 @@ class CampaignResent(Event):
     jobs: int
 
 
-for _model in (CampaignCreated, CampaignScheduled, CampaignStarted, CampaignPaused, CampaignResumed,
-               CampaignCancelled, CampaignCompleted, CampaignResent):
+for _model in (
+    CampaignCreated,
+    CampaignScheduled,
+    CampaignStarted,
+    CampaignPaused,
+    CampaignResumed,
+    CampaignCancelled,
+    CampaignCompleted,
+    CampaignResent,
+):
     registry.register(_model)

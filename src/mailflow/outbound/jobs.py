@@ -148,8 +148,12 @@ def _queued(conn: psycopg.Connection, evs: list[Envelope]) -> None:
     ids = [e.data["job_id"] for e in evs]
     done = conn.execute(
         QUEUED,
-        {"ids": ids, "seqs": [e.data["queue_seq"] for e in evs], "ats": [e.recorded_at for e in evs],
-         "from": sources(JobState.QUEUED)},
+        {
+            "ids": ids,
+            "seqs": [e.data["queue_seq"] for e in evs],
+            "ats": [e.recorded_at for e in evs],
+            "from": sources(JobState.QUEUED),
+        },
     ).fetchall()
     _refuse_untouched(conn, ids, done, JobState.QUEUED)
 
@@ -160,8 +164,11 @@ def _started(conn: psycopg.Connection, evs: list[Envelope]) -> None:
     done = conn.execute(
         STARTED,
         {
-            "ids": ids, "attempts": [x["attempt"] for x in d], "workers": [x["worker"] for x in d],
-            "leases": [x["lease_until"] for x in d], "ats": [e.recorded_at for e in evs],
+            "ids": ids,
+            "attempts": [x["attempt"] for x in d],
+            "workers": [x["worker"] for x in d],
+            "leases": [x["lease_until"] for x in d],
+            "ats": [e.recorded_at for e in evs],
             "from": sources(JobState.ACTIVE),
         },
     ).fetchall()
@@ -200,6 +207,4 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, list[Envelope]], None]] = {
     "JobRetryScheduled": _finisher(JobState.RETRY),
 }
 
-PROJECTION = register(
-    InlineProjection("jobs", "one row per job with its current state (inline)", ("jobs",), HANDLERS)
-)
+PROJECTION = register(InlineProjection("jobs", "one row per job with its current state (inline)", ("jobs",), HANDLERS))

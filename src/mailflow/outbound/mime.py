@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import quoprimime
 from email.header import Header
 from email.policy import Compat32
@@ -28,10 +28,10 @@ from html import unescape
 import dkim
 
 from mailflow.mail import tokens
-from mailflow.outbound.smtp import check_address
+from mailflow.mail.message_ids import message_id
 from mailflow.outbound.senders import Sender
+from mailflow.outbound.smtp import check_address
 from mailflow.outbound.templates import Rendered
-
 
 
 class _SmtpCompat32(Compat32):
@@ -56,8 +56,17 @@ class _SmtpCompat32(Compat32):
 
 
 SMTP_COMPAT = _SmtpCompat32(linesep="\r\n")
-SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
-                  b"list-unsubscribe", b"list-unsubscribe-post"]
+SIGNED_HEADERS = [
+    b"from",
+    b"to",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"mime-version",
+    b"content-type",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+]
 
 
 @dataclass(frozen=True)
@@ -70,16 +79,6 @@ class Outgoing:
     message_id: str
 
 
-def message_id(job_id: str, domain: str) -> str:
-    return f"<{job_id}@{domain}>"
-
-
-def job_from_message_id(value: str) -> str | None:
-    """The job id in a Message-ID (or In-Reply-To/References entry) we generated, else None."""
-    inner = value.strip().strip("<>")
-    return inner.split("@", 1)[0] if "@" in inner else None
-
-
 def unsubscribe_token(secret: bytes, email: str, campaign_id: str) -> str:
     return tokens.sign(secret, f"{campaign_id}:{email}")
 
@@ -87,8 +86,11 @@ def unsubscribe_token(secret: bytes, email: str, campaign_id: str) -> str:
 PART_HEADERS = {
     subtype: b"".join(
         SMTP_COMPAT.fold_binary(name, value)
-        for name, value in (("MIME-Version", "1.0"), ("Content-Type", f'text/{subtype}; charset="utf-8"'),
-                            ("Content-Transfer-Encoding", "quoted-printable"))
+        for name, value in (
+            ("MIME-Version", "1.0"),
+            ("Content-Type", f'text/{subtype}; charset="utf-8"'),
+            ("Content-Transfer-Encoding", "quoted-printable"),
+        )
     )
     for subtype in ("plain", "html")
 }
@@ -118,22 +120,41 @@ def build(
     if rendered.html:
         boundary = _boundary(job_id, text, rendered.html)
         headers: list[tuple[str, str | Header]] = [
-            ("Content-Type", f'multipart/alternative; boundary="{boundary}"'), ("MIME-Version", "1.0")]
-        body = b"".join((
-            b"--", boundary.encode(), b"\r\n", PART_HEADERS["plain"], b"\r\n", _qp(text),
-            b"\r\n--", boundary.encode(), b"\r\n", PART_HEADERS["html"], b"\r\n", _qp(rendered.html),
-            b"\r\n--", boundary.encode(), b"--\r\n",
-        ))
+            ("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
+            ("MIME-Version", "1.0"),
+        ]
+        body = b"".join(
+            (
+                b"--",
+                boundary.encode(),
+                b"\r\n",
+                PART_HEADERS["plain"],
+                b"\r\n",
+                _qp(text),
+                b"\r\n--",
+                boundary.encode(),
+                b"\r\n",
+                PART_HEADERS["html"],
+                b"\r\n",
+                _qp(rendered.html),
+                b"\r\n--",
+                boundary.encode(),
+                b"--\r\n",
+            )
+        )
     else:
-        headers = [("MIME-Version", "1.0"), ("Content-Type", 'text/plain; charset="utf-8"'),
-                   ("Content-Transfer-Encoding", "quoted-printable")]
+        headers = [
+            ("MIME-Version", "1.0"),
+            ("Content-Type", 'text/plain; charset="utf-8"'),
+            ("Content-Transfer-Encoding", "quoted-printable"),
+        ]
         body = _qp(text)
     mid = message_id(job_id, sender.domain)
     headers += [
         ("From", formataddr((sender.from_name or "", sender.from_email), "utf-8")),
         ("To", to),
         ("Subject", _header(rendered.subject)),
-        ("Date", format_datetime(now or datetime.now(timezone.utc))),
+        ("Date", format_datetime(now or datetime.now(UTC))),
         ("Message-ID", mid),
     ]
     if campaign_id is not None:

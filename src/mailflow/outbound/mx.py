@@ -44,8 +44,9 @@ class MxRecord:
     host: str
 
 
-def delivery_hosts(domain: str, records: list[MxRecord] | None, has_address: bool,
-                   rnd: random.Random | None = None) -> list[str]:
+def delivery_hosts(
+    domain: str, records: list[MxRecord] | None, has_address: bool, rnd: random.Random | None = None
+) -> list[str]:
     """The hosts to try, in order, from a domain's MX answer (None: the domain has no MX)."""
     if records is None:
         if has_address:
@@ -63,7 +64,7 @@ Route = list[tuple[str, "int | None"]]  # (host, port); None: the relay's port
 
 
 def split_host_port(spec: str) -> tuple[str, int | None]:
-    """"host", "host:25", "10.0.0.5:25", "::1" or "[::1]:25" -> (host, port or None); ValueError if not."""
+    """ "host", "host:25", "10.0.0.5:25", "::1" or "[::1]:25" -> (host, port or None); ValueError if not."""
     spec = spec.strip()
     if spec.startswith("["):
         host, sep, rest = spec[1:].partition("]")
@@ -94,7 +95,7 @@ def parse_overrides(overrides: dict[str, str]) -> dict[str, Route]:
 
 
 def _nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
-    """"10.0.0.53", "127.0.0.1:5353" or "[::1]:53" -> a nameserver dnspython asks over UDP/TCP."""
+    """ "10.0.0.53", "127.0.0.1:5353" or "[::1]:53" -> a nameserver dnspython asks over UDP/TCP."""
     try:
         host, port = split_host_port(spec)
         ipaddress.ip_address(host)
@@ -108,8 +109,9 @@ def _nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
 class MxResolver:
     """Cached, single-flight MX lookups for the worker's event loop."""
 
-    def __init__(self, overrides: dict[str, str] | None = None, timeout_s: float = 10.0,
-                 nameservers: list[str] | None = None) -> None:
+    def __init__(
+        self, overrides: dict[str, str] | None = None, timeout_s: float = 10.0, nameservers: list[str] | None = None
+    ) -> None:
         self.timeout_s = timeout_s
         self.nameservers = [_nameserver(ns) for ns in nameservers or []]  # bad ones fail at start
         self.overrides = parse_overrides(overrides or {})

@@ -1,4 +1,5 @@
-"""Outbound room: every SQL statement of contacts, segments, templates and suppressions, by name."""
+"""Outbound room: every SQL statement of the catalogue (contacts, segments, templates, suppressions,
+senders), campaigns, the queuer and the workers, by name."""
 
 from mailflow.infra.locks import Lock
 
@@ -10,9 +11,24 @@ SET attributes = c.attributes || excluded.attributes, updated_at = excluded.upda
 RETURNING (xmax = 0) AS inserted
 """
 
-COUNT_KNOWN_EMAILS = "SELECT count(*) FROM contacts WHERE email = ANY(%s)"
+COUNT_KNOWN_EMAILS = "SELECT count(*) AS known FROM contacts WHERE email = ANY(%s)"
 
 SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE email = %s"
+
+# Set keys are merged over the contact's attributes, then removed keys are dropped.
+UPDATE_CONTACT_ATTRIBUTES = """
+UPDATE contacts SET attributes = (attributes || %(attributes)s::jsonb) - %(removed)s::text[], updated_at = %(at)s
+WHERE email = %(email)s
+"""
+GET_CONTACT = """
+SELECT c.email, c.status, c.attributes, c.created_at, c.updated_at,
+       s.reason AS suppression_reason, s.detail AS suppression_detail, s.created_at AS suppressed_at
+FROM contacts c LEFT JOIN suppressions s ON s.email = c.email
+WHERE c.email = %s
+"""
+CONTACT_JOB_STATES = "SELECT state, count(*) AS jobs FROM jobs WHERE email = %s GROUP BY state ORDER BY state"
+# The contact row is locked too: a reactivation and an update of one address do not interleave.
+LOCK_CONTACT = "SELECT status, attributes FROM contacts WHERE email = %s FOR UPDATE"
 
 # Unsubscribe requests for one address are decided one at a time (two-key advisory lock:
 # class Lock.ADDRESS, then the address), on what the contact and suppression tables say now.
@@ -21,6 +37,8 @@ ADDRESS_STATE = """
 SELECT (SELECT status FROM contacts WHERE email = %(email)s),
        EXISTS (SELECT 1 FROM suppressions WHERE email = %(email)s)
 """
+# Reactivating sets the status and lifts the suppression, both at the event's time.
+REACTIVATE_CONTACT = "UPDATE contacts SET status = 'active', updated_at = %(at)s WHERE email = %(email)s"
 
 LIST_CONTACTS = """
 SELECT email, status, attributes, created_at FROM contacts
@@ -38,6 +56,8 @@ ON CONFLICT (name) DO UPDATE SET filter = excluded.filter, updated_at = excluded
 """
 GET_SEGMENT = "SELECT filter FROM segments WHERE name = %s"
 LIST_SEGMENTS = "SELECT name, filter, updated_at FROM segments ORDER BY name"
+LOCK_SEGMENT = "SELECT name FROM segments WHERE name = %s FOR UPDATE"
+DELETE_SEGMENT = "DELETE FROM segments WHERE name = %s"
 
 UPSERT_TEMPLATE = """
 INSERT INTO templates (name, subject, html, text, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s)
@@ -46,6 +66,8 @@ SET subject = excluded.subject, html = excluded.html, text = excluded.text, upda
 """
 GET_TEMPLATE = "SELECT name, subject, html, text FROM templates WHERE name = %s"
 LIST_TEMPLATES = "SELECT name, subject, updated_at FROM templates ORDER BY name"
+LOCK_TEMPLATE = "SELECT name FROM templates WHERE name = %s FOR UPDATE"
+DELETE_TEMPLATE = "DELETE FROM templates WHERE name = %s"
 
 ADD_SUPPRESSION = """
 INSERT INTO suppressions (email, reason, detail, created_at) VALUES (%s, %s, %s, %s)
@@ -54,6 +76,7 @@ ON CONFLICT (email) DO UPDATE SET reason = excluded.reason, detail = excluded.de
 REMOVE_SUPPRESSION = "DELETE FROM suppressions WHERE email = %s"
 LIST_SUPPRESSIONS = "SELECT email, reason, detail, created_at FROM suppressions ORDER BY created_at DESC LIMIT %s"
 IS_SUPPRESSED = "SELECT reason FROM suppressions WHERE email = %s"
+LOCK_SUPPRESSION = "SELECT reason FROM suppressions WHERE email = %s FOR UPDATE"
 
 UPSERT_SENDER = """
 INSERT INTO senders (name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem, created_at, updated_at)
@@ -63,7 +86,24 @@ ON CONFLICT (name) DO UPDATE SET from_email = excluded.from_email, from_name = e
     dkim_key_pem = excluded.dkim_key_pem, updated_at = excluded.updated_at
 """
 GET_SENDER = "SELECT name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem FROM senders WHERE name = %s"
-LIST_SENDERS = "SELECT name, from_email, from_name, relay_url, dkim_selector IS NOT NULL FROM senders ORDER BY name"
+LIST_SENDERS = """
+SELECT name, from_email, from_name, relay_url, dkim_selector IS NOT NULL AS dkim FROM senders ORDER BY name
+"""
+LOCK_SENDER = "SELECT name FROM senders WHERE name = %s FOR UPDATE"
+DELETE_SENDER = "DELETE FROM senders WHERE name = %s"
+
+# Campaigns that still need a segment, template or sender (the column is a psycopg Identifier:
+# segment, template or sender), the oldest first; deleting what they use is refused.
+CAMPAIGNS_USING = """
+SELECT name, status FROM campaigns
+WHERE {column} = %s AND status IN ('draft', 'scheduled', 'running', 'paused')
+ORDER BY created_at LIMIT 3
+"""
+# Transactional jobs not yet finished that still need a template or sender (column as above).
+UNFINISHED_JOBS_USING = """
+SELECT count(*) AS jobs FROM jobs
+WHERE {column} = %s AND state IN ('pending', 'queued', 'active', 'retry')
+"""
 
 JOB_BY_KEY = "SELECT id FROM jobs WHERE idempotency_key = %s"
 
@@ -201,51 +241,12 @@ DUE_SCHEDULED = "SELECT id FROM campaigns WHERE status = 'scheduled' AND schedul
 
 # -- inspection ---------------------------------------------------------------------------------
 
-QUEUE_STATS = """
-SELECT priority,
-       count(*) FILTER (WHERE state = 'pending') AS pending,
-       count(*) FILTER (WHERE state = 'retry') AS retry,
-       count(*) FILTER (WHERE state = 'queued') AS queued,
-       count(*) FILTER (WHERE state = 'active') AS active,
-       count(*) FILTER (WHERE state = 'completed') AS completed,
-       count(*) FILTER (WHERE state = 'failed') AS failed,
-       extract(epoch FROM now() - min(created_at) FILTER (WHERE state IN ('pending', 'queued', 'active', 'retry'))),
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
-           FILTER (WHERE accepted_at > now() - interval '1 hour'),
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
-           FILTER (WHERE accepted_at > now() - interval '1 hour')
-FROM jobs GROUP BY priority
-"""
-
-LIST_JOBS = """
-SELECT id, priority, state, email, campaign_id, attempts, last_code, failure_kind, created_at, finished_at
-FROM jobs
-WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
-  AND (%(campaign)s::uuid IS NULL OR campaign_id = %(campaign)s::uuid)
-ORDER BY created_at DESC
-LIMIT %(limit)s
-"""
 GET_JOB = """
 SELECT id, idempotency_key, priority, state, email, sender, template, campaign_id, attempts, due_at,
        queue_seq, lease_until, worker, last_code, last_reply, failure_kind, created_at, queued_at,
        started_at, accepted_at, finished_at
 FROM jobs WHERE id = %s
 """
-
-# -- the demo ---------------------------------------------------------------------------------------
-
-DEMO_FINISHED = """
-SELECT count(*) FROM jobs
-WHERE state IN ('completed', 'failed') AND (campaign_id = %s OR email LIKE %s)
-"""
-DEMO_TRANSACTIONAL_STATES = "SELECT state, count(*) FROM jobs WHERE email LIKE %s GROUP BY state"
-DEMO_TRANSACTIONAL_FAILURES = """
-SELECT failure_kind, count(*), min(last_reply) FROM jobs
-WHERE email LIKE %s AND state = 'failed' GROUP BY failure_kind
-"""
-DEMO_ACTIVE_OF = "SELECT count(*) FROM jobs WHERE state = 'active' AND worker = %s"
-DEMO_QUEUED = "SELECT count(*) FROM jobs WHERE state = 'queued'"
-DEMO_TRANSACTIONAL_RETRIES = "SELECT coalesce(sum(greatest(attempts - 1, 0)), 0) FROM jobs WHERE email LIKE %s"
 
 # Leases of jobs a live worker is still sending are extended (not a state change, so no event).
 RENEW_LEASES = """
@@ -262,3 +263,48 @@ FOR UPDATE
 """
 # Which of these result events are stored already (a retried write whose first commit was not seen).
 EVENTS_RECORDED = "SELECT id FROM events WHERE id = ANY(%s::uuid[])"
+
+# -- views ------------------------------------------------------------------------------------
+# Read by outbound/views.py by column name (as are GET_JOB and LIST_CAMPAIGNS above): each
+# column is named as the field it fills.
+
+JOB_SUMMARIES = """
+SELECT id, priority, state, email, campaign_id, attempts, last_code, failure_kind, created_at, finished_at
+FROM jobs
+WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
+  AND (%(priority)s::text IS NULL OR priority = %(priority)s::text)
+  AND (%(campaign)s::uuid IS NULL OR campaign_id = %(campaign)s::uuid)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+"""
+
+# A prefix of a job id is the range of ids from prefix-000... to prefix-fff... (uuids sort by
+# their bytes), so the primary key answers it. Two rows are enough to call a prefix ambiguous.
+JOBS_IN_ID_RANGE = "SELECT id FROM jobs WHERE id BETWEEN %(low)s::uuid AND %(high)s::uuid ORDER BY id LIMIT 2"
+
+# Per priority: jobs by state, how long the oldest waiting job has waited, and the latency
+# (created -> accepted) of the last hour's accepted jobs. Waiting means work the pipeline owes
+# now: queued, waiting to retry, or pending and due - jobs of a campaign that is not running
+# (paused, cancelled) are not owed. A pending job waits from its due time, others from creation.
+QUEUE_LOAD = """
+SELECT priority,
+       count(*) FILTER (WHERE state = 'pending') AS pending,
+       count(*) FILTER (WHERE state = 'retry') AS retry,
+       count(*) FILTER (WHERE state = 'queued') AS queued,
+       count(*) FILTER (WHERE state = 'active') AS active,
+       count(*) FILTER (WHERE state = 'completed') AS completed,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE state IN ('pending', 'queued', 'active', 'retry')))
+           AS oldest_unfinished_s,
+       extract(epoch FROM now() - min(CASE WHEN state = 'pending' THEN due_at ELSE created_at END) FILTER (
+           WHERE state = 'queued'
+              OR (state IN ('pending', 'retry') AND (state = 'retry' OR due_at <= now())
+                  AND (campaign_id IS NULL
+                       OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = jobs.campaign_id AND c.status = 'running')))))
+           AS oldest_waiting_s,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
+           FILTER (WHERE accepted_at > now() - interval '1 hour') AS latency_p50_s,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
+           FILTER (WHERE accepted_at > now() - interval '1 hour') AS latency_p99_s
+FROM jobs GROUP BY priority
+"""

@@ -24,33 +24,32 @@ renew them instead of having their jobs sent a second time.
 
 from __future__ import annotations
 
-from mailflow.infra.locks import Lock
-
 import os
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Any
 
-import psycopg
 import redis
 
 from mailflow.config import Settings
+from mailflow.consumers import inline
 from mailflow.events.envelope import Metadata
 from mailflow.events.keys import Keys
-from mailflow.events.streams import raise_unless_duplicates, scan_fields, stream_last_entry_id
 from mailflow.events.store import EventStore
+from mailflow.events.streams import raise_unless_duplicates, scan_fields, stream_last_entry_id
 from mailflow.infra.health import Health
-from mailflow.log import get_logger
-from mailflow.consumers import inline
 from mailflow.infra.leader import Term, run_as_leader
+from mailflow.infra.locks import Lock
 from mailflow.infra.services import redis_client
-from mailflow.outbound import campaigns
+from mailflow.log import get_logger
+from mailflow.outbound import campaigns, streams
 from mailflow.outbound import queries as q
 from mailflow.outbound.events import JobQueued, JobRetryScheduled
-from mailflow.outbound.jobs import SLA_SECONDS, Priority
+from mailflow.outbound.jobs import Priority
 from mailflow.outbound.ratelimit import DEFAULT_LIMITS_PER_S, RateLimiter
 
 QUEUER_LOCK_KEY = Lock.QUEUER
@@ -82,10 +81,23 @@ class Queuer:
         self.health = health or Health("queuer", f"{socket.gethostname()}-{os.getpid()}", log)
 
     def run(self, stop: threading.Event) -> None:
-        run_as_leader("queuer", QUEUER_LOCK_KEY, self.store.pool, stop, lambda term: self._lead(term, stop), log,
-                      self.health, self.is_leader, redis_url=self.redis_url)
-        log.info("queuer.stopped", queued=self.stats.queued, reclaimed=self.stats.reclaimed,
-                 republished=self.stats.republished)
+        run_as_leader(
+            "queuer",
+            QUEUER_LOCK_KEY,
+            self.store.pool,
+            stop,
+            lambda term: self._lead(term, stop),
+            log,
+            self.health,
+            self.is_leader,
+            redis_url=self.redis_url,
+        )
+        log.info(
+            "queuer.stopped",
+            queued=self.stats.queued,
+            reclaimed=self.stats.reclaimed,
+            republished=self.stats.republished,
+        )
 
     def _lead(self, term: Term, stop: threading.Event) -> None:
         r = redis_client(self.redis_url, check=False)
@@ -123,19 +135,29 @@ class Queuer:
 
     def reclaim_expired(self) -> int:
         """Jobs whose worker died mid-send: active -> retry, due now (another worker sends them)."""
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         hold = max(0.0, self.lease_grace_s - (time.monotonic() - self._term_began)) if self._term_began else 0.0
         with inline.writing(self.store) as w:
-            rows = w.conn.execute(q.EXPIRED_LEASES, {"hold_s": hold, "limit": self.settings.queuer_batch_size}).fetchall()
+            rows = w.conn.execute(
+                q.EXPIRED_LEASES, {"hold_s": hold, "limit": self.settings.queuer_batch_size}
+            ).fetchall()
             if not rows:
                 return 0
-            w.record([
-                (f"job-{jid}", JobRetryScheduled(
-                    job_id=str(jid), attempt=attempts, reply="lease expired: the worker stopped answering",
-                    due_at=now, reason="lease_expired",
-                ).to_new(Metadata(correlation_id=correlation)))
-                for jid, attempts, correlation in rows
-            ])
+            w.record(
+                [
+                    (
+                        streams.job(jid),
+                        JobRetryScheduled(
+                            job_id=str(jid),
+                            attempt=attempts,
+                            reply="lease expired: the worker stopped answering",
+                            due_at=now,
+                            reason="lease_expired",
+                        ).to_new(Metadata(correlation_id=correlation)),
+                    )
+                    for jid, attempts, correlation in rows
+                ]
+            )
         self.stats.reclaimed += len(rows)
         log.warning("queuer.leases_expired", count=len(rows))
         return len(rows)
@@ -151,8 +173,8 @@ class Queuer:
             conn = w.conn
             # Look past the head so one throttled domain does not block everyone behind it.
             rows = conn.execute(q.DUE_JOBS, {"priority": str(priority), "limit": limit * 4}).fetchall()
-            granted = []
-            correlations = {}
+            granted: list[Any] = []
+            correlations: dict[Any, str] = {}
             for jid, sender, domain, correlation in rows:
                 if len(granted) >= limit:
                     break
@@ -167,10 +189,15 @@ class Queuer:
             if not granted:
                 return 0
             seqs = [s for (s,) in conn.execute(q.NEXT_QUEUE_SEQS, (len(granted),)).fetchall()]
-            w.record([
-                (f"job-{j}", JobQueued(job_id=str(j), queue_seq=s).to_new(Metadata(correlation_id=correlations[j])))
-                for j, s in zip(granted, seqs)
-            ])
+            w.record(
+                [
+                    (
+                        streams.job(j),
+                        JobQueued(job_id=str(j), queue_seq=s).to_new(Metadata(correlation_id=correlations[j])),
+                    )
+                    for j, s in zip(granted, seqs)
+                ]
+            )
         self._xadd(r, key, list(zip(granted, seqs)))
         self.stats.queued[str(priority)] += len(granted)
         return len(granted)
@@ -185,7 +212,7 @@ class Queuer:
         if now - self._reconciled > 10 * interval:
             return True
         with self.store.pool.connection() as conn:
-            queued = dict(conn.execute(q.QUEUED_COUNTS).fetchall())
+            queued: dict[str, int] = dict(conn.execute(q.QUEUED_COUNTS).fetchall())
         return any(r.xlen(self.keys.jobs(p)) < queued.get(str(p), 0) for p in Priority)
 
     @property
@@ -232,8 +259,11 @@ class Queuer:
         self._reconciled = self._checked = time.monotonic()
         self.stats.republished += total
         if total:
-            log.warning("queuer.republished", count=total,
-                        detail="Redis had lost these queued jobs (flushed, restarted or cut off); added again")
+            log.warning(
+                "queuer.republished",
+                count=total,
+                detail="Redis had lost these queued jobs (flushed, restarted or cut off); added again",
+            )
         return total
 
     def _readd(self, r: redis.Redis, key: str, jobs: list[tuple[uuid.UUID, int]], last: tuple[int, int] | None) -> None:
@@ -254,24 +284,3 @@ class Queuer:
             if isinstance(res, Exception):
                 self._epoch = None
                 raise res
-
-
-def queue_stats(conn: psycopg.Connection, r: redis.Redis, keys: Keys) -> list[dict[str, object]]:
-    """Per priority: stream depth, jobs by state, oldest unfinished job, latency vs SLA."""
-    rows = {row[0]: row for row in conn.execute(q.QUEUE_STATS).fetchall()}
-    out = []
-    for p in Priority:
-        row = rows.get(str(p))
-        p50, p99 = (row[8], row[9]) if row else (None, None)
-        out.append({
-            "priority": str(p),
-            "stream_depth": r.xlen(keys.jobs(p)),
-            "pending": row[1] if row else 0, "retry": row[2] if row else 0, "queued": row[3] if row else 0,
-            "active": row[4] if row else 0, "completed": row[5] if row else 0, "failed": row[6] if row else 0,
-            "oldest_unfinished_s": round(float(row[7]), 3) if row and row[7] is not None else None,
-            "latency_p50_s": round(float(p50), 3) if p50 is not None else None,
-            "latency_p99_s": round(float(p99), 3) if p99 is not None else None,
-            "sla_s": SLA_SECONDS[p],
-            "within_sla": None if p99 is None else float(p99) <= SLA_SECONDS[p],
-        })
-    return out

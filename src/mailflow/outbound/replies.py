@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from mailflow.mail.status import enhanced_code
+
 
 class Outcome(StrEnum):
     DELIVERED = "delivered"
@@ -38,16 +40,10 @@ class Verdict:
     enhanced: str | None = None
 
 
-_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _HINT = re.compile(
     r"(?:try again|retry|wait)\D{0,20}?(?:in|after)?\s*(\d{1,6})\s*(s|sec|secs|seconds?|m|min|mins|minutes?)\b",
     re.IGNORECASE,
 )
-
-
-def enhanced_code(message: str) -> str | None:
-    m = _ENHANCED.search(message or "")
-    return m.group(0) if m else None
 
 
 def retry_hint_seconds(message: str) -> float | None:

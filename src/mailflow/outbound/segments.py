@@ -12,6 +12,9 @@ name is checked against a fixed list, so a filter cannot inject anything.
 Fields: email, domain (the part after @), status, created_at, attributes.<key>[.<key>...].
 Operators: $eq $ne $gt $gte $lt $lte $in $nin $exists $contains, and $and $or $not.
 A bare value means $eq; several fields in one object are ANDed. See docs/segments.md.
+
+Segments are saved (SegmentDefined) and deleted (SegmentDeleted) by name; one that an
+unfinished campaign uses cannot be deleted.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from datetime import datetime
 from typing import Any
 
 from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from mailflow.errors import NotFoundError, UserError
 from mailflow.consumers import inline
+from mailflow.errors import NotFoundError, UserError
 from mailflow.outbound import queries as q
-from mailflow.outbound.events import SegmentDefined
+from mailflow.outbound import streams
+from mailflow.outbound.catalog import refuse_if_in_use
+from mailflow.outbound.events import SegmentDefined, SegmentDeleted
 
 CORE_FIELDS: dict[str, tuple[str, str]] = {
     # name: (SQL expression, kind)
@@ -46,6 +52,7 @@ MAX_NODES = 200
 
 class SegmentError(UserError):
     """The filter is not valid; the message says where (a JSON path) and why."""
+
 
 @dataclass
 class Compiled:
@@ -75,7 +82,7 @@ class _Compiler:
             raise SegmentError(f"{where}: expected an object of conditions, got {type(doc).__name__}")
         if not doc:
             return sql.SQL("TRUE")
-        parts = []
+        parts: list[sql.Composable] = []
         for key, value in doc.items():
             here = f"{where}.{key}"
             if key in ("$and", "$or"):
@@ -110,9 +117,7 @@ class _Compiler:
                 if not _KEY.match(key):
                     raise SegmentError(f"{where}: attribute name {key!r} may only use letters, digits, _ and -")
             return self.attribute(path, op, value, where)
-        raise SegmentError(
-            f"{where}: unknown field {name!r}; use {', '.join(CORE_FIELDS)} or attributes.<name>"
-        )
+        raise SegmentError(f"{where}: unknown field {name!r}; use {', '.join(CORE_FIELDS)} or attributes.<name>")
 
     # -- core columns ----------------------------------------------------------------------
 
@@ -163,8 +168,8 @@ class _Compiler:
         if op in ("$eq", "$ne"):
             self.check_json_scalar(value, where, allow_list=True)
             # $ne also matches contacts without the attribute (IS DISTINCT FROM).
-            test = "{} = {}::jsonb" if op == "$eq" else "({} IS DISTINCT FROM {}::jsonb)"
-            return sql.SQL(test).format(at, self.param(Jsonb(value)))
+            same = "{} = {}::jsonb" if op == "$eq" else "({} IS DISTINCT FROM {}::jsonb)"
+            return sql.SQL(same).format(at, self.param(Jsonb(value)))
         if op in ("$in", "$nin"):
             if not isinstance(value, list) or not value:
                 raise SegmentError(f"{where}: {op} needs a non-empty list")
@@ -219,14 +224,28 @@ def define(store, name: str, doc: dict[str, Any]) -> None:
     compiled = compile_filter(doc)
     with store.pool.connection() as conn:  # prove it runs before saving it
         conn.execute(sql.SQL("EXPLAIN SELECT 1 FROM contacts WHERE {}").format(compiled.where), compiled.params)
-    inline.record(store, [(f"segment-{name}", SegmentDefined(name=name, filter=doc).to_new())])
+    inline.record(store, [(streams.segment(name), SegmentDefined(name=name, filter=doc).to_new())])
+
+
+def _not_found(name: str) -> NotFoundError:
+    return NotFoundError(f"no segment named {name!r} (see `mailflow segments list`)")
 
 
 def load(conn, name: str) -> dict[str, Any]:
-    row = conn.execute(q.GET_SEGMENT, (name,)).fetchone()
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(q.GET_SEGMENT, (name,)).fetchone()
     if row is None:
-        raise NotFoundError(f"no segment named {name!r} (see `mailflow segments list`)")
-    return row[0]
+        raise _not_found(name)
+    return row["filter"]
+
+
+def delete(store, name: str) -> None:
+    """Delete a segment (SegmentDeleted), unless an unfinished campaign uses it (ConflictError)."""
+    with inline.writing(store) as w:
+        if w.conn.execute(q.LOCK_SEGMENT, (name,)).fetchone() is None:
+            raise _not_found(name)
+        refuse_if_in_use(w.conn, "segment", name)
+        w.record([(streams.segment(name), SegmentDeleted(name=name).to_new())])
 
 
 @dataclass
@@ -237,11 +256,7 @@ class Preview:
 
 def preview(conn, doc: dict[str, Any], sample: int = 10) -> Preview:
     compiled = compile_filter(doc)
-    count = conn.execute(sql.SQL(q.COUNT_CONTACTS).format(where=compiled.where), compiled.params).fetchone()[0]
-    rows = conn.execute(
-        sql.SQL(q.LIST_CONTACTS).format(where=compiled.where), [*compiled.params, sample]
-    ).fetchall()
-    return Preview(
-        count=int(count),
-        sample=[{"email": e, "status": s, "attributes": a, "created_at": c.isoformat()} for e, s, a, c in rows],
-    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        count = cur.execute(sql.SQL(q.COUNT_CONTACTS).format(where=compiled.where), compiled.params).fetchone()["count"]
+        rows = cur.execute(sql.SQL(q.LIST_CONTACTS).format(where=compiled.where), [*compiled.params, sample]).fetchall()
+    return Preview(count=int(count), sample=[{**r, "created_at": r["created_at"].isoformat()} for r in rows])

@@ -5,10 +5,14 @@ smtps://... for TLS from the first byte (port 465). STARTTLS is required by defa
 smtp:// on any port but 25, where it is opportunistic (used when offered, certificate not
 checked) unless asked for. direct:// delivers to each recipient domain's MX hosts on port 25
 with opportunistic STARTTLS (see mx.py).
+
+`dkim_record()` derives the DNS TXT record that publishes a sender's DKIM public key from
+its private key, so the record cannot drift from the key that signs.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -18,7 +22,7 @@ import aiosmtplib
 from email_validator import EmailNotValidError, validate_email
 
 from mailflow.config import mask_url
-from mailflow.errors import UsageError
+from mailflow.errors import UsageError, UserError
 
 TLS_MODES = ("none", "opportunistic", "starttls", "tls")
 
@@ -49,12 +53,16 @@ class SmtpRelay:
 def smtp_client(relay: SmtpRelay, local_hostname: str | None = None) -> aiosmtplib.SMTP:
     """An unconnected aiosmtplib client for a relay (or an MX host of a direct one)."""
     return aiosmtplib.SMTP(
-        hostname=relay.host, port=relay.port, timeout=relay.timeout_s, local_hostname=local_hostname,
+        hostname=relay.host,
+        port=relay.port,
+        timeout=relay.timeout_s,
+        local_hostname=local_hostname,
         use_tls=relay.tls == "tls",
         # None: STARTTLS when the server offers it
         start_tls={"starttls": True, "opportunistic": None}.get(relay.tls, False),
         validate_certs=relay.tls in ("tls", "starttls"),
-        username=relay.username, password=relay.password,
+        username=relay.username,
+        password=relay.password,
     )
 
 
@@ -67,9 +75,7 @@ def parse_relay_url(url: str) -> SmtpRelay:
     if parts.scheme == "direct":
         return _parse_direct(url, parts)
     if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        raise UsageError(
-            f"relay URL {mask_url(url)} must look like smtp://host:587, smtps://host:465 or direct://"
-        )
+        raise UsageError(f"relay URL {mask_url(url)} must look like smtp://host:587, smtps://host:465 or direct://")
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(query) - {"tls", "timeout"}
     if unknown:
@@ -151,3 +157,62 @@ def check_sender(sender: Sender) -> Sender:
     if sender.dkim_key_pem is not None and "PRIVATE KEY" not in sender.dkim_key_pem:
         raise UsageError("the DKIM key must be a PEM private key")
     return Sender(sender.name, email, sender.from_name, sender.relay_url, sender.dkim_selector, sender.dkim_key_pem)
+
+
+@dataclass(frozen=True)
+class DkimRecord:
+    """The TXT record receivers look up to verify a sender's signatures (RFC 6376 3.6.1)."""
+
+    name: str  # <selector>._domainkey.<domain>
+    value: str  # v=DKIM1; k=rsa; p=<base64 SubjectPublicKeyInfo>
+
+    def zone_line(self) -> str:
+        return f'{self.name} TXT "{self.value}"'
+
+    def strings(self) -> list[str]:
+        """The value in character-strings of at most 255 bytes, as a zone file needs for 2048-bit keys."""
+        return [self.value[i : i + 255] for i in range(0, len(self.value), 255)]
+
+
+# DER of AlgorithmIdentifier {rsaEncryption (1.2.840.113549.1.1.1), NULL}
+_RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _der_integer(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))  # a leading 0 keeps it positive
+
+
+def rsa_public_key_info(modulus: int, exponent: int) -> bytes:
+    """DER SubjectPublicKeyInfo of an RSA public key: what DKIM's p= tag carries (RFC 6376 3.6.1)."""
+    rsa_public_key = _der(0x30, _der_integer(modulus) + _der_integer(exponent))
+    return _der(0x30, _RSA_ALGORITHM + _der(0x03, b"\x00" + rsa_public_key))
+
+
+def dkim_record(sender: Sender) -> DkimRecord:
+    """The DNS record for the sender's DKIM key; UserError for a sender without one.
+
+    The key is read with dkimpy's own parser, the one that signs, so what is published is
+    the public half of exactly the key the signatures are made with."""
+    import dkim.crypto
+
+    if not sender.dkim_selector or not sender.dkim_key_pem:
+        raise UserError(f"sender {sender.name!r} has no DKIM key (save it again with --dkim-selector and --dkim-key)")
+    try:
+        key = dkim.crypto.parse_pem_private_key(sender.dkim_key_pem.encode())
+    except (dkim.crypto.UnparsableKeyError, ValueError) as exc:
+        raise UserError(
+            f"sender {sender.name!r}: its DKIM key is not an RSA private key mailflow can read: {exc}"
+        ) from exc
+    spki = rsa_public_key_info(key["modulus"], key["publicExponent"])
+    return DkimRecord(
+        name=f"{sender.dkim_selector}._domainkey.{sender.domain}",
+        value=f"v=DKIM1; k=rsa; p={base64.b64encode(spki).decode()}",
+    )

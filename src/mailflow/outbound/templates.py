@@ -4,6 +4,9 @@ Rendering uses Jinja2's SandboxedEnvironment (templates cannot reach Python inte
 with StrictUndefined, so a missing variable is an error rather than a silent blank. Every
 error names the template, the part (subject/html/text), the line and, when it is a
 missing variable, the variable.
+
+Templates are saved (TemplateSaved) and deleted (TemplateDeleted) by name; one that an
+unfinished campaign or an unsent job uses cannot be deleted.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
+from psycopg.rows import class_row
 
-from mailflow.errors import NotFoundError, UserError
 from mailflow.consumers import inline
+from mailflow.errors import NotFoundError, UserError
 from mailflow.outbound import queries as q
-from mailflow.outbound.events import TemplateSaved
+from mailflow.outbound import streams
+from mailflow.outbound.catalog import refuse_if_in_use
+from mailflow.outbound.events import TemplateDeleted, TemplateSaved
 
 PARTS = ("subject", "html", "text")
 
@@ -101,7 +107,7 @@ def render(tpl: Template, variables: dict[str, Any]) -> Rendered:
             ) from exc
         except jinja2.exceptions.SecurityError as exc:
             raise TemplateError(tpl.name, part, _template_line(exc), f"not allowed in a template: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - a filter or expression failed at render time
+        except Exception as exc:
             raise TemplateError(tpl.name, part, _template_line(exc), f"{type(exc).__name__}: {exc}") from exc
     subject = " ".join(out["subject"].split())  # one line, no header injection
     return Rendered(subject=subject, html=out["html"], text=out["text"])
@@ -125,11 +131,25 @@ def save(store, tpl: Template) -> None:
         raise TemplateError(tpl.name, "name", None, "use letters, digits, '.', '_' and '-' (1 to 100 characters)")
     check(tpl)
     event = TemplateSaved(name=tpl.name, subject=tpl.subject, html=tpl.html, text=tpl.text).to_new()
-    inline.record(store, [(f"template-{tpl.name}", event)])
+    inline.record(store, [(streams.template(tpl.name), event)])
+
+
+def _not_found(name: str) -> NotFoundError:
+    return NotFoundError(f"no template named {name!r} (see `mailflow templates list`)")
 
 
 def load(conn, name: str) -> Template:
-    row = conn.execute(q.GET_TEMPLATE, (name,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"no template named {name!r} (see `mailflow templates list`)")
-    return Template(*row)
+    with conn.cursor(row_factory=class_row(Template)) as cur:
+        tpl = cur.execute(q.GET_TEMPLATE, (name,)).fetchone()
+    if tpl is None:
+        raise _not_found(name)
+    return tpl
+
+
+def delete(store, name: str) -> None:
+    """Delete a template (TemplateDeleted), unless an unfinished campaign or unsent job uses it."""
+    with inline.writing(store) as w:
+        if w.conn.execute(q.LOCK_TEMPLATE, (name,)).fetchone() is None:
+            raise _not_found(name)
+        refuse_if_in_use(w.conn, "template", name)
+        w.record([(streams.template(name), TemplateDeleted(name=name).to_new())])

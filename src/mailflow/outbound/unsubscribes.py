@@ -13,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from mailflow.consumers.inline import writing
 from mailflow.events.envelope import Metadata
 from mailflow.events.registry import Event
 from mailflow.events.store import EventStore
-from mailflow.consumers.inline import writing
-from mailflow.outbound import queries as q
+from mailflow.infra.services import scalar_row
 from mailflow.mail import tokens
+from mailflow.outbound import queries as q
+from mailflow.outbound import streams
 from mailflow.outbound.contacts import STOPPED_STATUSES
 from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded
 
@@ -59,7 +61,9 @@ def read_token(secret: bytes, token: str) -> UnsubscribeRequest:
     return UnsubscribeRequest(campaign_id=campaign_id, email=email)
 
 
-def plan(req: UnsubscribeRequest, contact_status: str | None, suppressed: bool) -> tuple[Outcome, list[tuple[str, Event]]]:
+def plan(
+    req: UnsubscribeRequest, contact_status: str | None, suppressed: bool
+) -> tuple[Outcome, list[tuple[str, Event]]]:
     """What to record for a request, given the contact's status (None: no such contact).
 
     - an active contact (or any status that does not stop sending) becomes unsubscribed;
@@ -71,11 +75,11 @@ def plan(req: UnsubscribeRequest, contact_status: str | None, suppressed: bool) 
         if suppressed:
             return Outcome.ALREADY, []
         event = SuppressionAdded(email=req.email, reason=SUPPRESSION_REASON, detail=req.reason)
-        return Outcome.SUPPRESSED, [(f"suppression-{req.email}", event)]
+        return Outcome.SUPPRESSED, [(streams.suppression(req.email), event)]
     if contact_status in STOPPED_STATUSES:
         return Outcome.ALREADY, []
-    event = ContactStatusChanged(email=req.email, status="unsubscribed", reason=req.reason)
-    return Outcome.UNSUBSCRIBED, [(f"contact-{req.email}", event)]
+    changed = ContactStatusChanged(email=req.email, status="unsubscribed", reason=req.reason)
+    return Outcome.UNSUBSCRIBED, [(streams.contact(req.email), changed)]
 
 
 def unsubscribe(store: EventStore, req: UnsubscribeRequest, *, actor: str = "unsubscribe-link") -> Outcome:
@@ -85,9 +89,9 @@ def unsubscribe(store: EventStore, req: UnsubscribeRequest, *, actor: str = "uns
     """
     with writing(store) as w:
         w.conn.execute(q.LOCK_ADDRESS, (req.email,))
-        status, suppressed = w.conn.execute(q.ADDRESS_STATE, {"email": req.email}).fetchone()
+        status, suppressed = scalar_row(w.conn, q.ADDRESS_STATE, {"email": req.email})
         outcome, items = plan(req, status, suppressed)
         if items:
-            md = Metadata(actor=actor, correlation_id=f"campaign-{req.campaign_id}")
+            md = Metadata(actor=actor, correlation_id=streams.campaign(req.campaign_id))
             w.record([(stream, event.to_new(md)) for stream, event in items])
     return outcome

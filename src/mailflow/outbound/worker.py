@@ -26,31 +26,43 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosmtplib
-import redis
 import redis.asyncio as aredis
 from psycopg.rows import dict_row
 
 from mailflow.config import Settings
+from mailflow.consumers import groups, inline
 from mailflow.errors import ServiceUnavailable
 from mailflow.events.envelope import Metadata, NewEvent
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Backoff, Health
+from mailflow.infra.services import (
+    POSTGRES_OUTAGE,
+    async_redis_client,
+    is_postgres_outage,
+    is_redis_outage,
+    recover_pool,
+)
 from mailflow.log import get_logger
-from mailflow.infra.services import POSTGRES_OUTAGE, async_redis_client, is_postgres_outage, is_redis_outage, recover_pool
-from mailflow.infra.services import redis_lost_data
-from mailflow.consumers import inline
-from mailflow.outbound import mime, mx, queries as q, smtp, templates
+from mailflow.outbound import mime, mx, smtp, streams, templates
+from mailflow.outbound import queries as q
 from mailflow.outbound.contacts import STOPPED_STATUSES
-from mailflow.outbound.events import ContactStatusChanged, JobCompleted, JobFailed, JobRetryScheduled, JobStarted, SuppressionAdded
+from mailflow.outbound.events import (
+    ContactStatusChanged,
+    JobCompleted,
+    JobFailed,
+    JobRetryScheduled,
+    JobStarted,
+    SuppressionAdded,
+)
 from mailflow.outbound.jobs import Priority
 from mailflow.outbound.replies import FailureKind, Outcome, RetrySchedule, Verdict, classify, transient
-from mailflow.outbound.sending import load_sender
 from mailflow.outbound.senders import Sender, SmtpRelay, smtp_client
+from mailflow.outbound.sending import load_sender
 
 GROUP = "workers"
 LOW_EVERY = 8  # every 8th read offers low before normal
@@ -116,7 +128,9 @@ class RelayPool:
     session the server has dropped would wait for a retry.
     """
 
-    def __init__(self, relay: SmtpRelay, size: int, local_hostname: str | None = None, idle_close_s: float = 60.0) -> None:
+    def __init__(
+        self, relay: SmtpRelay, size: int, local_hostname: str | None = None, idle_close_s: float = 60.0
+    ) -> None:
         self.relay = relay
         self.size = size
         self.local_hostname = local_hostname
@@ -212,8 +226,14 @@ def check_settings(settings: Settings) -> None:
 
 class Worker:
     def __init__(
-        self, store: EventStore, redis_url: str, settings: Settings, secret: bytes, *,
-        name: str | None = None, health: Health | None = None,
+        self,
+        store: EventStore,
+        redis_url: str,
+        settings: Settings,
+        secret: bytes,
+        *,
+        name: str | None = None,
+        health: Health | None = None,
     ) -> None:
         self.store = store
         self.redis_url = redis_url
@@ -259,7 +279,7 @@ class Worker:
                 try:
                     await self._step(r, state)
                     backoff.reset()
-                except Exception as exc:  # noqa: BLE001 - an outage is waited out, anything else re-raised
+                except Exception as exc:
                     if not await self._outage(exc):
                         raise
                     await _wait(stop, backoff.next())
@@ -319,7 +339,7 @@ class Worker:
                 self._slot_freed.clear()
                 try:
                     await asyncio.wait_for(self._slot_freed.wait(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 return
             if free <= 0:
@@ -333,22 +353,16 @@ class Worker:
 
     async def _ensure_groups(self, r: aredis.Redis) -> None:
         for p in Priority:
-            try:
-                await r.xgroup_create(self.keys.jobs(p), GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            await groups.ensure_group_async(r, self.keys.jobs(p), GROUP)
         self._groups_ready = True
 
-    async def _xreadgroup(self, r: aredis.Redis, streams: dict[str, str], **kw: Any) -> Any:
+    async def _xreadgroup(self, r: aredis.Redis, streams: dict[str, Any], **kw: Any) -> groups.StreamEntries:
         """XREADGROUP; a stream or group Redis lost (FLUSHALL, restart) is recreated next turn."""
         try:
-            return await r.xreadgroup(GROUP, self.name, streams, **kw)
-        except redis.ResponseError as exc:
-            if not redis_lost_data(exc):
-                raise
+            return await groups.read_async(r, GROUP, self.name, streams, **kw)
+        except groups.StreamLost:
             self._groups_ready = False
-            return None
+            return []
 
     async def _read(self, r: aredis.Redis, free: int) -> list[Entry]:
         reserve = max(1, self.settings.worker_concurrency // 10)
@@ -367,9 +381,9 @@ class Worker:
                 return []
         # Nothing ready anywhere: wait briefly for whichever stream gets work first.
         res = await self._xreadgroup(r, {self.keys.jobs(p): ">" for p in Priority}, count=1, block=100)
-        out = []
-        for key, entries in res or []:
-            p = Priority(key.decode().rsplit(":", 1)[1] if isinstance(key, bytes) else key.rsplit(":", 1)[1])
+        out: list[Entry] = []
+        for key, entries in res:
+            p = Priority(key.rsplit(":", 1)[1])
             out.extend((p, eid, f) for eid, f in entries)
         return out
 
@@ -382,7 +396,7 @@ class Worker:
         """
         found: list[Entry] = []
         for p in Priority:
-            after = "0"
+            after: str | bytes = "0"
             while True:
                 res = await self._xreadgroup(r, {self.keys.jobs(p): after}, count=500)
                 entries = res[0][1] if res else []
@@ -409,25 +423,18 @@ class Worker:
         """
         idle_ms = int(self.settings.job_lease_s * 1000)
         for p in Priority:
-            cursor: bytes | str = "0-0"
-            while True:
-                try:
-                    res = await r.xautoclaim(self.keys.jobs(p), GROUP, self.name, idle_ms, cursor, count=100)
-                except redis.ResponseError as exc:
-                    if not redis_lost_data(exc):
-                        raise
-                    self._groups_ready = False
-                    break
-                cursor, claimed = res[0], res[1]
-                live = [(p, eid, f) for eid, f in claimed if f and (p, eid) not in self.held]
-                gone = [eid for eid, f in claimed if not f]
-                if gone:
-                    self._unacked.setdefault(p, []).extend(gone)
-                if live:
-                    self.log.info("worker.reclaimed", priority=str(p), count=len(live))
-                    await self._start(live)
-                if cursor in (b"0-0", "0-0"):
-                    break
+            try:
+                async for page in groups.claim_stale_async(
+                    r, self.keys.jobs(p), GROUP, self.name, min_idle_ms=idle_ms, count=100
+                ):
+                    live = [(p, eid, f) for eid, f in page.entries if (p, eid) not in self.held]
+                    if page.deleted:
+                        self._unacked.setdefault(p, []).extend(page.deleted)
+                    if live:
+                        self.log.info("worker.reclaimed", priority=str(p), count=len(live))
+                        await self._start(live)
+            except groups.StreamLost:
+                self._groups_ready = False
 
     async def _start(self, entries: list[Entry]) -> None:
         """Claim the jobs of these entries and start sending them; on an outage, keep them for later."""
@@ -459,7 +466,7 @@ class Worker:
         wanted = {}
         for p, eid, fields in entries:
             wanted[fields[b"job_id"].decode()] = (p, eid, int(fields[b"queue_seq"]))
-        lease = (datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)).isoformat()
+        lease = (datetime.now(UTC) + timedelta(seconds=self.settings.job_lease_s)).isoformat()
         claimed, stale, refused, events = [], [], [], []
         try:
             with inline.writing(self.store) as w, w.conn.cursor(row_factory=dict_row) as cur:
@@ -474,27 +481,48 @@ class Worker:
                     md = Metadata(correlation_id=row["correlation_id"])
                     if state == "queued":
                         attempt = attempts + 1
-                        events.append(JobStarted(job_id=job_id, attempt=attempt, worker=self.name,
-                                                 lease_until=lease).to_new(md))
-                    elif state == "active" and worker == self.name and self._uncertain.get(job_id) == seq \
-                            and job_id not in self.sending:
+                        events.append(
+                            JobStarted(job_id=job_id, attempt=attempt, worker=self.name, lease_until=lease).to_new(md)
+                        )
+                    elif (
+                        state == "active"
+                        and worker == self.name
+                        and self._uncertain.get(job_id) == seq
+                        and job_id not in self.sending
+                    ):
                         attempt = attempts  # this worker's own claim, committed though we did not see it
                     else:
                         stale.append((p, eid))
                         continue
                     campaign_id = row["campaign_id"]
-                    job = Claimed(p, eid, job_id, attempt, row["email"], row["sender"], row["template"],
-                                  row["variables"] or {}, str(campaign_id) if campaign_id else None,
-                                  row["attributes"] or {}, row["correlation_id"])
-                    refusal = refusal_reason(job, suppressed=row["suppressed"], contact_status=row["contact_status"],
-                                             campaign_status=row["campaign_status"])
+                    job = Claimed(
+                        p,
+                        eid,
+                        job_id,
+                        attempt,
+                        row["email"],
+                        row["sender"],
+                        row["template"],
+                        row["variables"] or {},
+                        str(campaign_id) if campaign_id else None,
+                        row["attributes"] or {},
+                        row["correlation_id"],
+                    )
+                    refusal = refusal_reason(
+                        job,
+                        suppressed=row["suppressed"],
+                        contact_status=row["contact_status"],
+                        campaign_status=row["campaign_status"],
+                    )
                     if refusal is not None:
                         why, kind = refusal
-                        refused.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, kind))
+                        refused.append(
+                            Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, kind)
+                        )
                         continue
                     claimed.append(job)
                 if events:
-                    w.record([(f"job-{e.data['job_id']}", e) for e in events])
+                    w.record([(streams.job(e.data["job_id"]), e) for e in events])
         except POSTGRES_OUTAGE:
             for job_id, (_, _, seq) in wanted.items():
                 self._uncertain[job_id] = seq  # if the commit happened after all, the retry resumes it
@@ -509,12 +537,15 @@ class Worker:
             return res.events
         j, v = res.job, res.verdict
         extra = []
+        ev: JobCompleted | JobFailed | JobRetryScheduled
         if v.outcome is Outcome.DELIVERED:
             ev = JobCompleted(job_id=j.job_id, attempt=j.attempt, code=res.code or 250, reply=res.reply)
         elif v.outcome is Outcome.RETRY:
             delay = self.schedule.delay(j.attempt, v.retry_after_s)
             if delay is None:
-                ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind="retries_exhausted")
+                ev = JobFailed(
+                    job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind="retries_exhausted"
+                )
             else:
                 due = (now + timedelta(seconds=delay)).isoformat()
                 ev = JobRetryScheduled(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, due_at=due)
@@ -523,14 +554,22 @@ class Worker:
             ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind=kind)
             if v.suppress:
                 extra = [
-                    (f"suppression-{j.email}", SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new(j.metadata)),
-                    (f"contact-{j.email}", ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new(j.metadata)),
+                    (
+                        streams.suppression(j.email),
+                        SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new(j.metadata),
+                    ),
+                    (
+                        streams.contact(j.email),
+                        ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new(
+                            j.metadata
+                        ),
+                    ),
                 ]
-        res.events = [(f"job-{j.job_id}", ev.to_new(j.metadata)), *extra]
+        res.events = [(streams.job(j.job_id), ev.to_new(j.metadata)), *extra]
         return res.events
 
     def _finish(self, results: list[Result]) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         planned = [self._result_events(res, now) for res in results]
         with inline.writing(self.store) as w:
             conn = w.conn
@@ -548,8 +587,11 @@ class Worker:
                 }
                 lost = [results[i].job.job_id for i in dropped if str(planned[i][0][1].id) not in recorded]
                 if lost:
-                    self.log.warning("worker.lease_lost", jobs=lost,
-                                     detail="these jobs were handed to another worker while this one was sending")
+                    self.log.warning(
+                        "worker.lease_lost",
+                        jobs=lost,
+                        detail="these jobs were handed to another worker while this one was sending",
+                    )
             if keep:
                 w.record([item for i in keep for item in planned[i]])
 
@@ -591,9 +633,11 @@ class Worker:
             await self._deliver(job)
         except _Unavailable as exc:
             self.results.append(Result(job, transient(str(exc)), None, str(exc)[:1000]))
-        except Exception as exc:  # noqa: BLE001 - a bug must not leave the job active (and its lease renewed) forever
+        except Exception as exc:
             self.log.exception("worker.send_crashed", job=job.job_id)
-            self.results.append(Result(job, transient(f"internal error: {exc!r}"), None, f"internal error: {exc!r}"[:1000]))
+            self.results.append(
+                Result(job, transient(f"internal error: {exc!r}"), None, f"internal error: {exc!r}"[:1000])
+            )
 
     async def _deliver(self, job: Claimed) -> None:
         code: int | None = None
@@ -602,8 +646,13 @@ class Worker:
             tpl = await self._load(self.templates, job.template, templates.load)
             rendered = templates.render(tpl, {**job.attributes, "email": job.email, **job.variables})
             out = mime.build(
-                job_id=job.job_id, sender=sender, to=job.email, rendered=rendered, secret=self.secret,
-                campaign_id=job.campaign_id, unsubscribe_base_url=self.settings.unsubscribe_base_url,
+                job_id=job.job_id,
+                sender=sender,
+                to=job.email,
+                rendered=rendered,
+                secret=self.secret,
+                campaign_id=job.campaign_id,
+                unsubscribe_base_url=self.settings.unsubscribe_base_url,
             )
         except _Unavailable:
             raise
@@ -614,7 +663,9 @@ class Worker:
         try:
             targets = await self._targets(sender.relay, job.email)
         except mx.NoRoute as exc:
-            self.results.append(Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, str(exc), "no_route"))
+            self.results.append(
+                Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, str(exc), "no_route")
+            )
             return
         except mx.LookupFailed as exc:
             self.results.append(Result(job, transient(str(exc)), None, str(exc)))
@@ -626,7 +677,7 @@ class Worker:
             try:
                 client = await pool.acquire(urgent=job.priority is Priority.HIGH)
                 break
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 errors.append(f"connecting to {target.host}:{target.port}: {exc}")
         if client is None or pool is None:
             why = "; ".join(errors)
@@ -643,7 +694,7 @@ class Worker:
         except aiosmtplib.SMTPResponseException as exc:  # refused; the envelope was reset if the session lives
             code, text, healthy = exc.code, exc.message, client.is_connected
             verdict = classify(code, text)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             text = f"{type(exc).__name__}: {exc}"
             verdict = transient(text)
         finally:
@@ -662,7 +713,9 @@ class Worker:
     def _pool(self, target: SmtpRelay) -> RelayPool:
         pool = self.pools.get(target.key)
         if pool is None:
-            size = self.settings.worker_connections_per_mx if target.direct else self.settings.worker_connections_per_relay
+            size = (
+                self.settings.worker_connections_per_mx if target.direct else self.settings.worker_connections_per_relay
+            )
             pool = self.pools[target.key] = RelayPool(
                 target, size, self.settings.ehlo_hostname, self.settings.worker_idle_close_s
             )
@@ -688,8 +741,11 @@ class Worker:
                 if not self.results:
                     break
                 if time.monotonic() - idle_since > self.settings.worker_stop_timeout_s:
-                    self.log.error("worker.results_unrecorded", count=len(self.results),
-                                   detail="PostgreSQL did not answer before the stop timeout")
+                    self.log.error(
+                        "worker.results_unrecorded",
+                        count=len(self.results),
+                        detail="PostgreSQL did not answer before the stop timeout",
+                    )
                     break
             await asyncio.sleep(delay)
             delay = self.settings.worker_flush_interval_s
@@ -699,13 +755,13 @@ class Worker:
                 if renew_now or time.monotonic() - renewed > renew_every:
                     await asyncio.to_thread(self._renew_leases)
                     renewed, renew_now = time.monotonic(), False
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if not await self._outage(exc):
                     raise
                 failed = renew_now = True  # renew the moment the database is back
             try:
                 await self._ack_done(r)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if not await self._outage(exc):
                     raise
                 failed = True
@@ -730,7 +786,7 @@ class Worker:
         ids = list(self.sending)
         if not ids:
             return
-        until = datetime.now(timezone.utc) + timedelta(seconds=self.settings.job_lease_s)
+        until = datetime.now(UTC) + timedelta(seconds=self.settings.job_lease_s)
         with self.store.pool.connection() as conn:
             conn.execute(q.RENEW_LEASES, (until, ids, self.name))
         self.health.ok("postgres")
@@ -761,9 +817,7 @@ class Worker:
         todo, self._unacked = self._unacked, {}
         pipe = r.pipeline(transaction=False)
         for p, ids in todo.items():
-            key = self.keys.jobs(p)
-            pipe.xack(key, GROUP, *ids)
-            pipe.xdel(key, *ids)
+            groups.queue_ack(pipe, self.keys.jobs(p), GROUP, ids, delete=True)
         try:
             await pipe.execute()
         except BaseException:
@@ -776,5 +830,5 @@ class Worker:
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass

@@ -7,7 +7,7 @@ one upsert, which is what lets a rebuild run at tens of thousands of events a se
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 
@@ -55,8 +55,8 @@ ORDER BY hour, type
 
 def hour_of(ts: datetime) -> datetime:
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 class EventCounts(Projection):
@@ -90,6 +90,5 @@ def stats(conn: psycopg.Connection) -> list[dict[str, object]]:
 
 def hourly(conn: psycopg.Connection, since: datetime) -> list[dict[str, object]]:
     return [
-        {"hour": h.isoformat(), "type": t, "count": int(n)}
-        for h, t, n in conn.execute(HOURLY, (since,)).fetchall()
+        {"hour": h.isoformat(), "type": t, "count": int(n)} for h, t, n in conn.execute(HOURLY, (since,)).fetchall()
     ]

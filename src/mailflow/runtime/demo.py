@@ -8,12 +8,15 @@ slowly, or drops the connection. Half-way it does what production does now and t
 worker is killed with SIGKILL (the supervisor restarts it; its jobs come back after their
 lease) and Redis loses the job streams (the queuer adds the queued jobs again). Ends with
 a summary; exits 0 only if every job reached completed or failed. The children's logs
-are in MAILFLOW_HOME/demo-logs.
+are in MAILFLOW_HOME/demo-logs. Every number in the summary is this run's alone (its
+campaign and the transactional jobs it created; runtime/queries.py), so runs can share a
+MAILFLOW_HOME.
 """
 
 from __future__ import annotations
 
 import csv
+import secrets
 import tempfile
 import threading
 import time
@@ -22,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailflow.runtime.wiring import Runtime
-from mailflow.outbound import campaigns, queries as oq, segments, sending, templates
+from mailflow.outbound import campaigns, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts, parse_csv
-from mailflow.outbound.queuer import queue_stats
+from mailflow.outbound.jobs import SLA_SECONDS, Priority
 from mailflow.outbound.senders import Sender
-from mailflow.testing.sink import FaultRates, Sink, SinkServer
+from mailflow.runtime import queries as rq
 from mailflow.runtime.supervisor import Child, Supervisor, pipeline_parts
+from mailflow.runtime.wiring import Runtime
+from mailflow.testing.sink import FaultRates, Sink, SinkServer
 
 TEMPLATE_HTML = """<h1>Spring news, {{ first_name }}</h1>
 <p>Your {{ plan }} plan in {{ country }} now includes more.</p>
@@ -83,22 +87,33 @@ class DemoResult:
         return d
 
 
-def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: float = 600,
-        progress: Callable[[str, int, int], None] | None = None) -> DemoResult:
+def run(
+    rt: Runtime,
+    contacts: int = 1000,
+    transactional: int = 20,
+    timeout_s: float = 600,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DemoResult:
     res = DemoResult(transactional=transactional)
     store = rt.store
-    tag = time.strftime("%Y%m%d%H%M%S")
+    tag = time.strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)  # two runs in one second stay apart
     sink = Sink(slow_s=0.2, rates=FAULTS)
     with SinkServer(sink) as server, tempfile.TemporaryDirectory() as tmp:
         relay = server.relay_url(timeout_s=10)
         sending.save_sender(store, Sender("demo", "news@example.org", "mailflow demo", relay))
-        templates.save(store, templates.Template("demo-news", "Spring news for {{ first_name }}", TEMPLATE_HTML, TEMPLATE_TEXT))
+        templates.save(
+            store, templates.Template("demo-news", "Spring news for {{ first_name }}", TEMPLATE_HTML, TEMPLATE_TEXT)
+        )
         templates.save(store, templates.Template("demo-receipt", "Order {{ order }} confirmed", RECEIPT_HTML))
         csv_path = Path(tmp) / "contacts.csv"
         rows = write_contacts(csv_path, contacts, tag)
         with csv_path.open(newline="") as fh:
-            report = import_contacts(store, parse_csv(fh), csv_path.name,
-                                     progress=(lambda n: progress("import", n, rows)) if progress else None)
+            report = import_contacts(
+                store,
+                parse_csv(fh),
+                csv_path.name,
+                progress=(lambda n: progress("import", n, rows)) if progress else None,
+            )
         res.contacts, res.rejected_rows = report.imported, len(report.rejected)
         segment = f"demo-{tag}"
         segments.define(store, segment, {"email": {"$contains": f".{tag}@"}})
@@ -109,19 +124,25 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
         started = time.perf_counter()
         res.recipients = campaigns.start(store, cid)
         total = res.recipients + transactional
-        sent_tx = 0
+        run_jobs: dict[str, Any] = {"campaign_id": cid, "job_ids": []}  # this run's, for every query
         deadline = time.monotonic() + timeout_s
         try:
             with rt.connect() as conn:
                 while True:
-                    done = conn.execute(oq.DEMO_FINISHED, (cid, f"buyer%.{tag}@example.com")).fetchone()[0]
+                    done = rq.one(conn, rq.DEMO_FINISHED, run_jobs)["done"]
                     # Transactional mail while the campaign drains: it should overtake it.
-                    while sent_tx < transactional and done >= (sent_tx * res.recipients) // max(transactional, 1):
-                        sending.send_transactional(store, sender="demo", template="demo-receipt",
-                                                   to=f"buyer{sent_tx}.{tag}@example.com",
-                                                   variables={"name": f"Buyer {sent_tx}", "order": f"A-{1000 + sent_tx}"})
-                        sent_tx += 1
-                    _inject_faults(rt, supervisor, conn, res, done, total)
+                    while (sent_tx := len(run_jobs["job_ids"])) < transactional and done >= (
+                        sent_tx * res.recipients
+                    ) // max(transactional, 1):
+                        job_id, _ = sending.send_transactional(
+                            store,
+                            sender="demo",
+                            template="demo-receipt",
+                            to=f"buyer{sent_tx}.{tag}@example.com",
+                            variables={"name": f"Buyer {sent_tx}", "order": f"A-{1000 + sent_tx}"},
+                        )
+                        run_jobs["job_ids"].append(job_id)
+                    _inject_faults(rt, supervisor, conn, res, done, total, run_jobs)
                     if progress:
                         progress("send", done, total)
                     if done >= total:
@@ -134,13 +155,12 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
             res.seconds = time.perf_counter() - started
             stop.set()
             watcher.join(120)
-        buyers = (f"buyer%.{tag}@example.com",)
         with rt.connect() as conn:
             st = campaigns.status(conn, cid)
-            tx_states = dict(conn.execute(oq.DEMO_TRANSACTIONAL_STATES, buyers).fetchall())
-            tx_failures = conn.execute(oq.DEMO_TRANSACTIONAL_FAILURES, buyers).fetchall()
-            tx_retries = int(conn.execute(oq.DEMO_TRANSACTIONAL_RETRIES, buyers).fetchone()[0])
-            res.latency = queue_stats(conn, rt.redis, rt.keys)
+            tx_states = {row["state"]: row["n"] for row in rq.rows(conn, rq.DEMO_TRANSACTIONAL_STATES, run_jobs)}
+            tx_failures = rq.rows(conn, rq.DEMO_TRANSACTIONAL_FAILURES, run_jobs)
+            tx_retries = int(rq.one(conn, rq.DEMO_TRANSACTIONAL_RETRIES, run_jobs)["retries"])
+            res.latency = latency(rq.rows(conn, rq.DEMO_LATENCY, run_jobs))
         res.events = store.sync() - head_before
         # Campaign and transactional jobs together: every failure counted is explained.
         res.states = dict(st["jobs"])
@@ -148,14 +168,36 @@ def run(rt: Runtime, contacts: int = 1000, transactional: int = 20, timeout_s: f
             res.states[s] = res.states.get(s, 0) + int(n)
         res.retries = st["retries"] + tx_retries
         failures = {f["kind"]: dict(f) for f in st["failures"]}
-        for kind, n, reply in tx_failures:
-            merged = failures.setdefault(kind or "unknown", {"kind": kind or "unknown", "count": 0, "example": reply})
-            merged["count"] += int(n)
+        for row in tx_failures:
+            kind = row["kind"] or "unknown"
+            merged = failures.setdefault(kind, {"kind": kind, "count": 0, "example": row["reply"]})
+            merged["count"] += int(row["n"])
         res.failures = sorted(failures.values(), key=lambda f: -f["count"])
         delivered = res.states.get("completed", 0)
         res.messages_per_s = round(delivered / res.seconds, 1) if res.seconds else 0.0
         res.duplicates = sum(n - 1 for n in sink.message_ids().values() if n > 1)
     return res
+
+
+def latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per priority (high first): the run's finished jobs and its latency percentiles against the SLA."""
+    by_priority = {row["priority"]: row for row in rows}
+    out = []
+    for p in Priority:
+        row = by_priority.get(str(p), {})
+        p50, p99 = row.get("p50"), row.get("p99")
+        out.append(
+            {
+                "priority": str(p),
+                "completed": int(row.get("completed") or 0),
+                "failed": int(row.get("failed") or 0),
+                "latency_p50_s": None if p50 is None else round(float(p50), 3),
+                "latency_p99_s": None if p99 is None else round(float(p99), 3),
+                "sla_s": SLA_SECONDS[p],
+                "within_sla": None if p99 is None else float(p99) <= SLA_SECONDS[p],
+            }
+        )
+    return out
 
 
 DEMO_WORKERS = 2
@@ -171,26 +213,38 @@ def _start_pipeline(rt: Runtime, res: DemoResult, stop: threading.Event) -> tupl
                 f["exit"] = child.last_exit
                 f["restarted_after_s"] = child.restart_in
 
-    supervisor = Supervisor(s, pipeline_parts(DEMO_WORKERS, prefix="demo"), log_dir=s.home / "demo-logs", on_exit=on_exit)
+    supervisor = Supervisor(
+        s, pipeline_parts(DEMO_WORKERS, prefix="demo"), log_dir=s.home / "demo-logs", on_exit=on_exit
+    )
     supervisor.start()
     watcher = threading.Thread(target=supervisor.run, args=(stop,), name="demo-supervisor", daemon=True)
     watcher.start()
     return supervisor, watcher
 
 
-def _inject_faults(rt: Runtime, supervisor: Supervisor, conn: Any, res: DemoResult, done: int, total: int) -> None:
+def _inject_faults(
+    rt: Runtime, supervisor: Supervisor, conn: Any, res: DemoResult, done: int, total: int, run_jobs: dict[str, Any]
+) -> None:
     """At 25%: Redis loses the job streams (with a backlog queued). At 50%: SIGKILL a worker mid-send."""
     kinds = {f["kind"] for f in res.faults}
     if "worker killed" not in kinds and done >= total * 0.5:
         child = supervisor.child("worker-1")
         if child.proc is not None:
-            in_flight = conn.execute(oq.DEMO_ACTIVE_OF, (child.args[-1],)).fetchone()[0]
+            in_flight = rq.one(conn, rq.DEMO_ACTIVE_OF, {**run_jobs, "worker": child.args[-1]})["n"]
             child.proc.kill()
-            res.faults.append({"kind": "worker killed", "child": child.name, "signal": "SIGKILL",
-                               "at": f"{100 * done // max(total, 1)}%", "jobs_in_flight": int(in_flight)})
+            res.faults.append(
+                {
+                    "kind": "worker killed",
+                    "child": child.name,
+                    "signal": "SIGKILL",
+                    "at": f"{100 * done // max(total, 1)}%",
+                    "jobs_in_flight": int(in_flight),
+                }
+            )
     if "job streams lost" not in kinds and done >= total * 0.25:
         keys = [rt.keys.jobs(p) for p in ("high", "normal", "low")] + [rt.keys.jobs_epoch]
-        queued = conn.execute(oq.DEMO_QUEUED).fetchone()[0]
+        queued = rq.one(conn, rq.DEMO_QUEUED, run_jobs)["n"]
         rt.redis.delete(*keys)
-        res.faults.append({"kind": "job streams lost", "at": f"{100 * done // max(total, 1)}%",
-                           "jobs_queued": int(queued)})
+        res.faults.append(
+            {"kind": "job streams lost", "at": f"{100 * done // max(total, 1)}%", "jobs_queued": int(queued)}
+        )

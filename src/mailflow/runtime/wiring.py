@@ -19,7 +19,15 @@ from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Backoff, Health
 from mailflow.infra.migrate import migrate, pending
-from mailflow.infra.services import Services, connect, is_postgres_outage, is_redis_outage, open_pool, redis_client, resolve
+from mailflow.infra.services import (
+    Services,
+    connect,
+    is_postgres_outage,
+    is_redis_outage,
+    open_pool,
+    redis_client,
+    resolve,
+)
 
 
 class Runtime:

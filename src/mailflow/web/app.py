@@ -17,13 +17,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from mailflow.runtime.wiring import Runtime
 from mailflow.errors import ConfigurationError, MailflowError
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Health
 from mailflow.infra.lifecycle import stop_on_signals
 from mailflow.log import get_logger
 from mailflow.mail.tokens import load_secret
+from mailflow.runtime.wiring import Runtime
 from mailflow.web.unsubscribe import UnsubscribePages
 
 DEFAULT_UNSUBSCRIBE_PATH = "/unsubscribe"
@@ -84,17 +84,21 @@ def create_app(rt: Runtime, *, secret: bytes | None = None, health: Health | Non
             return JSONResponse({"ok": False, "database": "unavailable", "error": problem}, status_code=503)
         return JSONResponse({"ok": True, "database": "ok", "unsubscribe_path": path or "/"})
 
-    return Starlette(routes=[
-        Route("/healthz", healthz, methods=["GET"]),
-        Route(f"{path}/{{token}}", pages.confirm, methods=["GET"]),
-        Route(f"{path}/{{token}}", pages.unsubscribe, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route(f"{path}/{{token}}", pages.confirm, methods=["GET"]),
+            Route(f"{path}/{{token}}", pages.unsubscribe, methods=["POST"]),
+        ]
+    )
 
 
 def listen(host: str, port: int) -> socket.socket:
     """A bound TCP socket, or one CannotListen line (uvicorn would log and exit by itself)."""
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ]
     except socket.gaierror as exc:
         raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; --host must be a local address") from exc
     sock = socket.socket(family, kind, proto)
@@ -123,7 +127,12 @@ def serve(rt: Runtime, host: str, port: int, *, health: Health | None = None) ->
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     bound_host, bound_port = sock.getsockname()[:2]
-    log.info("web.start", host=bound_host, port=bound_port, unsubscribe=f"{unsubscribe_path(rt.settings.unsubscribe_base_url)}/{{token}}")
+    log.info(
+        "web.start",
+        host=bound_host,
+        port=bound_port,
+        unsubscribe=f"{unsubscribe_path(rt.settings.unsubscribe_base_url)}/{{token}}",
+    )
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -32,7 +32,7 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Robots-Tag": "noindex, nofollow",
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
+    "frame-ancestors 'none'; base-uri 'none'",
 }
 
 _PAGE = """<!doctype html>
@@ -63,8 +63,9 @@ log = get_logger("mailflow.web")
 
 def page(title: str, body_html: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
     """A small self-contained HTML page; title is escaped here, body_html must be escaped by the caller."""
-    return HTMLResponse(_PAGE.format(title=escape(title), body=body_html), status_code=status,
-                        headers={**_HEADERS, **(headers or {})})
+    return HTMLResponse(
+        _PAGE.format(title=escape(title), body=body_html), status_code=status, headers={**_HEADERS, **(headers or {})}
+    )
 
 
 def is_one_click(content_type: str, body: bytes) -> bool:
@@ -142,8 +143,12 @@ class UnsubscribePages:
         try:
             outcome: Outcome = await run_in_threadpool(unsubscribe, self.store, req)
         except (psycopg.Error, MailflowError) as exc:  # psycopg_pool's PoolTimeout is a psycopg.Error
-            log.error("web.unsubscribe_failed", campaign_id=req.campaign_id, via=via,
-                      error=" ".join(str(exc).split())[:300] or type(exc).__name__)
+            log.error(
+                "web.unsubscribe_failed",
+                campaign_id=req.campaign_id,
+                via=via,
+                error=" ".join(str(exc).split())[:300] or type(exc).__name__,
+            )
             return try_again_later()
         log.info("web.unsubscribe", campaign_id=req.campaign_id, via=via, outcome=outcome.value)
         return done(req)

@@ -1,0 +1,72 @@
+"""Runtime room: the SQL of `mailflow up`'s progress line and of the demo, by name, and rows() /
+one() that run them and read the rows by column name.
+
+Every demo query is scoped to one run: its campaign (`campaign_id`) and the transactional
+jobs it created (`job_ids`), so a second demo in the same MAILFLOW_HOME reports only itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+
+def rows(conn: psycopg.Connection, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchall()
+
+
+def one(conn: psycopg.Connection, query: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row of a statement that always returns one (an aggregate)."""
+    [row] = rows(conn, query, params)
+    return row
+
+
+# -- `mailflow up`: progress ------------------------------------------------------------------------
+
+# Where counting starts: the newest event row now.
+LAST_EVENT_SEQ = "SELECT coalesce(max(seq), 0) AS seq FROM events"
+# Jobs finished since event row `after` (seq is the primary key: a range read of what is new).
+# Approximate by design: a transaction that commits after a later one, with a smaller seq, is
+# missed - it is a progress line, not a ledger.
+FINISHED_SINCE = """
+SELECT count(*) FILTER (WHERE type = 'JobCompleted') AS completed,
+       count(*) FILTER (WHERE type = 'JobFailed') AS failed,
+       coalesce(max(seq), %(after)s) AS seq
+FROM events WHERE seq > %(after)s
+"""
+# Jobs not finished yet; each term matches one of the jobs table's partial indexes.
+WAITING = """
+SELECT (SELECT count(*) FROM jobs WHERE state IN ('pending', 'retry'))
+     + (SELECT count(*) FROM jobs WHERE state = 'queued')
+     + (SELECT count(*) FROM jobs WHERE state = 'active') AS waiting
+"""
+
+# -- the demo: one run's jobs ---------------------------------------------------------------------
+
+_RUN = "(campaign_id = %(campaign_id)s OR id = ANY(%(job_ids)s::uuid[]))"
+
+DEMO_FINISHED = f"SELECT count(*) AS done FROM jobs WHERE state IN ('completed', 'failed') AND {_RUN}"
+DEMO_TRANSACTIONAL_STATES = "SELECT state, count(*) AS n FROM jobs WHERE id = ANY(%(job_ids)s::uuid[]) GROUP BY state"
+DEMO_TRANSACTIONAL_FAILURES = """
+SELECT failure_kind AS kind, count(*) AS n, min(last_reply) AS reply FROM jobs
+WHERE id = ANY(%(job_ids)s::uuid[]) AND state = 'failed' GROUP BY failure_kind
+"""
+DEMO_TRANSACTIONAL_RETRIES = """
+SELECT coalesce(sum(greatest(attempts - 1, 0)), 0) AS retries FROM jobs WHERE id = ANY(%(job_ids)s::uuid[])
+"""
+DEMO_ACTIVE_OF = f"SELECT count(*) AS n FROM jobs WHERE state = 'active' AND worker = %(worker)s AND {_RUN}"
+DEMO_QUEUED = f"SELECT count(*) AS n FROM jobs WHERE state = 'queued' AND {_RUN}"
+# Per priority: this run's jobs by state and its latency (created -> accepted by SMTP).
+DEMO_LATENCY = f"""
+SELECT priority,
+       count(*) FILTER (WHERE state = 'completed') AS completed,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
+           FILTER (WHERE accepted_at IS NOT NULL) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
+           FILTER (WHERE accepted_at IS NOT NULL) AS p99
+FROM jobs WHERE {_RUN} GROUP BY priority
+"""
