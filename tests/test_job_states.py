@@ -77,8 +77,8 @@ def test_the_jobs_table_refuses_a_move_the_graph_does_not_allow_and_nothing_is_r
     assert _count(db_url, job_id) == before  # the append rolled back with the refused update
 
 
-def test_a_result_for_an_earlier_attempt_is_refused_by_the_jobs_table(rt, db_url):
-    job_id = _job(rt)
+def _handed_from_a_to_b(rt, job_id: str) -> None:
+    """Worker a started attempt 1, its lease expired, and worker b holds attempt 2."""
     lease = "2030-01-01T00:00:00+00:00"
     _record(
         rt,
@@ -88,6 +88,11 @@ def test_a_result_for_an_earlier_attempt_is_refused_by_the_jobs_table(rt, db_url
         JobQueued(job_id=job_id, queue_seq=2).to_new(),
         JobStarted(job_id=job_id, attempt=2, worker="b", lease_until=lease).to_new(),
     )
+
+
+def test_a_result_for_an_earlier_attempt_is_refused_by_the_jobs_table(rt, db_url):
+    job_id = _job(rt)
+    _handed_from_a_to_b(rt, job_id)
     with pytest.raises(IllegalTransition):
         _record(rt, JobCompleted(job_id=job_id, attempt=1, code=250, reply="ok").to_new())
     assert _state(db_url, job_id) == ("active", 2, "b")
@@ -97,15 +102,7 @@ def test_a_worker_does_not_record_the_result_of_a_job_handed_to_another_worker(r
     """Worker a sent attempt 1 slowly; its lease expired and worker b holds attempt 2. When a
     records its result, the job's history and state stay b's, and a says so in its log."""
     job_id = _job(rt)
-    lease = "2030-01-01T00:00:00+00:00"
-    _record(
-        rt,
-        JobQueued(job_id=job_id, queue_seq=1).to_new(),
-        JobStarted(job_id=job_id, attempt=1, worker="a", lease_until=lease).to_new(),
-        JobRetryScheduled(job_id=job_id, attempt=1, reply="lease expired", due_at=lease).to_new(),
-        JobQueued(job_id=job_id, queue_seq=2).to_new(),
-        JobStarted(job_id=job_id, attempt=2, worker="b", lease_until=lease).to_new(),
-    )
+    _handed_from_a_to_b(rt, job_id)
     before = _count(db_url, job_id)
     worker = Worker(rt.store, rt.services.redis_url, settings, b"secret", name="a")
     job = Claimed(Priority.HIGH, b"1-0", job_id, 1, "ann@example.org", "tx", "reset", {}, None, {})

@@ -87,6 +87,7 @@ def create(store: EventStore, *, name: str, sender: str, template: str, segment:
     event = CampaignCreated(campaign_id=campaign_id, name=name, sender=sender, template=template, segment=segment)
     with inline.writing(store) as w:
         w.conn.execute(q.LOCK_CAMPAIGN_NAME, (name,))
+        w.conn.execute(q.SHARE_CAMPAIGN_PARTS, {"sender": sender, "template": template, "segment": segment})
         load_sender(w.conn, sender)
         templates.load(w.conn, template)
         segments.load(w.conn, segment)
@@ -94,6 +95,22 @@ def create(store: EventStore, *, name: str, sender: str, template: str, segment:
             raise ConflictError(f"a campaign named {name!r} exists already; campaign names are unique")
         w.record([(streams.campaign(campaign_id), event.to_new(correlation(campaign_id)))])
     return campaign_id
+
+
+def _jobs(c: Campaign, emails: list[str], *, key_suffix: str) -> list[JobCreated]:
+    """One campaign job per address; the idempotency key makes a retried start create none twice."""
+    return [
+        JobCreated(
+            job_id=str(uuid7()),
+            idempotency_key=f"campaign:{c.id}:{email}{key_suffix}",
+            priority=str(Priority.NORMAL),
+            email=email,
+            sender=c.sender,
+            template=c.template,
+            campaign_id=c.id,
+        )
+        for email in emails
+    ]
 
 
 def _locked(conn: psycopg.Connection, campaign_id: str) -> Campaign:
@@ -150,18 +167,7 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
                 f"segment {c.segment!r} has no active, unsuppressed contact; campaign {c.name!r} was not started"
             )
         for i in range(0, len(emails), batch):
-            created = [
-                JobCreated(
-                    job_id=str(uuid7()),
-                    idempotency_key=f"campaign:{c.id}:{email}",
-                    priority=str(Priority.NORMAL),
-                    email=email,
-                    sender=c.sender,
-                    template=c.template,
-                    campaign_id=c.id,
-                )
-                for email in emails[i : i + batch]
-            ]
+            created = _jobs(c, emails[i : i + batch], key_suffix="")
             w.record([(streams.job(j.job_id), j.to_new(metadata)) for j in created])
         w.record([(streams.campaign(c.id), CampaignStarted(campaign_id=c.id, recipients=len(emails)).to_new(metadata))])
     if len(emails) >= 10_000:
@@ -218,18 +224,7 @@ def resend_failed(store: EventStore, campaign_id: str) -> int:
         if not emails:
             return 0
         resend = uuid.uuid4().hex[:8]
-        created = [
-            JobCreated(
-                job_id=str(uuid7()),
-                idempotency_key=f"campaign:{c.id}:{email}:resend:{resend}",
-                priority=str(Priority.NORMAL),
-                email=email,
-                sender=c.sender,
-                template=c.template,
-                campaign_id=c.id,
-            )
-            for email in emails
-        ]
+        created = _jobs(c, emails, key_suffix=f":resend:{resend}")
         w.record([(streams.job(j.job_id), j.to_new(metadata)) for j in created])
         w.record([(streams.campaign(c.id), CampaignResent(campaign_id=c.id, jobs=len(emails)).to_new(metadata))])
     return len(emails)

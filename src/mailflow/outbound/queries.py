@@ -192,6 +192,12 @@ WHERE name = %(ref)s OR id::text = lower(%(ref)s) OR id::text LIKE %(prefix)s
 ORDER BY (name = %(ref)s) DESC, created_at DESC LIMIT 5
 """
 CAMPAIGN_NAMED = "SELECT id FROM campaigns WHERE name = %s"
+# A campaign being created holds what it uses, so a delete of them waits and then sees it.
+SHARE_CAMPAIGN_PARTS = """
+SELECT (SELECT name FROM senders WHERE name = %(sender)s FOR KEY SHARE) AS sender,
+       (SELECT name FROM templates WHERE name = %(template)s FOR KEY SHARE) AS template,
+       (SELECT name FROM segments WHERE name = %(segment)s FOR KEY SHARE) AS segment
+"""
 # Two creations of one name serialise here, so the uniqueness check cannot race.
 LOCK_CAMPAIGN_NAME = f"SELECT pg_advisory_xact_lock({Lock.CAMPAIGN_NAME}, hashtext(%s))"
 # Jobs of a campaign that have not started, which cancelling ends.

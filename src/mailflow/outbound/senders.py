@@ -174,45 +174,31 @@ class DkimRecord:
         return [self.value[i : i + 255] for i in range(0, len(self.value), 255)]
 
 
-# DER of AlgorithmIdentifier {rsaEncryption (1.2.840.113549.1.1.1), NULL}
-_RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")
-
-
-def _der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes([tag, n]) + body
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + body
-
-
-def _der_integer(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))  # a leading 0 keeps it positive
-
-
-def rsa_public_key_info(modulus: int, exponent: int) -> bytes:
-    """DER SubjectPublicKeyInfo of an RSA public key: what DKIM's p= tag carries (RFC 6376 3.6.1)."""
-    rsa_public_key = _der(0x30, _der_integer(modulus) + _der_integer(exponent))
-    return _der(0x30, _RSA_ALGORITHM + _der(0x03, b"\x00" + rsa_public_key))
-
-
 def dkim_record(sender: Sender) -> DkimRecord:
     """The DNS record for the sender's DKIM key; UserError for a sender without one.
 
-    The key is read with dkimpy's own parser, the one that signs, so what is published is
-    the public half of exactly the key the signatures are made with."""
-    import dkim.crypto
+    RSA keys publish their SubjectPublicKeyInfo (k=rsa, RFC 6376 3.6.1), Ed25519 keys their
+    raw 32-byte public key (k=ed25519, RFC 8463)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
     if not sender.dkim_selector or not sender.dkim_key_pem:
         raise UserError(f"sender {sender.name!r} has no DKIM key (save it again with --dkim-selector and --dkim-key)")
     try:
-        key = dkim.crypto.parse_pem_private_key(sender.dkim_key_pem.encode())
-    except (dkim.crypto.UnparsableKeyError, ValueError) as exc:
-        raise UserError(
-            f"sender {sender.name!r}: its DKIM key is not an RSA private key mailflow can read: {exc}"
-        ) from exc
-    spki = rsa_public_key_info(key["modulus"], key["publicExponent"])
+        key = serialization.load_pem_private_key(sender.dkim_key_pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"sender {sender.name!r}: its DKIM key is not a private key mailflow can read: {exc}") from exc
+    if isinstance(key, rsa.RSAPrivateKey):
+        kind = "rsa"
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        kind = "ed25519"
+        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raise UserError(f"sender {sender.name!r}: DKIM keys are RSA or Ed25519, not {type(key).__name__}")
     return DkimRecord(
         name=f"{sender.dkim_selector}._domainkey.{sender.domain}",
-        value=f"v=DKIM1; k=rsa; p={base64.b64encode(spki).decode()}",
+        value=f"v=DKIM1; k={kind}; p={base64.b64encode(public).decode()}",
     )
