@@ -177,10 +177,10 @@ class DkimRecord:
 def dkim_record(sender: Sender) -> DkimRecord:
     """The DNS record for the sender's DKIM key; UserError for a sender without one.
 
-    RSA keys publish their SubjectPublicKeyInfo (k=rsa, RFC 6376 3.6.1), Ed25519 keys their
-    raw 32-byte public key (k=ed25519, RFC 8463)."""
+    An RSA key's SubjectPublicKeyInfo (k=rsa, RFC 6376 3.6.1): mailflow signs with
+    rsa-sha256 (dkimpy), so only RSA keys are taken."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
     if not sender.dkim_selector or not sender.dkim_key_pem:
         raise UserError(f"sender {sender.name!r} has no DKIM key (save it again with --dkim-selector and --dkim-key)")
@@ -188,17 +188,10 @@ def dkim_record(sender: Sender) -> DkimRecord:
         key = serialization.load_pem_private_key(sender.dkim_key_pem.encode(), password=None)
     except (ValueError, TypeError) as exc:
         raise UserError(f"sender {sender.name!r}: its DKIM key is not a private key mailflow can read: {exc}") from exc
-    if isinstance(key, rsa.RSAPrivateKey):
-        kind = "rsa"
-        public = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    elif isinstance(key, ed25519.Ed25519PrivateKey):
-        kind = "ed25519"
-        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    else:
-        raise UserError(f"sender {sender.name!r}: DKIM keys are RSA or Ed25519, not {type(key).__name__}")
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise UserError(f"sender {sender.name!r}: DKIM keys are RSA (rsa-sha256), not {type(key).__name__}")
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return DkimRecord(
         name=f"{sender.dkim_selector}._domainkey.{sender.domain}",
-        value=f"v=DKIM1; k={kind}; p={base64.b64encode(public).decode()}",
+        value=f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}",
     )
