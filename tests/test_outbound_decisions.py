@@ -74,12 +74,15 @@ def test_a_dkim_record_is_refused_for_a_key_mailflow_cannot_sign_with():
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from mailflow.errors import UserError
-    from mailflow.outbound.senders import Sender, dkim_record
+    from mailflow.outbound.senders import Sender, check_sender, dkim_record
 
     pem = (
         ed25519.Ed25519PrivateKey.generate()
         .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         .decode()
     )
+    sender = Sender("news", "news@example.org", "", "smtp://127.0.0.1:25", "ed1", pem)
     with pytest.raises(UserError, match="DKIM keys are RSA"):
-        dkim_record(Sender("news", "news@example.org", "", "smtp://127.0.0.1:25", "ed1", pem))
+        dkim_record(sender)
+    with pytest.raises(UserError, match="DKIM keys are RSA"):
+        check_sender(sender)  # refused when saved, not when the first message is signed

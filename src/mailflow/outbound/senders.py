@@ -156,7 +156,10 @@ def check_sender(sender: Sender) -> Sender:
         raise UsageError("DKIM needs both a selector and a private key")
     if sender.dkim_key_pem is not None and "PRIVATE KEY" not in sender.dkim_key_pem:
         raise UsageError("the DKIM key must be a PEM private key")
-    return Sender(sender.name, email, sender.from_name, sender.relay_url, sender.dkim_selector, sender.dkim_key_pem)
+    checked = Sender(sender.name, email, sender.from_name, sender.relay_url, sender.dkim_selector, sender.dkim_key_pem)
+    if checked.dkim_key_pem is not None:
+        dkim_record(checked)  # a key that cannot sign fails now, with the reason, not at send time
+    return checked
 
 
 @dataclass(frozen=True)
