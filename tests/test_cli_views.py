@@ -316,3 +316,12 @@ def test_the_sla_is_missed_by_slow_sends_or_by_work_that_waits_too_long():
     assert sla_verdict(30, p99_s=45.0, oldest_waiting_s=2.0) is False
     assert sla_verdict(30, p99_s=None, oldest_waiting_s=5.0) is True
     assert sla_verdict(30, p99_s=None, oldest_waiting_s=None) is None  # no traffic: no verdict
+
+
+def test_version_and_help_are_plain_text_that_shows_flags_without_a_value(env):
+    version = run_cli(env, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("mailflow ")
+    helped = run_cli(env, "jobs", "list", "--help")
+    assert helped.returncode == 0
+    assert "--json" in helped.stdout and "<bool>" not in helped.stdout and "install-completion" not in helped.stdout
+    assert max(len(line) for line in helped.stdout.splitlines()) <= 80

@@ -173,3 +173,34 @@ def test_job_events_after_creation_keep_the_campaigns_correlation_id(rt, setting
         rows = c.execute("SELECT type, metadata->>'correlation_id' FROM events WHERE stream LIKE 'job-%'").fetchall()
     assert {t for t, _ in rows} >= {"JobCreated", "JobQueued", "JobStarted"}
     assert {corr for _, corr in rows} == {f"campaign-{cid}"}
+
+
+def test_a_paused_campaign_holds_its_retries_and_resuming_queues_them(rt, settings, db_url):
+    from mailflow.infra.services import redis_client
+    from mailflow.outbound.queuer import Queuer
+
+    setup_catalog(rt.store, "smtp://127.0.0.1:1?tls=none")
+    load_contacts(rt.store, 2)
+    segments.define(rt.store, "all", {})
+    cid = campaigns.create(rt.store, name="held", sender="tx", template="reset", segment="all")
+    campaigns.start(rt.store, cid)
+    with connect(db_url) as c:
+        first = str(
+            c.execute("SELECT id FROM jobs WHERE campaign_id = %s ORDER BY email LIMIT 1", (cid,)).fetchone()[0]
+        )
+    md = Metadata(correlation_id=f"campaign-{cid}")
+    due_now = "2000-01-01T00:00:00+00:00"
+    _record(
+        rt,
+        JobQueued(job_id=first, queue_seq=1).to_new(md),
+        JobStarted(job_id=first, attempt=1, worker="w", lease_until="2030-01-01T00:00:00+00:00").to_new(md),
+        JobRetryScheduled(job_id=first, attempt=1, reply="451 later", due_at=due_now).to_new(md),
+    )
+    campaigns.pause(rt.store, cid)
+    queuer = Queuer(rt.store, rt.services.redis_url, settings)
+    r = redis_client(rt.services.redis_url)
+    assert queuer.tick(r) == 0
+    assert _state(db_url, first)[0] == "retry"
+    campaigns.resume(rt.store, cid)
+    assert queuer.tick(r) == 2  # the retry and the job that was still pending
+    assert _state(db_url, first)[0] == "queued"
