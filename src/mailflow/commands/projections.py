@@ -17,11 +17,9 @@ from mailflow.commands.base import (
     quiet_logs,
     runtime,
 )
-from mailflow.consumers.dlq import DeadLetters
-from mailflow.consumers.runtime import ConsumerRunner, checkpoints
+from mailflow.consumers.runtime import ConsumerRunner
 from mailflow.errors import UsageError
 from mailflow.infra.lifecycle import stop_on_signals
-from mailflow.runtime.projections import available as available_projections
 from mailflow.runtime.projections import get as get_projection
 from mailflow.runtime.wiring import Runtime
 
@@ -31,43 +29,10 @@ app = new_app("Inspect and rebuild projections.")
 @app.command("list")
 def projections_list(as_json: bool = JsonOpt) -> None:
     """Name, checkpoint, head position and lag (in events) of every projection."""
-    quiet_logs()
-    rt = runtime()
-    rt.store.sequence(wait=False)
-    head = rt.store.head()
-    with rt.connect() as conn:
-        cps = checkpoints(conn)
-        dead = DeadLetters(conn, rt.store, rt.redis, rt.keys).open_counts()
-    from mailflow.runtime.projections import inline_projections
+    from mailflow.runtime.projections import lag
 
-    known = available_projections()
-    rows = [
-        {
-            "name": p.name,
-            "description": p.description,
-            "checkpoint": head,
-            "head": head,
-            "lag": 0,
-            "dead_letters": 0,
-            "updated_at": None,
-            "inline": True,
-        }
-        for p in inline_projections().values()
-    ]
-    for name in sorted(set(known) | set(cps)):
-        cp, updated = cps.get(name, (0, None))
-        rows.append(
-            {
-                "name": name,
-                "description": known[name].description if name in known else "(not installed here)",
-                "checkpoint": cp,
-                "head": head,
-                "lag": head - cp,
-                "dead_letters": int(dead.get(name, 0)),
-                "updated_at": updated.isoformat() if isinstance(updated, datetime) else None,
-                "inline": False,
-            }
-        )
+    quiet_logs()
+    rows = [r.to_dict() for r in lag(runtime())]
     if as_json:
         emit_json(rows)
         return

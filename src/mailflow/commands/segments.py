@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import orjson
 import typer
-from psycopg.rows import dict_row
 from rich.table import Table
 
 from mailflow.commands.base import (
@@ -67,28 +66,19 @@ def segments_preview(
 @app.command("list")
 def segments_list(as_json: bool = JsonOpt) -> None:
     """Saved segments with their filters and current sizes."""
-    from mailflow.outbound import queries as oq
-    from mailflow.outbound import segments
+    from mailflow.outbound import views
 
     quiet_logs()
-    with runtime().connect() as conn, conn.cursor(row_factory=dict_row) as cur:
-        rows = [
-            {
-                "name": r["name"],
-                "filter": r["filter"],
-                "count": segments.preview(conn, r["filter"], sample=0).count,
-                "updated_at": r["updated_at"].isoformat(),
-            }
-            for r in cur.execute(oq.LIST_SEGMENTS).fetchall()
-        ]
+    with runtime().connect() as conn:
+        rows = views.list_segments(conn)
     if as_json:
-        emit_json(rows)
+        emit_json([r.to_dict() for r in rows])
         return
     table = Table()
     for col in ("name", "contacts", "filter"):
         table.add_column(col, justify="right" if col == "contacts" else "left")
     for r in rows:
-        table.add_row(r["name"], str(r["count"]), orjson.dumps(r["filter"]).decode())
+        table.add_row(r.name, str(r.count), orjson.dumps(r.filter).decode())
     out.print(table)
 
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
-from typing import Any
 
 import typer
-from psycopg.rows import dict_row
 
 from mailflow.commands.base import (
     JsonOpt,
@@ -19,10 +16,8 @@ from mailflow.commands.base import (
     runtime,
 )
 from mailflow.commands.templates import read_text_file
-from mailflow.errors import UsageError
-from mailflow.outbound import queries as oq
 from mailflow.outbound import sending
-from mailflow.outbound.senders import Sender, smtp_client
+from mailflow.outbound.senders import Sender
 
 app = new_app("Senders: From identity, SMTP relay, DKIM key.")
 
@@ -54,25 +49,21 @@ def senders_add(
 @app.command("list")
 def senders_list(as_json: bool = JsonOpt) -> None:
     """Senders (relay passwords are not shown)."""
-    from mailflow.config import mask_url
+    from mailflow.outbound import views
 
     quiet_logs()
-    with runtime().connect() as conn, conn.cursor(row_factory=dict_row) as cur:
-        rows = [
-            {
-                "name": r["name"],
-                "from": r["from_email"],
-                "from_name": r["from_name"],
-                "relay": mask_url(r["relay_url"]),
-                "dkim": r["dkim"],
-            }
-            for r in cur.execute(oq.LIST_SENDERS).fetchall()
-        ]
+    with runtime().connect() as conn:
+        rows = views.list_senders(conn)
     if as_json:
-        emit_json(rows)
+        emit_json(
+            [
+                {"name": r.name, "from": r.from_email, "from_name": r.from_name, "relay": r.relay, "dkim": r.dkim}
+                for r in rows
+            ]
+        )
     else:
         for r in rows:
-            out.print(f"{r['name']:<16} {r['from']:<32} {r['relay']}{'  dkim' if r['dkim'] else ''}", markup=False)
+            out.print(f"{r.name:<16} {r.from_email:<32} {r.relay}{'  dkim' if r.dkim else ''}", markup=False)
 
 
 @app.command("test")
@@ -82,56 +73,19 @@ def senders_test(
     as_json: bool = JsonOpt,
 ) -> None:
     """Connect to the sender's relay (or, for direct delivery, a domain's MX host) and EHLO."""
-    import aiosmtplib
-
-    from mailflow.outbound import mx
+    from mailflow.outbound import views
 
     quiet_logs()
     rt = runtime()
     with rt.connect() as conn:
         s = sending.load_sender(conn, name)
-
-    async def probe() -> dict[str, Any]:
-        relay = s.relay
-        if relay.direct:
-            target_domain = domain or s.domain
-            try:
-                host, port = (
-                    await mx.MxResolver(rt.settings.mx_overrides, nameservers=rt.settings.dns_servers).hosts(
-                        target_domain
-                    )
-                )[0]
-            except (mx.NoRoute, mx.LookupFailed) as exc:
-                raise UsageError(f"direct delivery to {target_domain}: {exc}") from exc
-            relay = relay.at(host, port or relay.port)
-        client = smtp_client(relay, rt.settings.ehlo_hostname)
-        started = time.perf_counter()
-        try:
-            await client.connect()
-            code, message = await client.ehlo()
-            exts = sorted(client.esmtp_extensions)
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise UsageError(f"relay {relay.host}:{relay.port} failed: {exc}") from exc
-        return {
-            "sender": name,
-            "host": relay.host,
-            "port": relay.port,
-            "tls": relay.tls,
-            "direct": relay.direct,
-            "ehlo_code": code,
-            "greeting": " ".join(message.split())[:200],
-            "extensions": exts,
-            "ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-
-    res = asyncio.run(probe())
+    res = asyncio.run(views.probe_sender(s, rt.settings, domain))
     if as_json:
-        emit_json(res)
+        emit_json(res.to_dict())
     else:
         out.print(
-            f"{res['host']}:{res['port']} answered EHLO with {res['ehlo_code']} in {res['ms']} ms; "
-            f"extensions: {', '.join(res['extensions'])}"
+            f"{res.host}:{res.port} answered EHLO with {res.ehlo_code} in {res.ms} ms; "
+            f"extensions: {', '.join(res.extensions)}"
         )
 
 

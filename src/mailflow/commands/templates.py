@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import typer
-from psycopg.rows import dict_row
 
 from mailflow.commands.base import (
     JsonOpt,
@@ -95,16 +94,16 @@ def templates_render(
 @app.command("list")
 def templates_list(as_json: bool = JsonOpt) -> None:
     """Saved templates."""
-    from mailflow.outbound import queries as oq
+    from mailflow.outbound import views
 
     quiet_logs()
-    with runtime().connect() as conn, conn.cursor(row_factory=dict_row) as cur:
-        rows = [{**r, "updated_at": r["updated_at"].isoformat()} for r in cur.execute(oq.LIST_TEMPLATES)]
+    with runtime().connect() as conn:
+        rows = views.list_templates(conn)
     if as_json:
-        emit_json(rows)
+        emit_json([r.to_dict() for r in rows])
     else:
         for r in rows:
-            out.print(f"{r['name']:<24} {r['subject']}", markup=False)
+            out.print(f"{r.name:<24} {r.subject}", markup=False)
 
 
 @app.command("delete")

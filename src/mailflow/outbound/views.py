@@ -301,3 +301,112 @@ def queue_stats(conn: psycopg.Connection, r: redis.Redis, keys: Keys) -> list[Qu
             )
         )
     return report
+
+
+# -- the catalogue --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SenderSummary(_View):
+    """A sender as a listing shows it: the relay URL with its password masked."""
+
+    name: str
+    from_email: str
+    from_name: str
+    relay: str
+    dkim: bool
+
+
+def list_senders(conn: psycopg.Connection) -> list[SenderSummary]:
+    from mailflow.config import mask_url
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [
+            SenderSummary(r["name"], r["from_email"], r["from_name"], mask_url(r["relay_url"]), bool(r["dkim"]))
+            for r in cur.execute(q.LIST_SENDERS).fetchall()
+        ]
+
+
+@dataclass(frozen=True)
+class SegmentSummary(_View):
+    name: str
+    filter: dict[str, Any]
+    count: int  # contacts it matches now
+    updated_at: datetime
+
+
+def list_segments(conn: psycopg.Connection) -> list[SegmentSummary]:
+    from mailflow.outbound import segments
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(q.LIST_SEGMENTS).fetchall()
+    return [
+        SegmentSummary(r["name"], r["filter"], segments.preview(conn, r["filter"], sample=0).count, r["updated_at"])
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class TemplateSummary(_View):
+    name: str
+    subject: str
+    updated_at: datetime
+
+
+def list_templates(conn: psycopg.Connection) -> list[TemplateSummary]:
+    with conn.cursor(row_factory=class_row(TemplateSummary)) as cur:
+        return cur.execute(q.LIST_TEMPLATES).fetchall()
+
+
+@dataclass(frozen=True)
+class Probe(_View):
+    """What a sender's relay (or, for direct delivery, a domain's MX host) answered to EHLO."""
+
+    sender: str
+    host: str
+    port: int
+    tls: str
+    direct: bool
+    ehlo_code: int
+    greeting: str
+    extensions: list[str]
+    ms: float
+
+
+async def probe_sender(sender: Any, settings: Any, domain: str | None = None) -> Probe:
+    """Connect to the sender's relay and EHLO; a relay or MX host that cannot be reached or
+    found is a UserError naming it."""
+    import aiosmtplib
+
+    from mailflow.outbound import mx
+    from mailflow.outbound.senders import smtp_client
+
+    relay = sender.relay
+    if relay.direct:
+        target_domain = domain or sender.domain
+        try:
+            resolver = mx.MxResolver(settings.mx_overrides, nameservers=settings.dns_servers)
+            host, port = (await resolver.hosts(target_domain))[0]
+        except (mx.NoRoute, mx.LookupFailed) as exc:
+            raise UserError(f"direct delivery to {target_domain}: {exc}") from exc
+        relay = relay.at(host, port or relay.port)
+    client = smtp_client(relay, settings.ehlo_hostname)
+    started = time.perf_counter()
+    try:
+        await client.connect()
+        code, message = await client.ehlo()
+        extensions = sorted(client.esmtp_extensions)
+        await client.quit()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise UserError(f"relay {relay.host}:{relay.port} failed: {exc}") from exc
+    return Probe(
+        sender.name,
+        relay.host,
+        relay.port,
+        relay.tls,
+        relay.direct,
+        code,
+        " ".join(message.split())[:200],
+        extensions,
+        round((time.perf_counter() - started) * 1000, 1),
+    )
