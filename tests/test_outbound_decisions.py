@@ -86,3 +86,15 @@ def test_a_dkim_record_is_refused_for_a_key_mailflow_cannot_sign_with():
         dkim_record(sender)
     with pytest.raises(UserError, match="DKIM keys are RSA"):
         check_sender(sender)  # refused when saved, not when the first message is signed
+
+
+def test_enhanced_status_codes_are_found_in_replies_and_say_what_failed():
+    from mailflow.mail.status import enhanced_code, find_enhanced
+
+    found = find_enhanced("550-5.1.1 The email account that you tried to reach does not exist")
+    assert found is not None and str(found) == "5.1.1" and found.permanent
+    assert found.meaning == "bad destination mailbox address"
+    assert find_enhanced("452 4.2.2 Mailbox full").meaning == "mailbox full"
+    assert not find_enhanced("421 4.7.0 try later").permanent
+    assert find_enhanced("5.9.99 odd").meaning == "unknown"
+    assert enhanced_code("250 ok") is None

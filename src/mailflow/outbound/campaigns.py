@@ -194,9 +194,13 @@ def cancel(store: EventStore, campaign_id: str) -> int:
     retry) ends as failed with kind `cancelled`. Returns how many. Jobs already queued or
     being sent finish as they would (a worker refuses a queued job of a cancelled campaign)."""
 
+    ended_count = 0
+
     def events(c: Campaign, conn: psycopg.Connection) -> list:
+        nonlocal ended_count
         md = correlation(c.id)
         unsent = conn.execute(q.UNSENT_CAMPAIGN_JOBS, (c.id,)).fetchall()
+        ended_count = len(unsent)
         ended = [
             (
                 streams.job(job_id),
@@ -208,9 +212,8 @@ def cancel(store: EventStore, campaign_id: str) -> int:
         ]
         return [*ended, (streams.campaign(c.id), CampaignCancelled(campaign_id=c.id, unsent=len(unsent)).to_new(md))]
 
-    c = _transition(store, campaign_id, ("draft", "scheduled", "running", "paused"), events, "cancelled")
-    with store.pool.connection() as conn:
-        return int(scalar(conn, q.CAMPAIGN_CANCELLED_JOBS, (c.id,)))
+    _transition(store, campaign_id, ("draft", "scheduled", "running", "paused"), events, "cancelled")
+    return ended_count
 
 
 def resend_failed(store: EventStore, campaign_id: str) -> int:

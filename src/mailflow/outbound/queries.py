@@ -204,7 +204,6 @@ LOCK_CAMPAIGN_NAME = f"SELECT pg_advisory_xact_lock({Lock.CAMPAIGN_NAME}, hashte
 UNSENT_CAMPAIGN_JOBS = """
 SELECT id, attempts FROM jobs WHERE campaign_id = %s AND state IN ('pending', 'retry') ORDER BY id FOR UPDATE
 """
-CAMPAIGN_CANCELLED_JOBS = "SELECT count(*) FROM jobs WHERE campaign_id = %s AND failure_kind = 'cancelled'"
 LIST_CAMPAIGNS = """
 SELECT id, name, status, recipients, sender, template, segment, created_at, started_at, finished_at
 FROM campaigns ORDER BY created_at DESC LIMIT %s
