@@ -73,8 +73,13 @@ def _simple(action: str, fn) -> None:
         rt = runtime()
         with rt.connect() as conn:
             cid = campaigns.find(conn, ref)
-        fn(rt.store, cid)
-        emit_json({"id": cid, "action": action}) if as_json else out.print(f"campaign {action}: {cid}")
+        ended = fn(rt.store, cid)
+        if as_json:
+            emit_json({"id": cid, "action": action, **({"jobs_ended": ended} if action == "cancel" else {})})
+        elif action == "cancel":
+            out.print(f"campaign cancel: {cid}; {ended} unsent job(s) ended as failed (cancelled)")
+        else:
+            out.print(f"campaign {action}: {cid}")
 
     command.__doc__ = f"{action.capitalize()} a campaign."
 
