@@ -70,7 +70,11 @@ from mailflow.events.envelope import NewEvent
 from mailflow.events.keys import Keys
 from mailflow.events.store import NO_STREAM, EventStore
 from mailflow.infra.services import connect, open_pool, redis_client
+from mailflow.infra.tenancy import Scope
 from mailflow.projectors.event_counts import EventCounts
+
+# Appends run as a tenant would: row-level security on, every event stamped with its tenant.
+TENANT = Scope.of("default")
 
 EVENT_TYPES = ("JobQueued", "JobActivated", "MessageDelivered", "MessageOpened", "ReplyReceived")
 DATA_BYTES = 100
@@ -277,8 +281,8 @@ def _concurrent_writer(
     results: Any,
 ) -> None:
     try:
-        pool = open_pool(db_url, min_size=1, max_size=1)
-        store = EventStore(pool)
+        pool = open_pool(db_url, scope=TENANT, min_size=1, max_size=1)
+        store = EventStore(pool, tenant=TENANT.tenant)
         versions = [0] * p.concurrent_streams_per_writer
         k = p.concurrent_events_per_append
         # Events are built before the clock starts (more than a writer gets through, on 2 cores).
@@ -362,8 +366,8 @@ def _relay_writer(
     results: Any,
 ) -> None:
     try:
-        pool = open_pool(db_url, min_size=1, max_size=1)
-        store = EventStore(pool)
+        pool = open_pool(db_url, scope=TENANT, min_size=1, max_size=1)
+        store = EventStore(pool, tenant=TENANT.tenant)
         streams = 100
         versions = [0] * streams
         interval = p.relay_writers * p.relay_events_per_append / p.relay_rate_events_per_s
@@ -647,8 +651,8 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
     with scratch("bench", keep, elapsed) as sc:
         settings = load_settings(redis_prefix=sc.prefix, database_url=None, redis_url=None)
         out: dict[str, Any] = dict(sc.info)
-        pool = open_pool(sc.db_url, min_size=1, max_size=2)
-        store = EventStore(pool)
+        pool = open_pool(sc.db_url, scope=TENANT, min_size=1, max_size=2)
+        store = EventStore(pool, tenant=TENANT.tenant)
         try:
             if "batched" in p.phases:
                 with phase(elapsed, "append_batched"):

@@ -103,6 +103,7 @@ from mailflow.events.keys import Keys
 from mailflow.events.relay import stream_last_id
 from mailflow.events.store import EventStore
 from mailflow.infra.services import connect, open_pool, redis_client
+from mailflow.infra.tenancy import Scope
 from mailflow.outbound import campaigns, mime, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts
 from mailflow.outbound.events import ImportedContact
@@ -970,11 +971,13 @@ def run_campaign(
     else:
         sink = AiosmtpdSink(ctx)
     out["sink"] = sink.kind
-    pool = open_pool(db_url, min_size=1, max_size=4)
-    store = EventStore(pool)
+    # The catalogue and campaigns as a tenant writes them (row-level security on); the queuer
+    # and workers below run as the operator, as `mailflow up` runs them.
+    pool = open_pool(db_url, scope=Scope.of("default"), min_size=1, max_size=4)
+    store = EventStore(pool, tenant="default")
     # campaigns.start() on its own connection, whose statistics can be flushed right after it.
-    start_pool = open_pool(db_url, min_size=1, max_size=1)
-    start_store = EventStore(start_pool)
+    start_pool = open_pool(db_url, scope=Scope.of("default"), min_size=1, max_size=1)
+    start_store = EventStore(start_pool, tenant="default")
     r = redis_client(redis_url)
     pipeline: Pipeline | None = None
     profiler: Profiler | None = None

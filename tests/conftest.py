@@ -173,6 +173,19 @@ def store(rt: Runtime):
 
 
 @pytest.fixture
+def operator_rt(settings: Settings) -> Iterator[Runtime]:
+    """The cross-tenant runtime of the long-running processes (relay, consumers, queuer, workers)."""
+    runtime = Runtime(settings, pool_size=20, operator=True)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def operator_store(operator_rt: Runtime):
+    return operator_rt.store
+
+
+@pytest.fixture
 def db(db_url: str):
     """An autocommit connection to this test's database."""
     with connect(db_url) as conn:

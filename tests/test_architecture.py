@@ -27,6 +27,7 @@ RANKS: dict[str, float] = {
     "mail": 2,
     "consumers": 3,
     "outbound": 4,
+    "tenants": 4,
     "projectors": 4,
     "runtime": 5,
     "web": 5.5,  # the HTTP side; `mailflow web` (commands) serves it

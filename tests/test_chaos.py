@@ -409,7 +409,7 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         assert set(dups) <= in_flight, f"duplicated but not in flight at a kill: {set(dups) - in_flight}"
 
         rows = db.execute(
-            "SELECT j.id, e.type, e.data FROM jobs j JOIN events e ON e.stream = 'job-' || j.id::text"
+            "SELECT j.id, e.type, e.data FROM jobs j JOIN events e ON e.stream = j.tenant || '/job-' || j.id::text"
             " ORDER BY j.id, e.version"
         ).fetchall()
         hist: dict[str, list] = {}

@@ -55,7 +55,7 @@ def test_a_stale_expected_version_is_one_line_and_exit_code_4(env):
     res = run_cli(env, "events", "append", "acct", "Opened", "--data", "{}", "--expected-version", "0")
     assert res.returncode == 4
     line = one_line_error(res)
-    assert "'acct'" in line and "expected version 0" in line and "nothing was written" in line
+    assert "'default/acct'" in line and "expected version 0" in line and "nothing was written" in line
 
 
 def test_bad_json_data_is_one_line_and_nothing_is_written(env, db_url):

@@ -273,7 +273,7 @@ def test_envelopes_read_from_redis_are_upcast_like_those_read_from_postgres(rt, 
 
     reg.register(Renamed)
     reg.upcaster("Renamed", 1)(lambda d: {"new_name": d["old_name"]})
-    old_store = EventStore(rt.pool, registry=EventRegistry())
+    old_store = EventStore(rt.pool, registry=EventRegistry(), tenant="default")
     old_store.append("r", [NewEvent("Renamed", {"old_name": "x"}, schema=1)])
     old_store.sync()
     raw = old_store.read_all(0, 1)[0]
@@ -285,7 +285,7 @@ def test_envelopes_read_from_redis_are_upcast_like_those_read_from_postgres(rt, 
             seen.extend((e.schema, e.data) for e in events)
             super().apply(conn, events)
 
-    store = EventStore(rt.pool, registry=reg)
+    store = EventStore(rt.pool, registry=reg, tenant="default")
     runner = ConsumerRunner(Spy(), store, rt.services.redis_url, settings)
     runner.ensure_checkpoint()
     runner.handle_entries([(b"1-0", {b"event": raw.to_json()})])

@@ -126,7 +126,7 @@ def test_templates_render_per_contact_and_errors_name_template_line_and_variable
     )
     templates.save(store, tpl)
     with connect(db_url) as c:
-        loaded = templates.load(c, "welcome")
+        loaded = templates.load(c, "welcome", tenant="default")
     out = templates.render(loaded, {"first_name": "<Ann>", "country": "NL"})
     assert out.subject == "Hi <Ann>" and "&lt;Ann&gt; from NL" in out.html and out.text == "Hi <Ann>"
     with pytest.raises(TemplateError) as info:

@@ -56,7 +56,7 @@ def _state(db_url, job_id) -> tuple[str, int, str | None]:
 
 def _count(db_url, job_id) -> int:
     with connect(db_url) as c:
-        return c.execute("SELECT count(*) FROM events WHERE stream = %s", (f"job-{job_id}",)).fetchone()[0]
+        return c.execute("SELECT count(*) FROM events WHERE stream = %s", (f"default/job-{job_id}",)).fetchone()[0]
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,10 @@ def test_cancelling_a_campaign_ends_its_unsent_jobs_and_the_queuer_never_queues_
             ).fetchall()
         )
         kinds = [
-            t for (t,) in c.execute("SELECT type FROM events WHERE stream = %s ORDER BY version", (f"job-{first}",))
+            t
+            for (t,) in c.execute(
+                "SELECT type FROM events WHERE stream = %s ORDER BY version", (f"default/job-{first}",)
+            )
         ]
     assert rows == {"failed:cancelled": 2, "completed:": 1}
     assert kinds[-1] == "JobFailed"
@@ -170,7 +173,9 @@ def test_job_events_after_creation_keep_the_campaigns_correlation_id(rt, setting
 
         run_pipeline(rt, settings, done)
     with connect(db_url) as c:
-        rows = c.execute("SELECT type, metadata->>'correlation_id' FROM events WHERE stream LIKE 'job-%'").fetchall()
+        rows = c.execute(
+            "SELECT type, metadata->>'correlation_id' FROM events WHERE stream LIKE 'default/job-%'"
+        ).fetchall()
     assert {t for t, _ in rows} >= {"JobCreated", "JobQueued", "JobStarted"}
     assert {corr for _, corr in rows} == {f"campaign-{cid}"}
 

@@ -113,7 +113,9 @@ def _send(store, n: int) -> list[str]:
 
 def _history(db_url: str, jid: str) -> list[tuple[str, dict]]:
     with connect(db_url) as c:
-        return c.execute("SELECT type, data FROM events WHERE stream = %s ORDER BY version", (f"job-{jid}",)).fetchall()
+        return c.execute(
+            "SELECT type, data FROM events WHERE stream = %s ORDER BY version", (f"default/job-{jid}",)
+        ).fetchall()
 
 
 def _states(db_url: str) -> dict[str, str]:

@@ -101,7 +101,9 @@ def test_each_reply_decides_the_jobs_fate_and_every_attempt_is_an_event(rt, sett
         history = {
             to: [
                 t
-                for (t,) in c.execute("SELECT type FROM events WHERE stream = %s ORDER BY version", (f"job-{ids[to]}",))
+                for (t,) in c.execute(
+                    "SELECT type FROM events WHERE stream = %s ORDER BY version", (f"default/job-{ids[to]}",)
+                )
             ]
             for to in rcpts
         }

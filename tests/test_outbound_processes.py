@@ -201,7 +201,7 @@ def duplicates(sink: Sink) -> dict[str, int]:
 def history(db: psycopg.Connection, cid: str) -> dict[str, list[tuple[str, dict]]]:
     """Every job of the campaign: its events, in order."""
     rows = db.execute(
-        "SELECT j.id, e.type, e.data FROM jobs j JOIN events e ON e.stream = 'job-' || j.id::text"
+        "SELECT j.id, e.type, e.data FROM jobs j JOIN events e ON e.stream = j.tenant || '/job-' || j.id::text"
         " WHERE j.campaign_id = %s ORDER BY j.id, e.version",
         (cid,),
     ).fetchall()
@@ -596,7 +596,7 @@ def test_a_send_slower_than_the_lease_is_not_sent_again_while_its_worker_lives(p
     evs = [
         (t, d if isinstance(d, dict) else json.loads(d))
         for t, d in db.execute(
-            "SELECT type, data FROM events WHERE stream = %s ORDER BY version", (f"job-{jid}",)
+            "SELECT type, data FROM events WHERE stream = %s ORDER BY version", (f"default/job-{jid}",)
         ).fetchall()
     ]
     trail = [f"{t}(attempt {d.get('attempt')}{', ' + d['reason'] if d.get('reason') else ''})" for t, d in evs]

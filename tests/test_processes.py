@@ -37,6 +37,12 @@ GROUP = "event_counts"
 # -- helpers ------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def store(operator_store: EventStore) -> EventStore:
+    """The operator's store acting for the default tenant; `Writer` writes for several."""
+    return operator_store.for_tenant("default")
+
+
 class Writer(threading.Thread):
     """Appends batches of 1-5 events of various types to 40 streams until finished."""
 
@@ -58,11 +64,11 @@ class Writer(threading.Thread):
                     NewEvent(
                         rnd.choice(TYPES),
                         {"i": i + k, "note": "grüße"},
-                        metadata=Metadata(tenant=f"tenant-{(i + k) % 3}"),
+                        metadata=Metadata(tenant=f"tenant-{i % 3}"),
                     )
                     for k in range(rnd.randint(1, 5))
                 ]
-                self.store.append(f"writer-{i % 40}", batch)
+                self.store.for_tenant(f"tenant-{i % 3}").append(f"writer-{i % 40}", batch)
                 self.written += len(batch)
                 time.sleep(self.pause)
         except BaseException as exc:  # noqa: BLE001 - reported by finish()
@@ -106,25 +112,25 @@ def checkpoint(db: psycopg.Connection, name: str = GROUP) -> int:
     return int(row[0]) if row else 0
 
 
-def counts_table(db: psycopg.Connection) -> dict[tuple[str, datetime], int]:
-    rows = db.execute("SELECT type, hour, count FROM event_counts WHERE count > 0").fetchall()
-    return {(t, h): int(n) for t, h, n in rows}
+def counts_table(db: psycopg.Connection) -> dict[tuple[str, str, datetime], int]:
+    rows = db.execute("SELECT tenant, type, hour, count FROM event_counts WHERE count > 0").fetchall()
+    return {(tenant, t, h): int(n) for tenant, t, h, n in rows}
 
 
 def counts_truth(
     db: psycopg.Connection, upto: int | None = None, exclude: tuple[str, ...] = ()
-) -> dict[tuple[str, datetime], int]:
-    """Events per type per UTC hour, straight from the event log."""
+) -> dict[tuple[str, str, datetime], int]:
+    """Events per tenant, type and UTC hour, straight from the event log."""
     rows = db.execute(
         """
-        SELECT e.type, date_trunc('hour', e.recorded_at, 'UTC'), count(*)
+        SELECT e.metadata->>'tenant', e.type, date_trunc('hour', e.recorded_at, 'UTC'), count(*)
         FROM events e JOIN event_positions p ON p.seq = e.seq
         WHERE p.position <= %s AND NOT (e.type = ANY(%s::text[]))
-        GROUP BY 1, 2
+        GROUP BY 1, 2, 3
         """,
         (upto if upto is not None else 2**62, list(exclude)),
     ).fetchall()
-    return {(t, h): int(n) for t, h, n in rows}
+    return {(tenant, t, h): int(n) for tenant, t, h, n in rows}
 
 
 def stream_entries(r: redis.Redis, key: str) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -248,7 +254,7 @@ def test_a_non_mailflow_client_reads_the_documented_envelope_with_plain_xreadgro
         md = Metadata(correlation_id=f"corr-{i % 4}", causation_id=f"cause-{i}", tenant="acme", actor="ops@test")
         data = {"i": i, "text": "naïve ✓", "nested": {"a": [1, 2]}}
         batch = [NewEvent(TYPES[(i + k) % len(TYPES)], dict(data, k=k), metadata=md) for k in range(1 + i % 3)]
-        appended += store.append(f"campaign-{i % 3}", batch)
+        appended += store.for_tenant("acme").append(f"campaign-{i % 3}", batch)
     n = len(appended)
     wait_until(lambda: alive(procs, relay) and r.xlen(key) == n, 30, what=f"{n} entries published")
 
@@ -257,14 +263,14 @@ def test_a_non_mailflow_client_reads_the_documented_envelope_with_plain_xreadgro
     lines = lines.rstrip("\n").split("\n")
     assert lines[0] == key
     body = lines[1:]
-    assert len(body) == 9 * n, "each entry: its ID and four field/value pairs"
+    assert len(body) == 11 * n, "each entry: its ID and five field/value pairs"
     by_id = {e.id: e for e in appended}
     ids, seen = [], set()
-    for pos, at in zip(range(1, n + 1), range(0, len(body), 9)):
-        entry_id, kv = body[at], body[at + 1 : at + 9]
+    for pos, at in zip(range(1, n + 1), range(0, len(body), 11)):
+        entry_id, kv = body[at], body[at + 1 : at + 11]
         fields = dict(zip(kv[0::2], kv[1::2]))
         assert entry_id == f"{pos}-0"
-        assert set(fields) == {"type", "stream", "position", "event"}
+        assert set(fields) == {"type", "tenant", "stream", "position", "event"}
         env = json.loads(fields["event"])
         assert set(env) == {"id", "position", "stream", "version", "type", "schema", "data", "metadata", "recorded_at"}
         assert set(env["metadata"]) == {"correlation_id", "causation_id", "tenant", "actor"}
@@ -272,7 +278,8 @@ def test_a_non_mailflow_client_reads_the_documented_envelope_with_plain_xreadgro
         seen.add(src.id)
         assert env["position"] == pos and fields["position"] == str(pos)
         assert fields["type"] == env["type"] == src.type
-        assert fields["stream"] == env["stream"] == src.stream
+        assert fields["stream"] == env["stream"] == src.stream and src.stream.startswith("acme/campaign-")
+        assert fields["tenant"] == env["metadata"]["tenant"] == "acme"
         assert env["version"] == src.version and env["schema"] == src.schema == 1
         assert env["data"] == src.data
         assert env["metadata"] == src.metadata.to_dict()
@@ -500,7 +507,10 @@ CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON event_counts
 def _append_normal(store: EventStore, n: int, stream: str) -> None:
     for start in range(0, n, 10):
         size = min(10, n - start)
-        store.append(stream, [NewEvent(TYPES[(start + k) % len(TYPES)], {"k": start + k}) for k in range(size)])
+        md = Metadata(tenant="default")
+        store.append(
+            stream, [NewEvent(TYPES[(start + k) % len(TYPES)], {"k": start + k}, metadata=md) for k in range(size)]
+        )
 
 
 def _dlq_list(env: dict[str, str]) -> list[dict]:

@@ -69,10 +69,10 @@ def test_registering_two_models_under_one_type_is_an_error():
 
 def test_stored_old_schema_events_are_read_as_the_current_schema(rt):
     reg, ContactAdded = make_registry()
-    store = EventStore(rt.pool, registry=reg)
+    store = EventStore(rt.pool, registry=reg, tenant="default")
     try:
         # Written long ago, before the registry knew schema 2 and 3:
-        EventStore(rt.pool, registry=EventRegistry()).append(
+        EventStore(rt.pool, registry=EventRegistry(), tenant="default").append(
             "contact-1", [NewEvent("ContactAdded", {"email": "a@x.org", "name": "Ann"}, schema=1)]
         )
         store.append("contact-1", [ContactAdded(email="c@x.org", full_name="Cy", source="api").to_new()])

@@ -11,6 +11,7 @@ import pytest
 from mailflow.errors import ConcurrencyError, DuplicateEventError, InvalidEventError, NotFoundError
 from mailflow.events import ANY, NO_STREAM, EventStore, Metadata, NewEvent
 from mailflow.infra.services import connect, open_pool
+from mailflow.infra.tenancy import Scope
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def test_stale_expected_version_is_rejected_and_writes_nothing(store: EventStore
     assert (info.value.expected, info.value.actual) == (1, 2)
     with connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2
-        assert conn.execute("SELECT version FROM streams WHERE stream='acct-7'").fetchone()[0] == 2
+        assert conn.execute("SELECT version FROM streams WHERE stream='default/acct-7'").fetchone()[0] == 2
 
 
 def test_no_stream_expectation_fails_when_the_stream_exists(store: EventStore):
@@ -85,13 +86,15 @@ def test_positions_are_dense_and_follow_commit_order(store: EventStore):
 
 
 def test_envelope_carries_metadata_and_defaults(store: EventStore):
-    md = Metadata(correlation_id="c-1", causation_id="x-9", tenant="acme", actor="ops@test")
+    md = Metadata(correlation_id="c-1", causation_id="x-9", tenant="default", actor="ops@test")
     [env] = store.append("m", [NewEvent("T", {"k": "v"}, metadata=md)])
+    assert env.stream == "default/m"  # a stream is named under its tenant
     [read] = store.read_stream("m")
     assert read.metadata == md
     [env2] = store.append("m", [NewEvent("T", {})])
     assert env2.metadata.correlation_id == str(env2.id)  # a new conversation starts at itself
     assert env2.metadata.actor  # who did it is always recorded
+    assert env2.metadata.tenant == "default"  # the store's tenant, when the event names none
     d = read.to_dict()
     assert set(d) == {"id", "position", "stream", "version", "type", "schema", "data", "metadata", "recorded_at"}
     assert d["recorded_at"].endswith("Z")
@@ -119,7 +122,7 @@ def test_an_open_transaction_holds_back_positions_until_it_commits(store: EventS
     try:
         slow.execute(
             "INSERT INTO events (id, stream, version, type, schema, data, metadata) "
-            "VALUES (%s, 'slow', 1, 'Late', 1, '{}', '{}')",
+            "VALUES (%s, 'default/slow', 1, 'Late', 1, '{}', '{\"tenant\": \"default\"}')",
             (uuid.uuid4(),),
         )
         store.append("fast", [ev(), ev()])  # commits after slow began, before it commits
@@ -144,8 +147,8 @@ def test_sixteen_writers_and_a_tailing_reader_see_every_event_once_in_order(stor
     errors: list[BaseException] = []
 
     def writer(k: int) -> None:
-        pool = open_pool(db_url, max_size=1)
-        w = EventStore(pool)
+        pool = open_pool(db_url, scope=Scope.of("default"), max_size=1)
+        w = EventStore(pool, tenant="default")
         try:
             for j in range(appends_each):
                 batch = [ev(k=k, j=j, i=i) for i in range(3)]
@@ -236,7 +239,12 @@ def test_retrying_with_the_same_id_but_different_content_is_refused(store: Event
 def test_append_many_writes_many_streams_in_one_commit_with_per_stream_versions(store: EventStore, db_url: str):
     store.append("job-1", [ev(n=0)])
     out = store.append_many([("job-1", ev(n=1)), ("job-2", ev(n=2)), ("job-1", ev(n=3)), ("job-3", ev(n=4))])
-    assert [(e.stream, e.version) for e in out] == [("job-1", 2), ("job-2", 1), ("job-1", 3), ("job-3", 1)]
+    assert [(e.stream, e.version) for e in out] == [
+        ("default/job-1", 2),
+        ("default/job-2", 1),
+        ("default/job-1", 3),
+        ("default/job-3", 1),
+    ]
     assert [e.data["n"] for e in store.read_stream("job-1")] == [0, 1, 3]
     store.sync()
     assert [e.data["n"] for e in store.read_all(0, 10)] == [0, 1, 2, 3, 4]

@@ -200,7 +200,7 @@ def test_a_one_click_post_unsubscribes_the_contact_once(rt, client, db_url):
     assert res.status_code == 200 and "unsubscribed" in res.text
     assert contact_status(db_url, "ann@example.net") == "unsubscribed"
     assert contact_status(db_url, "bob@example.net") == "active"
-    [(etype, data, metadata)] = stream_events(db_url, "contact-ann@example.net")
+    [(etype, data, metadata)] = stream_events(db_url, "default/contact-ann@example.net")
     assert etype == "ContactStatusChanged"
     assert data == {
         "email": "ann@example.net",
@@ -287,7 +287,7 @@ def test_simultaneous_requests_for_one_address_record_one_event(rt, db_url):
     for t in threads:
         t.join(30)
     assert sorted(outcomes) == sorted([Outcome.UNSUBSCRIBED] + [Outcome.ALREADY] * 7)
-    assert len(stream_events(db_url, "contact-ann@example.net")) == 1
+    assert len(stream_events(db_url, "default/contact-ann@example.net")) == 1
 
 
 def test_the_routes_follow_the_path_of_the_configured_base_url(settings, db_url):

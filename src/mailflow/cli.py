@@ -8,6 +8,8 @@ as one `error:` line on stderr and an exit code (docs/operations.md), never a tr
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import sys
 from typing import Any
 
@@ -21,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("up", "Run the whole pipeline, supervised (relay, consumers, queuer, workers)."),
     "health": ("health", "Each long-running process on this host, and its servers."),
     "migrate": ("migrate", "Apply pending database migrations."),
+    "tenants": ("tenants", "Tenants: create, list, show, suspend, resume, limits."),
     "send": ("send", "Send one transactional message (high priority)."),
     "campaigns": ("campaigns", "Campaigns: draft -> running -> completed."),
     "contacts": ("contacts", "Contacts: import from CSV, list, show, update, reactivate."),
@@ -89,10 +92,26 @@ def _show_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+def _set_tenant(value: str | None) -> str | None:
+    """--tenant overrides MAILFLOW_TENANT for this command (and the processes it starts)."""
+    if value is not None:
+        if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}$", value):
+            raise typer.BadParameter("a tenant id is 1 to 40 lowercase letters, digits or '-'", param_hint="--tenant")
+        os.environ["MAILFLOW_TENANT"] = value
+    return value
+
+
 @app.callback()
 def _root(
     _version_flag: bool = typer.Option(
         False, "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+    ),
+    _tenant: str | None = typer.Option(
+        None,
+        "--tenant",
+        metavar="ID",
+        callback=_set_tenant,
+        help="Act on this tenant's data (default: MAILFLOW_TENANT, else 'default').",
     ),
 ) -> None:
     """mailflow: an event-sourced email pipeline. `mailflow demo` shows it end to end."""

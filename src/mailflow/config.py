@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     home: Path = Path(".mailflow")
     redis_prefix: str = "mailflow"
+    tenant: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")  # whose data the CLI acts on
     log_level: str = "info"
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
 

@@ -60,11 +60,17 @@ def settings() -> Settings:
     return state.settings
 
 
-def runtime(pool_size: int = 4) -> Runtime:
+def runtime(pool_size: int = 4, *, operator: bool = False) -> Runtime:
+    """The invocation's runtime: the tenant's (MAILFLOW_TENANT / --tenant), or, with
+    `operator`, every tenant's - for the long-running processes and the operator-wide
+    commands (rebuilds, dead letters, `events tail --all-tenants`)."""
     from mailflow.runtime.wiring import Runtime
 
+    if state.runtime is not None and state.runtime.scope.is_operator != operator:
+        state.runtime.close()
+        state.runtime = None
     if state.runtime is None:
-        state.runtime = Runtime(settings(), pool_size=pool_size)
+        state.runtime = Runtime(settings(), pool_size=pool_size, operator=operator)
     return state.runtime
 
 
@@ -131,7 +137,7 @@ def run_process(
         log.get_logger(f"mailflow.{role}"),
         status_dir=status_dir(s.home),
     )
-    rt = runtime(pool_size=pool_size)
+    rt = runtime(pool_size=pool_size, operator=True)
     stop_with_parent(stop)
     code = 70
     try:

@@ -36,7 +36,7 @@ def dlq_list(
 ) -> None:
     """Dead letters (open ones unless --all)."""
     quiet_logs()
-    dl, conn = _dead_letters(runtime())
+    dl, conn = _dead_letters(runtime(operator=True))
     with conn:
         letters = dl.list(consumer, include_resolved=include_resolved)
     if as_json:
@@ -58,7 +58,7 @@ def dlq_list(
 
 def _dlq_act(action: str, ids: list[int], every: bool, consumer: str | None, as_json: bool) -> None:
     quiet_logs()
-    rt = runtime()
+    rt = runtime(operator=True)
     dl, conn = _dead_letters(rt)
     done, failed = [], []
     with conn:

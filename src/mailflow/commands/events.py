@@ -43,18 +43,17 @@ def events_append(
         None, "--correlation-id", help="Conversation the event belongs to (default: its own id)."
     ),
     causation_id: str | None = typer.Option(None, "--causation-id", help="Id of the event that caused this one."),
-    tenant: str | None = typer.Option(None, "--tenant", help="Tenant the event belongs to."),
     actor: str | None = typer.Option(None, "--actor", help="Who is acting (default: user@host:pid)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Append one event (an operator's tool, like a console producer)."""
+    """Append one event (an operator's tool, like a console producer) to the tenant's stream."""
     quiet_logs()
     payload = parse_json_object(data, "--data")
     try:
         eid = uuid.UUID(event_id) if event_id else uuid7()
     except ValueError as exc:
         raise UsageError(f"--id {event_id!r} is not a UUID") from exc
-    md = Metadata(correlation_id=correlation_id, causation_id=causation_id, tenant=tenant, actor=actor)
+    md = Metadata(correlation_id=correlation_id, causation_id=causation_id, actor=actor)
     store = runtime().store
     [env] = store.append(stream, [NewEvent(event_type, payload, schema=schema, id=eid, metadata=md)], expected_version)
     # Give it a position now when we can (the relay does it too); appended is committed already.
@@ -89,11 +88,15 @@ def events_tail(
     types: list[str] | None = typer.Option(None, "--type", help="Only this type (repeatable)."),
     stream: str | None = typer.Option(None, "--stream", help="Only this stream."),
     limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many to show without --from."),
+    all_tenants: bool = typer.Option(
+        False, "--all-tenants", help="Every tenant's events (operator); --stream is then a full name."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Print events in position order; with --follow, wait for more (Ctrl-C or SIGTERM stops)."""
+    """Print the tenant's events in position order; with --follow, wait for more (Ctrl-C or
+    SIGTERM stops)."""
     quiet_logs()
-    rt = runtime()
+    rt = runtime(operator=all_tenants)
     store = rt.store
     store.sequence(wait=False)
     stop = stop_on_signals() if follow else threading.Event()
@@ -152,7 +155,8 @@ def events_show(
 
 @app.command("stream")
 def events_stream(
-    stream: str = typer.Argument(..., help="Stream name, e.g. job-<id>."), as_json: bool = JsonOpt
+    stream: str = typer.Argument(..., help="Stream name, e.g. job-<id> (the tenant's: <tenant>/job-<id>)."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Show every event of STREAM in version order."""
     quiet_logs()

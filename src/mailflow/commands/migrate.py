@@ -19,7 +19,7 @@ app = new_app()
 def migrate(as_json: bool = JsonOpt) -> None:
     """Apply pending database migrations (safe to run twice, or from two processes)."""
     rt = runtime()
-    with rt.connect() as conn:
+    with rt.connect_owner() as conn:
         done = apply_migrations(conn)
     if as_json:
         emit_json({"applied": done, "database": mask_url(rt.services.database_url)})

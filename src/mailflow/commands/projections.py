@@ -32,7 +32,7 @@ def projections_list(as_json: bool = JsonOpt) -> None:
     from mailflow.runtime.projections import lag
 
     quiet_logs()
-    rows = [r.to_dict() for r in lag(runtime())]
+    rows = [r.to_dict() for r in lag(runtime(operator=True))]
     if as_json:
         emit_json(rows)
         return
@@ -61,7 +61,7 @@ def projections_rebuild(
     from mailflow.runtime.projections import inline_projections
 
     quiet_logs()
-    rt = runtime()
+    rt = runtime(operator=True)  # a projection holds every tenant's rows
     if name in inline_projections():
         _rebuild_inline(rt, name, from_position, as_json)
         return

@@ -26,13 +26,16 @@ from itertools import groupby
 import psycopg
 from psycopg import sql
 
+from mailflow.consumers import queries as q
+from mailflow.errors import ConflictError, NotFoundError
 from mailflow.events.envelope import Envelope, NewEvent
 from mailflow.events.store import EventStore
 from mailflow.infra.locks import Lock
+from mailflow.infra.tenancy import SETTING, TENANT_ROLE
 
 Handler = Callable[[psycopg.Connection, list[Envelope]], None]
 
-__all__ = ["InlineProjection", "Writer", "record", "register", "registered", "writing"]
+__all__ = ["InlineProjection", "Writer", "reading", "record", "register", "registered", "writing"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class InlineProjection:
     description: str
     tables: tuple[str, ...]
     handlers: dict[str, Handler]
+    seed: str = ""  # SQL that puts back rows no event created (run after the tables are emptied)
 
     @property
     def types(self) -> frozenset[str]:
@@ -65,10 +69,13 @@ class InlineProjection:
         with store.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (Lock.INLINE,))
             upto = store.sync()
-            # RESTART IDENTITY: generated ids (contacts.id) come out as they first did.
-            conn.execute(
-                sql.SQL("TRUNCATE {} RESTART IDENTITY").format(sql.SQL(", ").join(map(sql.Identifier, self.tables)))
-            )
+            conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, self.tables))))
+            # Generated ids (contacts.id) restart, so they come out as they first did. (Not
+            # TRUNCATE ... RESTART IDENTITY: that needs the owner; setval needs only UPDATE.)
+            for (sequence,) in conn.execute(q.IDENTITY_SEQUENCES, (list(self.tables),)).fetchall():
+                conn.execute("SELECT setval(%s, 1, false)", (sequence,))
+            if self.seed:
+                conn.execute(self.seed)
             for batch in store.iter_all(0, upto=upto):
                 relevant = [e for e in batch if e.type in types]
                 if relevant:
@@ -130,7 +137,9 @@ def writing(store: EventStore, conn: psycopg.Connection | None = None) -> Iterat
 
     It holds the inline lock shared: any number run at once, and a rebuild (which takes it
     exclusively) waits for them and they for it. With `conn`, the transaction is opened on
-    that connection instead of one from the store's pool.
+    that connection instead of one from the store's pool. A tenant's store (store.tenant)
+    scopes the transaction to that tenant, so an operator's process doing one tenant's work
+    (`store.for_tenant(t)`) reads and writes only that tenant's rows.
     """
     if conn is None:
         with store.pool.connection() as pooled, _transaction(store, pooled) as writer:
@@ -142,11 +151,41 @@ def writing(store: EventStore, conn: psycopg.Connection | None = None) -> Iterat
         store.notify()
 
 
+# The inline lock, and the tenant scope for a tenant's store: whatever the connection's own
+# scope, the transaction then sees and writes only that tenant's rows (row-level security).
+_BEGIN = "SELECT pg_advisory_xact_lock_shared(%s)"
+_BEGIN_FOR_TENANT = f"""
+SELECT pg_advisory_xact_lock_shared(%(lock)s), set_config('role', '{TENANT_ROLE}', true),
+       set_config('{SETTING}', %(tenant)s, true), (SELECT status FROM tenants WHERE id = %(tenant)s)
+"""
+
+
+_SCOPE_FOR_TENANT = f"SELECT set_config('role', '{TENANT_ROLE}', true), set_config('{SETTING}', %(tenant)s, true)"
+
+
 @contextmanager
 def _transaction(store: EventStore, conn: psycopg.Connection) -> Iterator[Writer]:
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (Lock.INLINE,))
+        if store.tenant is None:
+            conn.execute(_BEGIN, (Lock.INLINE,))
+        else:
+            row = conn.execute(_BEGIN_FOR_TENANT, {"lock": Lock.INLINE, "tenant": store.tenant}).fetchone()
+            status = row[3] if row else None
+            if store.enforce_suspension:
+                if status is None:
+                    raise NotFoundError(f"no tenant {store.tenant!r}")
+                if status == "suspended":
+                    raise ConflictError(f"tenant {store.tenant!r} is suspended: its data can be read, not changed")
         yield Writer(store, conn)
+
+
+@contextmanager
+def reading(store: EventStore) -> Iterator[psycopg.Connection]:
+    """A pooled connection, in a transaction scoped as the store's writes are (see writing())."""
+    with store.pool.connection() as conn, conn.transaction():
+        if store.tenant is not None:
+            conn.execute(_SCOPE_FOR_TENANT, {"tenant": store.tenant})
+        yield conn
 
 
 def record(store: EventStore, items: Sequence[tuple[str, NewEvent]]) -> list[Envelope]:

@@ -65,3 +65,10 @@ WHERE consumer = %s AND status = 'open' AND position >= %s
 OPEN_DEAD_LETTER_COUNTS = """
 SELECT consumer, count(*) FROM dead_letters WHERE status = 'open' GROUP BY consumer
 """
+
+# The sequences behind identity columns of these tables (an inline rebuild restarts them).
+IDENTITY_SEQUENCES = """
+SELECT pg_get_serial_sequence(a.attrelid::regclass::text, a.attname)
+FROM pg_attribute a
+WHERE a.attrelid = ANY(%s::regclass[]) AND a.attidentity <> '' AND NOT a.attisdropped
+"""

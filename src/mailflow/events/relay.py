@@ -172,6 +172,7 @@ class Relay:
                 self.keys.events,
                 {
                     "type": env.type,
+                    "tenant": env.metadata.tenant or "",
                     "stream": env.stream,
                     "position": str(env.position),
                     "event": env.to_json(),

@@ -8,6 +8,7 @@ keeps tailing readers from skipping late commits).
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from mailflow.events.notify import Notifier
 from mailflow.events.registry import EventRegistry
 from mailflow.events.registry import registry as default_registry
 from mailflow.infra.services import pool_conninfo, scalar
+from mailflow.infra.tenancy import cross_tenant, qualified
 
 ANY: int | None = None
 """expected_version: append whatever the stream's version is."""
@@ -46,9 +48,16 @@ class EventStore:
         registry: EventRegistry = default_registry,
         channel: str = NOTIFY_CHANNEL,
         actor: str | None = None,
+        tenant: str | None = None,
         notify_min_interval_s: float = 0.02,
     ) -> None:
         self.pool = pool
+        # Whose events this store appends (and whose streams its names mean); None for the
+        # operator, whose every event must name its tenant in its metadata.
+        self.tenant = tenant
+        # A tenant's own writes are refused while it is suspended; an operator's process
+        # acting for it (recording an unsubscribe, a send's result) still writes.
+        self.enforce_suspension = tenant is not None
         self.registry = registry
         self.channel = channel
         self.actor = actor or default_actor()
@@ -75,6 +84,10 @@ class EventStore:
         if not events:
             return []
         _check_stream_name(stream)
+        tenants = {self._tenant_of(ev) for ev in events}
+        if len(tenants) != 1:
+            raise InvalidEventError(f"the events of one stream belong to one tenant, not {sorted(tenants)}")
+        stream = qualified(tenants.pop(), stream)
         if expected_version is not None and expected_version < 0:
             raise InvalidEventError("expected_version must be >= 0")
         params = self._append_params(stream, events, expected_version)
@@ -119,6 +132,9 @@ class EventStore:
         expected = params["expected"]
         bump = q.BUMP_ANY if expected is None else q.BUMP_NO_STREAM if expected == 0 else q.BUMP_EXPECTED
         with self.pool.connection() as conn, conn.transaction():
+            # COPY does not run under row-level security; every row's tenant was checked and
+            # stamped by _tenant_of (the generated column reads it from the metadata).
+            cross_tenant(conn)
             row = conn.execute(bump, params).fetchone()
             if row is None:
                 return []
@@ -145,9 +161,9 @@ class EventStore:
         if not items:
             return []
         streams = []
-        for stream, _ in items:
+        for stream, ev in items:
             _check_stream_name(stream)
-            streams.append(stream)
+            streams.append(qualified(self._tenant_of(ev), stream))
         params = self._append_params("", [ev for _, ev in items], None)
         params["streams"] = streams
         try:
@@ -164,7 +180,7 @@ class EventStore:
             self.notifier.poke()
         by_id = {r[0]: (r[1], r[2]) for r in rows}
         out = []
-        for i, (stream, ev) in enumerate(items):
+        for i, (stream, (_, ev)) in enumerate(zip(streams, items)):
             version, recorded_at = by_id[ev.id]
             out.append(
                 Envelope(
@@ -180,6 +196,30 @@ class EventStore:
                 )
             )
         return out
+
+    def _tenant_of(self, ev: NewEvent) -> str:
+        """The tenant an event belongs to, stamped into its metadata: the one it names, else
+        this store's. A tenant's store never writes another tenant's event."""
+        md = ev.metadata
+        if md.tenant is None:
+            if self.tenant is None:
+                raise InvalidEventError(f"{ev.type} names no tenant, and an operator's events must")
+            md.tenant = self.tenant
+        elif self.tenant is not None and md.tenant != self.tenant:
+            raise InvalidEventError(f"{ev.type} belongs to tenant {md.tenant!r}, not to {self.tenant!r}")
+        return md.tenant
+
+    def for_tenant(self, tenant: str) -> EventStore:
+        """This store acting for one tenant (same pool and notifier): its writing transactions see
+        only that tenant's rows, and its events belong to it."""
+        scoped = copy.copy(self)
+        scoped.tenant = tenant
+        scoped.enforce_suspension = False
+        return scoped
+
+    def qualify(self, stream: str) -> str:
+        """A stream name as stored: under this store's tenant (an operator names it in full)."""
+        return stream if self.tenant is None else qualified(self.tenant, stream)
 
     def notify(self) -> None:
         """Wake the relay after a transaction that appended through `conn` has committed."""
@@ -272,6 +312,7 @@ class EventStore:
                 conn.execute(q.SEQUENCER_LOCK, (q.SEQUENCER_LOCK_KEY,))
             elif not scalar(conn, q.SEQUENCER_TRY_LOCK, (q.SEQUENCER_LOCK_KEY,)):
                 return 0
+            cross_tenant(conn)  # positions are global: every tenant's events get theirs
             row = conn.execute(q.SEQUENCE, {"limit": limit}).fetchone()
         return int(row[1]) if row else 0
 
@@ -299,7 +340,8 @@ class EventStore:
 
     def has_unsequenced(self, below: str | None = None) -> bool:
         """Are there committed events without a position (of transactions older than `below`)?"""
-        with self.pool.connection() as conn:
+        with self.pool.connection() as conn, conn.transaction():
+            cross_tenant(conn)
             return bool(scalar(conn, q.UNSEQUENCED_EXIST, {"below": below}))
 
     # -- reading -----------------------------------------------------------------------
@@ -311,12 +353,14 @@ class EventStore:
 
     def stream_version(self, stream: str) -> int:
         with self.pool.connection() as conn:
-            row = conn.execute(q.STREAM_VERSION, (stream,)).fetchone()
+            row = conn.execute(q.STREAM_VERSION, (self.qualify(stream),)).fetchone()
         return int(row[0]) if row else 0
 
     def read_stream(self, stream: str, after_version: int = 0, limit: int = 10_000) -> list[Envelope]:
         with self.pool.connection() as conn:
-            rows = conn.execute(q.READ_STREAM, {"stream": stream, "after": after_version, "limit": limit}).fetchall()
+            rows = conn.execute(
+                q.READ_STREAM, {"stream": self.qualify(stream), "after": after_version, "limit": limit}
+            ).fetchall()
         return [self._envelope(r) for r in rows]
 
     def read_all(
@@ -339,7 +383,7 @@ class EventStore:
                     "upto": upto,
                     "limit": limit,
                     "types": list(types) if types else None,
-                    "stream": stream,
+                    "stream": self.qualify(stream) if stream else None,
                 },
             )
         else:
@@ -353,7 +397,11 @@ class EventStore:
 
     def read_last(self, limit: int, *, types: Sequence[str] | None = None, stream: str | None = None) -> list[Envelope]:
         """The last `limit` events (of these types, of this stream), in position order."""
-        params = {"limit": limit, "types": list(types) if types else None, "stream": stream}
+        params = {
+            "limit": limit,
+            "types": list(types) if types else None,
+            "stream": self.qualify(stream) if stream else None,
+        }
         with self.pool.connection() as conn:
             rows = conn.execute(q.READ_LAST_FILTERED, params).fetchall()
         return [self._envelope(r) for r in rows]

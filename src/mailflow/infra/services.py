@@ -32,6 +32,7 @@ from redis.retry import Retry
 from mailflow.config import Settings, check_service_urls, mask_url
 from mailflow.errors import ConfigurationError, ServiceUnavailable
 from mailflow.infra import embedded
+from mailflow.infra.tenancy import Scope
 
 # libpq connection parameters for every PostgreSQL connection (ignored on unix sockets).
 CONNECT_KWARGS: dict[str, Any] = {
@@ -170,8 +171,11 @@ def configure_connection(conn: psycopg.Connection) -> None:
         conn.commit()
 
 
-def connect(url: str, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection:
-    """Open one PostgreSQL connection, or raise ServiceUnavailable naming the (masked) URL."""
+def connect(url: str, *, autocommit: bool = True, scope: Scope | None = None, **kwargs: Any) -> psycopg.Connection:
+    """Open one PostgreSQL connection, or raise ServiceUnavailable naming the (masked) URL.
+
+    With `scope`, the connection sees only that tenant's rows (or, for the operator scope,
+    every tenant's); without, it is the table owner's (migrations, tests' assertions)."""
     try:
         conn = psycopg.connect(url, autocommit=autocommit, **{**CONNECT_KWARGS, **kwargs})
     except psycopg.Error as exc:
@@ -184,6 +188,8 @@ def connect(url: str, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Conn
     except (ValueError, TypeError) as exc:  # malformed conninfo
         raise ServiceUnavailable(f"invalid PostgreSQL URL {mask_url(url)}: {exc}", service="postgres") from exc
     configure_connection(conn)
+    if scope is not None:
+        scope.apply(conn)
     return conn
 
 
@@ -227,15 +233,22 @@ class Pool(ConnectionPool):
         super().putconn(conn)
 
 
-def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout: float = POOL_TIMEOUT_S) -> ConnectionPool:
-    """A pool of autocommit connections; checks the server first so failures are one line."""
+def open_pool(
+    url: str, *, scope: Scope, min_size: int = 1, max_size: int = 4, timeout: float = POOL_TIMEOUT_S
+) -> ConnectionPool:
+    """A pool of autocommit connections in `scope`; checks the server first so failures are one line."""
     connect(url).close()
+
+    def configure(conn: psycopg.Connection) -> None:
+        configure_connection(conn)
+        scope.apply(conn)
+
     pool = Pool(
         url,
         min_size=min_size,
         max_size=max_size,
         kwargs={"autocommit": True, **CONNECT_KWARGS},
-        configure=configure_connection,
+        configure=configure,
         check=_check_if_idle,
         timeout=timeout,
         reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,

@@ -61,9 +61,9 @@ class Campaign:
     status: str
 
 
-def correlation(campaign_id: str) -> Metadata:
+def correlation(campaign_id: str, tenant: str | None = None) -> Metadata:
     """Every event a campaign causes, its jobs' included, shares this correlation id."""
-    return Metadata(correlation_id=streams.campaign(campaign_id))
+    return Metadata(correlation_id=streams.campaign(campaign_id), tenant=tenant)
 
 
 def find(conn: psycopg.Connection, ref: str) -> str:
@@ -243,10 +243,10 @@ def complete_finished(store: EventStore) -> int:
                     (
                         streams.campaign(cid),
                         CampaignCompleted(campaign_id=str(cid), completed=done, failed=failed).to_new(
-                            correlation(str(cid))
+                            correlation(str(cid), tenant)
                         ),
                     )
-                    for cid, done, failed in rows
+                    for cid, tenant, done, failed in rows
                 ]
             )
     return len(rows)
@@ -255,11 +255,11 @@ def complete_finished(store: EventStore) -> int:
 def start_due(store: EventStore) -> int:
     """Start scheduled campaigns whose time has come (the queuer calls this)."""
     with store.pool.connection() as conn:
-        due = [str(r[0]) for r in conn.execute(q.DUE_SCHEDULED).fetchall()]
+        due = [(str(cid), tenant) for cid, tenant in conn.execute(q.DUE_SCHEDULED).fetchall()]
     started = 0
-    for cid in due:
+    for cid, tenant in due:
         try:
-            start(store, cid)
+            start(store.for_tenant(tenant), cid)
             started += 1
         except EmptySegment:
             continue  # stays scheduled; `campaigns status` says why when asked

@@ -46,7 +46,7 @@ def refuse_if_in_use(conn: psycopg.Connection, kind: str, name: str) -> None:
                 )
 
 
-def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
     contacts = data["contacts"]
     conn.execute(
         q.UPSERT_CONTACTS,
@@ -54,15 +54,16 @@ def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime) -> No
             "emails": [c["email"] for c in contacts],
             "attributes": [orjson.dumps(c.get("attributes") or {}).decode() for c in contacts],
             "at": at,
+            "tenant": tenant,
         },
     )
 
 
-def _status_changed(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.SET_CONTACT_STATUS, (data["status"], at, data["email"]))
+def _status_changed(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.SET_CONTACT_STATUS, (data["status"], at, tenant, data["email"]))
 
 
-def _contact_updated(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+def _contact_updated(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
     conn.execute(
         q.UPDATE_CONTACT_ATTRIBUTES,
         {
@@ -70,43 +71,47 @@ def _contact_updated(conn: psycopg.Connection, data: dict, at: datetime) -> None
             "attributes": Jsonb(data.get("attributes") or {}),
             "removed": list(data.get("removed") or []),
             "at": at,
+            "tenant": tenant,
         },
     )
 
 
-def _contact_reactivated(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.REACTIVATE_CONTACT, {"email": data["email"], "at": at})
-    conn.execute(q.REMOVE_SUPPRESSION, (data["email"],))
+def _contact_reactivated(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.REACTIVATE_CONTACT, {"email": data["email"], "at": at, "tenant": tenant})
+    conn.execute(q.REMOVE_SUPPRESSION, (tenant, data["email"]))
 
 
-def _segment_defined(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.UPSERT_SEGMENT, (data["name"], Jsonb(data["filter"]), at, at))
+def _segment_defined(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.UPSERT_SEGMENT, (tenant, data["name"], Jsonb(data["filter"]), at, at))
 
 
-def _segment_deleted(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.DELETE_SEGMENT, (data["name"],))
+def _segment_deleted(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.DELETE_SEGMENT, (tenant, data["name"]))
 
 
-def _template_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.UPSERT_TEMPLATE, (data["name"], data["subject"], data.get("html", ""), data.get("text", ""), at, at))
+def _template_saved(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(
+        q.UPSERT_TEMPLATE, (tenant, data["name"], data["subject"], data.get("html", ""), data.get("text", ""), at, at)
+    )
 
 
-def _template_deleted(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.DELETE_TEMPLATE, (data["name"],))
+def _template_deleted(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.DELETE_TEMPLATE, (tenant, data["name"]))
 
 
-def _suppression_added(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.ADD_SUPPRESSION, (data["email"], data["reason"], data.get("detail", ""), at))
+def _suppression_added(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.ADD_SUPPRESSION, (tenant, data["email"], data["reason"], data.get("detail", ""), at))
 
 
-def _suppression_removed(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.REMOVE_SUPPRESSION, (data["email"],))
+def _suppression_removed(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.REMOVE_SUPPRESSION, (tenant, data["email"]))
 
 
-def _sender_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+def _sender_saved(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
     conn.execute(
         q.UPSERT_SENDER,
         (
+            tenant,
             data["name"],
             data["from_email"],
             data.get("from_name", ""),
@@ -119,19 +124,19 @@ def _sender_saved(conn: psycopg.Connection, data: dict, at: datetime) -> None:
     )
 
 
-def _sender_deleted(conn: psycopg.Connection, data: dict, at: datetime) -> None:
-    conn.execute(q.DELETE_SENDER, (data["name"],))
+def _sender_deleted(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.DELETE_SENDER, (tenant, data["name"]))
 
 
-def _campaign_created(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+def _campaign_created(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
     conn.execute(
         q.INSERT_CAMPAIGN,
-        (data["campaign_id"], data["name"], data["sender"], data["template"], data["segment"], at, at),
+        (data["campaign_id"], tenant, data["name"], data["sender"], data["template"], data["segment"], at, at),
     )
 
 
-def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict, datetime], None]:
-    def apply(conn: psycopg.Connection, data: dict, at: datetime) -> None:
+def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict, datetime, str], None]:
+    def apply(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
         conn.execute(
             q.SET_CAMPAIGN_STATUS,
             {
@@ -146,7 +151,7 @@ def _campaign_status(status: str) -> Callable[[psycopg.Connection, dict, datetim
     return apply
 
 
-HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime], None]] = {
+HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime, str], None]] = {
     "ContactsImported": _contacts_imported,
     "ContactStatusChanged": _status_changed,
     "ContactUpdated": _contact_updated,
@@ -170,10 +175,16 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime], None]] = {
 }
 
 
-def _per_event(handler: Callable[[psycopg.Connection, dict, datetime], None]):
+def _tenant(env: Envelope) -> str:
+    if env.metadata.tenant is None:  # the store stamps every event; migration 0007 stamped the old ones
+        raise ValueError(f"event {env.id} ({env.type}) has no tenant")
+    return env.metadata.tenant
+
+
+def _per_event(handler: Callable[[psycopg.Connection, dict, datetime, str], None]):
     def apply(conn: psycopg.Connection, events: list[Envelope]) -> None:
         for env in events:
-            handler(conn, env.data, env.recorded_at)
+            handler(conn, env.data, env.recorded_at, _tenant(env))
 
     return apply
 

@@ -168,7 +168,7 @@ def import_contacts(
         if not batch:
             return
         event = ContactsImported(source=source, contacts=list(batch)).to_new(Metadata(actor=actor))
-        with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        with inline.reading(store) as conn, conn.cursor(row_factory=dict_row) as cur:
             counted = cur.execute(q.COUNT_KNOWN_EMAILS, ([c.email for c in batch],)).fetchone()
         known = counted["known"] if counted else 0
         inline.record(store, [(stream, event)])

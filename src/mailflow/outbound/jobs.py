@@ -75,13 +75,13 @@ class IllegalTransition(ConflictError):
 # -- the jobs table --------------------------------------------------------------------------
 
 CREATE = """
-INSERT INTO jobs (id, idempotency_key, priority, email, domain, sender, template, variables, campaign_id, due_at,
+INSERT INTO jobs (id, tenant, idempotency_key, priority, email, domain, sender, template, variables, campaign_id, due_at,
                   created_at, correlation_id)
-SELECT u.id, u.key, u.priority, u.email, split_part(u.email, '@', 2), u.sender, u.template, u.variables,
+SELECT u.id, u.tenant, u.key, u.priority, u.email, split_part(u.email, '@', 2), u.sender, u.template, u.variables,
        u.campaign_id, coalesce(u.due_at, u.at), u.at, u.correlation
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]::jsonb[],
-            %s::uuid[], %s::timestamptz[], %s::timestamptz[], %s::text[])
-     AS u(id, key, priority, email, sender, template, variables, campaign_id, due_at, at, correlation)
+FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::text[]::jsonb[], %s::uuid[], %s::timestamptz[], %s::timestamptz[], %s::text[])
+     AS u(id, tenant, key, priority, email, sender, template, variables, campaign_id, due_at, at, correlation)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -130,6 +130,7 @@ def _created(conn: psycopg.Connection, evs: list[Envelope]) -> None:
         CREATE,
         (
             [x["job_id"] for x in d],
+            [e.metadata.tenant for e in evs],
             [x["idempotency_key"] for x in d],
             [x["priority"] for x in d],
             [x["email"] for x in d],

@@ -4,26 +4,27 @@ senders), campaigns, the queuer and the workers, by name."""
 from mailflow.infra.locks import Lock
 
 UPSERT_CONTACTS = """
-INSERT INTO contacts AS c (email, attributes, created_at, updated_at)
-SELECT u.email, u.attributes, %(at)s, %(at)s FROM unnest(%(emails)s::text[], %(attributes)s::text[]::jsonb[]) AS u(email, attributes)
-ON CONFLICT (email) DO UPDATE
+INSERT INTO contacts AS c (tenant, email, attributes, created_at, updated_at)
+SELECT %(tenant)s, u.email, u.attributes, %(at)s, %(at)s
+FROM unnest(%(emails)s::text[], %(attributes)s::text[]::jsonb[]) AS u(email, attributes)
+ON CONFLICT (tenant, email) DO UPDATE
 SET attributes = c.attributes || excluded.attributes, updated_at = excluded.updated_at
 RETURNING (xmax = 0) AS inserted
 """
 
 COUNT_KNOWN_EMAILS = "SELECT count(*) AS known FROM contacts WHERE email = ANY(%s)"
 
-SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE email = %s"
+SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE tenant = %s AND email = %s"
 
 # Set keys are merged over the contact's attributes, then removed keys are dropped.
 UPDATE_CONTACT_ATTRIBUTES = """
 UPDATE contacts SET attributes = (attributes || %(attributes)s::jsonb) - %(removed)s::text[], updated_at = %(at)s
-WHERE email = %(email)s
+WHERE tenant = %(tenant)s AND email = %(email)s
 """
 GET_CONTACT = """
 SELECT c.email, c.status, c.attributes, c.created_at, c.updated_at,
        s.reason AS suppression_reason, s.detail AS suppression_detail, s.created_at AS suppressed_at
-FROM contacts c LEFT JOIN suppressions s ON s.email = c.email
+FROM contacts c LEFT JOIN suppressions s ON s.tenant = c.tenant AND s.email = c.email
 WHERE c.email = %s
 """
 CONTACT_JOB_STATES = "SELECT state, count(*) AS jobs FROM jobs WHERE email = %s GROUP BY state ORDER BY state"
@@ -38,7 +39,9 @@ SELECT (SELECT status FROM contacts WHERE email = %(email)s),
        EXISTS (SELECT 1 FROM suppressions WHERE email = %(email)s)
 """
 # Reactivating sets the status and lifts the suppression, both at the event's time.
-REACTIVATE_CONTACT = "UPDATE contacts SET status = 'active', updated_at = %(at)s WHERE email = %(email)s"
+REACTIVATE_CONTACT = """
+UPDATE contacts SET status = 'active', updated_at = %(at)s WHERE tenant = %(tenant)s AND email = %(email)s
+"""
 
 LIST_CONTACTS = """
 SELECT email, status, attributes, created_at FROM contacts
@@ -51,46 +54,53 @@ COUNT_CONTACTS = "SELECT count(*) FROM contacts WHERE {where}"
 
 # Timestamps come from the events (the last argument), so a rebuild gives the same rows.
 UPSERT_SEGMENT = """
-INSERT INTO segments (name, filter, created_at, updated_at) VALUES (%s, %s, %s, %s)
-ON CONFLICT (name) DO UPDATE SET filter = excluded.filter, updated_at = excluded.updated_at
+INSERT INTO segments (tenant, name, filter, created_at, updated_at) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (tenant, name) DO UPDATE SET filter = excluded.filter, updated_at = excluded.updated_at
 """
 GET_SEGMENT = "SELECT filter FROM segments WHERE name = %s"
 LIST_SEGMENTS = "SELECT name, filter, updated_at FROM segments ORDER BY name"
 LOCK_SEGMENT = "SELECT name FROM segments WHERE name = %s FOR UPDATE"
-DELETE_SEGMENT = "DELETE FROM segments WHERE name = %s"
+DELETE_SEGMENT = "DELETE FROM segments WHERE tenant = %s AND name = %s"
 
 UPSERT_TEMPLATE = """
-INSERT INTO templates (name, subject, html, text, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s)
-ON CONFLICT (name) DO UPDATE
+INSERT INTO templates (tenant, name, subject, html, text, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (tenant, name) DO UPDATE
 SET subject = excluded.subject, html = excluded.html, text = excluded.text, updated_at = excluded.updated_at
 """
-GET_TEMPLATE = "SELECT name, subject, html, text FROM templates WHERE name = %s"
+# By name in the connection's tenant, or in the tenant named (an operator's worker names it).
+GET_TEMPLATE = """
+SELECT name, subject, html, text FROM templates
+WHERE tenant = coalesce(%(tenant)s, current_setting('mailflow.tenant', true)) AND name = %(name)s
+"""
 LIST_TEMPLATES = "SELECT name, subject, updated_at FROM templates ORDER BY name"
 LOCK_TEMPLATE = "SELECT name FROM templates WHERE name = %s FOR UPDATE"
-DELETE_TEMPLATE = "DELETE FROM templates WHERE name = %s"
+DELETE_TEMPLATE = "DELETE FROM templates WHERE tenant = %s AND name = %s"
 
 ADD_SUPPRESSION = """
-INSERT INTO suppressions (email, reason, detail, created_at) VALUES (%s, %s, %s, %s)
-ON CONFLICT (email) DO UPDATE SET reason = excluded.reason, detail = excluded.detail
+INSERT INTO suppressions (tenant, email, reason, detail, created_at) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (tenant, email) DO UPDATE SET reason = excluded.reason, detail = excluded.detail
 """
-REMOVE_SUPPRESSION = "DELETE FROM suppressions WHERE email = %s"
+REMOVE_SUPPRESSION = "DELETE FROM suppressions WHERE tenant = %s AND email = %s"
 LIST_SUPPRESSIONS = "SELECT email, reason, detail, created_at FROM suppressions ORDER BY created_at DESC LIMIT %s"
 IS_SUPPRESSED = "SELECT reason FROM suppressions WHERE email = %s"
 LOCK_SUPPRESSION = "SELECT reason FROM suppressions WHERE email = %s FOR UPDATE"
 
 UPSERT_SENDER = """
-INSERT INTO senders (name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem, created_at, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (name) DO UPDATE SET from_email = excluded.from_email, from_name = excluded.from_name,
+INSERT INTO senders (tenant, name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem, created_at, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (tenant, name) DO UPDATE SET from_email = excluded.from_email, from_name = excluded.from_name,
     relay_url = excluded.relay_url, dkim_selector = excluded.dkim_selector,
     dkim_key_pem = excluded.dkim_key_pem, updated_at = excluded.updated_at
 """
-GET_SENDER = "SELECT name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem FROM senders WHERE name = %s"
+GET_SENDER = """
+SELECT name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem FROM senders
+WHERE tenant = coalesce(%(tenant)s, current_setting('mailflow.tenant', true)) AND name = %(name)s
+"""
 LIST_SENDERS = """
 SELECT name, from_email, from_name, relay_url, dkim_selector IS NOT NULL AS dkim FROM senders ORDER BY name
 """
 LOCK_SENDER = "SELECT name FROM senders WHERE name = %s FOR UPDATE"
-DELETE_SENDER = "DELETE FROM senders WHERE name = %s"
+DELETE_SENDER = "DELETE FROM senders WHERE tenant = %s AND name = %s"
 
 # Campaigns that still need a segment, template or sender (the column is a psycopg Identifier:
 # segment, template or sender), the oldest first; deleting what they use is refused.
@@ -111,7 +121,8 @@ JOB_BY_KEY = "SELECT id FROM jobs WHERE idempotency_key = %s"
 
 # Leases that expired more than hold_s ago (hold_s > 0 early in a queuer's term, see queuer.py).
 EXPIRED_LEASES = """
-SELECT id, attempts, coalesce(correlation_id, 'campaign-' || campaign_id, id::text) AS correlation_id FROM jobs
+SELECT id, tenant, attempts, coalesce(correlation_id, 'campaign-' || campaign_id, id::text) AS correlation_id
+FROM jobs
 WHERE state = 'active' AND lease_until < now() - make_interval(secs => %(hold_s)s)
 ORDER BY lease_until
 LIMIT %(limit)s
@@ -120,10 +131,11 @@ FOR UPDATE SKIP LOCKED
 
 # Due work of one priority, oldest first; campaign mail only while its campaign runs.
 DUE_JOBS = """
-SELECT j.id, j.sender, j.domain,
+SELECT j.id, j.tenant, j.sender, j.domain,
        coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id
 FROM jobs j
 WHERE j.state IN ('pending', 'retry') AND j.priority = %(priority)s AND j.due_at <= now()
+  AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = j.tenant AND t.status = 'suspended')
   AND (j.campaign_id IS NULL
        OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = j.campaign_id AND c.status = 'running'))
 ORDER BY j.due_at
@@ -154,13 +166,13 @@ ORDER BY queue_seq
 
 # Lock the jobs a worker was handed; only those still queued under that very entry start.
 CLAIM_JOBS = """
-SELECT j.id, j.state, j.queue_seq, j.attempts, j.email, j.sender, j.template, j.variables, j.campaign_id,
+SELECT j.id, j.tenant, j.state, j.queue_seq, j.attempts, j.email, j.sender, j.template, j.variables, j.campaign_id,
        s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker,
        coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id,
        cp.status AS campaign_status
 FROM jobs j
-LEFT JOIN suppressions s ON s.email = j.email
-LEFT JOIN contacts c ON c.email = j.email
+LEFT JOIN suppressions s ON s.tenant = j.tenant AND s.email = j.email
+LEFT JOIN contacts c ON c.tenant = j.tenant AND c.email = j.email
 LEFT JOIN campaigns cp ON cp.id = j.campaign_id
 WHERE j.id = ANY(%s::uuid[])
 FOR UPDATE OF j
@@ -171,8 +183,8 @@ FOR UPDATE OF j
 # -- campaigns ----------------------------------------------------------------------------------
 
 INSERT_CAMPAIGN = """
-INSERT INTO campaigns (id, name, sender, template, segment, created_at, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s)
+INSERT INTO campaigns (id, tenant, name, sender, template, segment, created_at, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (id) DO NOTHING
 """
 SET_CAMPAIGN_STATUS = """
@@ -191,6 +203,7 @@ SELECT id, name FROM campaigns
 WHERE name = %(ref)s OR id::text = lower(%(ref)s) OR id::text LIKE %(prefix)s
 ORDER BY (name = %(ref)s) DESC, created_at DESC LIMIT 5
 """
+CAMPAIGN_TENANT = "SELECT tenant FROM campaigns WHERE id = %s"
 CAMPAIGN_NAMED = "SELECT id FROM campaigns WHERE name = %s"
 # A campaign being created holds what it uses, so a delete of them waits and then sees it.
 SHARE_CAMPAIGN_PARTS = """
@@ -212,7 +225,7 @@ FROM campaigns ORDER BY created_at DESC LIMIT %s
 # Recipients at start: active contacts of the segment who are not suppressed.
 SNAPSHOT_RECIPIENTS = """
 SELECT c.email FROM contacts c
-WHERE c.status = 'active' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = c.email)
+WHERE c.status = 'active' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.tenant = c.tenant AND s.email = c.email)
   AND {where}
 ORDER BY c.id
 """
@@ -234,7 +247,7 @@ WHERE j.campaign_id = %s AND j.state = 'failed'
 """
 
 FINISHED_CAMPAIGNS = """
-SELECT c.id,
+SELECT c.id, c.tenant,
        (SELECT count(*) FROM jobs j WHERE j.campaign_id = c.id AND j.state = 'completed'),
        (SELECT count(*) FROM jobs j WHERE j.campaign_id = c.id AND j.state = 'failed')
 FROM campaigns c
@@ -242,7 +255,11 @@ WHERE c.status = 'running'
   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.campaign_id = c.id AND j.state NOT IN ('completed', 'failed'))
 FOR UPDATE OF c SKIP LOCKED
 """
-DUE_SCHEDULED = "SELECT id FROM campaigns WHERE status = 'scheduled' AND scheduled_at <= now()"
+DUE_SCHEDULED = """
+SELECT c.id, c.tenant FROM campaigns c
+WHERE c.status = 'scheduled' AND c.scheduled_at <= now()
+  AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = c.tenant AND t.status = 'suspended')
+"""
 
 # -- inspection ---------------------------------------------------------------------------------
 

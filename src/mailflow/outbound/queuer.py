@@ -153,9 +153,9 @@ class Queuer:
                             reply="lease expired: the worker stopped answering",
                             due_at=now,
                             reason="lease_expired",
-                        ).to_new(Metadata(correlation_id=correlation)),
+                        ).to_new(Metadata(correlation_id=correlation, tenant=tenant)),
                     )
-                    for jid, attempts, correlation in rows
+                    for jid, tenant, attempts, correlation in rows
                 ]
             )
         self.stats.reclaimed += len(rows)
@@ -174,13 +174,13 @@ class Queuer:
             # Look past the head so one throttled domain does not block everyone behind it.
             rows = conn.execute(q.DUE_JOBS, {"priority": str(priority), "limit": limit * 4}).fetchall()
             granted: list[Any] = []
-            correlations: dict[Any, str] = {}
-            for jid, sender, domain, correlation in rows:
+            correlations: dict[Any, Metadata] = {}
+            for jid, tenant, sender, domain, correlation in rows:
                 if len(granted) >= limit:
                     break
-                if self.limiter.take(sender, domain, 1, now):
+                if self.limiter.take(f"{tenant}/{sender}", domain, 1, now):
                     granted.append(jid)
-                    correlations[jid] = correlation
+                    correlations[jid] = Metadata(correlation_id=correlation, tenant=tenant)
                 else:
                     self.stats.throttled += 1
             if granted:
@@ -193,7 +193,7 @@ class Queuer:
                 [
                     (
                         streams.job(j),
-                        JobQueued(job_id=str(j), queue_seq=s).to_new(Metadata(correlation_id=correlations[j])),
+                        JobQueued(job_id=str(j), queue_seq=s).to_new(correlations[j]),
                     )
                     for j, s in zip(granted, seqs)
                 ]

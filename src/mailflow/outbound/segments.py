@@ -222,7 +222,7 @@ def define(store, name: str, doc: dict[str, Any]) -> None:
     """Validate and save a segment (SegmentDefined); redefining a name replaces its filter."""
     _check_name(name)
     compiled = compile_filter(doc)
-    with store.pool.connection() as conn:  # prove it runs before saving it
+    with inline.reading(store) as conn:  # prove it runs before saving it
         conn.execute(sql.SQL("EXPLAIN SELECT 1 FROM contacts WHERE {}").format(compiled.where), compiled.params)
     inline.record(store, [(streams.segment(name), SegmentDefined(name=name, filter=doc).to_new())])
 

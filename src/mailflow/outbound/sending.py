@@ -44,9 +44,10 @@ def _no_sender(name: str) -> NotFoundError:
     return NotFoundError(f"no sender named {name!r} (see `mailflow senders list`)")
 
 
-def load_sender(conn: psycopg.Connection, name: str) -> Sender:
+def load_sender(conn: psycopg.Connection, name: str, *, tenant: str | None = None) -> Sender:
+    """The sender `name` of the connection's tenant (or of `tenant`, for an operator's connection)."""
     with conn.cursor(row_factory=class_row(Sender)) as cur:
-        sender = cur.execute(q.GET_SENDER, (name,)).fetchone()
+        sender = cur.execute(q.GET_SENDER, {"tenant": tenant, "name": name}).fetchone()
     if sender is None:
         raise _no_sender(name)
     return sender
@@ -90,7 +91,7 @@ def send_transactional(
     variables = dict(variables or {})
     job_id = str(uuid7())
     key = idempotency_key or f"send:{job_id}"
-    with store.pool.connection() as conn:
+    with inline.reading(store) as conn:
         existing = _job_by_key(conn, key)
         if existing:
             return existing, False
@@ -111,7 +112,7 @@ def send_transactional(
         with inline.writing(store) as w:
             create_jobs(w, [created])
     except pg_errors.UniqueViolation:
-        with store.pool.connection() as conn:
+        with inline.reading(store) as conn:
             existing = _job_by_key(conn, key)
         if existing:
             return existing, False

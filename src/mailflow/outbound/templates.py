@@ -138,9 +138,10 @@ def _not_found(name: str) -> NotFoundError:
     return NotFoundError(f"no template named {name!r} (see `mailflow templates list`)")
 
 
-def load(conn, name: str) -> Template:
+def load(conn, name: str, *, tenant: str | None = None) -> Template:
+    """The template `name` of the connection's tenant (or of `tenant`, for an operator's connection)."""
     with conn.cursor(row_factory=class_row(Template)) as cur:
-        tpl = cur.execute(q.GET_TEMPLATE, (name,)).fetchone()
+        tpl = cur.execute(q.GET_TEMPLATE, {"tenant": tenant, "name": name}).fetchone()
     if tpl is None:
         raise _not_found(name)
     return tpl

@@ -18,6 +18,7 @@ from mailflow.events.envelope import Metadata
 from mailflow.events.registry import Event
 from mailflow.events.store import EventStore
 from mailflow.infra.services import scalar_row
+from mailflow.infra.tenancy import DEFAULT_TENANT
 from mailflow.mail import tokens
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams
@@ -85,8 +86,14 @@ def plan(
 def unsubscribe(store: EventStore, req: UnsubscribeRequest, *, actor: str = "unsubscribe-link") -> Outcome:
     """Record the request: read, decide and append in one transaction, one request per address at a time.
 
-    Committed when this returns, so a caller may acknowledge it (an HTTP 200).
+    Committed when this returns, so a caller may acknowledge it (an HTTP 200). An operator's
+    store (the web process serves every tenant) acts for the tenant whose campaign sent the
+    link; a signed link whose campaign is unknown here predates tenants: the default tenant's.
     """
+    if store.tenant is None:
+        with store.pool.connection() as conn:
+            row = conn.execute(q.CAMPAIGN_TENANT, (req.campaign_id,)).fetchone()
+        store = store.for_tenant(row[0] if row else DEFAULT_TENANT)
     with writing(store) as w:
         w.conn.execute(q.LOCK_ADDRESS, (req.email,))
         status, suppressed = scalar_row(w.conn, q.ADDRESS_STATE, {"email": req.email})

@@ -85,10 +85,11 @@ class Claimed:
     campaign_id: str | None
     attributes: dict[str, Any]
     correlation_id: str | None = None
+    tenant: str | None = None
 
     @property
     def metadata(self) -> Metadata:
-        return Metadata(correlation_id=self.correlation_id)
+        return Metadata(correlation_id=self.correlation_id, tenant=self.tenant)
 
 
 def refusal_reason(
@@ -244,8 +245,8 @@ class Worker:
         self.schedule = RetrySchedule(settings.retry_base_s, settings.retry_factor, settings.retry_max_attempts)
         self.pools: dict[tuple, RelayPool] = {}
         self.mx = mx.MxResolver(settings.mx_overrides, nameservers=settings.dns_servers)
-        self.senders: dict[str, tuple[float, Sender]] = {}
-        self.templates: dict[str, tuple[float, templates.Template]] = {}
+        self.senders: dict[tuple[str | None, str], tuple[float, Sender]] = {}
+        self.templates: dict[tuple[str | None, str], tuple[float, templates.Template]] = {}
         self.results: list[Result] = []  # finished sends not yet recorded
         self.in_flight: set[asyncio.Task] = set()
         self._slot_freed = asyncio.Event()
@@ -478,7 +479,7 @@ class Worker:
                         stale.append((p, eid))  # already handled, or queued again under a newer entry
                         continue
                     state, attempts, worker = row["state"], row["attempts"], row["worker"]
-                    md = Metadata(correlation_id=row["correlation_id"])
+                    md = Metadata(correlation_id=row["correlation_id"], tenant=row["tenant"])
                     if state == "queued":
                         attempt = attempts + 1
                         events.append(
@@ -507,6 +508,7 @@ class Worker:
                         str(campaign_id) if campaign_id else None,
                         row["attributes"] or {},
                         row["correlation_id"],
+                        row["tenant"],
                     )
                     refusal = refusal_reason(
                         job,
@@ -598,33 +600,34 @@ class Worker:
     # -- sending ------------------------------------------------------------------------------
 
     @staticmethod
-    def _fresh(cache: dict, name: str) -> Any:
+    def _fresh(cache: dict, key: tuple[str | None, str]) -> Any:
         """A cache hit that needs no database (checked on the event loop, without a thread hop)."""
-        hit = cache.get(name)
+        hit = cache.get(key)
         return hit[1] if hit is not None and time.monotonic() - hit[0] <= 30 else None
 
-    def _cached(self, cache: dict, name: str, load) -> Any:
-        hit = cache.get(name)
+    def _cached(self, cache: dict, key: tuple[str | None, str], load) -> Any:
+        hit = cache.get(key)
         if hit is None or time.monotonic() - hit[0] > 30:
+            tenant, name = key
             with self.store.pool.connection() as conn:
-                hit = cache[name] = (time.monotonic(), load(conn, name))
+                hit = cache[key] = (time.monotonic(), load(conn, name, tenant=tenant))
         return hit[1]
 
-    async def _load(self, cache: dict, name: str, load) -> Any:
+    async def _load(self, cache: dict, key: tuple[str | None, str], load) -> Any:
         """A sender or template, waiting for PostgreSQL if it is away (a stale copy will do meanwhile)."""
-        hit = self._fresh(cache, name)
+        hit = self._fresh(cache, key)
         if hit is not None:
             return hit
         backoff = Backoff()
         while True:
             try:
-                return await asyncio.to_thread(self._cached, cache, name, load)
+                return await asyncio.to_thread(self._cached, cache, key, load)
             except POSTGRES_OUTAGE as exc:
                 self.health.lost("postgres", exc)
-                if name in cache:
-                    return cache[name][1]
+                if key in cache:
+                    return cache[key][1]
                 if self._stopping:
-                    raise _Unavailable(f"PostgreSQL unavailable while loading {name!r}: {exc}") from exc
+                    raise _Unavailable(f"PostgreSQL unavailable while loading {key[1]!r}: {exc}") from exc
                 await asyncio.sleep(backoff.next())
 
     async def _send(self, job: Claimed) -> None:
@@ -642,8 +645,8 @@ class Worker:
     async def _deliver(self, job: Claimed) -> None:
         code: int | None = None
         try:
-            sender = await self._load(self.senders, job.sender, load_sender)
-            tpl = await self._load(self.templates, job.template, templates.load)
+            sender = await self._load(self.senders, (job.tenant, job.sender), load_sender)
+            tpl = await self._load(self.templates, (job.tenant, job.template), templates.load)
             rendered = templates.render(tpl, {**job.attributes, "email": job.email, **job.variables})
             out = mime.build(
                 job_id=job.job_id,

@@ -15,9 +15,9 @@ from mailflow.consumers.projection import Projection
 from mailflow.events.envelope import Envelope
 
 UPSERT = """
-INSERT INTO event_counts (type, hour, count)
-SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::bigint[])
-ON CONFLICT (type, hour) DO UPDATE SET count = event_counts.count + excluded.count
+INSERT INTO event_counts (tenant, type, hour, count)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::bigint[])
+ON CONFLICT (tenant, type, hour) DO UPDATE SET count = event_counts.count + excluded.count
 """
 
 # Subtract what events in [from, upto] added, except those still open in the DLQ
@@ -25,15 +25,15 @@ ON CONFLICT (type, hour) DO UPDATE SET count = event_counts.count + excluded.cou
 UNDO = """
 UPDATE event_counts c SET count = c.count - d.n
 FROM (
-    SELECT e.type, date_trunc('hour', e.recorded_at, 'UTC') AS hour, count(*) AS n
+    SELECT e.tenant, e.type, date_trunc('hour', e.recorded_at, 'UTC') AS hour, count(*) AS n
     FROM event_positions p JOIN events e ON e.seq = p.seq
     WHERE p.position BETWEEN %(from)s AND %(upto)s
       AND NOT EXISTS (
           SELECT 1 FROM dead_letters dl
           WHERE dl.consumer = %(name)s AND dl.position = p.position AND dl.status = 'open')
-    GROUP BY 1, 2
+    GROUP BY 1, 2, 3
 ) d
-WHERE c.type = d.type AND c.hour = d.hour
+WHERE c.tenant = d.tenant AND c.type = d.type AND c.hour = d.hour
 """
 
 STATS = """
@@ -64,13 +64,14 @@ class EventCounts(Projection):
     description = "events per type per hour (mailflow events stats)"
 
     def apply(self, conn: psycopg.Connection, events: list[Envelope]) -> None:
-        counts = Counter((e.type, hour_of(e.recorded_at)) for e in events)
-        types, hours, ns = [], [], []
-        for (etype, hour), n in counts.items():
+        counts = Counter((e.metadata.tenant or "", e.type, hour_of(e.recorded_at)) for e in events)
+        tenants, types, hours, ns = [], [], [], []
+        for (tenant, etype, hour), n in counts.items():
+            tenants.append(tenant)
             types.append(etype)
             hours.append(hour)
             ns.append(n)
-        conn.execute(UPSERT, (types, hours, ns))
+        conn.execute(UPSERT, (tenants, types, hours, ns))
 
     def reset(self, conn: psycopg.Connection, from_position: int, applied_upto: int) -> None:
         if from_position <= 1:

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-import mailflow.outbound  # noqa: F401 - registers the outbound inline projections
+import mailflow.outbound
+import mailflow.tenants  # noqa: F401 - registers the tenants inline projection
 from mailflow.consumers.dlq import DeadLetters
 from mailflow.consumers.inline import InlineProjection, registered
 from mailflow.consumers.runtime import checkpoints

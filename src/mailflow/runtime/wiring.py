@@ -14,7 +14,7 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from mailflow.config import Settings
-from mailflow.errors import ConfigurationError
+from mailflow.errors import ConfigurationError, NotFoundError
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Backoff, Health
@@ -28,13 +28,23 @@ from mailflow.infra.services import (
     redis_client,
     resolve,
 )
+from mailflow.infra.tenancy import Scope
 
 
 class Runtime:
-    def __init__(self, settings: Settings, *, pool_size: int = 4) -> None:
+    """Collaborators for one scope: a tenant's (the CLI's default: MAILFLOW_TENANT or --tenant)
+    or every tenant's (`operator=True`: the long-running processes, rebuilds)."""
+
+    def __init__(self, settings: Settings, *, pool_size: int = 4, operator: bool = False) -> None:
         self.settings = settings
         self.pool_size = pool_size
+        self.scope = Scope.operator() if operator else Scope.of(settings.tenant)
         self._closed = False
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant this runtime acts for; None for the operator."""
+        return self.scope.tenant
 
     @cached_property
     def services(self) -> Services:
@@ -45,11 +55,17 @@ class Runtime:
         return Keys(self.settings.redis_prefix)
 
     def connect(self) -> psycopg.Connection:
+        """One autocommit connection in this runtime's scope."""
+        self.pool  # noqa: B018 - the schema is checked and the tenant known before any read
+        return connect(self.services.database_url, scope=self.scope)
+
+    def connect_owner(self) -> psycopg.Connection:
+        """A connection as the tables' owner, in no tenant's scope: for migrations only."""
         return connect(self.services.database_url)
 
     def ensure_schema(self) -> None:
         """Embedded databases are ours: migrate them. Configured ones must be migrated explicitly."""
-        with self.connect() as conn:
+        with self.connect_owner() as conn:
             todo = pending(conn)
             if not todo:
                 return
@@ -63,11 +79,24 @@ class Runtime:
     @cached_property
     def pool(self) -> ConnectionPool:
         self.ensure_schema()
-        return open_pool(self.services.database_url, max_size=self.pool_size)
+        pool = open_pool(self.services.database_url, scope=self.scope, max_size=self.pool_size)
+        if self.scope.tenant is not None:
+            try:
+                with pool.connection() as conn:
+                    known = conn.execute("SELECT 1 FROM tenants WHERE id = %s", (self.scope.tenant,)).fetchone()
+            except BaseException:
+                pool.close()
+                raise
+            if known is None:
+                pool.close()
+                raise NotFoundError(
+                    f"no tenant {self.scope.tenant!r}; create it with `mailflow tenants create {self.scope.tenant}`"
+                )
+        return pool
 
     @cached_property
     def store(self) -> EventStore:
-        return EventStore(self.pool, notify_min_interval_s=self.settings.notify_interval_s)
+        return EventStore(self.pool, tenant=self.scope.tenant, notify_min_interval_s=self.settings.notify_interval_s)
 
     @cached_property
     def redis(self) -> redis.Redis:
