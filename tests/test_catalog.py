@@ -240,12 +240,15 @@ def _dkim_key() -> str:
     return subprocess.run(["openssl", "genrsa", "2048"], capture_output=True, check=True).stdout.decode()
 
 
-def test_the_published_dkim_record_verifies_the_senders_signatures(store):
+def test_the_published_dkim_record_verifies_the_senders_signatures(rt, store):
     pem = _dkim_key()
-    sending.save_sender(store, Sender("signed", "news@example.org", "", "smtp://127.0.0.1:2525?tls=none", "mf1", pem))
+    relay = "smtp://127.0.0.1:2525?tls=none"
+    sending.save_sender(store, Sender("signed", "news@example.org", "", relay, "mf1", pem), rt.vault)
     with store.pool.connection() as conn:
-        s = sending.load_sender(conn, "signed")
+        published = senders.dkim_record(sending.load_sender(conn, "signed"))  # from the kept public key
+        s = sending.load_sender(conn, "signed", vault=rt.vault)  # the private key, as a worker reads it
     rec = senders.dkim_record(s)
+    assert published == rec
     assert rec.name == "mf1._domainkey.example.org" and rec.value.startswith("v=DKIM1; k=rsa; p=")
     assert rec.zone_line() == f'mf1._domainkey.example.org TXT "{rec.value}"'
     out = mime.build(job_id="j1", sender=s, to="a@example.net", rendered=Rendered("S", "<p>x</p>", "x"), secret=b"k")

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "health": ("health", "Each long-running process on this host, and its servers."),
     "migrate": ("migrate", "Apply pending database migrations."),
     "tenants": ("tenants", "Tenants: create, list, show, suspend, resume, limits."),
+    "secrets": ("secrets", "Secrets: encrypted relay passwords and DKIM keys; rotate the master key."),
     "send": ("send", "Send one transactional message (high priority)."),
     "campaigns": ("campaigns", "Campaigns: draft -> running -> completed."),
     "contacts": ("contacts", "Contacts: import from CSV, list, show, update, reactivate."),

@@ -52,7 +52,10 @@ class Settings(BaseSettings):
     catchup_batch_size: int = Field(default=5000, ge=1)
 
     # Outbound
-    secret_key: str | None = None  # signs VERP and unsubscribe tokens; default: MAILFLOW_HOME/secret.key
+    # The master keyring, newest first (comma-separated): encrypts secrets, signs VERP and
+    # unsubscribe tokens. Default: the lines of secret_key_file, else MAILFLOW_HOME/secret.key.
+    secret_key: str | None = None
+    secret_key_file: Path | None = None
     unsubscribe_base_url: str | None = None  # e.g. https://mail.example.org/unsubscribe
     queuer_batch_size: int = Field(default=500, ge=1)
     queuer_interval_s: float = Field(default=0.05, gt=0)
@@ -235,3 +238,22 @@ def mask_url(url: str) -> str:
     user = parts.username or ""
     host = netloc[1] if len(netloc) == 2 else parts.netloc
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """(url without its password, the password or None): the URL keeps its user name."""
+    from urllib.parse import unquote
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, None
+    if parts.password is None:
+        return url, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host)), unquote(parts.password)
+
+
+def strip_password(url: str) -> str:
+    return split_password(url)[0]

@@ -10,7 +10,6 @@ from mailflow.commands.base import (
     runtime,
 )
 from mailflow.config import mask_url
-from mailflow.infra.migrate import migrate as apply_migrations
 
 app = new_app()
 
@@ -20,7 +19,7 @@ def migrate(as_json: bool = JsonOpt) -> None:
     """Apply pending database migrations (safe to run twice, or from two processes)."""
     rt = runtime()
     with rt.connect_owner() as conn:
-        done = apply_migrations(conn)
+        done = rt.migrate(conn)
     if as_json:
         emit_json({"applied": done, "database": mask_url(rt.services.database_url)})
     elif done:

@@ -39,7 +39,8 @@ def senders_add(
     """Add or replace a sender."""
     quiet_logs()
     key = read_text_file(dkim_key, "--dkim-key") if dkim_key is not None else None
-    s = sending.save_sender(runtime().store, Sender(name, from_email, from_name, relay, dkim_selector, key))
+    rt = runtime()
+    s = sending.save_sender(rt.store, Sender(name, from_email, from_name, relay, dkim_selector, key), rt.vault)
     if as_json:
         emit_json({"name": s.name, "from": s.from_email, "dkim": key is not None})
     else:

@@ -11,7 +11,6 @@ from mailflow.commands.base import (
     new_app,
     run_process,
 )
-from mailflow.mail.tokens import load_secret
 from mailflow.outbound.worker import Worker
 
 app = new_app()
@@ -24,7 +23,7 @@ def worker_cmd(name: str | None = typer.Option(None, "--name", help="Consumer na
     def body(rt, stop: threading.Event, health) -> None:
         s = rt.settings
         worker = Worker(
-            rt.store, rt.services.redis_url, s, load_secret(s.home, s.secret_key), name=health.name, health=health
+            rt.store, rt.services.redis_url, s, rt.keyring.signing_key, vault=rt.vault, name=health.name, health=health
         )
 
         async def main() -> None:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -18,14 +19,25 @@ from mailflow.errors import MailflowError
 from mailflow.infra.locks import Lock
 
 _MIGRATION_LOCK = Lock.MIGRATIONS
-_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.(sql|py)$")
 
 
 @dataclass(frozen=True)
 class Migration:
+    """A .sql file (run as one script), or a .py file whose apply(conn, keyring) moves data
+    that SQL cannot (encrypting secrets); either runs in one transaction."""
+
     number: int
     name: str
     sql: str
+
+    def run(self, conn: psycopg.Connection, keyring: Any) -> None:
+        if self.name.endswith(".sql"):
+            conn.execute(self.sql.encode())
+            return
+        namespace: dict[str, Any] = {"__name__": f"mailflow_migration_{self.number:04d}"}
+        exec(compile(self.sql, self.name, "exec"), namespace)
+        namespace["apply"](conn, keyring)
 
     @property
     def checksum(self) -> str:
@@ -63,8 +75,11 @@ def applied(conn: psycopg.Connection) -> dict[str, str]:
     return dict(conn.execute("SELECT name, checksum FROM schema_migrations").fetchall())
 
 
-def migrate(conn: psycopg.Connection, folder: Path | None = None) -> list[str]:
-    """Apply pending migrations; return the names applied now (empty when up to date)."""
+def migrate(conn: psycopg.Connection, folder: Path | None = None, *, keyring: Any = None) -> list[str]:
+    """Apply pending migrations; return the names applied now (empty when up to date).
+
+    `keyring` (infra.vault.Keyring) is for migrations that encrypt: without one, such a
+    migration stops with a ConfigurationError if it has anything to encrypt."""
     todo = load_migrations(folder)
     done_now: list[str] = []
     conn.autocommit = True
@@ -85,7 +100,7 @@ def migrate(conn: psycopg.Connection, folder: Path | None = None) -> list[str]:
                     )
                 continue
             with conn.transaction():
-                conn.execute(mig.sql)
+                mig.run(conn, keyring)
                 conn.execute(
                     "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
                     (mig.name, mig.checksum),

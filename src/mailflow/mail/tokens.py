@@ -36,23 +36,26 @@ def sign(secret: bytes, payload: str) -> str:
     return f"{_b64(body)}.{_b64(mac)}"
 
 
-def verify(secret: bytes, token: str) -> str:
-    """The payload of a genuine token; BadToken otherwise."""
+def verify(secret: bytes | list[bytes], token: str) -> str:
+    """The payload of a genuine token, signed with `secret` (or any key of a keyring, newest
+    first: links sent before a key rotation still work); BadToken otherwise."""
     try:
         body_b64, mac_b64 = token.split(".", 1)
         body, mac = _unb64(body_b64), _unb64(mac_b64)
     except (ValueError, TypeError) as exc:
         raise BadToken("malformed token") from exc
-    expected = hmac.new(secret, body, hashlib.sha256).digest()[:_SIG_BYTES]
-    if not hmac.compare_digest(mac, expected):
-        raise BadToken("token signature does not match")
-    return body.decode()
+    for key in [secret] if isinstance(secret, bytes) else secret:
+        expected = hmac.new(key, body, hashlib.sha256).digest()[:_SIG_BYTES]
+        if hmac.compare_digest(mac, expected):
+            return body.decode()
+    raise BadToken("token signature does not match")
 
 
 def load_secret(home: Path, configured: str | None = None) -> bytes:
-    """MAILFLOW_SECRET_KEY when set; otherwise a random key kept in MAILFLOW_HOME/secret.key."""
+    """The newest key of the keyring (see infra/vault.py): MAILFLOW_SECRET_KEY when set (its
+    first key), otherwise the first line of MAILFLOW_HOME/secret.key, created if missing."""
     if configured:
-        return configured.encode()
+        return configured.split(",")[0].strip().encode()
     path = home.expanduser() / "secret.key"
     if not path.exists():
         # Two processes starting at once must end up with the same key: write a private
@@ -67,7 +70,7 @@ def load_secret(home: Path, configured: str | None = None) -> bytes:
             pass
         finally:
             tmp.unlink()
-    return path.read_text().strip().encode()
+    return path.read_text().splitlines()[0].strip().encode()
 
 
 def verp_address(secret: bytes, job_id: str, domain: str, local: str = "bounces") -> str:

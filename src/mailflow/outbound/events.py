@@ -99,13 +99,39 @@ for _model in (
 # -- senders, campaigns, jobs -----------------------------------------------------------------
 
 
+class SecretRef(BaseModel):
+    """A secret's place in the encrypted secrets table, and its fingerprint (infra/vault.py)."""
+
+    id: str
+    fingerprint: str
+
+
 class SenderSaved(Event):
+    """Schema 2: no secret in the log. The relay URL never holds a password; the password and
+    the DKIM private key are references into the secrets table."""
+
+    schema_version = 2
     name: str
     from_email: str
     from_name: str = ""
     relay_url: str
+    relay_password: SecretRef | None = None
     dkim_selector: str | None = None
-    dkim_key_pem: str | None = None
+    dkim_key: SecretRef | None = None
+    dkim_public_key: str | None = None  # base64 SubjectPublicKeyInfo, as in the DNS record
+
+
+@registry.upcaster("SenderSaved", from_schema=1)
+def _sender_saved_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 carried the secrets themselves; migration 0009 rewrote every stored one. A
+    schema-1 event met anywhere else is read without them."""
+    from mailflow.config import strip_password
+
+    data = dict(data)
+    data["relay_url"] = strip_password(data["relay_url"])
+    data.pop("dkim_key_pem", None)
+    data["dkim_selector"] = None
+    return data
 
 
 class SenderDeleted(Event):

@@ -86,18 +86,22 @@ IS_SUPPRESSED = "SELECT reason FROM suppressions WHERE email = %s"
 LOCK_SUPPRESSION = "SELECT reason FROM suppressions WHERE email = %s FOR UPDATE"
 
 UPSERT_SENDER = """
-INSERT INTO senders (tenant, name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem, created_at, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+INSERT INTO senders (tenant, name, from_email, from_name, relay_url, dkim_selector, relay_secret, dkim_secret,
+                     dkim_public_key, created_at, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (tenant, name) DO UPDATE SET from_email = excluded.from_email, from_name = excluded.from_name,
-    relay_url = excluded.relay_url, dkim_selector = excluded.dkim_selector,
-    dkim_key_pem = excluded.dkim_key_pem, updated_at = excluded.updated_at
+    relay_url = excluded.relay_url, dkim_selector = excluded.dkim_selector, relay_secret = excluded.relay_secret,
+    dkim_secret = excluded.dkim_secret, dkim_public_key = excluded.dkim_public_key, updated_at = excluded.updated_at
 """
+# Column names are Sender's fields; the secrets themselves are in the vault (infra/vault.py).
 GET_SENDER = """
-SELECT name, from_email, from_name, relay_url, dkim_selector, dkim_key_pem FROM senders
+SELECT name, from_email, from_name, relay_url, dkim_selector, relay_secret::text, dkim_secret::text, dkim_public_key
+FROM senders
 WHERE tenant = coalesce(%(tenant)s, current_setting('mailflow.tenant', true)) AND name = %(name)s
 """
+DELETE_SENDER_SECRETS = "DELETE FROM secrets WHERE tenant = current_setting('mailflow.tenant', true) AND owner = %s"
 LIST_SENDERS = """
-SELECT name, from_email, from_name, relay_url, dkim_selector IS NOT NULL AS dkim FROM senders ORDER BY name
+SELECT name, from_email, from_name, relay_url, dkim_public_key IS NOT NULL AS dkim FROM senders ORDER BY name
 """
 LOCK_SENDER = "SELECT name FROM senders WHERE name = %s FOR UPDATE"
 DELETE_SENDER = "DELETE FROM senders WHERE tenant = %s AND name = %s"

@@ -127,12 +127,20 @@ def _parse_direct(url: str, parts) -> SmtpRelay:
 
 @dataclass(frozen=True)
 class Sender:
+    """A sender as given (relay_url may hold a password, dkim_key_pem the key), or as loaded:
+    relay_url without a password, the secrets' ids, and - once resolved from the vault, in
+    the memory of the process that sends - relay_password and dkim_key_pem."""
+
     name: str
     from_email: str
     from_name: str
     relay_url: str
     dkim_selector: str | None = None
     dkim_key_pem: str | None = None
+    relay_password: str | None = None
+    relay_secret: str | None = None
+    dkim_secret: str | None = None
+    dkim_public_key: str | None = None
 
     @property
     def domain(self) -> str:
@@ -140,7 +148,13 @@ class Sender:
 
     @cached_property
     def relay(self) -> SmtpRelay:
-        return parse_relay_url(self.relay_url)
+        relay = parse_relay_url(self.relay_url)
+        if self.relay_password is not None and relay.password is None:
+            relay = replace(relay, password=self.relay_password)
+        return relay
+
+    def __repr__(self) -> str:  # never a secret in a log line or a traceback
+        return f"Sender(name={self.name!r}, from_email={self.from_email!r}, relay={mask_url(self.relay_url)!r})"
 
 
 def check_sender(sender: Sender) -> Sender:
@@ -156,7 +170,7 @@ def check_sender(sender: Sender) -> Sender:
         raise UsageError("DKIM needs both a selector and a private key")
     if sender.dkim_key_pem is not None and "PRIVATE KEY" not in sender.dkim_key_pem:
         raise UsageError("the DKIM key must be a PEM private key")
-    checked = Sender(sender.name, email, sender.from_name, sender.relay_url, sender.dkim_selector, sender.dkim_key_pem)
+    checked = replace(sender, from_email=email)
     if checked.dkim_key_pem is not None:
         dkim_record(checked)  # a key that cannot sign fails now, with the reason, not at send time
     return checked
@@ -182,19 +196,24 @@ def dkim_record(sender: Sender) -> DkimRecord:
 
     An RSA key's SubjectPublicKeyInfo (k=rsa, RFC 6376 3.6.1): mailflow signs with
     rsa-sha256 (dkimpy), so only RSA keys are taken."""
+    if not sender.dkim_selector or not (sender.dkim_key_pem or sender.dkim_public_key):
+        raise UserError(f"sender {sender.name!r} has no DKIM key (save it again with --dkim-selector and --dkim-key)")
+    name = f"{sender.dkim_selector}._domainkey.{sender.domain}"
+    if not sender.dkim_key_pem:  # as loaded: the public key was kept when the private one was sealed
+        return DkimRecord(name=name, value=f"v=DKIM1; k=rsa; p={sender.dkim_public_key}")
+    return DkimRecord(name=name, value=f"v=DKIM1; k=rsa; p={base64.b64encode(dkim_public_der(sender)).decode()}")
+
+
+def dkim_public_der(sender: Sender) -> bytes:
+    """The SubjectPublicKeyInfo (DER) of the sender's DKIM private key; UserError if unusable."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    if not sender.dkim_selector or not sender.dkim_key_pem:
-        raise UserError(f"sender {sender.name!r} has no DKIM key (save it again with --dkim-selector and --dkim-key)")
+    assert sender.dkim_key_pem is not None
     try:
         key = serialization.load_pem_private_key(sender.dkim_key_pem.encode(), password=None)
     except (ValueError, TypeError) as exc:
         raise UserError(f"sender {sender.name!r}: its DKIM key is not a private key mailflow can read: {exc}") from exc
     if not isinstance(key, rsa.RSAPrivateKey):
         raise UserError(f"sender {sender.name!r}: DKIM keys are RSA (rsa-sha256), not {type(key).__name__}")
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return DkimRecord(
-        name=f"{sender.dkim_selector}._domainkey.{sender.domain}",
-        value=f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}",
-    )
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

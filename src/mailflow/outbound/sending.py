@@ -6,6 +6,8 @@ An idempotency key makes retried commands safe: the same key returns the same jo
 
 from __future__ import annotations
 
+import base64
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -13,30 +15,80 @@ from email_validator import EmailNotValidError
 from psycopg import errors as pg_errors
 from psycopg.rows import class_row, dict_row
 
+from mailflow.config import split_password
 from mailflow.consumers import inline
-from mailflow.errors import NotFoundError, UsageError
+from mailflow.errors import ConfigurationError, NotFoundError, UsageError
 from mailflow.events.envelope import Metadata, uuid7
 from mailflow.events.store import EventStore
+from mailflow.infra.tenancy import DEFAULT_TENANT
+from mailflow.infra.vault import SecretRef, Vault, dkim_fingerprint
 from mailflow.mail.addresses import normalize_email
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams, templates
 from mailflow.outbound.catalog import refuse_if_in_use
 from mailflow.outbound.events import JobCreated, SenderDeleted, SenderSaved
 from mailflow.outbound.jobs import Priority
-from mailflow.outbound.senders import Sender, check_sender
+from mailflow.outbound.senders import Sender, check_sender, dkim_public_der
 
 
-def save_sender(store: EventStore, sender: Sender) -> Sender:
+def _owner(name: str) -> str:
+    return f"sender:{name}"
+
+
+def seal_sender_secrets(
+    conn: psycopg.Connection, vault: Vault | None, tenant: str, data: dict[str, Any]
+) -> dict[str, Any]:
+    """SenderSaved data with its secrets moved into the vault: the relay URL without its
+    password and a reference to it; a reference to the DKIM private key, and its public key.
+
+    Takes the sender as given (schema 1: relay_url with a password, dkim_key_pem); migration
+    0009 runs it on every stored schema-1 event."""
+    sealed = {k: v for k, v in data.items() if k != "dkim_key_pem"}
+    relay_url, password = split_password(data["relay_url"])
+    pem = data.get("dkim_key_pem")
+    if (password or pem) and vault is None:
+        raise ConfigurationError("a sender with a relay password or a DKIM key needs the secret keyring")
+    sealed["relay_url"] = relay_url
+    sealed["relay_password"] = None
+    sealed["dkim_key"] = None
+    sealed["dkim_public_key"] = None
+    if password:
+        assert vault is not None
+        ref = vault.put(conn, tenant=tenant, kind="relay_password", owner=_owner(data["name"]), plaintext=password)
+        sealed["relay_password"] = ref.to_dict()
+    if pem:
+        assert vault is not None
+        public = dkim_public_der(
+            Sender(data["name"], data["from_email"], "", relay_url, data.get("dkim_selector"), pem)
+        )
+        ref = SecretRef(
+            vault.put(conn, tenant=tenant, kind="dkim_key", owner=_owner(data["name"]), plaintext=pem).id,
+            dkim_fingerprint(public),
+        )
+        sealed["dkim_key"] = ref.to_dict()
+        sealed["dkim_public_key"] = base64.b64encode(public).decode()
+    return sealed
+
+
+def save_sender(store: EventStore, sender: Sender, vault: Vault | None = None) -> Sender:
+    """Save a sender (SenderSaved). Its relay password and DKIM key go into the vault, never
+    into the event; the secrets of the version it replaces are deleted in the same commit."""
     s = check_sender(sender)
-    event = SenderSaved(
-        name=s.name,
-        from_email=s.from_email,
-        from_name=s.from_name,
-        relay_url=s.relay_url,
-        dkim_selector=s.dkim_selector,
-        dkim_key_pem=s.dkim_key_pem,
-    ).to_new()
-    inline.record(store, [(streams.sender(s.name), event)])
+    with inline.writing(store) as w:
+        tenant = store.tenant or DEFAULT_TENANT
+        data = {
+            "name": s.name,
+            "from_email": s.from_email,
+            "from_name": s.from_name,
+            "relay_url": s.relay_url,
+            "dkim_selector": s.dkim_selector,
+            "dkim_key_pem": s.dkim_key_pem,
+        }
+        sealed = seal_sender_secrets(w.conn, vault, tenant, data)
+        w.record([(streams.sender(s.name), SenderSaved.model_validate(sealed).to_new())])
+        if vault is not None:
+            kept = [ref["id"] for ref in (sealed["relay_password"], sealed["dkim_key"]) if ref]
+            vault.keep_only(w.conn, tenant, _owner(s.name), kept)
     return s
 
 
@@ -44,22 +96,34 @@ def _no_sender(name: str) -> NotFoundError:
     return NotFoundError(f"no sender named {name!r} (see `mailflow senders list`)")
 
 
-def load_sender(conn: psycopg.Connection, name: str, *, tenant: str | None = None) -> Sender:
-    """The sender `name` of the connection's tenant (or of `tenant`, for an operator's connection)."""
+def load_sender(
+    conn: psycopg.Connection, name: str, *, tenant: str | None = None, vault: Vault | None = None
+) -> Sender:
+    """The sender `name` of the connection's tenant (or of `tenant`, for an operator's connection).
+
+    With `vault`, its relay password and DKIM key are read from the vault (for sending);
+    without, the sender has only their references."""
     with conn.cursor(row_factory=class_row(Sender)) as cur:
         sender = cur.execute(q.GET_SENDER, {"tenant": tenant, "name": name}).fetchone()
     if sender is None:
         raise _no_sender(name)
+    if vault is not None and (sender.relay_secret or sender.dkim_secret):
+        sender = replace(
+            sender,
+            relay_password=vault.get(conn, sender.relay_secret) if sender.relay_secret else None,
+            dkim_key_pem=vault.get(conn, sender.dkim_secret) if sender.dkim_secret else None,
+        )
     return sender
 
 
 def delete_sender(store: EventStore, name: str) -> None:
-    """Delete a sender (SenderDeleted), unless an unfinished campaign or unsent job uses it."""
+    """Delete a sender (SenderDeleted) and its secrets, unless an unfinished campaign or unsent job uses it."""
     with inline.writing(store) as w:
         if w.conn.execute(q.LOCK_SENDER, (name,)).fetchone() is None:
             raise _no_sender(name)
         refuse_if_in_use(w.conn, "sender", name)
         w.record([(streams.sender(name), SenderDeleted(name=name).to_new())])
+        w.conn.execute(q.DELETE_SENDER_SECRETS, (_owner(name),))
 
 
 def create_jobs(w: inline.Writer, created: list[JobCreated], metadata: Metadata | None = None) -> None:

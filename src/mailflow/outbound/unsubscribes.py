@@ -49,7 +49,7 @@ class Outcome(str, Enum):
     ALREADY = "already"  # nothing to do: already unsubscribed, bounced, complained or suppressed
 
 
-def read_token(secret: bytes, token: str) -> UnsubscribeRequest:
+def read_token(secret: bytes | list[bytes], token: str) -> UnsubscribeRequest:
     """The request a genuine unsubscribe token stands for; tokens.BadToken for anything else.
 
     The inverse of mime.unsubscribe_token(). Other tokens signed with the same key (VERP

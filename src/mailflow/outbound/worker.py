@@ -47,6 +47,7 @@ from mailflow.infra.services import (
     is_redis_outage,
     recover_pool,
 )
+from mailflow.infra.vault import Keyring, Vault
 from mailflow.log import get_logger
 from mailflow.outbound import mime, mx, smtp, streams, templates
 from mailflow.outbound import queries as q
@@ -233,6 +234,7 @@ class Worker:
         settings: Settings,
         secret: bytes,
         *,
+        vault: Vault | None = None,
         name: str | None = None,
         health: Health | None = None,
     ) -> None:
@@ -240,6 +242,8 @@ class Worker:
         self.redis_url = redis_url
         self.settings = settings
         self.secret = secret
+        # Relay passwords and DKIM keys, read from the vault when a sender is loaded.
+        self.vault = vault or Vault(Keyring.load(settings.home, settings.secret_key, settings.secret_key_file))
         self.keys = Keys(settings.redis_prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.schedule = RetrySchedule(settings.retry_base_s, settings.retry_factor, settings.retry_max_attempts)
@@ -605,6 +609,9 @@ class Worker:
         hit = cache.get(key)
         return hit[1] if hit is not None and time.monotonic() - hit[0] <= 30 else None
 
+    def _load_sender(self, conn: Any, name: str, *, tenant: str | None) -> Sender:
+        return load_sender(conn, name, tenant=tenant, vault=self.vault)
+
     def _cached(self, cache: dict, key: tuple[str | None, str], load) -> Any:
         hit = cache.get(key)
         if hit is None or time.monotonic() - hit[0] > 30:
@@ -645,7 +652,7 @@ class Worker:
     async def _deliver(self, job: Claimed) -> None:
         code: int | None = None
         try:
-            sender = await self._load(self.senders, (job.tenant, job.sender), load_sender)
+            sender = await self._load(self.senders, (job.tenant, job.sender), self._load_sender)
             tpl = await self._load(self.templates, (job.tenant, job.template), templates.load)
             rendered = templates.render(tpl, {**job.attributes, "email": job.email, **job.variables})
             out = mime.build(

@@ -6,6 +6,7 @@ Settings once, instead of reaching for globals.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from functools import cached_property
 
@@ -29,6 +30,7 @@ from mailflow.infra.services import (
     resolve,
 )
 from mailflow.infra.tenancy import Scope
+from mailflow.infra.vault import Keyring, Vault
 
 
 class Runtime:
@@ -51,6 +53,16 @@ class Runtime:
         return resolve(self.settings)
 
     @cached_property
+    def keyring(self) -> Keyring:
+        """The master keys (MAILFLOW_SECRET_KEY[_FILE], else MAILFLOW_HOME/secret.key)."""
+        s = self.settings
+        return Keyring.load(s.home, s.secret_key, s.secret_key_file)
+
+    @cached_property
+    def vault(self) -> Vault:
+        return Vault(self.keyring)
+
+    @cached_property
     def keys(self) -> Keys:
         return Keys(self.settings.redis_prefix)
 
@@ -70,11 +82,25 @@ class Runtime:
             if not todo:
                 return
             if self.settings.database_url is None:
-                migrate(conn)
+                self.migrate(conn)
                 return
         raise ConfigurationError(
             f"the database needs {len(todo)} migration(s) ({todo[0]} first); run `mailflow migrate`"
         )
+
+    def migrate(self, conn: psycopg.Connection) -> list[str]:
+        """Apply pending migrations. After one that rewrote stored events, the Redis copy of the
+        log is dropped (when Redis answers), so that the relay republishes the rewritten ones."""
+        done = migrate(conn, keyring=self.keyring)
+        if any(name.endswith(".py") for name in done):
+            with contextlib.suppress(Exception):
+                r = redis_client(self.services.redis_url)
+                try:
+                    doomed = [self.keys.events, self.keys.relay_epoch, *r.scan_iter(match=self.keys.dlq("*"))]
+                    r.delete(*doomed)
+                finally:
+                    r.close()
+        return done
 
     @cached_property
     def pool(self) -> ConnectionPool:

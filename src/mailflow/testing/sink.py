@@ -18,8 +18,10 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from email.message import EmailMessage
 from email.policy import default
+from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 # Local part "<fault>-<anything>" -> what the server does with that recipient:
 FAULTS = {
@@ -71,6 +73,7 @@ class Sink:
     stall_s: float = 2.0  # stall-*: added to delay_s
     rates: FaultRates | None = None  # faults for addresses whose local part names none
     received: list[EmailMessage] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)  # the bytes of each accepted message, as sent
     envelopes: list[tuple[str, str]] = field(default_factory=list)  # (MAIL FROM, RCPT TO) of each accepted message
     attempts: Counter = field(default_factory=Counter)  # RCPT commands per address
     data_attempts: Counter = field(default_factory=Counter)  # DATA commands per address
@@ -110,6 +113,7 @@ class Sink:
         msg = email.message_from_bytes(envelope.original_content or envelope.content, policy=default)
         with self.lock:
             self.received.append(msg)
+            self.raw.append(envelope.original_content or envelope.content)
             self.envelopes.append((envelope.mail_from, rcpt))
         return "250 2.0.0 Ok: queued"
 
@@ -127,12 +131,34 @@ class Sink:
 class SinkServer:
     """A Sink listening on 127.0.0.1 (aiosmtpd's own thread): `with SinkServer(sink) as server:`."""
 
-    def __init__(self, sink: Sink | None = None) -> None:
+    def __init__(self, sink: Sink | None = None, *, credentials: tuple[str, str] | None = None) -> None:
+        """With `credentials` (user, password), clients must AUTH (PLAIN or LOGIN, no TLS
+        needed on loopback) before MAIL; `logins` counts the successful ones."""
         self.sink = sink if sink is not None else Sink()
         with socket.socket() as probe:  # aiosmtpd's Controller cannot start on port 0
             probe.bind(("127.0.0.1", 0))
             self.port: int = probe.getsockname()[1]
-        self.controller = Controller(self.sink, hostname="127.0.0.1", port=self.port)
+        self.credentials = credentials
+        self.logins = 0
+        self.refused_logins = 0
+        auth: dict[str, Any] = {}
+        if credentials is not None:
+            auth = {"authenticator": self._authenticate, "auth_required": True, "auth_require_tls": False}
+        self.controller = Controller(self.sink, hostname="127.0.0.1", port=self.port, **auth)
+
+    def _authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        assert self.credentials is not None
+        user, password = self.credentials
+        good = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
+            user.encode(),
+            password.encode(),
+        )
+        with self.sink.lock:
+            if good:
+                self.logins += 1
+            else:
+                self.refused_logins += 1
+        return AuthResult(success=good, handled=False)
 
     def relay_url(self, timeout_s: float = 5.0) -> str:
         """The relay URL of a sender that sends here (plain SMTP: the sink offers no TLS)."""

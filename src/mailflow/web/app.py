@@ -22,7 +22,6 @@ from mailflow.events.store import EventStore
 from mailflow.infra.health import Health
 from mailflow.infra.lifecycle import stop_on_signals
 from mailflow.log import get_logger
-from mailflow.mail.tokens import load_secret
 from mailflow.runtime.wiring import Runtime
 from mailflow.web.unsubscribe import UnsubscribePages
 
@@ -62,13 +61,13 @@ def _database_ok(store: EventStore) -> str | None:
     return None
 
 
-def create_app(rt: Runtime, *, secret: bytes | None = None, health: Health | None = None) -> Starlette:
+def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health: Health | None = None) -> Starlette:
     """The app. It opens the runtime's pool now, so a database that is unreachable or not
     migrated stops `mailflow web` at start with one line, not at the first click."""
     settings = rt.settings
     path = unsubscribe_path(settings.unsubscribe_base_url)
     if secret is None:
-        secret = load_secret(settings.home, settings.secret_key)
+        secret = rt.keyring.verifying_keys  # links signed before a key rotation still work
     store = rt.store
     pages = UnsubscribePages(store, secret)
 

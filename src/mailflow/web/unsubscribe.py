@@ -117,7 +117,7 @@ def done(req: UnsubscribeRequest) -> HTMLResponse:
 class UnsubscribePages:
     """GET and POST handlers for `<path>/{token}`; everything they need is passed in."""
 
-    def __init__(self, store: EventStore, secret: bytes) -> None:
+    def __init__(self, store: EventStore, secret: bytes | list[bytes]) -> None:
         self.store = store
         self.secret = secret
 
