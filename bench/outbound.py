@@ -166,6 +166,7 @@ class Params:
     analyze: bool = True
     profile_dir: str | None = None
     pipeline: str = "subprocesses: python -m mailflow.cli relay | queuer | worker (x workers)"
+    tenant_sizes: tuple[int, int] = (20_000, 500)  # --tenants: the big and the small campaign
 
     @classmethod
     def quick(cls) -> Params:
@@ -1045,7 +1046,7 @@ def run_campaign(
             seq_t0 = scalar(
                 conn,
                 "SELECT seq FROM events WHERE stream = %s AND type = 'CampaignStarted'",
-                (f"campaign-{campaign_id}",),
+                (f"default/campaign-{campaign_id}",),
             )
         with phase(elapsed, "campaign_drain"):
             facts = drain(db_url, store, sink, pipeline, p, base)
@@ -1274,6 +1275,135 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
     return finish(out, GOALS, p, notes, load_start, elapsed, t_total)
 
 
+# -- fairness between tenants ---------------------------------------------------------------
+
+TENANT_GOALS: dict[str, tuple[str, float]] = {"small_shared_vs_alone": ("<=", 2.0), "lost": ("==", 0)}
+
+
+def _tenant_catalog(ops: EventStore, tenant: str, sink_port: int, recipients: int) -> None:
+    store = ops.for_tenant(tenant)
+    sending.save_sender(store, Sender(SENDER, FROM_EMAIL, tenant, f"smtp://127.0.0.1:{sink_port}?tls=none&timeout=30"))
+    templates.save(store, CAMPAIGN_TEMPLATE)
+    rows = (
+        ImportedContact(email=f"{tenant}{i}@d{i % 20}.example.net", attributes={"name": f"User {i}", "country": "NL"})
+        for i in range(recipients)
+    )
+    import_contacts(store, rows, "bench", batch_size=1000)
+    segments.define(store, "all", {})
+
+
+def _campaign_done_s(db_url: str, campaign_id: str, t0: float, timeout: float) -> float:
+    """Seconds from t0 (wall clock) to the campaign's last job finishing."""
+    deadline = time.monotonic() + timeout
+    with connect(db_url) as conn:
+        while True:
+            left, last = conn.execute(
+                "SELECT count(*) FILTER (WHERE state NOT IN ('completed', 'failed')), max(finished_at) "
+                "FROM jobs WHERE campaign_id = %s",
+                (campaign_id,),
+            ).fetchone()
+            if left == 0:
+                return round(last.timestamp() - t0, 3)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"campaign {campaign_id} unfinished after {timeout:.0f} s ({left} jobs left)")
+            time.sleep(0.02)
+
+
+def run_tenants(ctx: Ctx, p: Params, keep: bool) -> dict[str, Any]:
+    """Two tenants through the same queuer and workers: tenant small's campaign of S recipients
+    alone, then again right after tenant big's campaign of B recipients started."""
+    from mailflow.tenants import registry
+
+    t_total = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    mailflow_log.configure(level="warning", stream=sys.stderr)
+    elapsed: dict[str, float] = {}
+    big_n, small_n = p.tenant_sizes
+    with scratch("bench-tenants", keep, elapsed) as sc:
+        out: dict[str, Any] = {
+            **sc.info,
+            "source": source_state(),
+            "big_recipients": big_n,
+            "small_recipients": small_n,
+        }
+        smtp_sink = shutil.which("smtp-sink") or (
+            "/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None
+        )
+        sink: Any = PostfixSink(smtp_sink) if smtp_sink and p.sink != "aiosmtpd" else AiosmtpdSink(ctx)
+        out["sink"] = sink.kind
+        pool = open_pool(sc.db_url, scope=Scope.operator(), min_size=1, max_size=4)
+        ops = EventStore(pool)
+        keys = Keys(sc.prefix)
+        r = redis_client(sc.redis_url)
+        pipeline: Pipeline | None = None
+        try:
+            sink.start()
+            with phase(elapsed, "setup"):
+                for tenant, n in (("big", big_n), ("small", small_n)):
+                    registry.create(ops, tenant)
+                    _tenant_catalog(ops, tenant, sink.port, n)
+                with connect(sc.db_url) as conn:
+                    conn.execute("ANALYZE")
+            env = dict(os.environ)
+            env.update(
+                MAILFLOW_DATABASE_URL=sc.db_url,
+                MAILFLOW_REDIS_URL=sc.redis_url,
+                MAILFLOW_REDIS_PREFIX=sc.prefix,
+                MAILFLOW_HOME=str(sc.workdir / "home"),
+                MAILFLOW_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "warning"),
+                MAILFLOW_LOG_FORMAT="json",
+                MAILFLOW_WORKER_CONCURRENCY=str(p.worker_concurrency),
+                MAILFLOW_WORKER_CONNECTIONS_PER_RELAY=str(p.worker_connections_per_relay),
+                MAILFLOW_QUEUER_BATCH_SIZE=str(p.queuer_batch_size),
+                MAILFLOW_QUEUER_INTERVAL_S=str(p.queuer_interval_s),
+                MAILFLOW_QUEUE_MAX_DEPTH=str(p.queue_max_depth),
+                MAILFLOW_RATE_LIMITS=json.dumps(p.rate_limits),
+            )
+            pipeline = Pipeline(env, sc.workdir, p.workers)
+            with phase(elapsed, "pipeline_start"):
+                pipeline.start()
+                wait_ready(pipeline, r, keys)
+            small = ops.for_tenant("small")
+            big = ops.for_tenant("big")
+            with phase(elapsed, "small_alone"):
+                alone = campaigns.create(
+                    small, name="alone", sender=SENDER, template=CAMPAIGN_TEMPLATE.name, segment="all"
+                )
+                t0 = time.time()
+                campaigns.start(small, alone)
+                out["small_alone_s"] = _campaign_done_s(sc.db_url, alone, t0, p.timeout_s)
+            with phase(elapsed, "both"):
+                shared = campaigns.create(
+                    small, name="shared", sender=SENDER, template=CAMPAIGN_TEMPLATE.name, segment="all"
+                )
+                bulk = campaigns.create(big, name="bulk", sender=SENDER, template=CAMPAIGN_TEMPLATE.name, segment="all")
+                t0 = time.time()
+                campaigns.start(big, bulk)  # the big one first: its jobs are older than the small one's
+                t_small = time.time()
+                campaigns.start(small, shared)
+                out["big_start_s"] = round(t_small - t0, 3)
+                out["small_shared_s"] = _campaign_done_s(sc.db_url, shared, t_small, p.timeout_s)
+                out["big_s"] = _campaign_done_s(sc.db_url, bulk, t0, p.timeout_s)
+            out["small_shared_vs_alone"] = round(out["small_shared_s"] / out["small_alone_s"], 2)
+            out["big_messages_per_s"] = round(big_n / out["big_s"], 1)
+            with connect(sc.db_url) as conn:
+                out["lost"] = scalar(conn, "SELECT count(*) FROM jobs WHERE state <> 'completed'")
+        finally:
+            if pipeline is not None:
+                pipeline.stop()
+            sink.stop()
+            r.close()
+            ops.close()
+            pool.close()
+    notes = {
+        "tenants": "tenant small's campaign alone, then again started just after tenant big's: its jobs are the "
+        "youngest due work, so without sharing it would wait behind all of big's; clocks run from each start() "
+        "to the campaign's last finished_at",
+        "rate_limits": f"{p.rate_limits} ({p.rate_limits_source})",
+    }
+    return finish(out, TENANT_GOALS, p, notes, load_start, elapsed, t_total)
+
+
 def print_table(res: dict[str, Any]) -> None:
     names = [
         "campaign_messages_per_s",
@@ -1340,6 +1470,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no ANALYZE after loading the contacts and after the campaign start (a fresh database)",
     )
+    ap.add_argument(
+        "--tenants",
+        action="store_true",
+        help="fairness: tenant small's 500-recipient campaign alone, then beside tenant big's 20,000 "
+        "(with --quick: 200 and 5,000)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the database, the Redis keys and the process logs")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
@@ -1361,7 +1497,18 @@ def main(argv: list[str] | None = None) -> int:
     p.analyze = not args.no_analyze
     p.profile_dir = str(Path(args.profile).resolve()) if args.profile else None
     p.finish()
-    res = run(p, args.keep)
+    if args.tenants:
+        if args.quick:
+            p.tenant_sizes = (5_000, 200)
+        res = run_tenants(mp.get_context("spawn"), p, args.keep)
+        if not args.json:
+            print(
+                f"small alone {res['small_alone_s']} s, beside big {res['small_shared_s']} s "
+                f"(x{res['small_shared_vs_alone']}, goal <= 2); big {res['big_s']} s, lost {res['lost']}"
+            )
+            return 0
+    else:
+        res = run(p, args.keep)
     if args.json:
         sys.stdout.write(orjson.dumps(res).decode() + "\n")
     else:

@@ -236,3 +236,115 @@ def test_the_queuer_skips_a_suspended_tenants_due_jobs(operator_rt, rt, settings
     with operator_rt.connect() as conn:
         states = dict(conn.execute("SELECT tenant || ':' || state, count(*) FROM jobs GROUP BY 1").fetchall())
     assert states == {"default:queued": 3, "acme:pending": 3}
+
+
+def test_fair_share_interleaves_tenants_and_holds_back_a_tenant_at_its_limit():
+    from mailflow.outbound.jobs import Priority
+    from mailflow.outbound.queuer import fair_share
+
+    def rows(tenant: str, n: int, hourly=None, daily=None):
+        return [(f"{tenant}-{i}", tenant, "s", "example.net", "c", hourly, daily) for i in range(n)]
+
+    big, small = rows("big", 1000), rows("small", 10)
+    offered = [r[0] for r in fair_share(big + small, 20, priority=Priority.NORMAL, turn=0)]
+    assert offered[:20] == [
+        x for pair in zip([f"big-{i}" for i in range(10)], [f"small-{i}" for i in range(10)]) for x in pair
+    ]
+    assert len(offered) == 80 and offered[20:] == [f"big-{i}" for i in range(10, 70)]  # 4x the batch, at most
+    first = next(r[1] for r in fair_share(big + small, 2, priority=Priority.NORMAL, turn=1))
+    assert first == "small"  # the next tick starts with the other tenant
+    limited = rows("capped", 50, hourly=3, daily=100) + rows("free", 5)
+    normal = [r[1] for r in fair_share(limited, 100, priority=Priority.NORMAL, turn=0)]
+    assert normal.count("capped") == 3 and normal.count("free") == 5
+    over = rows("capped", 50, hourly=-2)
+    assert list(fair_share(over, 100, priority=Priority.LOW, turn=0)) == []
+    assert len(list(fair_share(over, 100, priority=Priority.HIGH, turn=0))) == 50  # transactional still goes
+    # A tenant that has been sending lately waits until the newcomer has sent as much.
+    newcomer = [r[1] for r in fair_share(big + small, 20, priority=Priority.NORMAL, turn=0, usage={"big": 500.0})]
+    assert newcomer[:10] == ["small"] * 10 and newcomer[10:20] == ["big"] * 10
+    even = [r[1] for r in fair_share(big + small, 6, priority=Priority.NORMAL, turn=0, usage={"big": 3, "small": 0})]
+    assert even[:6] == ["small", "small", "small", "big", "small", "big"]
+
+
+def test_usage_decays_by_half_every_half_life():
+    from mailflow.outbound.queuer import Usage
+
+    u = Usage(half_life_s=10.0)
+    u.add("a", 100)
+    assert u.now(u._at + 10.0)["a"] == pytest.approx(50.0)
+    assert u.now(u._at + 20.0)["a"] == pytest.approx(12.5)
+
+
+def _campaign(store, name: str, n: int) -> str:
+    from mailflow.outbound import campaigns, segments
+    from mailflow.outbound.contacts import import_contacts
+    from mailflow.outbound.events import ImportedContact
+
+    import_contacts(store, [ImportedContact(email=f"{name}-{i}@example.net") for i in range(n)], source="test")
+    segments.define(store, "all", {})
+    cid = campaigns.create(store, name=name, sender="tx", template="plain", segment="all")
+    campaigns.start(store, cid)
+    return cid
+
+
+def test_the_queuer_shares_each_batch_between_tenants_and_applies_hourly_limits(operator_rt, settings):
+    from mailflow.outbound import sending, templates
+    from mailflow.outbound.queuer import Queuer
+    from mailflow.outbound.senders import Sender
+    from mailflow.tenants import registry
+
+    ops = operator_rt.store
+    for t in ("big", "small", "capped"):
+        registry.create(ops, t)
+        store = ops.for_tenant(t)
+        sending.save_sender(store, Sender("tx", "noreply@example.org", "", RELAY))
+        templates.save(store, templates.Template("plain", "Hi", "", "Hi {{ email }}"))
+    _campaign(ops.for_tenant("big"), "big", 600)
+    _campaign(ops.for_tenant("small"), "small", 40)
+    _campaign(ops.for_tenant("capped"), "capped", 30)
+    registry.set_limits(ops, "capped", hourly=7, daily=None)
+    for i in range(2):
+        sending.send_transactional(ops.for_tenant("capped"), sender="tx", template="plain", to=f"tx{i}@example.net")
+    unthrottled = settings.model_copy(
+        update={"queuer_batch_size": 90, "queue_min_unread": 10_000, "rate_limits": {"*": 1e6, "example.net": 1e6}}
+    )
+    q = Queuer(ops, operator_rt.services.redis_url, unthrottled)
+    r = operator_rt.redis
+    q.tick(r)
+
+    def queued() -> dict[str, int]:
+        with operator_rt.connect() as conn:
+            rows = conn.execute(
+                "SELECT tenant || ':' || priority, count(*) FROM jobs WHERE state = 'queued' GROUP BY 1"
+            )
+            return dict(rows.fetchall())
+
+    first = queued()
+    # One batch of 90 normal jobs: the small tenant's 40 are all in it, beside the big one's.
+    assert first["small:normal"] == 40 and first["big:normal"] >= 40
+    # The limit counts every message (7 an hour); its 2 transactional ones went first.
+    assert first["capped:high"] == 2 and first["capped:normal"] == 5
+    for _ in range(10):
+        q.tick(r)
+    after = queued()
+    assert after["capped:normal"] == 5, "a tenant at its hourly limit releases no more campaign mail"
+    assert after["big:normal"] == 600
+    with operator_rt.connect() as conn:
+        usage = dict(conn.execute("SELECT tenant, sum(messages)::int FROM tenant_usage GROUP BY 1").fetchall())
+    assert usage == {"big": 600, "small": 40, "capped": 7}
+
+
+def test_the_queuer_keeps_about_a_quarter_second_of_work_unread_in_a_stream():
+    from mailflow.outbound.queuer import DrainRate
+
+    d = DrainRate(target_s=0.25, floor=100, cap=5000)
+    assert d.room(0.0, 0) == 100  # nothing known yet: the floor
+    d.added(100)
+    assert d.room(1.0, 100) == 0  # workers took nothing: no room
+    d.added(0)
+    assert d.room(2.0, 0) == 100  # 100 taken in 1 s: still the floor (25 < 100)
+    for t in range(3, 10):
+        d.added(2000)
+        d.room(float(t), 0)  # 2,000 a second taken
+    assert 400 < d.room(10.0, 0) <= 500  # about a quarter second of it
+    assert DrainRate(0.25, 100, 50).room(0.0, 0) == 50  # never above the cap

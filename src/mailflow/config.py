@@ -59,7 +59,11 @@ class Settings(BaseSettings):
     unsubscribe_base_url: str | None = None  # e.g. https://mail.example.org/unsubscribe
     queuer_batch_size: int = Field(default=500, ge=1)
     queuer_interval_s: float = Field(default=0.05, gt=0)
-    queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: stop filling a deeper stream
+    queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: never more unread entries than this
+    # Unread work kept in a stream: this many seconds of sending at the recent rate, at least
+    # queue_min_unread entries. Shallow, so a tenant's new campaign is not queued behind another's.
+    queue_target_s: float = Field(default=0.25, gt=0)
+    queue_min_unread: int = Field(default=100, ge=1)
     queuer_reconcile_interval_s: float = Field(
         default=5.0, gt=0
     )  # check the streams against the queued jobs this often

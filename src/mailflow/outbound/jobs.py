@@ -114,6 +114,15 @@ RETURNING jobs.id
 
 CURRENT_STATES = "SELECT id, state FROM jobs WHERE id = ANY(%s::uuid[])"
 
+# Messages released per tenant and UTC hour (the queuer's hourly and daily limits).
+COUNT_USAGE = """
+INSERT INTO tenant_usage AS t (tenant, hour, messages)
+SELECT j.tenant, date_trunc('hour', u.at, 'UTC'), count(*)
+FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) AS u(id, at) JOIN jobs j ON j.id = u.id
+GROUP BY 1, 2
+ON CONFLICT (tenant, hour) DO UPDATE SET messages = t.messages + excluded.messages
+"""
+
 
 def _refuse_untouched(conn: psycopg.Connection, wanted: list[str], done: list[tuple], target: JobState) -> None:
     if len(done) == len(wanted):
@@ -157,6 +166,7 @@ def _queued(conn: psycopg.Connection, evs: list[Envelope]) -> None:
         },
     ).fetchall()
     _refuse_untouched(conn, ids, done, JobState.QUEUED)
+    conn.execute(COUNT_USAGE, {"ids": ids, "ats": [e.recorded_at for e in evs]})
 
 
 def _started(conn: psycopg.Connection, evs: list[Envelope]) -> None:
@@ -208,4 +218,11 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, list[Envelope]], None]] = {
     "JobRetryScheduled": _finisher(JobState.RETRY),
 }
 
-PROJECTION = register(InlineProjection("jobs", "one row per job with its current state (inline)", ("jobs",), HANDLERS))
+PROJECTION = register(
+    InlineProjection(
+        "jobs",
+        "one row per job with its current state, messages per tenant and hour (inline)",
+        ("jobs", "tenant_usage"),
+        HANDLERS,
+    )
+)

@@ -133,17 +133,31 @@ LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 """
 
-# Due work of one priority, oldest first; campaign mail only while its campaign runs.
+# Due work of one priority, per active tenant the oldest `limit` of its jobs (by the index
+# jobs_due_by_tenant), so that the queuer can share each batch between tenants; campaign mail
+# only while its campaign runs. With each tenant, how many more messages its hourly and daily
+# limits allow (NULL: no limit); limits hold back normal and low work only.
 DUE_JOBS = """
-SELECT j.id, j.tenant, j.sender, j.domain,
-       coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id
-FROM jobs j
-WHERE j.state IN ('pending', 'retry') AND j.priority = %(priority)s AND j.due_at <= now()
-  AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = j.tenant AND t.status = 'suspended')
-  AND (j.campaign_id IS NULL
-       OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = j.campaign_id AND c.status = 'running'))
-ORDER BY j.due_at
-LIMIT %(limit)s
+SELECT d.id, t.id AS tenant, d.sender, d.domain, d.correlation_id,
+       CASE WHEN t.hourly_limit IS NOT NULL THEN t.hourly_limit - coalesce(
+           (SELECT sum(u.messages) FROM tenant_usage u
+            WHERE u.tenant = t.id AND u.hour = date_trunc('hour', now(), 'UTC')), 0) END AS hourly_left,
+       CASE WHEN t.daily_limit IS NOT NULL THEN t.daily_limit - coalesce(
+           (SELECT sum(u.messages) FROM tenant_usage u
+            WHERE u.tenant = t.id AND u.hour >= date_trunc('day', now(), 'UTC')), 0) END AS daily_left
+FROM tenants t
+CROSS JOIN LATERAL (
+    SELECT j.id, j.sender, j.domain,
+           coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id
+    FROM jobs j
+    WHERE j.tenant = t.id AND j.state IN ('pending', 'retry') AND j.priority = %(priority)s AND j.due_at <= now()
+      AND (j.campaign_id IS NULL
+           OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = j.campaign_id AND c.status = 'running'))
+    ORDER BY j.due_at
+    LIMIT %(limit)s
+) d
+WHERE t.status = 'active'
+ORDER BY t.id
 """
 
 # Lock only the jobs the rate limits granted, by primary key; skip any that changed.

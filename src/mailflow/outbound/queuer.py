@@ -24,11 +24,14 @@ renew them instead of having their jobs sent a second time.
 
 from __future__ import annotations
 
+import heapq
 import os
 import socket
 import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +39,7 @@ from typing import Any
 import redis
 
 from mailflow.config import Settings
-from mailflow.consumers import inline
+from mailflow.consumers import groups, inline
 from mailflow.events.envelope import Metadata
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
@@ -64,6 +67,98 @@ class QueuerStats:
     throttled: int = 0
 
 
+class DrainRate:
+    """How much work to keep waiting, unread, in one priority's stream.
+
+    Workers read a stream in order, so whatever waits in it is ahead of any job queued
+    later - a tenant's first job included. The queuer therefore keeps only about
+    `target_s` seconds of work unread there (at the rate the workers have lately taken it,
+    never fewer than `floor` entries, never more than `cap`), and shares every batch
+    between tenants (fair_share)."""
+
+    def __init__(self, target_s: float, floor: int, cap: int) -> None:
+        self.target_s, self.floor, self.cap = target_s, floor, cap
+        self.rate = 0.0  # entries per second, smoothed
+        self._last: tuple[float, int] | None = None  # (when, unread then + added since)
+
+    def room(self, now: float, unread: int) -> int:
+        if self._last is not None:
+            then, expected = self._last
+            dt = now - then
+            if dt > 0.005:  # (closer samples are folded into the next one)
+                taken = max(expected - unread, 0) / dt
+                self.rate = taken if self.rate == 0 else 0.7 * self.rate + 0.3 * taken
+                self._last = (now, unread)
+        else:
+            self._last = (now, unread)
+        target = min(max(self.floor, int(self.rate * self.target_s)), self.cap)
+        return target - unread
+
+    def added(self, n: int) -> None:
+        if self._last is not None:
+            self._last = (self._last[0], self._last[1] + n)
+
+
+def fair_share(
+    rows: list[Any], limit: int, *, priority: Priority, turn: int, usage: Mapping[str, float] | None = None
+) -> Iterator[tuple[Any, ...]]:
+    """Due jobs in the order to offer them to the rate limiter, shared between tenants.
+
+    Each next job is the oldest of the tenant that has sent least lately (`usage`: messages
+    released recently, decayed - see Usage), counting what this batch already gave it: a
+    tenant that starts a campaign while another has been sending for a while goes first
+    until they have sent alike, and two tenants that both keep sending share every batch
+    half and half (round-robin, whose turn it is to go first changing every tick). A tenant
+    at its hourly or daily limit offers no normal or low work (its transactional mail still
+    goes).
+
+    `rows` are (id, tenant, sender, domain, correlation, hourly_left, daily_left), a
+    tenant's oldest first; yields (id, tenant, sender, domain, correlation), at most 4 x limit."""
+    queues: dict[str, deque[tuple[Any, ...]]] = {}
+    allowed: dict[str, float] = {}
+    for jid, tenant, sender, domain, correlation, hourly_left, daily_left in rows:
+        if tenant not in queues:
+            queues[tenant] = deque()
+            lefts = [x for x in (hourly_left, daily_left) if x is not None]
+            allowed[tenant] = max(0, min(lefts)) if lefts and priority is not Priority.HIGH else float("inf")
+        queues[tenant].append((jid, tenant, sender, domain, correlation))
+    order = sorted(queues)
+    if order:
+        first = turn % len(order)
+        order = order[first:] + order[:first]
+    used = usage or {}
+    heap = [(used.get(t, 0.0), i, t) for i, t in enumerate(order) if allowed[t] > 0]
+    heapq.heapify(heap)
+    offered = 0
+    while heap and offered < limit * 4:
+        spent, i, tenant = heapq.heappop(heap)
+        queue = queues[tenant]
+        yield queue.popleft()
+        offered += 1
+        allowed[tenant] -= 1
+        if queue and allowed[tenant] > 0:
+            heapq.heappush(heap, (spent + 1, i, tenant))
+
+
+class Usage:
+    """Messages each tenant released lately, decaying with a half-life of `half_life_s`:
+    the measure fair_share evens out. Kept in the queuer's memory (a new queuer starts even)."""
+
+    def __init__(self, half_life_s: float = 10.0) -> None:
+        self.half_life_s = half_life_s
+        self.used: dict[str, float] = {}
+        self._at = time.monotonic()
+
+    def now(self, now: float) -> dict[str, float]:
+        factor = 0.5 ** ((now - self._at) / self.half_life_s)
+        self._at = now
+        self.used = {t: u * factor for t, u in self.used.items() if u * factor > 0.01}
+        return self.used
+
+    def add(self, tenant: str, n: int) -> None:
+        self.used[tenant] = self.used.get(tenant, 0.0) + n
+
+
 class Queuer:
     def __init__(self, store: EventStore, redis_url: str, settings: Settings, *, health: Health | None = None) -> None:
         self.store = store
@@ -77,6 +172,11 @@ class Queuer:
         self._checked = 0.0
         self._housekept = 0.0
         self._term_began = 0.0
+        self._turn: dict[Priority, int] = dict.fromkeys(Priority, 0)  # which tenant goes first
+        self._usage = Usage()
+        self._drain = {
+            p: DrainRate(settings.queue_target_s, settings.queue_min_unread, settings.queue_max_depth) for p in Priority
+        }
         self.is_leader = threading.Event()
         self.health = health or Health("queuer", f"{socket.gethostname()}-{os.getpid()}", log)
 
@@ -164,23 +264,28 @@ class Queuer:
 
     def _queue(self, r: redis.Redis, priority: Priority) -> int:
         key = self.keys.jobs(priority)
-        room = self.settings.queue_max_depth - r.xlen(key)
+        now = time.monotonic()
+        unread = groups.unread(r, key, streams.WORKER_GROUP)
+        room = self._drain[priority].room(now, unread)
         if room <= 0:
             return 0
         limit = min(self.settings.queuer_batch_size, room)
-        now = time.monotonic()
         with inline.writing(self.store) as w:
             conn = w.conn
             # Look past the head so one throttled domain does not block everyone behind it.
             rows = conn.execute(q.DUE_JOBS, {"priority": str(priority), "limit": limit * 4}).fetchall()
+            self._turn[priority] += 1
             granted: list[Any] = []
             correlations: dict[Any, Metadata] = {}
-            for jid, tenant, sender, domain, correlation in rows:
-                if len(granted) >= limit:
-                    break
+            usage = self._usage.now(now)
+            for jid, tenant, sender, domain, correlation in fair_share(
+                rows, limit, priority=priority, turn=self._turn[priority], usage=usage
+            ):
                 if self.limiter.take(f"{tenant}/{sender}", domain, 1, now):
                     granted.append(jid)
                     correlations[jid] = Metadata(correlation_id=correlation, tenant=tenant)
+                    if len(granted) >= limit:
+                        break
                 else:
                     self.stats.throttled += 1
             if granted:
@@ -199,6 +304,9 @@ class Queuer:
                 ]
             )
         self._xadd(r, key, list(zip(granted, seqs)))
+        self._drain[priority].added(len(granted))
+        for j in granted:
+            self._usage.add(correlations[j].tenant or "", 1)
         self.stats.queued[str(priority)] += len(granted)
         return len(granted)
 

@@ -7,6 +7,8 @@ A stream is the history of one thing: `job-<uuid>`, `campaign-<uuid>`, `contact-
 
 from __future__ import annotations
 
+WORKER_GROUP = "workers"  # the consumer group of the workers on mailflow:jobs:<priority>
+
 
 def job(job_id: object) -> str:
     return f"job-{job_id}"

@@ -65,7 +65,7 @@ from mailflow.outbound.replies import FailureKind, Outcome, RetrySchedule, Verdi
 from mailflow.outbound.senders import Sender, SmtpRelay, smtp_client
 from mailflow.outbound.sending import load_sender
 
-GROUP = "workers"
+GROUP = streams.WORKER_GROUP
 LOW_EVERY = 8  # every 8th read offers low before normal
 BATCH_GATHER_S = 0.01  # a busy worker waits this long at most for more free slots before starting jobs
 ORPHAN_CLAIM_EVERY_S = 5.0
