@@ -346,5 +346,6 @@ def test_the_queuer_keeps_about_a_quarter_second_of_work_unread_in_a_stream():
     for t in range(3, 10):
         d.added(2000)
         d.room(float(t), 0)  # 2,000 a second taken
+    d.added(2000)
     assert 400 < d.room(10.0, 0) <= 500  # about a quarter second of it
     assert DrainRate(0.25, 100, 50).room(0.0, 0) == 50  # never above the cap
