@@ -245,7 +245,7 @@ def test_migration_0009_moves_old_secrets_out_of_stored_events(pg_admin_url, tmp
             with pytest.raises(Exception, match="run `mailflow migrate`"):
                 migrate(conn)
             keyring = Keyring.load(tmp_path / "home")
-            assert migrate(conn, keyring=keyring) == ["0009_secrets_out_of_the_log.py"]
+            assert migrate(conn, keyring=keyring)[0] == "0009_secrets_out_of_the_log.py"
             data, schema = conn.execute("SELECT data, schema FROM events WHERE type = 'SenderSaved'").fetchone()
             assert schema == 2 and data["relay_url"] == "smtp://mailer@127.0.0.1:2525?tls=none"
             stored = conn.execute("SELECT data::text FROM events").fetchone()[0]

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     secret_key_file: Path | None = None
     unsubscribe_base_url: str | None = None  # e.g. https://mail.example.org/unsubscribe
+    preferences_base_url: str | None = None  # default: /preferences beside the unsubscribe pages
     queuer_batch_size: int = Field(default=500, ge=1)
     queuer_interval_s: float = Field(default=0.05, gt=0)
     queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: never more unread entries than this

@@ -84,7 +84,10 @@ def templates_render(
             if not pv.sample:
                 raise UsageError(f"no contact {contact!r}")
             values = {**pv.sample[0]["attributes"], "email": pv.sample[0]["email"], **values}
-    r = templates.render(tpl, values)
+    from mailflow.outbound.consent import LINK_VARIABLES
+
+    # The links each message gets (consent.links), as placeholders in a preview.
+    r = templates.render(tpl, {**{v: f"<{v}>" for v in LINK_VARIABLES}, **values})
     if as_json:
         emit_json({"subject": r.subject, "html": r.html, "text": r.text})
     else:

@@ -26,6 +26,7 @@ from mailflow.mail.addresses import normalize_email
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams, templates
 from mailflow.outbound.catalog import refuse_if_in_use
+from mailflow.outbound.consent import LINK_VARIABLES
 from mailflow.outbound.events import JobCreated, SenderDeleted, SenderSaved
 from mailflow.outbound.jobs import Priority
 from mailflow.outbound.senders import Sender, check_sender, dkim_public_der
@@ -162,7 +163,7 @@ def send_transactional(
         load_sender(conn, sender)
         tpl = templates.load(conn, template)
     # Fail now, with the template's line and variable, rather than at send time.
-    templates.render(tpl, {"email": email, **variables})
+    templates.render(tpl, {"email": email, **dict.fromkeys(LINK_VARIABLES, ""), **variables})
     created = JobCreated(
         job_id=job_id,
         idempotency_key=key,

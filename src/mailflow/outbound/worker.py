@@ -47,11 +47,11 @@ from mailflow.infra.services import (
     is_redis_outage,
     recover_pool,
 )
+from mailflow.infra.tenancy import DEFAULT_TENANT
 from mailflow.infra.vault import Keyring, Vault
 from mailflow.log import get_logger
-from mailflow.outbound import mime, mx, smtp, streams, templates
+from mailflow.outbound import consent, mime, mx, smtp, streams, templates
 from mailflow.outbound import queries as q
-from mailflow.outbound.contacts import STOPPED_STATUSES
 from mailflow.outbound.events import (
     ContactStatusChanged,
     JobCompleted,
@@ -96,11 +96,12 @@ class Claimed:
 def refusal_reason(
     job: Claimed, *, suppressed: str | None, contact_status: str | None, campaign_status: str | None
 ) -> tuple[str, str] | None:
-    """Why a claimed job must not be sent, as (reply, failure kind); None to send it."""
-    if suppressed:
-        return f"suppressed ({suppressed})", "suppressed"
-    if contact_status in STOPPED_STATUSES:
-        return f"contact is {contact_status}", "suppressed"
+    """Why a claimed job must not be sent, as (reply, failure kind); None to send it.
+
+    Consent (consent.may_send): an unsubscribe stops campaign mail, not transactional mail."""
+    why = consent.may_send(transactional=job.campaign_id is None, contact_status=contact_status, suppression=suppressed)
+    if why is not None:
+        return why, "suppressed"
     if job.campaign_id is not None and campaign_status == "cancelled":
         return "campaign cancelled", "cancelled"
     return None
@@ -654,7 +655,21 @@ class Worker:
         try:
             sender = await self._load(self.senders, (job.tenant, job.sender), self._load_sender)
             tpl = await self._load(self.templates, (job.tenant, job.template), templates.load)
-            rendered = templates.render(tpl, {**job.attributes, "email": job.email, **job.variables})
+            context = {
+                **job.attributes,
+                "email": job.email,
+                **consent.links(
+                    self.secret,
+                    to=job.email,
+                    tenant=job.tenant or DEFAULT_TENANT,
+                    campaign_id=job.campaign_id,
+                    sender_domain=sender.domain,
+                    unsubscribe_base_url=self.settings.unsubscribe_base_url,
+                    preferences_base_url=self.settings.preferences_base_url,
+                ),
+                **job.variables,
+            }
+            rendered = templates.render(tpl, context)
             out = mime.build(
                 job_id=job.job_id,
                 sender=sender,

@@ -23,6 +23,7 @@ from mailflow.infra.health import Health
 from mailflow.infra.lifecycle import stop_on_signals
 from mailflow.log import get_logger
 from mailflow.runtime.wiring import Runtime
+from mailflow.web.preferences import PreferencesPages
 from mailflow.web.unsubscribe import UnsubscribePages
 
 DEFAULT_UNSUBSCRIBE_PATH = "/unsubscribe"
@@ -51,6 +52,19 @@ def unsubscribe_path(base_url: str | None) -> str:
     return parts.path.rstrip("/")
 
 
+def preferences_path(unsubscribe_base_url: str | None, preferences_base_url: str | None) -> str:
+    """The path of the preferences pages: that of the links in messages (default /preferences)."""
+    if preferences_base_url:
+        parts = urlsplit(preferences_base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigurationError(
+                f"bad setting MAILFLOW_PREFERENCES_BASE_URL: {preferences_base_url!r} is not an absolute URL; "
+                "use one like https://mail.example.org/preferences"
+            )
+        return parts.path.rstrip("/") or "/preferences"
+    return "/preferences"
+
+
 def _database_ok(store: EventStore) -> str | None:
     """None if PostgreSQL answers through the pool, else why not (one line)."""
     try:
@@ -70,6 +84,8 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
         secret = rt.keyring.verifying_keys  # links signed before a key rotation still work
     store = rt.store
     pages = UnsubscribePages(store, secret)
+    prefs = PreferencesPages(store, secret)
+    prefs_path = preferences_path(settings.unsubscribe_base_url, settings.preferences_base_url)
 
     async def healthz(request: Request) -> JSONResponse:
         problem = await run_in_threadpool(_database_ok, store)
@@ -88,6 +104,8 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
             Route("/healthz", healthz, methods=["GET"]),
             Route(f"{path}/{{token}}", pages.confirm, methods=["GET"]),
             Route(f"{path}/{{token}}", pages.unsubscribe, methods=["POST"]),
+            Route(f"{prefs_path}/{{token}}", prefs.get, methods=["GET"]),
+            Route(f"{prefs_path}/{{token}}", prefs.post, methods=["POST"]),
         ]
     )
 
