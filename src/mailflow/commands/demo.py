@@ -79,9 +79,16 @@ def demo(
 
 def _print_demo(res: Any) -> None:
     out.print(
-        f"imported {res.contacts} contacts ({res.rejected_rows} bad rows reported), "
+        f"tenant {res.tenant}: imported {res.contacts} contacts ({res.rejected_rows} bad rows reported), "
         f"campaign to {res.recipients}, {res.transactional} transactional sent during it"
     )
+    if res.secret:
+        out.print(f"relay password: only in the secrets table, encrypted (key {res.secret['key_id']})", markup=False)
+        out.print(
+            f"  {res.secret['fingerprint']}; in {res.secret['events_with_password']} events; "
+            f"{res.relay_logins} SMTP logins with it",
+            markup=False,
+        )
     table = Table(title="jobs by state")
     for s_ in res.states:
         table.add_column(s_, justify="right")

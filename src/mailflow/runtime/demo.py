@@ -37,7 +37,10 @@ from mailflow.testing.sink import FaultRates, Sink, SinkServer
 TEMPLATE_HTML = """<h1>Spring news, {{ first_name }}</h1>
 <p>Your {{ plan }} plan in {{ country }} now includes more.</p>
 <p><a href="https://example.org/offers?c={{ email | urlencode }}">See the offers</a></p>"""
-TEMPLATE_TEXT = "Spring news, {{ first_name }}!\nYour {{ plan }} plan in {{ country }} now includes more."
+TEMPLATE_TEXT = (
+    "Spring news, {{ first_name }}!\nYour {{ plan }} plan in {{ country }} now includes more.\n"
+    "Unsubscribe: {{ unsubscribe_url }}"
+)
 RECEIPT_HTML = "<p>Thanks {{ name }}, your order {{ order }} is confirmed.</p>"
 
 
@@ -75,6 +78,9 @@ class DemoResult:
     duplicates: int = 0
     faults: list[dict[str, Any]] = field(default_factory=list)
     timed_out: bool = False
+    tenant: str = ""
+    relay_logins: int = 0  # SMTP sessions the relay let in with the password from the vault
+    secret: dict[str, Any] = field(default_factory=dict)  # its fingerprint, and where the password is not
 
     @property
     def ok(self) -> bool:
@@ -98,9 +104,11 @@ def run(
     store = rt.store
     tag = time.strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)  # two runs in one second stay apart
     sink = Sink(slow_s=0.2, rates=FAULTS)
-    with SinkServer(sink) as server, tempfile.TemporaryDirectory() as tmp:
-        relay = server.relay_url(timeout_s=10)
-        sending.save_sender(store, Sender("demo", "news@example.org", "mailflow demo", relay))
+    password = secrets.token_urlsafe(12)  # the relay asks for it: the worker reads it from the vault
+    with SinkServer(sink, credentials=("demo", password)) as server, tempfile.TemporaryDirectory() as tmp:
+        relay = server.relay_url(timeout_s=10).replace("smtp://", f"smtp://demo:{password}@")
+        sending.save_sender(store, Sender("demo", "news@example.org", "mailflow demo", relay), rt.vault)
+        res.tenant = rt.tenant or ""
         templates.save(
             store, templates.Template("demo-news", "Spring news for {{ first_name }}", TEMPLATE_HTML, TEMPLATE_TEXT)
         )
@@ -176,6 +184,9 @@ def run(
         delivered = res.states.get("completed", 0)
         res.messages_per_s = round(delivered / res.seconds, 1) if res.seconds else 0.0
         res.duplicates = sum(n - 1 for n in sink.message_ids().values() if n > 1)
+        res.relay_logins = server.logins
+        with rt.connect() as conn:
+            res.secret = rq.one(conn, rq.DEMO_SENDER_SECRET, {"password": f"%{password}%"})
     return res
 
 

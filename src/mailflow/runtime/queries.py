@@ -70,3 +70,13 @@ SELECT priority,
            FILTER (WHERE accepted_at IS NOT NULL) AS p99
 FROM jobs WHERE {_RUN} GROUP BY priority
 """
+
+# The demo sender's relay password: its fingerprint and key, and how many events and sender
+# rows hold it in the clear (none: it is only in the secrets table, encrypted).
+DEMO_SENDER_SECRET = """
+SELECT s.fingerprint, s.key_id,
+       (SELECT count(*) FROM events e WHERE e.data::text LIKE %(password)s) AS events_with_password,
+       (SELECT count(*) FROM senders d WHERE d.relay_url LIKE %(password)s) AS senders_with_password
+FROM secrets s WHERE s.owner = 'sender:demo' AND s.kind = 'relay_password'
+ORDER BY s.created_at DESC LIMIT 1
+"""

@@ -14,6 +14,7 @@ import email
 import hashlib
 import socket
 import threading
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from email.message import EmailMessage
@@ -144,6 +145,8 @@ class SinkServer:
         auth: dict[str, Any] = {}
         if credentials is not None:
             auth = {"authenticator": self._authenticate, "auth_required": True, "auth_require_tls": False}
+            # A loopback test peer: AUTH without TLS is the point, not a mistake to warn about.
+            warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
         self.controller = Controller(self.sink, hostname="127.0.0.1", port=self.port, **auth)
 
     def _authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
