@@ -951,6 +951,26 @@ def ms_stats(values: list[float]) -> dict[str, float | None]:
     return {"p50": rnd(percentile(v, 50)), "p99": rnd(percentile(v, 99)), "max": rnd(v[-1] if v else None)}
 
 
+def pipeline_env(db_url: str, redis_url: str, prefix: str, workdir: Path, p: Params) -> dict[str, str]:
+    """The environment of the relay, queuer and worker processes: this run's servers and tuning."""
+    env = dict(os.environ)
+    env.update(
+        MAILFLOW_DATABASE_URL=db_url,
+        MAILFLOW_REDIS_URL=redis_url,
+        MAILFLOW_REDIS_PREFIX=prefix,
+        MAILFLOW_HOME=str(workdir / "home"),
+        MAILFLOW_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "warning"),
+        MAILFLOW_LOG_FORMAT="json",
+        MAILFLOW_WORKER_CONCURRENCY=str(p.worker_concurrency),
+        MAILFLOW_WORKER_CONNECTIONS_PER_RELAY=str(p.worker_connections_per_relay),
+        MAILFLOW_QUEUER_BATCH_SIZE=str(p.queuer_batch_size),
+        MAILFLOW_QUEUER_INTERVAL_S=str(p.queuer_interval_s),
+        MAILFLOW_QUEUE_MAX_DEPTH=str(p.queue_max_depth),
+        MAILFLOW_RATE_LIMITS=json.dumps(p.rate_limits),
+    )
+    return env
+
+
 def run_campaign(
     ctx: Ctx,
     db_url: str,
@@ -991,22 +1011,8 @@ def run_campaign(
                     conn.execute("ANALYZE")
         with phase(elapsed, "bare_aiosmtplib"):
             out.update(bench_bare(ctx, sink, p, secret))
-        env = dict(os.environ)
-        env.update(
-            MAILFLOW_DATABASE_URL=db_url,
-            MAILFLOW_REDIS_URL=redis_url,
-            MAILFLOW_REDIS_PREFIX=prefix,
-            MAILFLOW_HOME=str(workdir / "home"),
-            MAILFLOW_SECRET_KEY=secret.decode(),
-            MAILFLOW_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "warning"),
-            MAILFLOW_LOG_FORMAT="json",
-            MAILFLOW_WORKER_CONCURRENCY=str(p.worker_concurrency),
-            MAILFLOW_WORKER_CONNECTIONS_PER_RELAY=str(p.worker_connections_per_relay),
-            MAILFLOW_QUEUER_BATCH_SIZE=str(p.queuer_batch_size),
-            MAILFLOW_QUEUER_INTERVAL_S=str(p.queuer_interval_s),
-            MAILFLOW_QUEUE_MAX_DEPTH=str(p.queue_max_depth),
-            MAILFLOW_RATE_LIMITS=json.dumps(p.rate_limits),
-        )
+        env = pipeline_env(db_url, redis_url, prefix, workdir, p)
+        env["MAILFLOW_SECRET_KEY"] = secret.decode()
         pipeline = Pipeline(env, workdir, p.workers)
         with phase(elapsed, "pipeline_start"):
             pipeline.start()
@@ -1344,21 +1350,7 @@ def run_tenants(ctx: Ctx, p: Params, keep: bool) -> dict[str, Any]:
                     _tenant_catalog(ops, tenant, sink.port, n)
                 with connect(sc.db_url) as conn:
                     conn.execute("ANALYZE")
-            env = dict(os.environ)
-            env.update(
-                MAILFLOW_DATABASE_URL=sc.db_url,
-                MAILFLOW_REDIS_URL=sc.redis_url,
-                MAILFLOW_REDIS_PREFIX=sc.prefix,
-                MAILFLOW_HOME=str(sc.workdir / "home"),
-                MAILFLOW_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "warning"),
-                MAILFLOW_LOG_FORMAT="json",
-                MAILFLOW_WORKER_CONCURRENCY=str(p.worker_concurrency),
-                MAILFLOW_WORKER_CONNECTIONS_PER_RELAY=str(p.worker_connections_per_relay),
-                MAILFLOW_QUEUER_BATCH_SIZE=str(p.queuer_batch_size),
-                MAILFLOW_QUEUER_INTERVAL_S=str(p.queuer_interval_s),
-                MAILFLOW_QUEUE_MAX_DEPTH=str(p.queue_max_depth),
-                MAILFLOW_RATE_LIMITS=json.dumps(p.rate_limits),
-            )
+            env = pipeline_env(sc.db_url, sc.redis_url, sc.prefix, sc.workdir, p)
             pipeline = Pipeline(env, sc.workdir, p.workers)
             with phase(elapsed, "pipeline_start"):
                 pipeline.start()

@@ -418,9 +418,10 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         bad = {jid: v for jid, evs in hist.items() if (v := graph_violations(evs))}
         assert bad == {}, f"state graph violated: {list(bad.items())[:5]}"
 
+        operator = Runtime(settings, pool_size=2, operator=True)
         for name, proj in inline_projections().items():
             before = {t: _table(db, t) for t in proj.tables}
-            proj.rebuild(store)
+            proj.rebuild(operator.store)
             assert {t: _table(db, t) for t in proj.tables} == before, f"{name} differs from its rebuild"
         counted = counts_table(db)
         assert sum(counted.values()) == head and counted == counts_truth(db), "event_counts differs from the log"
@@ -428,6 +429,7 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         assert res.returncode == 0, res.stderr
         assert counts_table(db) == counted
         assert db.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
+        operator.close()
 
         latency = {
             str(j): float(s)

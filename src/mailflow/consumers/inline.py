@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from mailflow.consumers import queries as q
-from mailflow.errors import ConflictError, NotFoundError
+from mailflow.errors import ConflictError, NotFoundError, UsageError
 from mailflow.events.envelope import Envelope, NewEvent
 from mailflow.events.store import EventStore
 from mailflow.infra.locks import Lock
@@ -63,7 +63,11 @@ class InlineProjection:
                 handler(conn, list(run))
 
     def rebuild(self, store: EventStore, progress: Callable[[int, int], None] | None = None) -> int:
-        """Replay every relevant event into emptied tables; returns how many were applied."""
+        """Replay every relevant event into emptied tables; returns how many were applied.
+
+        The tables hold every tenant's rows, so only an operator's store may rebuild them."""
+        if store.tenant is not None:
+            raise UsageError(f"{self.name} holds every tenant's rows: rebuild it as the operator")
         applied = 0
         types = self.types
         with store.pool.connection() as conn, conn.transaction():

@@ -9,11 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
-import secrets
 from pathlib import Path
 
 from mailflow.errors import UserError
+from mailflow.infra.vault import Keyring
 
 _SIG_BYTES = 12
 
@@ -52,25 +51,8 @@ def verify(secret: bytes | list[bytes], token: str) -> str:
 
 
 def load_secret(home: Path, configured: str | None = None) -> bytes:
-    """The newest key of the keyring (see infra/vault.py): MAILFLOW_SECRET_KEY when set (its
-    first key), otherwise the first line of MAILFLOW_HOME/secret.key, created if missing."""
-    if configured:
-        return configured.split(",")[0].strip().encode()
-    path = home.expanduser() / "secret.key"
-    if not path.exists():
-        # Two processes starting at once must end up with the same key: write a private
-        # temporary file, then link it into place only if no key exists yet.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".secret.key.{os.getpid()}")
-        tmp.write_text(secrets.token_urlsafe(32) + "\n")
-        tmp.chmod(0o600)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text().splitlines()[0].strip().encode()
+    """The newest key of the keyring (infra/vault.py): the key that signs new tokens."""
+    return Keyring.load(home, configured).signing_key
 
 
 def verp_address(secret: bytes, job_id: str, domain: str, local: str = "bounces") -> str:

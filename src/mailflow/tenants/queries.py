@@ -9,8 +9,14 @@ SET_STATUS = "UPDATE tenants SET status = %(status)s, updated_at = %(at)s WHERE 
 SET_LIMITS = """
 UPDATE tenants SET hourly_limit = %(hourly)s, daily_limit = %(daily)s, updated_at = %(at)s WHERE id = %(id)s
 """
-# The default tenant exists without an event (migration 0007); a rebuild puts it back first.
-SEED_DEFAULT = "INSERT INTO tenants (id, name) VALUES ('default', 'default') ON CONFLICT (id) DO NOTHING"
+# The default tenant exists without an event (migration 0007 made it); a rebuild puts it back
+# first, as it was made: in the migration's transaction, whose start is its applied_at.
+SEED_DEFAULT = """
+INSERT INTO tenants (id, name, created_at, updated_at)
+SELECT 'default', 'default', t, t
+FROM coalesce((SELECT applied_at FROM schema_migrations WHERE name = '0007_tenants.sql'), now()) AS t
+ON CONFLICT (id) DO NOTHING
+"""
 
 LOCK_TENANT = "SELECT id, status FROM tenants WHERE id = %s FOR UPDATE"
 GET_TENANT = """
