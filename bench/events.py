@@ -244,8 +244,10 @@ def bench_batched(store: EventStore, db_url: str, p: Params) -> dict[str, Any]:
         datastore.close()
     with store.pool.connection() as conn:
         es_state = scalar(conn, "SELECT avg(octet_length(state)) FROM es_stored_events")
-        mf_data = scalar(conn, "SELECT avg(octet_length(data::text)) FROM events WHERE stream LIKE 'bench-b%'")
-        mf_meta = scalar(conn, "SELECT avg(octet_length(metadata::text)) FROM events WHERE stream LIKE 'bench-b%'")
+        mf_data = scalar(conn, "SELECT avg(octet_length(data::text)) FROM events WHERE stream LIKE 'default/bench-b%'")
+        mf_meta = scalar(
+            conn, "SELECT avg(octet_length(metadata::text)) FROM events WHERE stream LIKE 'default/bench-b%'"
+        )
     total = per_round * p.batched_rounds
     mf_rate = total / sum(mf_times)
     es_rate = total / sum(es_times)

@@ -9,10 +9,14 @@ drops the Redis copy of the log, which the relay republishes from the rewritten 
 
 from __future__ import annotations
 
-import orjson
+import base64
 
+import orjson
+from cryptography.hazmat.primitives import serialization
+
+from mailflow.config import split_password
 from mailflow.errors import ConfigurationError
-from mailflow.infra.vault import Keyring, Vault
+from mailflow.infra.vault import Keyring, Vault, dkim_fingerprint
 
 SENDER_EVENTS = """
 SELECT seq, metadata->>'tenant', data::text FROM events
@@ -34,10 +38,29 @@ DELETE FROM secrets s WHERE s.owner LIKE 'sender:%' AND NOT EXISTS (
 RECORD = "INSERT INTO log_rewrites (migration, events) VALUES (%s, %s)"
 
 
-def apply(conn, keyring: Keyring | None) -> None:
-    # Imported here: the outbound room reads the sender shape; the migration only moves data.
-    from mailflow.outbound.sending import seal_sender_secrets
+def seal_sender_secrets(conn, vault: Vault, tenant: str, data: dict) -> dict:
+    """Schema-1 SenderSaved data -> schema 2, its secrets put in the vault. Self-contained on
+    purpose (no outbound import): what an old migration does must not change with later code."""
+    sealed = {k: v for k, v in data.items() if k != "dkim_key_pem"}
+    relay_url, password = split_password(data["relay_url"])
+    sealed.update(relay_url=relay_url, relay_password=None, dkim_key=None, dkim_public_key=None)
+    owner = f"sender:{data['name']}"
+    if password:
+        ref = vault.put(conn, tenant=tenant, kind="relay_password", owner=owner, plaintext=password)
+        sealed["relay_password"] = ref.to_dict()
+    pem = data.get("dkim_key_pem")
+    if pem:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        ref = vault.put(conn, tenant=tenant, kind="dkim_key", owner=owner, plaintext=pem)
+        sealed["dkim_key"] = {"id": ref.id, "fingerprint": dkim_fingerprint(public)}
+        sealed["dkim_public_key"] = base64.b64encode(public).decode()
+    return sealed
 
+
+def apply(conn, keyring: Keyring | None) -> None:
     rows = conn.execute(SENDER_EVENTS).fetchall()
     if rows and keyring is None:
         raise ConfigurationError("migration 0009 moves secrets into the encrypted table: run `mailflow migrate`")

@@ -104,11 +104,12 @@ def fair_share(
 ) -> Iterator[tuple[Any, ...]]:
     """Due jobs in the order to offer them to the rate limiter, shared between tenants.
 
-    Each next job is the oldest of the tenant that has sent least lately (`usage`: messages
-    released recently, decayed - see Usage), counting what this batch already gave it: a
-    tenant that starts a campaign while another has been sending for a while goes first
-    until they have sent alike, and two tenants that both keep sending share every batch
-    half and half (round-robin, whose turn it is to go first changing every tick). A tenant
+    Each next job is the oldest of the tenant with the smallest claim: what it sent lately
+    (`usage`, decayed - see Usage) plus what it still has due (up to 4 x limit, as fetched).
+    So a small campaign goes through almost as if it were alone, a big one waits at most for
+    that small one, a tenant that starts while another has been sending goes first until
+    they have sent alike, and two tenants that both have much to send share every batch
+    half and half (round-robin; whose turn it is to go first changes every tick). A tenant
     at its hourly or daily limit offers no normal or low work (its transactional mail still
     goes).
 
@@ -127,7 +128,8 @@ def fair_share(
         first = turn % len(order)
         order = order[first:] + order[:first]
     used = usage or {}
-    heap = [(used.get(t, 0.0), i, t) for i, t in enumerate(order) if allowed[t] > 0]
+    more = {t for t, queue in queues.items() if len(queue) >= limit * 4}  # due jobs beyond those fetched
+    heap = [(used.get(t, 0.0) + len(queues[t]), i, t) for i, t in enumerate(order) if allowed[t] > 0]
     heapq.heapify(heap)
     offered = 0
     while heap and offered < limit * 4:
@@ -137,7 +139,8 @@ def fair_share(
         offered += 1
         allowed[tenant] -= 1
         if queue and allowed[tenant] > 0:
-            heapq.heappush(heap, (spent + 1, i, tenant))
+            # One more sent, and one less due - unless it has more due than was fetched.
+            heapq.heappush(heap, (spent + 1 if tenant in more else spent, i, tenant))
 
 
 class Usage:

@@ -42,8 +42,8 @@ def seal_sender_secrets(
     """SenderSaved data with its secrets moved into the vault: the relay URL without its
     password and a reference to it; a reference to the DKIM private key, and its public key.
 
-    Takes the sender as given (schema 1: relay_url with a password, dkim_key_pem); migration
-    0009 runs it on every stored schema-1 event."""
+    Takes the sender as given (relay_url with a password, dkim_key_pem: the shape of schema 1,
+    which migration 0009 sealed the same way with its own copy of this)."""
     sealed = {k: v for k, v in data.items() if k != "dkim_key_pem"}
     relay_url, password = split_password(data["relay_url"])
     pem = data.get("dkim_key_pem")
