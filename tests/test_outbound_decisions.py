@@ -98,3 +98,21 @@ def test_enhanced_status_codes_are_found_in_replies_and_say_what_failed():
     assert not find_enhanced("421 4.7.0 try later").permanent
     assert find_enhanced("5.9.99 odd").meaning == "unknown"
     assert enhanced_code("250 ok") is None
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (
+            "550 5.1.1 <Ann.Lee@Example.NET>: Recipient address rejected",
+            "550 5.1.1 <recipient>: Recipient address rejected",
+        ),
+        ("mailbox ann.lee@example.net is full (ann.lee@example.net)", "mailbox <recipient> is full (<recipient>)"),
+        ("250 2.0.0 Ok: queued as 4F2A", "250 2.0.0 Ok: queued as 4F2A"),
+        ("550 no such user bob.lee@example.net", "550 no such user bob.lee@example.net"),  # someone else's
+    ],
+)
+def test_a_recorded_reply_names_the_job_not_the_recipients_address(reply, expected):
+    from mailflow.mail.addresses import without_address
+
+    assert without_address(reply, "ann.lee@example.net") == expected

@@ -50,6 +50,7 @@ from mailflow.infra.services import (
 from mailflow.infra.tenancy import DEFAULT_TENANT
 from mailflow.infra.vault import Keyring, Vault
 from mailflow.log import get_logger
+from mailflow.mail.addresses import without_address
 from mailflow.outbound import consent, mime, mx, smtp, streams, templates
 from mailflow.outbound import queries as q
 from mailflow.outbound.events import (
@@ -543,6 +544,7 @@ class Worker:
         if res.events is not None:
             return res.events
         j, v = res.job, res.verdict
+        res.reply = without_address(res.reply, j.email)  # the job names the person; its reply need not
         extra = []
         ev: JobCompleted | JobFailed | JobRetryScheduled
         if v.outcome is Outcome.DELIVERED:
