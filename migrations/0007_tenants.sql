@@ -113,6 +113,11 @@ BEGIN
                        'WITH CHECK (tenant = current_setting(''mailflow.tenant'', true))', t);
     END LOOP;
 END $$;
+-- Stream names are a tenant's too (acme/contact-...): a tenant sees and bumps only its own.
+ALTER TABLE streams ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_rows ON streams
+    USING (starts_with(stream, current_setting('mailflow.tenant', true) || '/'))
+    WITH CHECK (starts_with(stream, current_setting('mailflow.tenant', true) || '/'));
 ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant_rows ON tenants USING (id = current_setting('mailflow.tenant', true));
 -- Operator-only: a tenant's connection sees none of these (row-level security, no policy).

@@ -161,7 +161,8 @@ def test_a_connection_without_a_tenant_sees_no_tenant_row(env, two_tenants, db_u
     with connect(db_url) as conn:
         conn.execute(f"SET ROLE {TENANT_ROLE}")
         seen = {
-            t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in [*tables, "tenants", "dead_letters"]
+            t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+            for t in [*tables, "tenants", "streams", "dead_letters", "consumer_failures"]
         }
         assert seen == dict.fromkeys(seen, 0)
         conn.execute("SELECT set_config('mailflow.tenant', 'beta', false)")
