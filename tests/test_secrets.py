@@ -194,6 +194,8 @@ def test_saving_a_new_password_deletes_the_old_secret_and_rotation_keeps_every_s
 def test_rotate_key_from_the_command_line_with_progress_and_json(env, tmp_path):
     ok(run_cli(env, "senders", "add", "a", "--from", "a@example.org", "--relay", "smtp://u:pw1@127.0.0.1:2525"))
     ok(run_cli(env, "senders", "add", "b", "--from", "b@example.org", "--relay", "smtp://u:pw2@127.0.0.1:2525"))
+    human = ok(run_cli(dict(env, COLUMNS="80"), "secrets", "list"))
+    assert len(human.splitlines()) == 2 and all(len(line) <= 80 for line in human.splitlines())
     listed = json.loads(ok(run_cli(env, "secrets", "list", "--json")))
     assert sorted(s["owner"] for s in listed) == ["sender:a", "sender:b"]
     assert all("pw" not in json.dumps(s) for s in listed)

@@ -26,7 +26,8 @@ def secrets_list(as_json: bool = JsonOpt) -> None:
         emit_json([{k: iso(v) for k, v in r.items()} for r in rows])
         return
     for r in rows:
-        out.print(f"{r['owner']:<24} {r['kind']:<16} key {r['key_id']}  {r['fingerprint']}", markup=False)
+        fingerprint = str(r["fingerprint"])
+        out.print(f"{r['owner']:<22} {r['kind']:<15} {r['key_id']} {fingerprint[:28]}", markup=False)
     if not rows:
         out.print("no secrets")
 
