@@ -251,7 +251,9 @@ def test_a_leader_whose_lock_connection_dies_stops_leading_and_one_queuer_leads_
         return [
             p
             for (p,) in db.execute(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 7300010 AND granted"
+                # pg_locks is the cluster's: other tests' queuers (other databases) hold the same key
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 7300010 AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ).fetchall()
         ]
 
