@@ -31,7 +31,7 @@ from mailflow.errors import ConflictError, NotFoundError, UsageError
 from mailflow.events.envelope import Envelope, NewEvent
 from mailflow.events.store import EventStore
 from mailflow.infra.locks import Lock
-from mailflow.infra.tenancy import SETTING, TENANT_ROLE
+from mailflow.infra.tenancy import SCOPE_TO_TENANT
 
 Handler = Callable[[psycopg.Connection, list[Envelope]], None]
 
@@ -159,12 +159,11 @@ def writing(store: EventStore, conn: psycopg.Connection | None = None) -> Iterat
 # scope, the transaction then sees and writes only that tenant's rows (row-level security).
 _BEGIN = "SELECT pg_advisory_xact_lock_shared(%s)"
 _BEGIN_FOR_TENANT = f"""
-SELECT pg_advisory_xact_lock_shared(%(lock)s), set_config('role', '{TENANT_ROLE}', true),
-       set_config('{SETTING}', %(tenant)s, true), (SELECT status FROM tenants WHERE id = %(tenant)s)
+SELECT pg_advisory_xact_lock_shared(%(lock)s), {SCOPE_TO_TENANT}, (SELECT status FROM tenants WHERE id = %(tenant)s)
 """
 
 
-_SCOPE_FOR_TENANT = f"SELECT set_config('role', '{TENANT_ROLE}', true), set_config('{SETTING}', %(tenant)s, true)"
+_SCOPE_FOR_TENANT = f"SELECT {SCOPE_TO_TENANT}"
 
 
 @contextmanager

@@ -75,11 +75,9 @@ def cross_tenant(conn: psycopg.Connection) -> None:
     conn.execute(f"SET LOCAL ROLE {OPERATOR_ROLE}")
 
 
-def acting_for(conn: psycopg.Connection, tenant: str) -> None:
-    """For the rest of the current transaction, see only `tenant`'s rows: an operator process
-    doing one tenant's work (starting its scheduled campaign) runs under that tenant's policy."""
-    conn.execute(f"SET LOCAL ROLE {TENANT_ROLE}")
-    conn.execute("SELECT set_config(%s, %s, true)", (SETTING, tenant))
+# For the rest of a transaction, only `%(tenant)s`'s rows: how the write path scopes an
+# operator's process doing one tenant's work (consumers/inline.py). Select-list items.
+SCOPE_TO_TENANT = f"set_config('role', '{TENANT_ROLE}', true), set_config('{SETTING}', %(tenant)s, true)"
 
 
 def qualified(tenant: str, stream: str) -> str:

@@ -22,7 +22,7 @@ from mailflow.events.store import EventStore
 from mailflow.log import get_logger
 from mailflow.mail.tokens import BadToken
 from mailflow.outbound.consent import Preferences, preferences, read_preferences_token, set_campaign_mail
-from mailflow.web.unsubscribe import MAX_BODY_BYTES, _read_body, page, try_again_later
+from mailflow.web.unsubscribe import MAX_BODY_BYTES, page, read_body, try_again_later
 
 log = get_logger("mailflow.web")
 
@@ -91,7 +91,7 @@ class PreferencesPages:
         if found is None:
             log.info("web.preferences_refused", reason="invalid token")
             return invalid_link()
-        form = parse_qs((await _read_body(request, MAX_BODY_BYTES)).decode("latin-1"))
+        form = parse_qs((await read_body(request, MAX_BODY_BYTES)).decode("latin-1"))
         choice = form.get("campaign_mail", [""])[0]
         if choice not in ("yes", "no"):
             return show(await run_in_threadpool(preferences, *found))

@@ -138,7 +138,7 @@ class UnsubscribePages:
         if req is None:
             log.info("web.unsubscribe_refused", reason="invalid token")
             return invalid_link()
-        body = await _read_body(request, MAX_BODY_BYTES)
+        body = await read_body(request, MAX_BODY_BYTES)
         via = "one-click" if is_one_click(request.headers.get("content-type", ""), body) else "form"
         try:
             outcome: Outcome = await run_in_threadpool(unsubscribe, self.store, req)
@@ -154,7 +154,7 @@ class UnsubscribePages:
         return done(req)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """At most `limit` bytes of the body; the rest is not needed (nor read)."""
     chunks: list[bytes] = []
     size = 0
