@@ -105,8 +105,7 @@ from mailflow.events.store import EventStore
 from mailflow.infra.services import connect, open_pool, redis_client
 from mailflow.infra.tenancy import Scope
 from mailflow.outbound import campaigns, mime, segments, sending, templates
-from mailflow.outbound.contacts import import_contacts
-from mailflow.outbound.events import ImportedContact
+from mailflow.outbound.contacts import ContactRow, import_contacts
 from mailflow.outbound.senders import Sender
 
 GOALS: dict[str, tuple[str, float]] = {
@@ -798,9 +797,7 @@ def setup_catalog(store: EventStore, sink_port: int, p: Params) -> str:
     templates.save(store, CAMPAIGN_TEMPLATE)
     templates.save(store, TX_TEMPLATE)
     rows = (
-        ImportedContact(
-            email=f"user{i}@d{i % p.domains}.example.net", attributes={"name": f"User {i}", "country": "NL"}
-        )
+        ContactRow(email=f"user{i}@d{i % p.domains}.example.net", attributes={"name": f"User {i}", "country": "NL"})
         for i in range(p.recipients)
     )
     report = import_contacts(store, rows, "bench", batch_size=1000)
@@ -1291,7 +1288,7 @@ def _tenant_catalog(ops: EventStore, tenant: str, sink_port: int, recipients: in
     sending.save_sender(store, Sender(SENDER, FROM_EMAIL, tenant, f"smtp://127.0.0.1:{sink_port}?tls=none&timeout=30"))
     templates.save(store, CAMPAIGN_TEMPLATE)
     rows = (
-        ImportedContact(email=f"{tenant}{i}@d{i % 20}.example.net", attributes={"name": f"User {i}", "country": "NL"})
+        ContactRow(email=f"{tenant}{i}@d{i % 20}.example.net", attributes={"name": f"User {i}", "country": "NL"})
         for i in range(recipients)
     )
     import_contacts(store, rows, "bench", batch_size=1000)

@@ -14,7 +14,7 @@ from mailflow.errors import UserError
 from mailflow.events import NewEvent
 from mailflow.events.envelope import Metadata
 from mailflow.outbound import campaigns, segments, sending, templates
-from mailflow.outbound.events import JobCompleted, JobCreated, JobFailed, JobQueued, JobRetryScheduled, JobStarted
+from mailflow.outbound.events import JobCompleted, JobFailed, JobQueued, JobRetryScheduled, JobStarted
 from mailflow.outbound.views import id_range, short_ids, sla_verdict
 
 from .conftest import run_cli
@@ -56,18 +56,18 @@ def retrying(job_id: str):
 
 
 def create_job(store, job_id: str, email: str, priority: str = "high") -> None:
-    record_job_events(
-        store,
-        job_id,
-        JobCreated(
+    with inline.writing(store) as w:
+        created = sending.job_to(
+            w,
+            email,
+            {},
             job_id=job_id,
             idempotency_key=f"test:{job_id}",
             priority=priority,
-            email=email,
             sender="tx",
             template="reset",
-        ),
-    )
+        )
+        w.record([(f"job-{job_id}", created.to_new(Metadata(correlation_id=job_id)))])
 
 
 # -- events tail -------------------------------------------------------------------------------

@@ -86,19 +86,20 @@ def test_an_unsubscribed_contact_gets_receipts_not_campaigns_and_links_reach_the
             templates.save(prt.store, templates.Template("news", "News", "", body))
             receipt = "Receipt for {{ email }}. Settings: {{ preferences_url }} {{ unsubscribe_url or '-' }}"
             templates.save(prt.store, templates.Template("receipt", "Receipt", "", receipt))
-            inline.record(
-                prt.store,
-                [
-                    (
-                        streams.contact("ann@example.net"),
-                        ContactStatusChanged(email="ann@example.net", status="unsubscribed", reason="link").to_new(),
-                    ),
-                    (
-                        streams.contact("bea@example.net"),
-                        ContactStatusChanged(email="bea@example.net", status="bounced", reason="550").to_new(),
-                    ),
-                ],
-            )
+            with inline.writing(prt.store) as w:
+                ann, bea = (prt.store.subject(w.conn, e) for e in ("ann@example.net", "bea@example.net"))
+                w.record(
+                    [
+                        (
+                            streams.contact(ann),
+                            ContactStatusChanged(subject=ann, status="unsubscribed", reason="link").to_new(),
+                        ),
+                        (
+                            streams.contact(bea),
+                            ContactStatusChanged(subject=bea, status="bounced", reason="550").to_new(),
+                        ),
+                    ]
+                )
             suppressions.add(prt.store, "carl@example.net", "unsubscribe", "")
             cid = campaigns.create(prt.store, name="spring", sender="tx", template="news", segment="all")
             # Ann is left out of the snapshot (she unsubscribed), Bea too (bounced).
@@ -135,10 +136,12 @@ def test_an_unsubscribed_contact_gets_receipts_not_campaigns_and_links_reach_the
                 back = web.post(path, data={"campaign_mail": "yes"})
                 assert "receives newsletters" in back.text
                 assert web.get(path[:-3] + "abc").status_code == 400
+            with prt.connect() as c:
+                bob = f"default/contact-{prt.store.subject(c, 'bob@example.net')}"
             with connect(db_url) as c:
                 rows = c.execute(
-                    "SELECT type, metadata->>'actor', data->>'reason' FROM events "
-                    "WHERE stream = 'default/contact-bob@example.net' ORDER BY version"
+                    "SELECT type, metadata->>'actor', data->>'reason' FROM events WHERE stream = %s ORDER BY version",
+                    (bob,),
                 ).fetchall()
             assert [t for t, _, _ in rows][-2:] == ["ContactStatusChanged", "ContactReactivated"]
             assert rows[-1][1] == consent.PREFERENCES_ACTOR and "asked" in rows[-1][2]

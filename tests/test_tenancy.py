@@ -281,10 +281,9 @@ def test_usage_decays_by_half_every_half_life():
 
 def _campaign(store, name: str, n: int) -> str:
     from mailflow.outbound import campaigns, segments
-    from mailflow.outbound.contacts import import_contacts
-    from mailflow.outbound.events import ImportedContact
+    from mailflow.outbound.contacts import ContactRow, import_contacts
 
-    import_contacts(store, [ImportedContact(email=f"{name}-{i}@example.net") for i in range(n)], source="test")
+    import_contacts(store, [ContactRow(email=f"{name}-{i}@example.net") for i in range(n)], source="test")
     segments.define(store, "all", {})
     cid = campaigns.create(store, name=name, sender="tx", template="plain", segment="all")
     campaigns.start(store, cid)

@@ -1,4 +1,4 @@
-"""Commands room: `mailflow contacts` - contacts: import from CSV, list, show, update, reactivate."""
+"""Commands room: `mailflow contacts` - contacts: import from CSV, list, show, update, reactivate, erase."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from mailflow.commands.base import (
 )
 from mailflow.errors import UsageError
 
-app = new_app("Contacts: import from CSV, list, show, update, reactivate.")
+app = new_app("Contacts: import from CSV, list, show, update, reactivate, erase.")
 
 
 @app.command("import")
@@ -110,7 +110,7 @@ def contacts_show(email: str = typer.Argument(...), as_json: bool = JsonOpt) -> 
         sup = f"yes ({c.suppression_reason}{': ' + c.suppression_detail if c.suppression_detail else ''})"
     jobs = ", ".join(f"{n} {state}" for state, n in c.jobs.items()) or "none"
     out.print(
-        f"{c.email}\n  status:     {c.status}\n  suppressed: {sup}\n"
+        f"{c.email}\n  subject:    {c.subject}\n  status:     {c.status}\n  suppressed: {sup}\n"
         f"  attributes: {orjson.dumps(c.attributes).decode()}\n  jobs:       {jobs}\n"
         f"  created {c.created_at.isoformat()}, updated {c.updated_at.isoformat()}",
         markup=False,
@@ -184,3 +184,43 @@ def contacts_reactivate(
         return
     lifted = f", suppression ({r.suppression_lifted}) lifted" if r.suppression_lifted else ""
     out.print(f"{r.email} is active again (was {r.previous_status}{lifted})", markup=False)
+
+
+def confirm_or_yes(question: str, yes: bool) -> None:
+    """An irreversible step: asked on a terminal, else it needs --yes."""
+    import sys
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} cannot be undone: add --yes to go ahead")
+    if not typer.confirm(f"{question}? This cannot be undone.", default=False, err=True):
+        raise UsageError("nothing was erased")
+
+
+@app.command("erase")
+def contacts_erase(
+    email: str = typer.Argument(...),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask (required when not on a terminal)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Erase a person (the right to be forgotten): their contact, the address in their jobs and
+    every value about them in the log. Counts stay; the address stays suppressed for good."""
+    from mailflow.outbound import contacts
+
+    quiet_logs()
+    address = contacts.address(email)
+    confirm_or_yes(f"erase {address}", yes)
+    r = contacts.erase(runtime().store, address, actor=acting_user())
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    if r.already:
+        out.print(f"{r.email} was erased before; nothing more to do", markup=False)
+        return
+    held = "a contact and " if r.contact else ""
+    ended = f" ({r.cancelled} not yet sent, ended)" if r.cancelled else ""
+    out.print(
+        f"erased {r.email}: {held}{r.jobs} job(s){ended}; the address will never be mailed again",
+        markup=False,
+    )

@@ -130,4 +130,11 @@ def _print_demo(res: Any) -> None:
         )
     out.print(lat)
     out.print(f"{res.seconds:.1f} s, {res.messages_per_s} messages/s delivered, {res.events} events recorded")
+    if res.erasure:
+        e = res.erasure
+        out.print(
+            f"erased {e['email']}: {e['rows_naming_before']} rows named them, {e['rows_naming_after']} now; "
+            f"campaign counts {'unchanged' if e['counts_unchanged'] else 'CHANGED'}; a new send is {e['send_after']}",
+            markup=False,
+        )
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")

@@ -158,9 +158,11 @@ def events_stream(
     stream: str = typer.Argument(..., help="Stream name, e.g. job-<id> (the tenant's: <tenant>/job-<id>)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Show every event of STREAM in version order."""
+    """Show every event of STREAM in version order (contact-EMAIL and suppression-EMAIL name
+    the person's stream, which is named by subject)."""
     quiet_logs()
-    envs = runtime().store.read_stream(stream)
+    rt = runtime()
+    envs = rt.store.read_stream(_by_subject(rt, stream))
     if not envs:
         raise MailflowError(f"stream {stream!r} has no events")
     if as_json:
@@ -170,6 +172,17 @@ def events_stream(
         pos = env.position if env.position is not None else "-"
         ts = env.recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         out.print(f"v{env.version:<5} pos {pos!s:<8} {ts}  {env.type}  {orjson.dumps(env.data).decode()}", markup=False)
+
+
+def _by_subject(rt, stream: str) -> str:
+    """contact-<address> -> contact-<subject>: people's streams never carry the address."""
+    head, _, name = stream.rpartition("/")
+    kind, _, rest = name.partition("-")
+    if kind not in ("contact", "suppression") or "@" not in rest or rt.store.tenant is None:
+        return stream
+    with rt.connect() as conn:
+        subject = rt.store.subject(conn, rest)
+    return f"{head}/{kind}-{subject}" if head else f"{kind}-{subject}"
 
 
 @app.command("stats")

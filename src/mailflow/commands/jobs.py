@@ -20,6 +20,8 @@ from mailflow.events.envelope import Envelope
 from mailflow.outbound import campaigns, views
 from mailflow.outbound.jobs import JobState, Priority
 
+ERASED = "(erased)"  # a job whose recipient was erased keeps its state, not the address
+
 app = new_app("Jobs: one per recipient message.")
 
 
@@ -46,7 +48,7 @@ def jobs_list(
     table.add_column("email", overflow="ellipsis")  # the one column that gives way at 80 columns
     for j in jobs:
         last = " ".join(str(x) for x in (j.last_code, j.failure_kind) if x)
-        table.add_row(short[str(j.id)], j.state, j.priority, str(j.attempts), last or "-", j.email)
+        table.add_row(short[str(j.id)], j.state, j.priority, str(j.attempts), last or "-", j.email or ERASED)
     out.print(table)
 
 
@@ -88,7 +90,7 @@ def jobs_show(
         emit_json(found.to_dict())
         return
     j = found.job
-    lines = [f"job {j.id}", f"  {j.state} ({j.priority}), attempts {j.attempts}, to {j.email}"]
+    lines = [f"job {j.id}", f"  {j.state} ({j.priority}), attempts {j.attempts}, to {j.email or ERASED}"]
     if j.campaign_id:
         lines.append(f"  campaign {j.campaign_id}")
     if j.last_reply:

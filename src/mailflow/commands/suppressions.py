@@ -28,7 +28,8 @@ def suppressions_list(limit: int = typer.Option(1000, "--limit", min=1), as_json
         emit_json([{**r.__dict__, "created_at": r.created_at.isoformat()} for r in rows])
     else:
         for r in rows:
-            out.print(f"{r.email:<40} {r.reason:<12} {r.detail}", markup=False)
+            who = r.email or f"(erased {r.subject[:12]})"
+            out.print(f"{who:<40} {r.reason:<12} {r.detail}", markup=False)
 
 
 @app.command("add")

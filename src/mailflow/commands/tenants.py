@@ -1,4 +1,4 @@
-"""Commands room: `mailflow tenants` - create, list, show, suspend and resume tenants, set their limits.
+"""Commands room: `mailflow tenants` - create, list, show, suspend, resume and erase tenants, set their limits.
 
 Operator commands: they see every tenant (the cross-tenant role), whatever --tenant says.
 """
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import typer
 
-from mailflow.commands.base import JsonOpt, emit_json, new_app, out, quiet_logs, runtime
+from mailflow.commands.base import JsonOpt, emit_json, err, new_app, out, quiet_logs, runtime
 
-app = new_app("Tenants: create, list, show, suspend, resume, limits.")
+app = new_app("Tenants: create, list, show, suspend, resume, erase, limits.")
 
 
 def _limit(value: int | None) -> str:
@@ -98,6 +98,40 @@ def tenants_resume(tenant_id: str = typer.Argument(..., metavar="ID"), as_json: 
         emit_json({"tenant": tenant_id, "status": "active", "changed": changed})
     else:
         out.print(f"resumed {tenant_id}" if changed else f"{tenant_id} was not suspended")
+
+
+@app.command("erase")
+def tenants_erase(
+    tenant_id: str = typer.Argument(..., metavar="ID"),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask (required when not on a terminal)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Erase a suspended tenant's people and secrets for good (its counts stay); interrupted,
+    run it again and it goes on."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from mailflow.commands.contacts import acting_user, confirm_or_yes
+    from mailflow.outbound import contacts
+    from mailflow.tenants import registry
+
+    quiet_logs()
+    store = runtime(operator=True).store
+    registry.refuse_unless_suspended(store, tenant_id)
+    confirm_or_yes(f"erase every person and secret of tenant {tenant_id}", yes)
+    scoped = store.for_tenant(tenant_id)
+    if as_json:
+        people = contacts.erase_everyone(scoped, actor=acting_user())
+    else:
+        with Progress(TextColumn("erasing"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
+            task = bar.add_task("erase", total=None)
+            people = contacts.erase_everyone(
+                scoped, actor=acting_user(), progress=lambda n, total: bar.update(task, completed=n, total=total)
+            )
+    registry.mark_erased(store, tenant_id, people)
+    if as_json:
+        emit_json({"tenant": tenant_id, "status": "erased", "people": people})
+    else:
+        out.print(f"erased tenant {tenant_id}: {people:,} person(s) and every secret; its counts are kept")
 
 
 @app.command("limits")

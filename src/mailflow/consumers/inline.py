@@ -177,8 +177,8 @@ def _transaction(store: EventStore, conn: psycopg.Connection) -> Iterator[Writer
             if store.enforce_suspension:
                 if status is None:
                     raise NotFoundError(f"no tenant {store.tenant!r}")
-                if status == "suspended":
-                    raise ConflictError(f"tenant {store.tenant!r} is suspended: its data can be read, not changed")
+                if status in ("suspended", "erased"):
+                    raise ConflictError(f"tenant {store.tenant!r} is {status}: its data can be read, not changed")
         yield Writer(store, conn)
 
 

@@ -25,6 +25,7 @@ from mailflow.events.envelope import METADATA_KEYS, Envelope, Metadata, NewEvent
 from mailflow.events.notify import Notifier
 from mailflow.events.registry import EventRegistry
 from mailflow.events.registry import registry as default_registry
+from mailflow.infra.personal import People
 from mailflow.infra.services import pool_conninfo, scalar
 from mailflow.infra.tenancy import cross_tenant, qualified
 
@@ -50,8 +51,12 @@ class EventStore:
         actor: str | None = None,
         tenant: str | None = None,
         notify_min_interval_s: float = 0.02,
+        people: People | None = None,
     ) -> None:
         self.pool = pool
+        # Names people (subjects) from addresses for the write paths that take an address from
+        # outside (infra/personal.py); None in a store that never does.
+        self._people = people
         # Whose events this store appends (and whose streams its names mean); None for the
         # operator, whose every event must name its tenant in its metadata.
         self.tenant = tenant
@@ -208,6 +213,18 @@ class EventStore:
         elif self.tenant is not None and md.tenant != self.tenant:
             raise InvalidEventError(f"{ev.type} belongs to tenant {md.tenant!r}, not to {self.tenant!r}")
         return md.tenant
+
+    @property
+    def people(self) -> People:
+        if self._people is None:
+            raise MailflowError("this event store was made without the keyring, so it cannot name people")
+        return self._people
+
+    def subject(self, conn: psycopg.Connection, email: str) -> str:
+        """The subject of an address in this store's tenant (see infra/personal.py)."""
+        if self.tenant is None:
+            raise MailflowError("an address names a person within a tenant: act for one (for_tenant)")
+        return self.people.subject(conn, self.tenant, email)
 
     def for_tenant(self, tenant: str) -> EventStore:
         """This store acting for one tenant (same pool and notifier): its writing transactions see

@@ -240,16 +240,25 @@ class Vault:
         """HMAC-SHA256 under a random key kept (encrypted) in the database: equal secrets
         have equal fingerprints, and the log alone cannot be used to guess a password."""
         if self._fingerprint_key is None:
-            self._fingerprint_key = self._setting(conn, _FINGERPRINT_KEY, lambda: pysecrets.token_bytes(32))
+            self._fingerprint_key = self.setting(conn, _FINGERPRINT_KEY)
         return "hmac-sha256:" + hmac.new(self._fingerprint_key, plaintext.encode(), hashlib.sha256).hexdigest()[:24]
 
-    def _setting(self, conn: psycopg.Connection, name: str, make: Callable[[], bytes]) -> bytes:
+    def setting(
+        self, conn: psycopg.Connection, name: str, make: Callable[[], bytes] = lambda: pysecrets.token_bytes(32)
+    ) -> bytes:
+        """An installation-wide secret (created at random on first use), decrypted."""
         row = conn.execute(GET_SETTING, (name,)).fetchone()
         if row is None:
             conn.execute(PUT_SETTING, (name, self.keyring.encrypt(make()), self.keyring.current_id))
             row = conn.execute(GET_SETTING, (name,)).fetchone()
         assert row is not None
-        return self.keyring.decrypt(bytes(row[0]))
+        try:
+            return self.keyring.decrypt(bytes(row[0]))
+        except InvalidToken as exc:
+            raise ConfigurationError(
+                f"the installation's {name} is encrypted under a master key this process does not have: give "
+                "every process the same MAILFLOW_SECRET_KEY / MAILFLOW_SECRET_KEY_FILE"
+            ) from exc
 
     def listing(self, conn: psycopg.Connection) -> list[dict[str, object]]:
         cols = ("id", "kind", "owner", "key_id", "fingerprint", "created_at", "rotated_at")

@@ -22,7 +22,9 @@ from mailflow.consumers import inline
 from mailflow.errors import ConflictError, NotFoundError, UserError
 from mailflow.events.envelope import Metadata, uuid7
 from mailflow.events.store import EventStore
+from mailflow.infra import personal
 from mailflow.infra.services import scalar
+from mailflow.mail.addresses import domain_of
 from mailflow.outbound import queries as q
 from mailflow.outbound import segments, streams, templates
 from mailflow.outbound.events import (
@@ -97,20 +99,32 @@ def create(store: EventStore, *, name: str, sender: str, template: str, segment:
     return campaign_id
 
 
-def _jobs(c: Campaign, emails: list[str], *, key_suffix: str) -> list[JobCreated]:
-    """One campaign job per address; the idempotency key makes a retried start create none twice."""
+def _jobs(c: Campaign, tenant: str, recipients: list[tuple[str, str, bytes]], *, key_suffix: str) -> list[JobCreated]:
+    """One campaign job per (subject, address, subject key); the idempotency key makes a
+    retried start create none twice."""
     return [
         JobCreated(
             job_id=str(uuid7()),
-            idempotency_key=f"campaign:{c.id}:{email}{key_suffix}",
+            idempotency_key=f"campaign:{c.id}:{subject}{key_suffix}",
             priority=str(Priority.NORMAL),
-            email=email,
+            subject=subject,
+            domain=domain_of(email),
+            sealed=personal.seal(bytes(key), tenant, subject, {"email": email, "variables": {}}),
             sender=c.sender,
             template=c.template,
             campaign_id=c.id,
         )
-        for email in emails
+        for subject, email, key in recipients
     ]
+
+
+def _tenant_of(store: EventStore, conn: psycopg.Connection, campaign_id: str) -> str:
+    if store.tenant is not None:
+        return store.tenant
+    row = conn.execute(q.CAMPAIGN_TENANT, (campaign_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"no campaign {campaign_id}")
+    return str(row[0])
 
 
 def _locked(conn: psycopg.Connection, campaign_id: str) -> Campaign:
@@ -159,15 +173,13 @@ def start(store: EventStore, campaign_id: str, batch: int = 2000) -> int:
             raise CampaignError(f"campaign {c.name!r} was cancelled; create a new one")
         doc = segments.load(conn, c.segment)
         compiled = segments.compile_filter(doc)
-        emails = [
-            e for (e,) in conn.execute(sql.SQL(q.SNAPSHOT_RECIPIENTS).format(where=compiled.where), compiled.params)
-        ]
+        emails = conn.execute(sql.SQL(q.SNAPSHOT_RECIPIENTS).format(where=compiled.where), compiled.params).fetchall()
         if not emails:
             raise EmptySegment(
                 f"segment {c.segment!r} has no active, unsuppressed contact; campaign {c.name!r} was not started"
             )
         for i in range(0, len(emails), batch):
-            created = _jobs(c, emails[i : i + batch], key_suffix="")
+            created = _jobs(c, _tenant_of(store, conn, c.id), emails[i : i + batch], key_suffix="")
             w.record([(streams.job(j.job_id), j.to_new(metadata)) for j in created])
         w.record([(streams.campaign(c.id), CampaignStarted(campaign_id=c.id, recipients=len(emails)).to_new(metadata))])
     if len(emails) >= 10_000:
@@ -223,11 +235,11 @@ def resend_failed(store: EventStore, campaign_id: str) -> int:
         c = _locked(w.conn, campaign_id)
         if c.status not in ("running", "paused", "completed"):
             raise CampaignError(f"campaign {c.name!r} is {c.status}; only started campaigns can resend")
-        emails = [e for e, _ in w.conn.execute(q.FAILED_TO_RESEND, (c.id,)).fetchall()]
+        emails = w.conn.execute(q.FAILED_TO_RESEND, (c.id,)).fetchall()
         if not emails:
             return 0
         resend = uuid.uuid4().hex[:8]
-        created = _jobs(c, emails, key_suffix=f":resend:{resend}")
+        created = _jobs(c, _tenant_of(store, w.conn, c.id), emails, key_suffix=f":resend:{resend}")
         w.record([(streams.job(j.job_id), j.to_new(metadata)) for j in created])
         w.record([(streams.campaign(c.id), CampaignResent(campaign_id=c.id, jobs=len(emails)).to_new(metadata))])
     return len(emails)

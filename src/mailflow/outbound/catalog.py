@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 from mailflow.consumers.inline import InlineProjection, register
 from mailflow.errors import ConflictError
 from mailflow.events.envelope import Envelope
+from mailflow.infra import personal
 from mailflow.outbound import queries as q
 
 
@@ -48,11 +49,14 @@ def refuse_if_in_use(conn: psycopg.Connection, kind: str, name: str) -> None:
 
 def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
     contacts = data["contacts"]
+    opened = personal.open_many(conn, tenant, [(c["subject"], c["sealed"]) for c in contacts])
+    known = [(c["subject"], v) for c, v in zip(contacts, opened) if v is not None]  # None: erased since
     conn.execute(
         q.UPSERT_CONTACTS,
         {
-            "emails": [c["email"] for c in contacts],
-            "attributes": [orjson.dumps(c.get("attributes") or {}).decode() for c in contacts],
+            "subjects": [s for s, _ in known],
+            "emails": [v["email"] for _, v in known],
+            "attributes": [orjson.dumps(v.get("attributes") or {}).decode() for _, v in known],
             "at": at,
             "tenant": tenant,
         },
@@ -60,16 +64,19 @@ def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime, tenan
 
 
 def _status_changed(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
-    conn.execute(q.SET_CONTACT_STATUS, (data["status"], at, tenant, data["email"]))
+    conn.execute(q.SET_CONTACT_STATUS, (data["status"], at, tenant, data["subject"]))
 
 
 def _contact_updated(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    (change,) = personal.open_many(conn, tenant, [(data["subject"], data["sealed"])])
+    if change is None:
+        return
     conn.execute(
         q.UPDATE_CONTACT_ATTRIBUTES,
         {
-            "email": data["email"],
-            "attributes": Jsonb(data.get("attributes") or {}),
-            "removed": list(data.get("removed") or []),
+            "subject": data["subject"],
+            "attributes": Jsonb(change.get("attributes") or {}),
+            "removed": list(change.get("removed") or []),
             "at": at,
             "tenant": tenant,
         },
@@ -77,8 +84,18 @@ def _contact_updated(conn: psycopg.Connection, data: dict, at: datetime, tenant:
 
 
 def _contact_reactivated(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
-    conn.execute(q.REACTIVATE_CONTACT, {"email": data["email"], "at": at, "tenant": tenant})
-    conn.execute(q.REMOVE_SUPPRESSION, (tenant, data["email"]))
+    conn.execute(q.REACTIVATE_CONTACT, {"subject": data["subject"], "at": at, "tenant": tenant})
+    conn.execute(q.REMOVE_SUPPRESSION, (tenant, data["subject"]))
+
+
+def _contact_erased(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    """The contact goes, the jobs keep their states without the address, and the subject stays
+    suppressed. (The jobs rows are the jobs projection's; a rebuild of it finds the sealed
+    addresses unreadable and leaves them empty too.)"""
+    subject = data["subject"]
+    conn.execute(q.DELETE_CONTACT, (tenant, subject))
+    conn.execute(q.FORGET_JOB_RECIPIENT, (tenant, subject))
+    conn.execute(q.SUPPRESS_ERASED, (tenant, subject, at))
 
 
 def _segment_defined(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
@@ -100,11 +117,14 @@ def _template_deleted(conn: psycopg.Connection, data: dict, at: datetime, tenant
 
 
 def _suppression_added(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
-    conn.execute(q.ADD_SUPPRESSION, (tenant, data["email"], data["reason"], data.get("detail", ""), at))
+    sealed = data.get("sealed")
+    (value,) = personal.open_many(conn, tenant, [(data["subject"], sealed)]) if sealed else (None,)
+    email = value["email"] if value else None
+    conn.execute(q.ADD_SUPPRESSION, (tenant, data["subject"], email, data["reason"], data.get("detail", ""), at))
 
 
 def _suppression_removed(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
-    conn.execute(q.REMOVE_SUPPRESSION, (tenant, data["email"]))
+    conn.execute(q.REMOVE_SUPPRESSION, (tenant, data["subject"]))
 
 
 def _sender_saved(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
@@ -158,6 +178,7 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime, str], None]] =
     "ContactStatusChanged": _status_changed,
     "ContactUpdated": _contact_updated,
     "ContactReactivated": _contact_reactivated,
+    "ContactErased": _contact_erased,
     "SegmentDefined": _segment_defined,
     "SegmentDeleted": _segment_deleted,
     "TemplateSaved": _template_saved,

@@ -23,7 +23,8 @@ from mailflow.infra.services import scalar_row
 from mailflow.mail import tokens
 from mailflow.outbound import contacts, streams
 from mailflow.outbound import queries as q
-from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded, SuppressionRemoved
+from mailflow.outbound.events import ContactStatusChanged, SuppressionRemoved
+from mailflow.outbound.suppressions import added
 
 STOPS_EVERYTHING = ("bounced", "complained")  # contact statuses that stop transactional mail too
 CAMPAIGN_ONLY_SUPPRESSION = "unsubscribe"  # a suppression of this reason stops campaign mail only
@@ -103,8 +104,9 @@ class Preferences:
 def preferences(store: EventStore, email: str) -> Preferences:
     """What the address receives from the store's tenant."""
     with inline.reading(store) as conn:
-        status, suppressed = scalar_row(conn, q.ADDRESS_STATE, {"email": email})
-        row = conn.execute(q.IS_SUPPRESSED, (email,)).fetchone() if suppressed else None
+        subject = store.subject(conn, email)
+        status, suppressed = scalar_row(conn, q.ADDRESS_STATE, {"subject": subject})
+        row = conn.execute(q.IS_SUPPRESSED, (subject,)).fetchone() if suppressed else None
     suppression = row[0] if row else None
     return Preferences(
         email,
@@ -126,14 +128,16 @@ def set_campaign_mail(store: EventStore, email: str, wanted: bool) -> Preference
                 store, email, reason="the person asked for campaign mail again", actor=PREFERENCES_ACTOR
             )
         elif now.suppression == CAMPAIGN_ONLY_SUPPRESSION:
-            inline.record(store, [(streams.suppression(email), SuppressionRemoved(email=email).to_new(md))])
+            with inline.writing(store) as w:
+                subject = store.subject(w.conn, email)
+                w.record([(streams.suppression(subject), SuppressionRemoved(subject=subject).to_new(md))])
     elif not wanted and now.campaign_mail:
-        if now.status is not None:
-            event: ContactStatusChanged | SuppressionAdded = ContactStatusChanged(
-                email=email, status="unsubscribed", reason="preferences page"
-            )
-            inline.record(store, [(streams.contact(email), event.to_new(md))])
-        else:
-            event = SuppressionAdded(email=email, reason=CAMPAIGN_ONLY_SUPPRESSION, detail="preferences page")
-            inline.record(store, [(streams.suppression(email), event.to_new(md))])
+        with inline.writing(store) as w:
+            subject = store.subject(w.conn, email)
+            if now.status is not None:
+                changed = ContactStatusChanged(subject=subject, status="unsubscribed", reason="preferences page")
+                w.record([(streams.contact(subject), changed.to_new(md))])
+            else:
+                event = added(w.conn, str(store.tenant), subject, email, CAMPAIGN_ONLY_SUPPRESSION, "preferences page")
+                w.record([(streams.suppression(subject), event.to_new(md))])
     return preferences(store, email)

@@ -31,10 +31,19 @@ from mailflow.consumers import inline
 from mailflow.errors import ConflictError, NotFoundError, UsageError, UserError
 from mailflow.events.envelope import Metadata
 from mailflow.events.store import EventStore
+from mailflow.infra import personal
+from mailflow.infra.services import scalar
 from mailflow.mail.addresses import normalize_email
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams
-from mailflow.outbound.events import ContactReactivated, ContactsImported, ContactUpdated, ImportedContact
+from mailflow.outbound.events import (
+    ContactErased,
+    ContactReactivated,
+    ContactsImported,
+    ContactUpdated,
+    ImportedContact,
+    JobFailed,
+)
 
 # A contact in one of these states is never mailed (checked again when each job starts).
 STOPPED_STATUSES = ("unsubscribed", "bounced", "complained")
@@ -44,6 +53,15 @@ BATCH = 1000
 
 class ContactImportError(UserError):
     """A CSV file mailflow cannot import (no email column, unreadable)."""
+
+
+@dataclass(frozen=True)
+class ContactRow:
+    """A contact as read from a file, before it is sealed into an event."""
+
+    email: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    line: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,7 @@ def sniff_delimiter(sample: str) -> str:
     return delimiter if delimiter in header else ","
 
 
-def parse_csv(fh: TextIO) -> Iterator[ImportedContact | Rejected]:
+def parse_csv(fh: TextIO) -> Iterator[ContactRow | Rejected]:
     """Yield a contact or a rejection per data row, with its line number in the file."""
     sample = fh.read(SNIFF_CHARS)
     if sample and not sample.endswith(("\n", "\r")):
@@ -147,12 +165,12 @@ def parse_csv(fh: TextIO) -> Iterator[ImportedContact | Rejected]:
             yield Rejected(line, raw, str(exc))
             continue
         attrs = {k: typed(v) for k, v in row.items() if k and k != "email" and v is not None and v.strip() != ""}
-        yield ImportedContact(email=email, attributes=attrs, line=line)
+        yield ContactRow(email=email, attributes=attrs, line=line)
 
 
 def import_contacts(
     store: EventStore,
-    rows: Iterable[ImportedContact | Rejected],
+    rows: Iterable[ContactRow | Rejected],
     source: str,
     *,
     actor: str | None = None,
@@ -162,19 +180,30 @@ def import_contacts(
     report = ImportReport(source=source)
     stream = streams.contact_import(uuid.uuid4())
     seen: set[str] = set()
-    batch: list[ImportedContact] = []
+    batch: list[ContactRow] = []
+    tenant = _tenant(store)
 
     def flush() -> None:
         if not batch:
             return
-        event = ContactsImported(source=source, contacts=list(batch)).to_new(Metadata(actor=actor))
-        with inline.reading(store) as conn, conn.cursor(row_factory=dict_row) as cur:
-            counted = cur.execute(q.COUNT_KNOWN_EMAILS, ([c.email for c in batch],)).fetchone()
-        known = counted["known"] if counted else 0
-        inline.record(store, [(stream, event)])
-        report.imported += len(batch)
-        report.updated += known
-        report.created += len(batch) - known
+        with inline.writing(store) as w:
+            subjects = [store.subject(w.conn, c.email) for c in batch]
+            gone = personal.erased(w.conn, tenant, subjects)
+            kept = [(s, c) for s, c in zip(subjects, batch) if s not in gone]
+            report.rejected.extend(
+                Rejected(c.line or 0, c.email, ERASED_ROW) for s, c in zip(subjects, batch) if s in gone
+            )
+            if kept:
+                known = scalar(w.conn, q.COUNT_KNOWN_SUBJECTS, ([s for s, _ in kept],))
+                sealed = personal.seal_many(
+                    w.conn, tenant, [(s, {"email": c.email, "attributes": c.attributes}) for s, c in kept]
+                )
+                imported = [ImportedContact(subject=s, sealed=x, line=c.line) for (s, c), x in zip(kept, sealed)]
+                event = ContactsImported(source=source, contacts=imported).to_new(Metadata(actor=actor))
+                w.record([(stream, event)])
+                report.imported += len(kept)
+                report.updated += known
+                report.created += len(kept) - known
         batch.clear()
 
     for item in rows:
@@ -201,9 +230,19 @@ def import_csv_text(store: EventStore, text: str, source: str = "inline") -> Imp
 # -- one contact ------------------------------------------------------------------------------
 
 
+ERASED_ROW = "erased on request: mailflow does not store this address again"
+
+
+def _tenant(store: EventStore) -> str:
+    if store.tenant is None:
+        raise UsageError("contacts belong to a tenant: act for one (--tenant)")
+    return store.tenant
+
+
 @dataclass(frozen=True)
 class Contact:
     email: str
+    subject: str
     status: str
     attributes: dict[str, Any]
     created_at: datetime
@@ -223,6 +262,7 @@ class Contact:
             }
         return {
             "email": self.email,
+            "subject": self.subject,
             "status": self.status,
             "attributes": self.attributes,
             "created_at": self.created_at.isoformat(),
@@ -238,18 +278,20 @@ def show(conn, raw_email: str) -> Contact:
         row = cur.execute(q.GET_CONTACT, (email,)).fetchone()
         if row is None:
             raise NotFoundError(f"no contact {email} (see `mailflow contacts list`)")
-        jobs = {r["state"]: r["jobs"] for r in cur.execute(q.CONTACT_JOB_STATES, (email,))}
+        jobs = {r["state"]: r["jobs"] for r in cur.execute(q.CONTACT_JOB_STATES, (row["subject"],))}
     return Contact(**row, jobs=jobs)
 
 
-def _locked_contact(w: inline.Writer, email: str) -> dict[str, Any]:
-    """Lock the address (as unsubscribes and suppressions do) and its contact row."""
-    w.conn.execute(q.LOCK_ADDRESS, (email,))
+def _locked_contact(w: inline.Writer, email: str) -> tuple[str, dict[str, Any]]:
+    """Lock the address (as unsubscribes and suppressions do) and its contact row; returns
+    the subject and the row."""
+    subject = w.store.subject(w.conn, email)
+    w.conn.execute(q.LOCK_ADDRESS, (subject,))
     with w.conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(q.LOCK_CONTACT, (email,)).fetchone()
+        row = cur.execute(q.LOCK_CONTACT, (subject,)).fetchone()
     if row is None:
         raise NotFoundError(f"no contact {email} (see `mailflow contacts list`)")
-    return row
+    return subject, row
 
 
 def update(
@@ -266,10 +308,12 @@ def update(
             raise UsageError(f"{key!r} cannot be an attribute name")
     removed = sorted(k for k, v in attributes.items() if v is None)
     values = {k: v for k, v in attributes.items() if v is not None}
-    event = ContactUpdated(email=email, attributes=values, removed=removed)
     with inline.writing(store) as w:
-        current = _locked_contact(w, email)["attributes"]
-        w.record([(streams.contact(email), event.to_new(Metadata(actor=actor)))])
+        subject, row = _locked_contact(w, email)
+        current = row["attributes"]
+        (sealed,) = personal.seal_many(w.conn, _tenant(store), [(subject, {"attributes": values, "removed": removed})])
+        event = ContactUpdated(subject=subject, sealed=sealed)
+        w.record([(streams.contact(subject), event.to_new(Metadata(actor=actor)))])
     return {k: v for k, v in {**current, **values}.items() if k not in removed}
 
 
@@ -290,12 +334,95 @@ def reactivate(store: EventStore, raw_email: str, *, reason: str, actor: str | N
     if not reason.strip():
         raise UsageError("say why the contact may be mailed again (--reason)")
     with inline.writing(store) as w:
-        status = _locked_contact(w, email)["status"]
+        subject, contact = _locked_contact(w, email)
+        status = contact["status"]
         with w.conn.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(q.LOCK_SUPPRESSION, (email,)).fetchone()
+            row = cur.execute(q.LOCK_SUPPRESSION, (subject,)).fetchone()
         suppression = row["reason"] if row else None
         if status == "active" and suppression is None:
             raise ConflictError(f"{email} is already active and not suppressed; nothing to reactivate")
-        event = ContactReactivated(email=email, reason=reason.strip(), previous_status=status, suppression=suppression)
-        w.record([(streams.contact(email), event.to_new(Metadata(actor=actor)))])
+        event = ContactReactivated(
+            subject=subject, reason=reason.strip(), previous_status=status, suppression=suppression
+        )
+        w.record([(streams.contact(subject), event.to_new(Metadata(actor=actor)))])
     return Reactivation(email, status, suppression)
+
+
+# -- erasure ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Erasure:
+    email: str
+    contact: bool  # a contact row was removed
+    jobs: int  # jobs that named the person: kept, without the address
+    cancelled: int  # of them, jobs not yet sent, ended as failed (suppressed)
+    already: bool  # erased before: nothing more to do
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def erase(store: EventStore, raw_email: str, *, actor: str | None = None) -> Erasure:
+    """Forget a person: their contact, the address and variables of their jobs, and every value
+    sealed for them in the log (their subject key is deleted). Jobs keep their states, so
+    campaign counts do not change, and the subject stays suppressed for good: a later import,
+    send or suppression of the address is refused. Jobs not yet sent end as failed.
+
+    Erasing twice is not an error (`already`). An address mailflow never held is erased all
+    the same, so that it is never mailed."""
+    email = address(raw_email)
+    tenant = _tenant(store)
+    with inline.writing(store) as w:
+        subject = store.subject(w.conn, email)
+        w.conn.execute(q.LOCK_ADDRESS, (subject,))
+        if personal.erased(w.conn, tenant, [subject]):
+            return Erasure(email, contact=False, jobs=0, cancelled=0, already=True)
+        with w.conn.cursor(row_factory=dict_row) as cur:
+            target = cur.execute(q.ERASE_TARGET, {"subject": subject}).fetchone()
+        assert target is not None
+        cancelled = _erase_subjects(w, tenant, [subject], Metadata(actor=actor))
+    return Erasure(email, contact=bool(target["contacts"]), jobs=target["jobs"], cancelled=cancelled, already=False)
+
+
+def _erase_subjects(w: inline.Writer, tenant: str, subjects: list[str], md: Metadata) -> int:
+    """End the subjects' unsent jobs, record ContactErased for each and shred their keys;
+    returns how many jobs were ended."""
+    with w.conn.cursor(row_factory=dict_row) as cur:
+        unsent = cur.execute(q.UNSENT_JOBS_OF, (subjects,)).fetchall()
+        jobs = {r["subject"]: r["jobs"] for r in cur.execute(q.JOBS_PER_SUBJECT, (subjects,))}
+    ended = [
+        (
+            streams.job(j["id"]),
+            JobFailed(job_id=str(j["id"]), attempt=j["attempts"], reply=ERASED_REPLY, kind="suppressed").to_new(md),
+        )
+        for j in unsent
+    ]
+    erased = [(streams.contact(s), ContactErased(subject=s, jobs=jobs.get(s, 0)).to_new(md)) for s in subjects]
+    w.record([*ended, *erased])
+    personal.shred(w.conn, tenant, subjects)
+    return len(unsent)
+
+
+def erase_everyone(
+    store: EventStore, *, actor: str | None = None, progress: Callable[[int, int], None] | None = None, batch: int = 500
+) -> int:
+    """Erase every person the store's tenant holds (erasing a tenant), a batch per
+    transaction; returns how many. Run again after an interruption, it goes on."""
+    tenant = _tenant(store)
+    md = Metadata(actor=actor)
+    with inline.reading(store) as conn:
+        total = scalar(conn, q.COUNT_SUBJECTS_HELD)
+    done = 0
+    while True:
+        with inline.writing(store) as w:
+            subjects = [s for (s,) in w.conn.execute(q.SUBJECTS_HELD, (batch,)).fetchall()]
+            if not subjects:
+                return done
+            _erase_subjects(w, tenant, subjects, md)
+        done += len(subjects)
+        if progress is not None:
+            progress(done, max(total, done))
+
+
+ERASED_REPLY = "not sent: the recipient was erased on request"

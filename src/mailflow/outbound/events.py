@@ -12,21 +12,28 @@ from mailflow.events.registry import Event, registry
 _model: type[Event]
 
 
+# People are named by subject (a keyed hash of the address, infra/personal.py), never by
+# address; what must be said about them is `sealed` under the subject's own key, which
+# erasure deletes. Schema 2 of each of these events; migration 0011 rewrote the schema-1 ones.
+
+
 class ImportedContact(BaseModel):
-    email: str
-    attributes: dict[str, Any] = {}
+    subject: str
+    sealed: str  # {"email", "attributes"}
     line: int | None = None
 
 
 class ContactsImported(Event):
     """A batch of contacts from one import (new ones created, known ones' attributes merged)."""
 
+    schema_version = 2
     source: str
     contacts: list[ImportedContact]
 
 
 class ContactStatusChanged(Event):
-    email: str
+    schema_version = 2
+    subject: str
     status: str
     reason: str = ""
 
@@ -44,21 +51,24 @@ class TemplateSaved(Event):
 
 
 class SuppressionAdded(Event):
-    email: str
+    schema_version = 2
+    subject: str
+    sealed: str | None = None  # {"email"}; None when only the subject is known (an erasure)
     reason: str
     detail: str = ""
 
 
 class SuppressionRemoved(Event):
-    email: str
+    schema_version = 2
+    subject: str
 
 
 class ContactUpdated(Event):
     """Attributes set (merged over the contact's) and removed by hand."""
 
-    email: str
-    attributes: dict[str, Any] = {}
-    removed: list[str] = []
+    schema_version = 2
+    subject: str
+    sealed: str  # {"attributes", "removed"}
 
 
 class ContactReactivated(Event):
@@ -67,10 +77,19 @@ class ContactReactivated(Event):
     Who decided it is the event's metadata actor; `reason` is why. `previous_status` and
     `suppression` (the lifted suppression's reason, if there was one) say what it undid."""
 
-    email: str
+    schema_version = 2
+    subject: str
     reason: str
     previous_status: str
     suppression: str | None = None
+
+
+class ContactErased(Event):
+    """The person's data was erased (their subject key deleted) on request; the subject stays
+    suppressed so that the address is never mailed again. `jobs` is how many jobs named them."""
+
+    subject: str
+    jobs: int = 0
 
 
 class SegmentDeleted(Event):
@@ -90,6 +109,7 @@ for _model in (
     SuppressionRemoved,
     ContactUpdated,
     ContactReactivated,
+    ContactErased,
     SegmentDeleted,
     TemplateDeleted,
 ):
@@ -139,13 +159,15 @@ class SenderDeleted(Event):
 
 
 class JobCreated(Event):
+    schema_version = 2
     job_id: str
     idempotency_key: str
     priority: str
-    email: str
+    subject: str
+    domain: str  # the recipient's domain (rate limits, analytics): not the person
+    sealed: str  # {"email", "variables"}
     sender: str
     template: str
-    variables: dict[str, Any] = {}
     campaign_id: str | None = None
     due_at: str | None = None
 

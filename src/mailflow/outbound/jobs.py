@@ -24,6 +24,7 @@ import psycopg
 from mailflow.consumers.inline import InlineProjection, register
 from mailflow.errors import ConflictError
 from mailflow.events.envelope import Envelope
+from mailflow.infra import personal
 
 
 class JobState(StrEnum):
@@ -75,13 +76,14 @@ class IllegalTransition(ConflictError):
 # -- the jobs table --------------------------------------------------------------------------
 
 CREATE = """
-INSERT INTO jobs (id, tenant, idempotency_key, priority, email, domain, sender, template, variables, campaign_id, due_at,
-                  created_at, correlation_id)
-SELECT u.id, u.tenant, u.key, u.priority, u.email, split_part(u.email, '@', 2), u.sender, u.template, u.variables,
+INSERT INTO jobs (id, tenant, idempotency_key, priority, subject, email, domain, sender, template, variables,
+                  campaign_id, due_at, created_at, correlation_id)
+SELECT u.id, u.tenant, u.key, u.priority, u.subject, u.email, u.domain, u.sender, u.template, u.variables,
        u.campaign_id, coalesce(u.due_at, u.at), u.at, u.correlation
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-            %s::text[]::jsonb[], %s::uuid[], %s::timestamptz[], %s::timestamptz[], %s::text[])
-     AS u(id, tenant, key, priority, email, sender, template, variables, campaign_id, due_at, at, correlation)
+FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::text[], %s::text[]::jsonb[], %s::uuid[], %s::timestamptz[], %s::timestamptz[], %s::text[])
+     AS u(id, tenant, key, priority, subject, email, domain, sender, template, variables, campaign_id, due_at, at,
+          correlation)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -134,7 +136,10 @@ def _refuse_untouched(conn: psycopg.Connection, wanted: list[str], done: list[tu
 
 
 def _created(conn: psycopg.Connection, evs: list[Envelope]) -> None:
+    """The address and variables are opened from the sealed value; a job of a person erased
+    since keeps its row (and so its campaign's counts) without them."""
     d = [e.data for e in evs]
+    opened = personal.open_each(conn, [(str(e.metadata.tenant), x["subject"], x["sealed"]) for e, x in zip(evs, d)])
     conn.execute(
         CREATE,
         (
@@ -142,10 +147,12 @@ def _created(conn: psycopg.Connection, evs: list[Envelope]) -> None:
             [e.metadata.tenant for e in evs],
             [x["idempotency_key"] for x in d],
             [x["priority"] for x in d],
-            [x["email"] for x in d],
+            [x["subject"] for x in d],
+            [v["email"] if v else None for v in opened],
+            [x["domain"] for x in d],
             [x["sender"] for x in d],
             [x["template"] for x in d],
-            [orjson.dumps(x.get("variables") or {}).decode() for x in d],
+            [orjson.dumps((v or {}).get("variables") or {}).decode() for v in opened],
             [x.get("campaign_id") for x in d],
             [x.get("due_at") for x in d],
             [e.recorded_at for e in evs],

@@ -4,43 +4,69 @@ senders), campaigns, the queuer and the workers, by name."""
 from mailflow.infra.locks import Lock
 
 UPSERT_CONTACTS = """
-INSERT INTO contacts AS c (tenant, email, attributes, created_at, updated_at)
-SELECT %(tenant)s, u.email, u.attributes, %(at)s, %(at)s
-FROM unnest(%(emails)s::text[], %(attributes)s::text[]::jsonb[]) AS u(email, attributes)
-ON CONFLICT (tenant, email) DO UPDATE
+INSERT INTO contacts AS c (tenant, subject, email, attributes, created_at, updated_at)
+SELECT %(tenant)s, u.subject, u.email, u.attributes, %(at)s, %(at)s
+FROM unnest(%(subjects)s::text[], %(emails)s::text[], %(attributes)s::text[]::jsonb[]) AS u(subject, email, attributes)
+ON CONFLICT (tenant, subject) DO UPDATE
 SET attributes = c.attributes || excluded.attributes, updated_at = excluded.updated_at
 RETURNING (xmax = 0) AS inserted
 """
 
-COUNT_KNOWN_EMAILS = "SELECT count(*) AS known FROM contacts WHERE email = ANY(%s)"
+COUNT_KNOWN_SUBJECTS = "SELECT count(*) AS known FROM contacts WHERE subject = ANY(%s)"
+# Subjects among these that were erased: their addresses are not imported again.
+ERASED_AMONG = "SELECT subject FROM suppressions WHERE subject = ANY(%s) AND reason = 'erased'"
 
-SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE tenant = %s AND email = %s"
+SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE tenant = %s AND subject = %s"
 
 # Set keys are merged over the contact's attributes, then removed keys are dropped.
 UPDATE_CONTACT_ATTRIBUTES = """
 UPDATE contacts SET attributes = (attributes || %(attributes)s::jsonb) - %(removed)s::text[], updated_at = %(at)s
-WHERE tenant = %(tenant)s AND email = %(email)s
+WHERE tenant = %(tenant)s AND subject = %(subject)s
 """
 GET_CONTACT = """
-SELECT c.email, c.status, c.attributes, c.created_at, c.updated_at,
+SELECT c.email, c.subject, c.status, c.attributes, c.created_at, c.updated_at,
        s.reason AS suppression_reason, s.detail AS suppression_detail, s.created_at AS suppressed_at
-FROM contacts c LEFT JOIN suppressions s ON s.tenant = c.tenant AND s.email = c.email
+FROM contacts c LEFT JOIN suppressions s ON s.tenant = c.tenant AND s.subject = c.subject
 WHERE c.email = %s
 """
-CONTACT_JOB_STATES = "SELECT state, count(*) AS jobs FROM jobs WHERE email = %s GROUP BY state ORDER BY state"
+CONTACT_JOB_STATES = "SELECT state, count(*) AS jobs FROM jobs WHERE subject = %s GROUP BY state ORDER BY state"
 # The contact row is locked too: a reactivation and an update of one address do not interleave.
-LOCK_CONTACT = "SELECT status, attributes FROM contacts WHERE email = %s FOR UPDATE"
+LOCK_CONTACT = "SELECT status, attributes FROM contacts WHERE subject = %s FOR UPDATE"
+DELETE_CONTACT = "DELETE FROM contacts WHERE tenant = %s AND subject = %s"
+# Erasure: jobs keep their states and counts, not the address or the send's variables.
+FORGET_JOB_RECIPIENT = "UPDATE jobs SET email = NULL, variables = '{}' WHERE tenant = %s AND subject = %s"
+SUPPRESS_ERASED = """
+INSERT INTO suppressions AS s (tenant, subject, email, reason, detail, created_at) VALUES (%s, %s, NULL, 'erased', '', %s)
+ON CONFLICT (tenant, subject) DO UPDATE SET email = NULL, reason = 'erased', detail = ''
+"""
+# Jobs of a person that have not started, which erasing ends.
+UNSENT_JOBS_OF = """
+SELECT id, attempts FROM jobs WHERE subject = ANY(%s::text[]) AND state IN ('pending', 'retry') ORDER BY id FOR UPDATE
+"""
+JOBS_PER_SUBJECT = "SELECT subject, count(*) AS jobs FROM jobs WHERE subject = ANY(%s::text[]) GROUP BY subject"
+# Everyone the tenant holds anything about and has not erased yet (erasing a tenant).
+_HELD = """
+(SELECT subject FROM contacts UNION SELECT subject FROM jobs UNION SELECT subject FROM suppressions
+ UNION SELECT subject FROM subject_keys EXCEPT SELECT subject FROM erased_subjects)
+"""
+SUBJECTS_HELD = f"SELECT subject FROM {_HELD} AS held ORDER BY subject LIMIT %s"
+COUNT_SUBJECTS_HELD = f"SELECT count(*) FROM {_HELD} AS held"
+ERASE_TARGET = """
+SELECT (SELECT count(*) FROM contacts WHERE subject = %(subject)s) AS contacts,
+       (SELECT count(*) FROM jobs WHERE subject = %(subject)s) AS jobs,
+       (SELECT reason FROM suppressions WHERE subject = %(subject)s) AS suppression
+"""
 
 # Unsubscribe requests for one address are decided one at a time (two-key advisory lock:
-# class Lock.ADDRESS, then the address), on what the contact and suppression tables say now.
+# class Lock.ADDRESS, then the subject), on what the contact and suppression tables say now.
 LOCK_ADDRESS = f"SELECT pg_advisory_xact_lock({Lock.ADDRESS}, hashtext(%s))"
 ADDRESS_STATE = """
-SELECT (SELECT status FROM contacts WHERE email = %(email)s),
-       EXISTS (SELECT 1 FROM suppressions WHERE email = %(email)s)
+SELECT (SELECT status FROM contacts WHERE subject = %(subject)s),
+       EXISTS (SELECT 1 FROM suppressions WHERE subject = %(subject)s)
 """
 # Reactivating sets the status and lifts the suppression, both at the event's time.
 REACTIVATE_CONTACT = """
-UPDATE contacts SET status = 'active', updated_at = %(at)s WHERE tenant = %(tenant)s AND email = %(email)s
+UPDATE contacts SET status = 'active', updated_at = %(at)s WHERE tenant = %(tenant)s AND subject = %(subject)s
 """
 
 LIST_CONTACTS = """
@@ -76,14 +102,19 @@ LIST_TEMPLATES = "SELECT name, subject, updated_at FROM templates ORDER BY name"
 LOCK_TEMPLATE = "SELECT name FROM templates WHERE name = %s FOR UPDATE"
 DELETE_TEMPLATE = "DELETE FROM templates WHERE tenant = %s AND name = %s"
 
+# An erased subject's suppression is for good: nothing replaces or lifts it.
 ADD_SUPPRESSION = """
-INSERT INTO suppressions (tenant, email, reason, detail, created_at) VALUES (%s, %s, %s, %s, %s)
-ON CONFLICT (tenant, email) DO UPDATE SET reason = excluded.reason, detail = excluded.detail
+INSERT INTO suppressions AS s (tenant, subject, email, reason, detail, created_at) VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (tenant, subject) DO UPDATE
+SET email = coalesce(excluded.email, s.email), reason = excluded.reason, detail = excluded.detail
+WHERE s.reason <> 'erased'
 """
-REMOVE_SUPPRESSION = "DELETE FROM suppressions WHERE tenant = %s AND email = %s"
-LIST_SUPPRESSIONS = "SELECT email, reason, detail, created_at FROM suppressions ORDER BY created_at DESC LIMIT %s"
-IS_SUPPRESSED = "SELECT reason FROM suppressions WHERE email = %s"
-LOCK_SUPPRESSION = "SELECT reason FROM suppressions WHERE email = %s FOR UPDATE"
+REMOVE_SUPPRESSION = "DELETE FROM suppressions WHERE tenant = %s AND subject = %s AND reason <> 'erased'"
+LIST_SUPPRESSIONS = """
+SELECT email, subject, reason, detail, created_at FROM suppressions ORDER BY created_at DESC LIMIT %s
+"""
+IS_SUPPRESSED = "SELECT reason FROM suppressions WHERE subject = %s"
+LOCK_SUPPRESSION = "SELECT reason FROM suppressions WHERE subject = %s FOR UPDATE"
 
 UPSERT_SENDER = """
 INSERT INTO senders (tenant, name, from_email, from_name, relay_url, dkim_selector, relay_secret, dkim_secret,
@@ -184,14 +215,15 @@ ORDER BY queue_seq
 
 # Lock the jobs a worker was handed; only those still queued under that very entry start.
 CLAIM_JOBS = """
-SELECT j.id, j.tenant, j.state, j.queue_seq, j.attempts, j.email, j.sender, j.template, j.variables, j.campaign_id,
+SELECT j.id, j.tenant, j.state, j.queue_seq, j.attempts, j.subject, j.email, j.sender, j.template, j.variables, j.campaign_id,
        s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker,
        coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id,
-       cp.status AS campaign_status
+       cp.status AS campaign_status, k.key AS subject_key
 FROM jobs j
-LEFT JOIN suppressions s ON s.tenant = j.tenant AND s.email = j.email
-LEFT JOIN contacts c ON c.tenant = j.tenant AND c.email = j.email
+LEFT JOIN suppressions s ON s.tenant = j.tenant AND s.subject = j.subject
+LEFT JOIN contacts c ON c.tenant = j.tenant AND c.subject = j.subject
 LEFT JOIN campaigns cp ON cp.id = j.campaign_id
+LEFT JOIN subject_keys k ON k.tenant = j.tenant AND k.subject = j.subject
 WHERE j.id = ANY(%s::uuid[])
 FOR UPDATE OF j
 """
@@ -240,10 +272,13 @@ SELECT id, name, status, recipients, sender, template, segment, created_at, star
 FROM campaigns ORDER BY created_at DESC LIMIT %s
 """
 
-# Recipients at start: active contacts of the segment who are not suppressed.
+# Recipients at start: active contacts of the segment who are not suppressed, with the key
+# their job's address is sealed under.
 SNAPSHOT_RECIPIENTS = """
-SELECT c.email FROM contacts c
-WHERE c.status = 'active' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.tenant = c.tenant AND s.email = c.email)
+SELECT c.subject, c.email, k.key FROM contacts c
+JOIN subject_keys k ON k.tenant = c.tenant AND k.subject = c.subject
+WHERE c.status = 'active'
+  AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.tenant = c.tenant AND s.subject = c.subject)
   AND {where}
 ORDER BY c.id
 """
@@ -255,12 +290,13 @@ WHERE campaign_id = %s AND state = 'failed' GROUP BY failure_kind ORDER BY 2 DES
 """
 CAMPAIGN_RETRIES = "SELECT coalesce(sum(greatest(attempts - 1, 0)), 0) FROM jobs WHERE campaign_id = %s"
 FAILED_TO_RESEND = """
-SELECT j.email, count(*) OVER () FROM jobs j
-WHERE j.campaign_id = %s AND j.state = 'failed'
+SELECT DISTINCT j.subject, j.email, sk.key FROM jobs j
+JOIN subject_keys sk ON sk.tenant = j.tenant AND sk.subject = j.subject
+WHERE j.campaign_id = %s AND j.state = 'failed' AND j.email IS NOT NULL
   AND coalesce(j.failure_kind, '') NOT IN ('bad_mailbox', 'suppressed')
-  AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.campaign_id = j.campaign_id AND k.email = j.email
+  AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.campaign_id = j.campaign_id AND k.subject = j.subject
                   AND k.state NOT IN ('completed', 'failed'))
-  AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.campaign_id = j.campaign_id AND k.email = j.email
+  AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.campaign_id = j.campaign_id AND k.subject = j.subject
                   AND k.state = 'completed')
 """
 
@@ -276,7 +312,7 @@ FOR UPDATE OF c SKIP LOCKED
 DUE_SCHEDULED = """
 SELECT c.id, c.tenant FROM campaigns c
 WHERE c.status = 'scheduled' AND c.scheduled_at <= now()
-  AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = c.tenant AND t.status = 'suspended')
+  AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = c.tenant AND t.status <> 'active')
 """
 
 # -- inspection ---------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from mailflow.consumers import inline
 from mailflow.errors import ConfigurationError, NotFoundError, UsageError
 from mailflow.events.envelope import Metadata, uuid7
 from mailflow.events.store import EventStore
+from mailflow.infra import personal
 from mailflow.infra.tenancy import DEFAULT_TENANT
 from mailflow.infra.vault import SecretRef, Vault, dkim_fingerprint
-from mailflow.mail.addresses import normalize_email
+from mailflow.mail.addresses import domain_of, normalize_email
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams, templates
 from mailflow.outbound.catalog import refuse_if_in_use
@@ -132,6 +133,14 @@ def create_jobs(w: inline.Writer, created: list[JobCreated], metadata: Metadata 
     w.record([(streams.job(c.job_id), c.to_new(metadata)) for c in created])
 
 
+def job_to(w: inline.Writer, email: str, variables: dict[str, Any], **fields: Any) -> JobCreated:
+    """A JobCreated to the address, named by its subject, the address and variables sealed
+    (personal.Erased if the person was erased)."""
+    subject = w.store.subject(w.conn, email)
+    (sealed,) = personal.seal_many(w.conn, str(w.store.tenant), [(subject, {"email": email, "variables": variables})])
+    return JobCreated(subject=subject, domain=domain_of(email), sealed=sealed, **fields)
+
+
 def _job_by_key(conn: psycopg.Connection, key: str) -> str | None:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(q.JOB_BY_KEY, (key,)).fetchone()
@@ -164,17 +173,18 @@ def send_transactional(
         tpl = templates.load(conn, template)
     # Fail now, with the template's line and variable, rather than at send time.
     templates.render(tpl, {"email": email, **dict.fromkeys(LINK_VARIABLES, ""), **variables})
-    created = JobCreated(
-        job_id=job_id,
-        idempotency_key=key,
-        priority=str(priority),
-        email=email,
-        sender=sender,
-        template=template,
-        variables=variables,
-    )
     try:
         with inline.writing(store) as w:
+            created = job_to(
+                w,
+                email,
+                variables,
+                job_id=job_id,
+                idempotency_key=key,
+                priority=str(priority),
+                sender=sender,
+                template=template,
+            )
             create_jobs(w, [created])
     except pg_errors.UniqueViolation:
         with inline.reading(store) as conn:

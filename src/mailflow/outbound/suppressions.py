@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+import psycopg
 from psycopg.rows import class_row, dict_row
 
 from mailflow.consumers import inline
 from mailflow.errors import NotFoundError
+from mailflow.events.store import EventStore
+from mailflow.infra import personal
+from mailflow.mail.addresses import without_address
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams
 from mailflow.outbound.contacts import STOPPED_STATUSES, address
@@ -22,7 +26,8 @@ from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded, Sup
 
 @dataclass(frozen=True)
 class Suppression:
-    email: str
+    email: str | None  # None: the person was erased; only the subject is left
+    subject: str
     reason: str
     detail: str
     created_at: datetime
@@ -39,31 +44,51 @@ class Removed:
         return self.contact_status in STOPPED_STATUSES
 
 
-def add(store, raw_email: str, reason: str = "manual", detail: str = "", contact_status: str | None = None) -> str:
+def added(
+    conn: psycopg.Connection, tenant: str, subject: str, email: str, reason: str, detail: str = ""
+) -> SuppressionAdded:
+    """A SuppressionAdded for the address, sealed under its subject's key (Erased if the
+    person was erased: they are suppressed for good already)."""
+    (sealed,) = personal.seal_many(conn, tenant, [(subject, {"email": email})])
+    return SuppressionAdded(subject=subject, sealed=sealed, reason=reason, detail=without_address(detail, email))
+
+
+def add(
+    store: EventStore, raw_email: str, reason: str = "manual", detail: str = "", contact_status: str | None = None
+) -> str:
     """Suppress an address; with contact_status also mark the contact (e.g. bounced)."""
     email = address(raw_email)
-    items = [(streams.suppression(email), SuppressionAdded(email=email, reason=reason, detail=detail).to_new())]
-    if contact_status:
-        items.append(
-            (streams.contact(email), ContactStatusChanged(email=email, status=contact_status, reason=reason).to_new())
-        )
-    inline.record(store, items)
+    with inline.writing(store) as w:
+        subject = store.subject(w.conn, email)
+        tenant = str(store.tenant)
+        items = [(streams.suppression(subject), added(w.conn, tenant, subject, email, reason, detail).to_new())]
+        if contact_status:
+            changed = ContactStatusChanged(
+                subject=subject, status=contact_status, reason=without_address(reason, email)
+            )
+            items.append((streams.contact(subject), changed.to_new()))
+        w.record(items)
     return email
 
 
-def remove(store, raw_email: str) -> Removed:
-    """Lift a suppression; the contact's status is left as it is (see the module docstring)."""
+def remove(store: EventStore, raw_email: str) -> Removed:
+    """Lift a suppression; the contact's status is left as it is (see the module docstring).
+    The suppression of an erased person is never lifted."""
     email = address(raw_email)
     with inline.writing(store) as w:
-        w.conn.execute(q.LOCK_ADDRESS, (email,))
+        subject = store.subject(w.conn, email)
+        w.conn.execute(q.LOCK_ADDRESS, (subject,))
         with w.conn.cursor(row_factory=dict_row) as cur:
-            if cur.execute(q.LOCK_SUPPRESSION, (email,)).fetchone() is None:
+            row = cur.execute(q.LOCK_SUPPRESSION, (subject,)).fetchone()
+            if row is None:
                 raise NotFoundError(f"{email} is not suppressed")
-            contact = cur.execute(q.LOCK_CONTACT, (email,)).fetchone()
-        w.record([(streams.suppression(email), SuppressionRemoved(email=email).to_new())])
+            if row["reason"] == "erased":
+                raise personal.Erased()
+            contact = cur.execute(q.LOCK_CONTACT, (subject,)).fetchone()
+        w.record([(streams.suppression(subject), SuppressionRemoved(subject=subject).to_new())])
     return Removed(email, contact["status"] if contact else None)
 
 
-def listing(conn, limit: int = 1000) -> list[Suppression]:
+def listing(conn: psycopg.Connection, limit: int = 1000) -> list[Suppression]:
     with conn.cursor(row_factory=class_row(Suppression)) as cur:
         return cur.execute(q.LIST_SUPPRESSIONS, (limit,)).fetchall()

@@ -10,6 +10,7 @@ the same functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -23,7 +24,8 @@ from mailflow.mail import tokens
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams
 from mailflow.outbound.contacts import STOPPED_STATUSES
-from mailflow.outbound.events import ContactStatusChanged, SuppressionAdded
+from mailflow.outbound.events import ContactStatusChanged
+from mailflow.outbound.suppressions import added
 
 # An unsubscribe leaves a stopped contact as it is: "bounced" and "complained" say more than
 # "unsubscribed" does, and each of them already keeps the address from being mailed.
@@ -63,9 +65,15 @@ def read_token(secret: bytes | list[bytes], token: str) -> UnsubscribeRequest:
 
 
 def plan(
-    req: UnsubscribeRequest, contact_status: str | None, suppressed: bool
+    req: UnsubscribeRequest,
+    subject: str,
+    contact_status: str | None,
+    suppressed: bool,
+    suppression: Callable[[], Event],
 ) -> tuple[Outcome, list[tuple[str, Event]]]:
-    """What to record for a request, given the contact's status (None: no such contact).
+    """What to record for a request, given the subject of its address, the contact's status
+    (None: no such contact) and whether it is suppressed; `suppression()` makes the
+    SuppressionAdded to record (it seals the address, so only when one is recorded).
 
     - an active contact (or any status that does not stop sending) becomes unsubscribed;
     - a contact that is already unsubscribed, bounced or complained stays as it is;
@@ -75,12 +83,11 @@ def plan(
     if contact_status is None:
         if suppressed:
             return Outcome.ALREADY, []
-        event = SuppressionAdded(email=req.email, reason=SUPPRESSION_REASON, detail=req.reason)
-        return Outcome.SUPPRESSED, [(streams.suppression(req.email), event)]
+        return Outcome.SUPPRESSED, [(streams.suppression(subject), suppression())]
     if contact_status in STOPPED_STATUSES:
         return Outcome.ALREADY, []
-    changed = ContactStatusChanged(email=req.email, status="unsubscribed", reason=req.reason)
-    return Outcome.UNSUBSCRIBED, [(streams.contact(req.email), changed)]
+    changed = ContactStatusChanged(subject=subject, status="unsubscribed", reason=req.reason)
+    return Outcome.UNSUBSCRIBED, [(streams.contact(subject), changed)]
 
 
 def unsubscribe(store: EventStore, req: UnsubscribeRequest, *, actor: str = "unsubscribe-link") -> Outcome:
@@ -95,9 +102,16 @@ def unsubscribe(store: EventStore, req: UnsubscribeRequest, *, actor: str = "uns
             row = conn.execute(q.CAMPAIGN_TENANT, (req.campaign_id,)).fetchone()
         store = store.for_tenant(row[0] if row else DEFAULT_TENANT)
     with writing(store) as w:
-        w.conn.execute(q.LOCK_ADDRESS, (req.email,))
-        status, suppressed = scalar_row(w.conn, q.ADDRESS_STATE, {"email": req.email})
-        outcome, items = plan(req, status, suppressed)
+        subject = store.subject(w.conn, req.email)
+        w.conn.execute(q.LOCK_ADDRESS, (subject,))
+        status, suppressed = scalar_row(w.conn, q.ADDRESS_STATE, {"subject": subject})
+        outcome, items = plan(
+            req,
+            subject,
+            status,
+            suppressed,
+            lambda: added(w.conn, str(store.tenant), subject, req.email, SUPPRESSION_REASON, req.reason),
+        )
         if items:
             md = Metadata(actor=actor, correlation_id=streams.campaign(req.campaign_id))
             w.record([(stream, event.to_new(md)) for stream, event in items])

@@ -97,7 +97,7 @@ class JobSummary(_View):
     id: uuid.UUID
     priority: str
     state: str
-    email: str
+    email: str | None  # None: the recipient was erased
     campaign_id: uuid.UUID | None
     attempts: int
     last_code: int | None
@@ -112,7 +112,7 @@ class Job(_View):
     idempotency_key: str
     priority: str
     state: str
-    email: str
+    email: str | None  # None: the recipient was erased
     sender: str
     template: str
     campaign_id: uuid.UUID | None

@@ -39,6 +39,7 @@ from mailflow.errors import ServiceUnavailable
 from mailflow.events.envelope import Metadata, NewEvent
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
+from mailflow.infra import personal
 from mailflow.infra.health import Backoff, Health
 from mailflow.infra.services import (
     POSTGRES_OUTAGE,
@@ -80,7 +81,7 @@ class Claimed:
     entry_id: bytes
     job_id: str
     attempt: int
-    email: str
+    email: str | None  # None: the recipient was erased (the job is refused)
     sender: str
     template: str
     variables: dict[str, Any]
@@ -88,6 +89,8 @@ class Claimed:
     attributes: dict[str, Any]
     correlation_id: str | None = None
     tenant: str | None = None
+    subject: str = ""
+    subject_key: bytes | None = None  # seals what a bounce records about the recipient
 
     @property
     def metadata(self) -> Metadata:
@@ -100,6 +103,8 @@ def refusal_reason(
     """Why a claimed job must not be sent, as (reply, failure kind); None to send it.
 
     Consent (consent.may_send): an unsubscribe stops campaign mail, not transactional mail."""
+    if job.email is None:
+        return "not sent: the recipient was erased on request", "suppressed"
     why = consent.may_send(transactional=job.campaign_id is None, contact_status=contact_status, suppression=suppressed)
     if why is not None:
         return why, "suppressed"
@@ -515,6 +520,8 @@ class Worker:
                         row["attributes"] or {},
                         row["correlation_id"],
                         row["tenant"],
+                        row["subject"],
+                        bytes(row["subject_key"]) if row["subject_key"] is not None else None,
                     )
                     refusal = refusal_reason(
                         job,
@@ -544,7 +551,8 @@ class Worker:
         if res.events is not None:
             return res.events
         j, v = res.job, res.verdict
-        res.reply = without_address(res.reply, j.email)  # the job names the person; its reply need not
+        if j.email is not None:
+            res.reply = without_address(res.reply, j.email)  # the job names the person; its reply need not
         extra = []
         ev: JobCompleted | JobFailed | JobRetryScheduled
         if v.outcome is Outcome.DELIVERED:
@@ -561,15 +569,18 @@ class Worker:
         else:
             kind = res.kind or v.kind.value or "permanent"
             ev = JobFailed(job_id=j.job_id, attempt=j.attempt, code=res.code, reply=res.reply, kind=kind)
-            if v.suppress:
+            if v.suppress and j.email is not None and j.subject_key is not None:
+                sealed = personal.seal(j.subject_key, str(j.tenant), j.subject, {"email": j.email})
                 extra = [
                     (
-                        streams.suppression(j.email),
-                        SuppressionAdded(email=j.email, reason="bounce", detail=res.reply[:200]).to_new(j.metadata),
+                        streams.suppression(j.subject),
+                        SuppressionAdded(
+                            subject=j.subject, sealed=sealed, reason="bounce", detail=res.reply[:200]
+                        ).to_new(j.metadata),
                     ),
                     (
-                        streams.contact(j.email),
-                        ContactStatusChanged(email=j.email, status="bounced", reason=res.reply[:200]).to_new(
+                        streams.contact(j.subject),
+                        ContactStatusChanged(subject=j.subject, status="bounced", reason=res.reply[:200]).to_new(
                             j.metadata
                         ),
                     ),
@@ -654,15 +665,17 @@ class Worker:
 
     async def _deliver(self, job: Claimed) -> None:
         code: int | None = None
+        to = job.email
+        assert to is not None, "a job without its recipient is refused before it is sent"
         try:
             sender = await self._load(self.senders, (job.tenant, job.sender), self._load_sender)
             tpl = await self._load(self.templates, (job.tenant, job.template), templates.load)
             context = {
                 **job.attributes,
-                "email": job.email,
+                "email": to,
                 **consent.links(
                     self.secret,
-                    to=job.email,
+                    to=to,
                     tenant=job.tenant or DEFAULT_TENANT,
                     campaign_id=job.campaign_id,
                     sender_domain=sender.domain,
@@ -675,7 +688,7 @@ class Worker:
             out = mime.build(
                 job_id=job.job_id,
                 sender=sender,
-                to=job.email,
+                to=to,
                 rendered=rendered,
                 secret=self.secret,
                 campaign_id=job.campaign_id,
@@ -688,7 +701,7 @@ class Worker:
             self.results.append(Result(job, failed, None, f"cannot build the message: {exc}", "message"))
             return
         try:
-            targets = await self._targets(sender.relay, job.email)
+            targets = await self._targets(sender.relay, to)
         except mx.NoRoute as exc:
             self.results.append(
                 Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, str(exc), "no_route")

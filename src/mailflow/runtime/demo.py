@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailflow.outbound import campaigns, segments, sending, templates
+from mailflow.infra.personal import Erased
+from mailflow.outbound import campaigns, contacts, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts, parse_csv
 from mailflow.outbound.jobs import SLA_SECONDS, Priority
 from mailflow.outbound.senders import Sender
@@ -81,6 +82,7 @@ class DemoResult:
     tenant: str = ""
     relay_logins: int = 0  # SMTP sessions the relay let in with the password from the vault
     secret: dict[str, Any] = field(default_factory=dict)  # its fingerprint, and where the password is not
+    erasure: dict[str, Any] = field(default_factory=dict)  # one reader erased after the run
 
     @property
     def ok(self) -> bool:
@@ -187,7 +189,36 @@ def run(
         res.relay_logins = server.logins
         with rt.connect() as conn:
             res.secret = rq.one(conn, rq.DEMO_SENDER_SECRET, {"password": f"%{password}%"})
+        res.erasure = _erase_one(rt, cid, f"reader1.{tag}@example.net")
     return res
+
+
+def _erase_one(rt: Runtime, campaign_id: str, email: str) -> dict[str, Any]:
+    """Erase one reader after the run: the rows that named them before and after, the
+    campaign's counts before and after, and what a new send to them answers."""
+    like = {"like": f"%{email}%"}
+    with rt.connect() as conn:
+        before = int(rq.one(conn, rq.DEMO_ROWS_NAMING, like)["rows"])
+        counts_before = dict(campaigns.status(conn, campaign_id)["jobs"])
+    erased = contacts.erase(rt.store, email.upper(), actor="mailflow demo")
+    with rt.connect() as conn:
+        after = int(rq.one(conn, rq.DEMO_ROWS_NAMING, like)["rows"])
+        counts_after = dict(campaigns.status(conn, campaign_id)["jobs"])
+    try:
+        sending.send_transactional(
+            rt.store, sender="demo", template="demo-receipt", to=email, variables={"name": "x", "order": "x"}
+        )
+        send = "sent (wrong)"
+    except Erased as exc:
+        send = f"refused: {exc}"
+    return {
+        "email": email,
+        "jobs": erased.jobs,
+        "rows_naming_before": before,
+        "rows_naming_after": after,
+        "counts_unchanged": counts_before == counts_after,
+        "send_after": send,
+    }
 
 
 def latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

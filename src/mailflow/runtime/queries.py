@@ -80,3 +80,12 @@ SELECT s.fingerprint, s.key_id,
 FROM secrets s WHERE s.owner = 'sender:demo' AND s.kind = 'relay_password'
 ORDER BY s.created_at DESC LIMIT 1
 """
+
+# Rows that still name an address (any letter case), wherever the demo can look.
+DEMO_ROWS_NAMING = """
+SELECT (SELECT count(*) FROM events WHERE data::text ILIKE %(like)s OR stream ILIKE %(like)s)
+     + (SELECT count(*) FROM contacts WHERE email ILIKE %(like)s OR attributes::text ILIKE %(like)s)
+     + (SELECT count(*) FROM jobs WHERE email ILIKE %(like)s OR idempotency_key ILIKE %(like)s
+                                   OR last_reply ILIKE %(like)s)
+     + (SELECT count(*) FROM suppressions WHERE email ILIKE %(like)s) AS rows
+"""

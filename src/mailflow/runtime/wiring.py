@@ -20,6 +20,7 @@ from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Backoff, Health
 from mailflow.infra.migrate import migrate, pending
+from mailflow.infra.personal import People
 from mailflow.infra.services import (
     Services,
     connect,
@@ -122,7 +123,12 @@ class Runtime:
 
     @cached_property
     def store(self) -> EventStore:
-        return EventStore(self.pool, tenant=self.scope.tenant, notify_min_interval_s=self.settings.notify_interval_s)
+        return EventStore(
+            self.pool,
+            tenant=self.scope.tenant,
+            notify_min_interval_s=self.settings.notify_interval_s,
+            people=People(self.keyring),
+        )
 
     @cached_property
     def redis(self) -> redis.Redis:

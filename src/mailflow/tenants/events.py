@@ -22,6 +22,14 @@ class TenantResumed(Event):
     tenant_id: str
 
 
+class TenantErased(Event):
+    """Everyone the tenant held was erased (one ContactErased each), and its secrets deleted.
+    An erased tenant stays, so that its history adds up, and can never be resumed."""
+
+    tenant_id: str
+    people: int = 0
+
+
 class TenantLimitsSet(Event):
     """Messages per hour and per day the tenant may send (None: no limit)."""
 
@@ -30,5 +38,5 @@ class TenantLimitsSet(Event):
     daily_limit: int | None = None
 
 
-for _model in (TenantCreated, TenantSuspended, TenantResumed, TenantLimitsSet):
+for _model in (TenantCreated, TenantSuspended, TenantResumed, TenantLimitsSet, TenantErased):
     registry.register(_model)

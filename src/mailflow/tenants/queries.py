@@ -33,3 +33,5 @@ WHERE %(id)s::text IS NULL OR t.id = %(id)s::text
 ORDER BY t.id
 """
 TENANT_STATUS = "SELECT status FROM tenants WHERE id = %s"
+
+DELETE_TENANT_SECRETS = "DELETE FROM secrets WHERE tenant = %s"

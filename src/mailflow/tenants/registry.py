@@ -19,9 +19,10 @@ from mailflow.consumers import inline
 from mailflow.errors import ConflictError, NotFoundError, UsageError
 from mailflow.events.envelope import Envelope, Metadata
 from mailflow.events.store import EventStore
+from mailflow.infra import personal
 from mailflow.infra.tenancy import check_tenant_id
 from mailflow.tenants import queries as q
-from mailflow.tenants.events import TenantCreated, TenantLimitsSet, TenantResumed, TenantSuspended
+from mailflow.tenants.events import TenantCreated, TenantErased, TenantLimitsSet, TenantResumed, TenantSuspended
 
 STREAM = "tenant"  # each tenant's own stream: <id>/tenant
 
@@ -81,10 +82,35 @@ def resume(store: EventStore, tenant_id: str) -> bool:
     """Resume; False if it was not suspended."""
     _operator(store)
     with inline.writing(store) as w:
-        if _locked(w.conn, tenant_id) == "active":
+        status = _locked(w.conn, tenant_id)
+        if status == "erased":
+            raise ConflictError(f"tenant {tenant_id!r} was erased; it cannot be resumed")
+        if status == "active":
             return False
         w.record([(STREAM, TenantResumed(tenant_id=tenant_id).to_new(_md(tenant_id)))])
     return True
+
+
+def refuse_unless_suspended(store: EventStore, tenant_id: str) -> str:
+    """Erasing a tenant starts only once it is suspended (nothing of it is written meanwhile);
+    returns its status (suspended, or erased: an erasure that was interrupted goes on)."""
+    _operator(store)
+    with inline.reading(store) as conn:
+        status = _locked(conn, tenant_id)
+    if status == "active":
+        raise ConflictError(f"suspend tenant {tenant_id!r} first (`mailflow tenants suspend {tenant_id}`)")
+    return status
+
+
+def mark_erased(store: EventStore, tenant_id: str, people: int) -> None:
+    """The end of a tenant's erasure, once everyone in it is erased: every subject key and
+    secret of the tenant deleted, and TenantErased recorded."""
+    _operator(store)
+    with inline.writing(store) as w:
+        _locked(w.conn, tenant_id)
+        personal.shred_tenant(w.conn, tenant_id)
+        w.conn.execute(q.DELETE_TENANT_SECRETS, (tenant_id,))
+        w.record([(STREAM, TenantErased(tenant_id=tenant_id, people=people).to_new(_md(tenant_id)))])
 
 
 def set_limits(store: EventStore, tenant_id: str, *, hourly: int | None, daily: int | None) -> None:
@@ -114,8 +140,8 @@ def refuse_if_suspended(conn: psycopg.Connection, tenant_id: str) -> None:
     row = conn.execute(q.TENANT_STATUS, (tenant_id,)).fetchone()
     if row is None:
         raise NotFoundError(f"no tenant {tenant_id!r}")
-    if row[0] == "suspended":
-        raise ConflictError(f"tenant {tenant_id!r} is suspended; its data can be read but not changed")
+    if row[0] in ("suspended", "erased"):
+        raise ConflictError(f"tenant {tenant_id!r} is {row[0]}; its data can be read but not changed")
 
 
 # -- the inline projection ------------------------------------------------------------------
@@ -140,6 +166,9 @@ PROJECTION = inline.register(
             ),
             "TenantSuspended": _apply(
                 lambda c, d, at: c.execute(q.SET_STATUS, {"id": d["tenant_id"], "status": "suspended", "at": at})
+            ),
+            "TenantErased": _apply(
+                lambda c, d, at: c.execute(q.SET_STATUS, {"id": d["tenant_id"], "status": "erased", "at": at})
             ),
             "TenantResumed": _apply(
                 lambda c, d, at: c.execute(q.SET_STATUS, {"id": d["tenant_id"], "status": "active", "at": at})
