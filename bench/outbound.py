@@ -102,8 +102,10 @@ from mailflow.config import load_settings
 from mailflow.events.keys import Keys
 from mailflow.events.relay import stream_last_id
 from mailflow.events.store import EventStore
+from mailflow.infra.personal import People
 from mailflow.infra.services import connect, open_pool, redis_client
 from mailflow.infra.tenancy import Scope
+from mailflow.infra.vault import Keyring
 from mailflow.outbound import campaigns, mime, segments, sending, templates
 from mailflow.outbound.contacts import ContactRow, import_contacts
 from mailflow.outbound.senders import Sender
@@ -948,6 +950,11 @@ def ms_stats(values: list[float]) -> dict[str, float | None]:
     return {"p50": rnd(percentile(v, 50)), "p99": rnd(percentile(v, 99)), "max": rnd(v[-1] if v else None)}
 
 
+def run_people(workdir: Path) -> People:
+    """Names people with the keyring the run's processes use (MAILFLOW_HOME/secret.key)."""
+    return People(Keyring.load(workdir / "home"))
+
+
 def pipeline_env(db_url: str, redis_url: str, prefix: str, workdir: Path, p: Params) -> dict[str, str]:
     """The environment of the relay, queuer and worker processes: this run's servers and tuning."""
     env = dict(os.environ)
@@ -992,10 +999,11 @@ def run_campaign(
     # The catalogue and campaigns as a tenant writes them (row-level security on); the queuer
     # and workers below run as the operator, as `mailflow up` runs them.
     pool = open_pool(db_url, scope=Scope.of("default"), min_size=1, max_size=4)
-    store = EventStore(pool, tenant="default")
+    people = run_people(workdir)
+    store = EventStore(pool, tenant="default", people=people)
     # campaigns.start() on its own connection, whose statistics can be flushed right after it.
     start_pool = open_pool(db_url, scope=Scope.of("default"), min_size=1, max_size=1)
-    start_store = EventStore(start_pool, tenant="default")
+    start_store = EventStore(start_pool, tenant="default", people=people)
     r = redis_client(redis_url)
     pipeline: Pipeline | None = None
     profiler: Profiler | None = None
@@ -1335,7 +1343,7 @@ def run_tenants(ctx: Ctx, p: Params, keep: bool) -> dict[str, Any]:
         sink: Any = PostfixSink(smtp_sink) if smtp_sink and p.sink != "aiosmtpd" else AiosmtpdSink(ctx)
         out["sink"] = sink.kind
         pool = open_pool(sc.db_url, scope=Scope.operator(), min_size=1, max_size=4)
-        ops = EventStore(pool)
+        ops = EventStore(pool, people=run_people(sc.workdir))
         keys = Keys(sc.prefix)
         r = redis_client(sc.redis_url)
         pipeline: Pipeline | None = None

@@ -44,11 +44,12 @@ from mailflow.errors import ServiceUnavailable
 from mailflow.infra.health import read_statuses
 from mailflow.infra.migrate import migrate
 from mailflow.infra.services import connect
-from mailflow.outbound import campaigns, segments, sending, templates
+from mailflow.outbound import campaigns, contacts, segments, sending, templates
 from mailflow.outbound.contacts import import_csv_text
 from mailflow.outbound.senders import Sender
 from mailflow.runtime.projections import inline_projections
 from mailflow.runtime.wiring import Runtime
+from mailflow.tenants import registry
 from mailflow.testing.sink import FaultRates, Sink, SinkServer
 
 from .conftest import Processes, run_cli, wait_until
@@ -61,6 +62,8 @@ pytestmark = [pytest.mark.chaos, pytest.mark.process]
 ITERATIONS = int(os.environ.get("MAILFLOW_CHAOS_ITERATIONS", "1"))
 SEED = os.environ.get("MAILFLOW_CHAOS_SEED")
 RECIPIENTS = int(os.environ.get("MAILFLOW_CHAOS_RECIPIENTS", "2000"))
+BETA_RECIPIENTS = RECIPIENTS // 4  # a second tenant's campaign, sent beside the first
+ERASED = (("default", "reader11@example.net"), ("beta", "reader12@example.net"))
 LEASE_S = 12.0
 SLA_HIGH_S = 30.0
 KILLS = ("kill_worker", "kill_queuer", "kill_relay", "kill_consumer")
@@ -153,6 +156,20 @@ class Transactional(threading.Thread):
                 self.send_one()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
+
+
+def erase_through_faults(store, email: str) -> None:
+    """`contacts erase` as an operator would run it mid-incident: again until PostgreSQL takes it
+    (erasing twice is not an error, so a commit that was not seen does no harm)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            contacts.erase(store, email, actor="chaos")
+            return
+        except (psycopg.Error, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not erase {email} for 60 s: {exc}") from exc
+            time.sleep(0.1)
 
 
 class Db:
@@ -272,6 +289,16 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         assert import_csv_text(store, "email,name\n" + rows + "\n").imported == RECIPIENTS
         segments.define(store, "all", {})
         cid = campaigns.create(store, name="chaos", sender="news", template="news", segment="all")
+        # A second tenant sends through the same processes, with its own sender of the same name.
+        operator = Runtime(settings, pool_size=2, operator=True)
+        registry.create(operator.store, "beta")
+        beta = operator.store.for_tenant("beta")
+        sending.save_sender(beta, Sender("news", "news@beta.example", "Beta", relay_url))
+        templates.save(beta, templates.Template("news", "Beta news for {{ name }}", "<p>Hi {{ name }}</p>"))
+        rows = "\n".join(f"reader{i}@example.net,Beta {i}" for i in range(BETA_RECIPIENTS))
+        assert import_csv_text(beta, "email,name\n" + rows + "\n").imported == BETA_RECIPIENTS
+        segments.define(beta, "all", {})
+        beta_cid = campaigns.create(beta, name="chaos", sender="news", template="news", segment="all")
 
         fleet = Fleet(procs, env)
         fleet.start("relay", "relay")
@@ -291,6 +318,7 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
             what="the workers to start",
         )
         assert campaigns.start(store, cid) == RECIPIENTS
+        assert campaigns.start(beta, beta_cid) == BETA_RECIPIENTS
         tx = Transactional(store, random.Random(seed + 1))
         tx.start()
         wait_until(
@@ -301,9 +329,14 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
 
         schedule = list(FAULTS) + rng.choices(FAULTS, k=3)
         rng.shuffle(schedule)
+        # People erased while their mail is being sent, between two faults chosen at random.
+        erase_at = dict(zip(rng.sample(range(len(schedule)), 2), ERASED))
         started = time.monotonic()
-        for kind in schedule:
+        for i, kind in enumerate(schedule):
             _pause(fleet, rng.uniform(1.0, 4.0))
+            if i in erase_at:
+                tenant, email = erase_at[i]
+                erase_through_faults(store if tenant == "default" else beta, email)
             done = _states(db)
             fault = {
                 "kind": kind,
@@ -361,7 +394,7 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         tx.now.set()
         tx.join(70)
         assert tx.error is None, tx.error
-        total = RECIPIENTS + len(tx.jobs)
+        total = RECIPIENTS + BETA_RECIPIENTS + len(tx.jobs)
 
         def finished() -> bool:
             fleet.check()
@@ -376,9 +409,12 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
             )
             raise AssertionError(f"unfinished jobs after the faults: {stuck}; faults: {faults}") from None
         wait_until(
-            lambda: db.execute("SELECT status FROM campaigns WHERE id = %s", (cid,))[0][0] == "completed",
+            lambda: (
+                [r[0] for r in db.execute("SELECT status FROM campaigns WHERE id IN (%s, %s)", (cid, beta_cid))]
+                == ["completed", "completed"]
+            ),
             20,
-            what="the campaign to complete",
+            what="both tenants' campaigns to complete",
         )
         head = store.sync()
         wait_until(
@@ -403,6 +439,26 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         completed = {str(j) for (j,) in db.execute("SELECT id FROM jobs WHERE state = 'completed'").fetchall()}
         missing = completed - set(got)
         assert not missing, f"{len(missing)} completed job(s) whose message the sink never received"
+        # Each tenant's mail went out from its own sender, to the same addresses.
+        tenant_of = {str(j): t for j, t in db.execute("SELECT id, tenant FROM jobs").fetchall()}
+        with sink.lock:
+            froms = {(tenant_of[str(m["Message-ID"]).strip("<>").split("@")[0]], str(m["From"])) for m in sink.received}
+        assert {f for t, f in froms if t == "beta"} == {"Beta <news@beta.example>"}
+        assert {f for t, f in froms if t == "default"} == {"News <news@example.org>", "Shop <shop@example.org>"}
+        # The erased: their jobs ended and kept their rows, without the address; nothing about
+        # them can be opened any more.
+        for tenant, email in ERASED:
+            left = db.execute(
+                "SELECT (SELECT count(*) FROM jobs WHERE tenant = %s AND email = %s)"
+                " + (SELECT count(*) FROM contacts WHERE tenant = %s AND email = %s)",
+                (tenant, email, tenant, email),
+            ).fetchone()[0]
+            assert left == 0, f"{email} is still in {tenant}'s rows after its erasure"
+        assert db.execute("SELECT count(*) FROM erased_subjects").fetchone()[0] == len(ERASED)
+        assert db.execute(
+            "SELECT count(*) FROM jobs j JOIN erased_subjects e ON (e.tenant, e.subject) = (j.tenant, j.subject)"
+            " WHERE j.email IS NULL AND j.state IN ('completed', 'failed')"
+        ).fetchone()[0] == len(ERASED)
         dups = {jid: n - 1 for jid, n in got.items() if n > 1}
         n_dups = sum(dups.values())
         assert n_dups <= len(in_flight), f"{n_dups} duplicates, {len(in_flight)} in flight at the kills"
@@ -418,7 +474,6 @@ def _run(rt, settings, pg, pr, sink, procs, env, rng, seed, iteration) -> dict:
         bad = {jid: v for jid, evs in hist.items() if (v := graph_violations(evs))}
         assert bad == {}, f"state graph violated: {list(bad.items())[:5]}"
 
-        operator = Runtime(settings, pool_size=2, operator=True)
         for name, proj in inline_projections().items():
             before = {t: _table(db, t) for t in proj.tables}
             proj.rebuild(operator.store)

@@ -31,6 +31,23 @@ def test_backoff_grows_to_its_cap_with_jitter_and_starts_over_after_a_success():
     assert b.next() <= 0.1
 
 
+def test_a_failure_right_after_the_restore_is_the_same_outage_and_a_later_one_is_new():
+    h = Health("worker", "w1", structlog.get_logger("t"), flap_s=0.5)
+    with capture_logs() as logs:
+        assert h.lost("postgres", ConnectionError("terminating connection")) is True
+        h.ok("postgres")
+        # A thread with a connection opened before the restart fails a moment later.
+        assert h.lost("postgres", ConnectionError("server closed the connection")) is False
+        assert h.down("postgres")  # the status still tells the truth meanwhile
+        h.ok("postgres")
+        time.sleep(0.6)
+        assert h.lost("postgres", ConnectionError("refused")) is True  # a new outage
+        h.ok("postgres")
+    told = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert told == ["worker.postgres_unavailable", "worker.postgres_restored"] * 2
+    assert h.outage_count["postgres"] == 2 and h.healthy
+
+
 def test_an_outage_is_told_once_when_it_starts_and_once_when_it_ends_with_its_length():
     h = Health("worker", "w1", structlog.get_logger("t"))
     with capture_logs() as logs:

@@ -66,6 +66,12 @@ class _Outage:
     since_wall: str
     since: float
     error: str
+    flapping: bool = False  # failed again right after it was told restored
+
+
+# A failure this soon after a service was told restored is the same outage going on (a
+# connection opened before the restart, a server still settling), not a new one.
+FLAP_S = 3.0
 
 
 def _one_line(exc: BaseException | str) -> str:
@@ -107,6 +113,7 @@ class Health:
         *,
         status_dir: Path | None = None,
         interval_s: float = STATUS_INTERVAL_S,
+        flap_s: float = FLAP_S,
     ) -> None:
         self.role = role
         self.name = name
@@ -117,6 +124,8 @@ class Health:
         self.state = "starting"
         self.detail: dict[str, Any] = {}
         self.outages: dict[str, _Outage] = {}
+        self.flap_s = flap_s
+        self._restored: dict[str, tuple[float, _Outage]] = {}  # when each service was last told back
         self.outage_count = dict.fromkeys(SERVICES, 0)
         self._beat = time.monotonic()
         self._proc_start = _proc_start(os.getpid())
@@ -138,6 +147,13 @@ class Health:
         with self._lock:
             if service in self.outages:
                 return False
+            restored = self._restored.get(service)
+            if restored is not None and time.monotonic() - restored[0] < self.flap_s:
+                # Told restored a moment ago: the same outage, still settling. It goes on
+                # quietly (down in the status file) and ends quietly.
+                self.outages[service] = _Outage(restored[1].since_wall, restored[1].since, restored[1].error, True)
+                self._changed.set()
+                return False
             self.outages[service] = _Outage(_now(), time.monotonic(), _one_line(exc))
             self.outage_count[service] = self.outage_count.get(service, 0) + 1
         self.log.warning(
@@ -154,7 +170,13 @@ class Health:
             return
         with self._lock:
             outage = self.outages.pop(service, None)
+            if outage is not None:
+                self._restored[service] = (time.monotonic(), outage)
         if outage is None:
+            return
+        if outage.flapping:
+            self.log.info(f"{self.role}.{service}_settled", outage_s=round(time.monotonic() - outage.since, 3))
+            self._changed.set()
             return
         self.log.warning(
             f"{self.role}.{service}_restored",

@@ -48,19 +48,24 @@ def refuse_if_in_use(conn: psycopg.Connection, kind: str, name: str) -> None:
 
 
 def _contacts_imported(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    """Contacts created or merged. A contact erased since (its value cannot be opened) is
+    inserted as a placeholder and deleted at once: it takes the id it took when it was
+    imported, so a rebuild numbers every other contact as the first time."""
     contacts = data["contacts"]
     opened = personal.open_many(conn, tenant, [(c["subject"], c["sealed"]) for c in contacts])
-    known = [(c["subject"], v) for c, v in zip(contacts, opened) if v is not None]  # None: erased since
     conn.execute(
         q.UPSERT_CONTACTS,
         {
-            "subjects": [s for s, _ in known],
-            "emails": [v["email"] for _, v in known],
-            "attributes": [orjson.dumps(v.get("attributes") or {}).decode() for _, v in known],
+            "subjects": [c["subject"] for c in contacts],
+            "emails": [v["email"] if v else None for v in opened],
+            "attributes": [orjson.dumps((v or {}).get("attributes") or {}).decode() for v in opened],
             "at": at,
             "tenant": tenant,
         },
     )
+    erased = [c["subject"] for c, v in zip(contacts, opened) if v is None]
+    if erased:
+        conn.execute(q.DELETE_ERASED_PLACEHOLDERS, (tenant, erased))
 
 
 def _status_changed(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:

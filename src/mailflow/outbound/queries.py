@@ -5,13 +5,16 @@ from mailflow.infra.locks import Lock
 
 UPSERT_CONTACTS = """
 INSERT INTO contacts AS c (tenant, subject, email, attributes, created_at, updated_at)
-SELECT %(tenant)s, u.subject, u.email, u.attributes, %(at)s, %(at)s
+SELECT %(tenant)s, u.subject, coalesce(u.email, 'erased:' || u.subject), u.attributes, %(at)s, %(at)s
 FROM unnest(%(subjects)s::text[], %(emails)s::text[], %(attributes)s::text[]::jsonb[]) AS u(subject, email, attributes)
 ON CONFLICT (tenant, subject) DO UPDATE
 SET attributes = c.attributes || excluded.attributes, updated_at = excluded.updated_at
 RETURNING (xmax = 0) AS inserted
 """
 
+DELETE_ERASED_PLACEHOLDERS = """
+DELETE FROM contacts WHERE tenant = %s AND subject = ANY(%s::text[]) AND email = 'erased:' || subject
+"""
 COUNT_KNOWN_SUBJECTS = "SELECT count(*) AS known FROM contacts WHERE subject = ANY(%s)"
 # Subjects among these that were erased: their addresses are not imported again.
 ERASED_AMONG = "SELECT subject FROM suppressions WHERE subject = ANY(%s) AND reason = 'erased'"
