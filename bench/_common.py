@@ -83,7 +83,11 @@ def met(value: Any, op: str, target: float) -> bool | None:
         return bool(value >= target)
     if op == "<":
         return bool(value < target)
-    return bool(value == target)
+    if op == "<=":
+        return bool(value <= target)
+    if op == "==":
+        return bool(value == target)
+    raise ValueError(f"unknown goal operator {op!r}")
 
 
 def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:

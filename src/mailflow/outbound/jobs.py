@@ -80,8 +80,8 @@ INSERT INTO jobs (id, tenant, idempotency_key, priority, subject, email, domain,
                   campaign_id, due_at, created_at, correlation_id)
 SELECT u.id, u.tenant, u.key, u.priority, u.subject, u.email, u.domain, u.sender, u.template, u.variables,
        u.campaign_id, coalesce(u.due_at, u.at), u.at, u.correlation
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-            %s::text[], %s::text[]::jsonb[], %s::uuid[], %s::timestamptz[], %s::timestamptz[], %s::text[])
+FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+            %b::text[], %b::text[]::jsonb[], %b::uuid[], %b::timestamptz[], %b::timestamptz[], %b::text[])
      AS u(id, tenant, key, priority, subject, email, domain, sender, template, variables, campaign_id, due_at, at,
           correlation)
 ON CONFLICT (id) DO NOTHING
