@@ -29,6 +29,7 @@ RANKS: dict[str, float] = {
     "outbound": 4,
     "tenants": 4,
     "projectors": 4,
+    "inbound": 4,
     "runtime": 5,
     "web": 5.5,  # the HTTP side; `mailflow web` (commands) serves it
     "commands": 6,

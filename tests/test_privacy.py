@@ -274,7 +274,7 @@ def test_migration_0011_takes_addresses_out_of_events_stored_before(pg_admin_url
             with pytest.raises(Exception, match="run `mailflow migrate`"):
                 migrate(conn)
             keyring = Keyring.load(tmp_path / "home")
-            assert migrate(conn, keyring=keyring) == ["0011_personal_data_out_of_the_log.py"]
+            assert migrate(conn, keyring=keyring)[0] == "0011_personal_data_out_of_the_log.py"
             stored = " ".join(
                 str(x) for row in conn.execute("SELECT stream, data::text FROM events").fetchall() for x in row
             )

@@ -79,6 +79,18 @@ class Settings(BaseSettings):
     ehlo_hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-\[\]:]+$")  # EHLO name; default: the FQDN
     mx_overrides: dict[str, str] = Field(default_factory=dict)  # direct delivery: {"example.net": "10.0.0.5:25"}
     dns_servers: list[str] = Field(default_factory=list)  # direct delivery: ["10.0.0.53", "127.0.0.1:5353"]
+    # Inbound SMTP (mailflow inbound): limits, each with its SMTP reply (inbound/server.py).
+    inbound_host: str = "127.0.0.1"
+    inbound_port: int = Field(default=2525, ge=1, le=65535)
+    inbound_hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-]+$")  # banner; default: the FQDN
+    inbound_max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    inbound_max_recipients: int = Field(default=100, ge=1)
+    inbound_max_connections: int = Field(default=200, ge=1)
+    inbound_max_connections_per_ip: int = Field(default=20, ge=1)
+    inbound_timeout_s: float = Field(default=300.0, gt=0)  # idle between commands
+    inbound_data_timeout_s: float = Field(default=600.0, gt=0)  # one whole DATA (slow senders are cut off)
+    inbound_tls_cert: Path | None = None  # STARTTLS; default: a self-signed one under MAILFLOW_HOME
+    inbound_tls_key: Path | None = None
     retry_base_s: float = Field(default=300.0, gt=0)
     retry_factor: float = Field(default=1.3, ge=1)
     retry_max_attempts: int = Field(default=18, ge=1)

@@ -137,4 +137,9 @@ def _print_demo(res: Any) -> None:
             f"campaign counts {'unchanged' if e['counts_unchanged'] else 'CHANGED'}; a new send is {e['send_after']}",
             markup=False,
         )
+    if res.inbound:
+        i = res.inbound
+        out.print(f"inbound: mailflow inbound receives for {i['domain']} (mailbox {i['mailbox']})", markup=False)
+        for r in i["replies"]:
+            out.print(f"  {r['what']}: {r['code']} {r['reply'][:50]}", markup=False)
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")

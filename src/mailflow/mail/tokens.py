@@ -60,7 +60,7 @@ def verp_address(secret: bytes, job_id: str, domain: str, local: str = "bounces"
     return f"{local}+{sign(secret, job_id)}@{domain}"
 
 
-def job_from_verp(secret: bytes, address: str) -> str:
+def job_from_verp(secret: bytes | list[bytes], address: str) -> str:
     local = address.split("@", 1)[0]
     if "+" not in local:
         raise BadToken(f"{address!r} is not a VERP address")

@@ -15,6 +15,7 @@ MAILFLOW_HOME.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import secrets
 import tempfile
@@ -83,6 +84,7 @@ class DemoResult:
     relay_logins: int = 0  # SMTP sessions the relay let in with the password from the vault
     secret: dict[str, Any] = field(default_factory=dict)  # its fingerprint, and where the password is not
     erasure: dict[str, Any] = field(default_factory=dict)  # one reader erased after the run
+    inbound: dict[str, Any] = field(default_factory=dict)  # mail sent back to mailflow's SMTP server
 
     @property
     def ok(self) -> bool:
@@ -190,7 +192,81 @@ def run(
         with rt.connect() as conn:
             res.secret = rq.one(conn, rq.DEMO_SENDER_SECRET, {"password": f"%{password}%"})
         res.erasure = _erase_one(rt, cid, f"reader1.{tag}@example.net")
+        res.inbound = _inbound(rt, tag, cid)
     return res
+
+
+def _inbound(rt: Runtime, tag: str, campaign_id: str) -> dict[str, Any]:
+    """`mailflow inbound` in this process: a tenant's domain and mailbox, then a message to the
+    mailbox, a reply to the demo sender, a bounce to one campaign message's VERP address, and
+    an attempt to relay through mailflow (refused)."""
+    from mailflow.inbound import directory
+    from mailflow.inbound.server import Limits, serve
+    from mailflow.infra.net import listen
+    from mailflow.mail import tokens
+
+    domain = f"in-{tag}.example"
+    directory.add_domain(rt.store, domain)
+    mailbox = directory.add_mailbox(rt.store, f"help@{domain}", "Help desk")
+    with rt.connect() as conn:
+        job_id = str(rq.one(conn, rq.DEMO_ONE_JOB, {"campaign_id": campaign_id})["id"])
+    operator = Runtime(rt.settings, pool_size=4, operator=True)
+    stop, ready, port = threading.Event(), threading.Event(), [0]
+
+    def on_ready(bound: int) -> None:
+        port[0] = bound
+        ready.set()
+
+    server = threading.Thread(
+        target=serve,
+        args=(operator.store, "127.0.0.1", 0, stop),
+        kwargs={
+            "limits": Limits(),
+            "secret": rt.keyring.verifying_keys,
+            "hostname": "mx.demo",
+            "listen": listen,
+            "ready": on_ready,
+        },
+        daemon=True,
+    )
+    server.start()
+    ready.wait(20)
+    sent = [
+        ("a question to the mailbox", "ann@customer.example", mailbox),
+        ("a reply to the demo sender", "bob@customer.example", "news@example.org"),
+        ("a bounce of one campaign message", "", tokens.verp_address(rt.keyring.signing_key, job_id, "example.org")),
+        ("an attempt to relay through mailflow", "spammer@bad.example", "victim@elsewhere.example"),
+    ]
+    replies = []
+    try:
+        for what, mail_from, to in sent:
+            code, text = asyncio.run(_send_one(port[0], mail_from, to, what))
+            replies.append({"what": what, "code": code, "reply": text})
+    finally:
+        stop.set()
+        server.join(30)
+        operator.close()
+    with rt.connect() as conn:
+        stored = int(rq.one(conn, rq.DEMO_INBOUND_STORED, {"mailbox": mailbox})["n"])
+    return {"domain": domain, "mailbox": mailbox, "replies": replies, "stored_for_mailbox": stored}
+
+
+async def _send_one(port: int, mail_from: str, to: str, subject: str) -> tuple[int, str]:
+    import aiosmtplib
+
+    message = f"From: {mail_from or 'MAILER-DAEMON@example.net'}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\nHello\r\n"
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.mail(mail_from)
+        await client.rcpt(to)
+        reply = await client.data(message.encode())
+        return reply.code, reply.message
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    finally:
+        client.close()
 
 
 def _erase_one(rt: Runtime, campaign_id: str, email: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+import mailflow.inbound
 import mailflow.outbound
 import mailflow.tenants  # noqa: F401 - registers the tenants inline projection
 from mailflow.consumers.dlq import DeadLetters

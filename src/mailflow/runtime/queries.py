@@ -89,3 +89,6 @@ SELECT (SELECT count(*) FROM events WHERE data::text ILIKE %(like)s OR stream IL
                                    OR last_reply ILIKE %(like)s)
      + (SELECT count(*) FROM suppressions WHERE email ILIKE %(like)s) AS rows
 """
+
+DEMO_ONE_JOB = "SELECT id FROM jobs WHERE campaign_id = %(campaign_id)s ORDER BY id LIMIT 1"
+DEMO_INBOUND_STORED = "SELECT count(*) AS n FROM inbound_messages WHERE %(mailbox)s = ANY(recipients)"

@@ -6,7 +6,6 @@ MAILFLOW_UNSUBSCRIBE_BASE_URL, "/unsubscribe" when it is unset) and `GET /health
 
 from __future__ import annotations
 
-import socket
 from urllib.parse import urlsplit
 
 import psycopg
@@ -17,10 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from mailflow.errors import ConfigurationError, MailflowError
+from mailflow.errors import ConfigurationError
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Health
 from mailflow.infra.lifecycle import stop_on_signals
+from mailflow.infra.net import listen
 from mailflow.log import get_logger
 from mailflow.runtime.wiring import Runtime
 from mailflow.web.preferences import PreferencesPages
@@ -31,12 +31,6 @@ HEALTH_DB_TIMEOUT_S = 5.0
 GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long after SIGTERM (the unit allows 30 s)
 
 log = get_logger("mailflow.web")
-
-
-class CannotListen(MailflowError):
-    """The address or port given to `mailflow web` cannot be listened on."""
-
-    exit_code = 1
 
 
 def unsubscribe_path(base_url: str | None) -> str:
@@ -108,24 +102,6 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
             Route(f"{prefs_path}/{{token}}", prefs.post, methods=["POST"]),
         ]
     )
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A bound TCP socket, or one CannotListen line (uvicorn would log and exit by itself)."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-            0
-        ]
-    except socket.gaierror as exc:
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; --host must be a local address") from exc
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from exc
-    return sock
 
 
 def serve(rt: Runtime, host: str, port: int, *, health: Health | None = None) -> None:

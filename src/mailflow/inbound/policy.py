@@ -1,0 +1,107 @@
+"""Inbound room: whose a recipient address is - the decision that keeps mailflow from being an
+open relay. Pure functions of the address and a snapshot of the directory (no I/O).
+
+A recipient is accepted only if mailflow is responsible for it:
+  1. a mailbox (exactly, or with a +tag: `help+billing@` is `help@`);
+  2. the VERP bounce address of one of its own outbound messages (`bounces+<signed job>@`
+     a sender's or an inbound domain; the signature is checked, the job looked up after);
+  3. the reply address of one of its senders (their From);
+  4. any address at an inbound domain of a tenant (routes decide where it goes).
+Everything else is `550 5.7.1` relaying denied. So are addresses that try to route through
+mailflow: a source route (RFC 5321 says to ignore it, so what is left decides), the
+percent hack (`victim%foreign.example@ours`), bang paths and quoted local parts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+DENIED = "550 5.7.1 Relaying denied: mailflow does not receive mail for this address"
+BAD_SYNTAX = "550 5.7.1 Relaying denied: routing through mailflow (%, !, quotes or a source route) is not accepted"
+UNKNOWN_JOB = "550 5.1.1 This bounce address does not belong to a message mailflow sent"
+
+_LOCAL = re.compile(r"^[A-Za-z0-9#$&'*+/=?^_`{|}~.-]+$")  # dot-atom characters, without % and !
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+
+
+class Kind(StrEnum):
+    MAILBOX = "mailbox"
+    BOUNCE = "bounce"
+    REPLY = "reply"
+    DOMAIN = "domain"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Directory:
+    """What mailflow receives for, as of one moment (server.py reloads it every few seconds)."""
+
+    domains: dict[str, str] = field(default_factory=dict)  # inbound domain -> tenant
+    mailboxes: dict[str, str] = field(default_factory=dict)  # address -> tenant
+    senders: dict[str, frozenset[str]] = field(default_factory=dict)  # a sender's From -> tenants
+    sender_domains: frozenset[str] = frozenset()  # where VERP bounces come back to
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: Kind
+    address: str  # canonical (domain in lower case, source route dropped)
+    tenants: tuple[str, ...] = ()
+    job_id: str | None = None  # a bounce: the job it names (its tenant is looked up)
+    reply: str = "250 2.1.5 OK"
+
+    @property
+    def accepted(self) -> bool:
+        return self.kind is not Kind.REFUSED
+
+
+def canonical(raw: str) -> str | None:
+    """The address as mailflow takes it - the source route dropped, the domain in lower case,
+    the local part as given (a VERP token is case-sensitive) - or None if it is not a plain,
+    routable local@domain (see the module docstring)."""
+    address = raw.strip().strip("<>")
+    if address.startswith("@"):  # a source route: @relay1,@relay2:user@domain
+        _, sep, address = address.partition(":")
+        if not sep:
+            return None
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local or not _LOCAL.match(local) or local.startswith(".") or ".." in local:
+        return None
+    domain = domain.lower().rstrip(".")
+    if not _DOMAIN.match(domain):
+        return None
+    return f"{local}@{domain}"
+
+
+def without_tag(address: str) -> str:
+    local, _, domain = address.partition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"
+
+
+def decide(raw: str, directory: Directory, verp_job: Callable[[str], str | None]) -> Decision:
+    """Accept or refuse one RCPT TO. `verp_job(address)` is the job a signed VERP address
+    names (None if it is not one, or the signature is wrong)."""
+    given = canonical(raw)
+    if given is None:
+        return Decision(Kind.REFUSED, raw, reply=BAD_SYNTAX)
+    address = given.lower()  # mailboxes and senders compare in any case
+    domain = address.rpartition("@")[2]
+    for candidate in (address, without_tag(address)):
+        tenant = directory.mailboxes.get(candidate)
+        if tenant is not None:
+            return Decision(Kind.MAILBOX, address, (tenant,))
+    if address.startswith("bounces+") and (domain in directory.sender_domains or domain in directory.domains):
+        job = verp_job(given)
+        if job is None:
+            return Decision(Kind.REFUSED, given, reply=UNKNOWN_JOB)
+        return Decision(Kind.BOUNCE, given, job_id=job)
+    owners = directory.senders.get(address)
+    if owners:
+        return Decision(Kind.REPLY, address, tuple(sorted(owners)))
+    tenant = directory.domains.get(domain)
+    if tenant is not None:
+        return Decision(Kind.DOMAIN, address, (tenant,))
+    return Decision(Kind.REFUSED, address, reply=DENIED)

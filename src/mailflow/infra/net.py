@@ -1,0 +1,31 @@
+"""Infra room: listening sockets for the servers mailflow runs (web, inbound SMTP)."""
+
+from __future__ import annotations
+
+import socket
+
+from mailflow.errors import MailflowError
+
+
+class CannotListen(MailflowError):
+    """The address or port given to a server cannot be listened on."""
+
+    exit_code = 1
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound TCP socket, or one CannotListen line."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ]
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; --host must be a local address") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from exc
+    return sock

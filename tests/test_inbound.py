@@ -1,0 +1,283 @@
+"""Inbound mail, part 1: who may be mailed here (never an open relay), the limits and their SMTP
+replies, STARTTLS, and a 250 only for a message committed - with group commits."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import socket
+import threading
+from email.message import EmailMessage
+
+import aiosmtplib
+import pytest
+
+from mailflow.inbound import directory
+from mailflow.inbound.server import Limits, serve
+from mailflow.infra.net import listen
+from mailflow.mail import tokens
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.process
+
+SECRET = b"inbound-test-key"
+
+
+class Server:
+    """`serve()` in a thread, as `mailflow inbound` runs it, on a free port."""
+
+    def __init__(self, store, limits: Limits, tls=None) -> None:
+        self.stop = threading.Event()
+        self.port: int | None = None
+        ready = threading.Event()
+
+        def on_ready(port: int) -> None:
+            self.port = port
+            ready.set()
+
+        self.thread = threading.Thread(
+            target=serve,
+            args=(store, "127.0.0.1", 0, self.stop),
+            kwargs=dict(
+                limits=limits,
+                secret=[SECRET],
+                hostname="mx.test",
+                tls=tls,
+                listen=listen,
+                reload_s=0.2,
+                ready=on_ready,
+            ),
+            daemon=True,
+        )
+        self.thread.start()
+        assert ready.wait(20), "the inbound server did not start"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+@pytest.fixture
+def acme(rt, store):
+    directory.add_domain(store, "acme.example")
+    directory.add_mailbox(store, "help@acme.example", "Help desk")
+    return store
+
+
+@pytest.fixture
+def server(operator_store, acme):
+    s = Server(operator_store, Limits(max_message_bytes=64 * 1024, max_recipients=3, max_connections_per_ip=4))
+    yield s
+    s.close()
+
+
+def message(to: str = "help@acme.example", body: str = "Hello\r\n", sender: str = "ann@sender.example") -> bytes:
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = sender, to, "Hi"
+    m.set_content(body)
+    return m.as_bytes().replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")
+
+
+async def transaction(port: int, mail_from: str, rcpts: list[str], data: bytes | None) -> list[tuple[int, str]]:
+    """MAIL, each RCPT and DATA one by one, every reply kept (a refusal does not stop it)."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+    await client.connect()
+    replies = []
+    try:
+        await client.ehlo(hostname="client.test")
+        r = await client.execute_command(f"MAIL FROM:<{mail_from}>".encode())
+        replies.append((r.code, r.message))
+        for rcpt in rcpts:
+            r = await client.execute_command(f"RCPT TO:<{rcpt}>".encode())
+            replies.append((r.code, r.message))
+        if data is not None:
+            try:
+                r = await client.data(data)
+                replies.append((r.code, r.message))
+            except aiosmtplib.SMTPResponseException as exc:
+                replies.append((exc.code, exc.message))
+    finally:
+        client.close()
+    return replies
+
+
+def raw_session(port: int, commands: list[str], data: bytes) -> list[str]:
+    """An SMTP session over a bare socket: the bytes go as given (no client repairs them)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        f = sock.makefile("rb")
+
+        def reply() -> str:
+            lines = [f.readline().decode()]
+            while lines[-1][3:4] == "-":
+                lines.append(f.readline().decode())
+            return lines[-1].strip()
+
+        replies = [reply()]
+        for command in ["EHLO client.test", *commands]:
+            sock.sendall(command.encode() + b"\r\n")
+            replies.append(reply())
+        sock.sendall(data + b".\r\n")
+        replies.append(reply())
+        sock.sendall(b"QUIT\r\n")
+    return replies
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_250_means_the_message_and_its_event_are_committed(server, db):
+    raw = message()
+    replies = run(transaction(server.port, "ann@sender.example", ["help@acme.example", "Help+x@acme.example"], raw))
+    assert [c for c, _ in replies] == [250, 250, 250, 250]
+    stored = db.execute("SELECT tenant, sha256, size, data, sender_subject FROM raw_messages").fetchall()
+    assert len(stored) == 1
+    tenant, sha, size, data, subject = stored[0]
+    assert tenant == "default" and sha == hashlib.sha256(bytes(data)).hexdigest() and bytes(data) == raw
+    [(etype, event)] = db.execute("SELECT type, data FROM events WHERE type = 'MessageReceived'").fetchall()
+    assert event["sha256"] == sha and event["recipients"] == ["help@acme.example", "help+x@acme.example"]
+    assert event["sender_subject"] == subject and event["sealed"].startswith("s1.")
+    assert "ann@sender.example" not in json.dumps(event) and event["client_ip"] is None  # sealed, not in clear
+    assert db.execute("SELECT recipients FROM inbound_messages").fetchone()[0] == event["recipients"]
+
+
+def test_a_bounce_to_the_verp_address_of_a_job_is_accepted_for_its_tenant(operator_store, acme, db):
+    from mailflow.outbound import sending
+
+    from .test_outbound_pipeline import setup_catalog
+
+    setup_catalog(acme, "smtp://127.0.0.1:9?tls=none")
+    job_id, _ = sending.send_transactional(
+        acme, sender="tx", template="reset", to="x@example.net", variables={"name": "X", "code": "1"}
+    )
+    s = Server(operator_store, Limits())
+    try:
+        verp = tokens.verp_address(SECRET, job_id, "example.org")  # the sender's domain
+        forged = tokens.verp_address(b"not-the-key", job_id, "example.org")
+        replies = run(transaction(s.port, "", [verp, forged], message(sender="MAILER-DAEMON@mx.example.net")))
+    finally:
+        s.close()
+    assert [c for c, _ in replies] == [250, 250, 550, 250]
+    event = db.execute("SELECT data, metadata->>'tenant' FROM events WHERE type = 'MessageReceived'").fetchone()
+    assert event[1] == "default" and event[0]["recipients"] == [verp]
+    assert event[0]["sender_subject"] is None and event[0]["client_ip"] == "127.0.0.1"  # a machine's bounce
+
+
+def test_foreign_recipients_are_refused_even_with_a_local_sender(server, db):
+    replies = run(
+        transaction(
+            server.port,
+            "help@acme.example",  # MAIL FROM a local address does not make mailflow relay
+            ["victim@foreign.example", "victim%foreign.example@acme.example", "@acme.example:v@foreign.example"],
+            None,
+        )
+    )
+    assert replies[0][0] == 250 and all(c == 550 and m.startswith("5.7.1") for c, m in replies[1:])
+    assert db.execute("SELECT count(*) FROM raw_messages").fetchone()[0] == 0
+
+
+def test_limits_answer_with_the_right_codes(server, db):
+    too_many = run(transaction(server.port, "a@b.example", [f"u{i}@acme.example" for i in range(5)], None))
+    assert [c for c, _ in too_many] == [250, 250, 250, 250, 452, 452]
+    big = message(body="x" * 70_000 + "\r\n")
+    assert run(transaction(server.port, "a@b.example", ["help@acme.example"], big))[-1][0] == 552
+    bare = b"From: a@b.example\r\nSubject: x\r\n\r\nline one\nline two\r\n"  # clients would fix it: a socket
+    assert raw_session(server.port, ["MAIL FROM:<a@b.example>", "RCPT TO:<help@acme.example>", "DATA"], bare)[
+        -1
+    ].startswith("550 5.6.0")
+    long_line = b"From: a@b.example\r\n\r\n" + b"x" * 1200 + b"\r\n"
+    assert raw_session(server.port, ["MAIL FROM:<a@b.example>", "RCPT TO:<help@acme.example>", "DATA"], long_line)[
+        -1
+    ].startswith("500")
+    assert db.execute("SELECT count(*) FROM raw_messages").fetchone()[0] == 0
+
+
+def test_connections_beyond_the_per_ip_limit_are_told_421(server):
+    async def main():
+        held = []
+        for _ in range(4):
+            c = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, start_tls=False, timeout=5)
+            await c.connect()
+            held.append(c)
+        extra = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, start_tls=False, timeout=5)
+        with pytest.raises(aiosmtplib.SMTPConnectResponseError) as refused:
+            await extra.connect()
+        for c in held:
+            c.close()
+        return refused.value.code
+
+    assert run(main()) == 421
+
+
+def test_starttls_works_with_the_self_signed_certificate(operator_store, acme, tmp_path, db):
+    from mailflow.inbound import tls
+
+    cert, key = tls.self_signed(tmp_path, "mx.test")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    s = Server(operator_store, Limits(), tls=tls.context(cert, key))
+    try:
+
+        async def main():
+            client = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=s.port, start_tls=False, timeout=10, validate_certs=False
+            )
+            await client.connect()
+            await client.ehlo()
+            assert client.supports_extension("starttls")
+            await client.starttls()
+            await client.sendmail("a@b.example", ["help@acme.example"], message())
+            client.close()
+
+        run(main())
+    finally:
+        s.close()
+    assert db.execute("SELECT tls FROM inbound_messages").fetchone()[0] is True
+
+
+def test_many_sessions_at_once_are_committed_in_group_commits(operator_store, acme, db):
+    s = Server(operator_store, Limits(max_connections_per_ip=100))
+    n = 60
+    try:
+
+        async def one(i: int):
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=s.port, start_tls=False, timeout=20)
+            await client.connect()
+            errors, _ = await client.sendmail(f"s{i}@sender.example", ["help@acme.example"], message(body=f"n{i}\r\n"))
+            client.close()
+            return errors
+
+        async def main():
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+        assert run(main()) == [{}] * n
+    finally:
+        s.close()
+    assert db.execute("SELECT count(*) FROM raw_messages").fetchone()[0] == n
+    txids = db.execute("SELECT count(DISTINCT txid) FROM events WHERE type = 'MessageReceived'").fetchone()[0]
+    assert txids < n  # some transactions held several messages
+
+
+def test_mailflow_inbound_runs_as_a_process_and_exits_0_on_sigterm(procs, env, acme):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    p = procs.start("inbound", "--port", str(port), env=env)
+
+    def up() -> bool:
+        assert p.poll() is None, procs.log_of(p)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    wait_until(up, 30, what="`mailflow inbound` to listen")
+    replies = run(transaction(port, "a@b.example", ["help@acme.example", "x@foreign.example"], message()))
+    assert [c for c, _ in replies] == [250, 250, 550, 250]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 0, procs.log_of(p)
+    log = procs.log_of(p)
+    assert '"event": "inbound.start"' in log and '"event": "inbound.stop"' in log
