@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import signal
 import socket
 import threading
@@ -281,3 +282,90 @@ def test_mailflow_inbound_runs_as_a_process_and_exits_0_on_sigterm(procs, env, a
     assert p.wait(20) == 0, procs.log_of(p)
     log = procs.log_of(p)
     assert '"event": "inbound.start"' in log and '"event": "inbound.stop"' in log
+
+
+def test_a_message_sent_again_after_its_250_was_lost_is_stored_once(operator_store, acme, db):
+    from mailflow.inbound.store import Incoming, write
+
+    def incoming() -> Incoming:
+        return Incoming({"default": ["help@acme.example"]}, message(), "ann@sender.example", "127.0.0.1", "c", False)
+
+    [first] = write(operator_store, [incoming()])  # committed; the reply never reached the client
+    [again, twice] = write(operator_store, [incoming(), incoming()])  # its retry, and a copy in one batch
+    assert first == again == twice
+    assert db.execute("SELECT count(*) FROM events WHERE type = 'MessageReceived'").fetchone()[0] == 1
+    assert db.execute("SELECT count(*) FROM inbound_messages").fetchone()[0] == 1
+
+
+def test_kill_9_mid_stream_stores_every_message_exactly_once(procs, env, acme, db):
+    """10 sessions send 1,000 messages; the server is killed with SIGKILL part-way and started
+    again. Every message the client saw a 250 for is stored, and after the client's retries
+    every message is stored exactly once (one that was committed but whose 250 was lost is
+    recognised when it comes again)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    n = 1000
+    acked: set[int] = set()
+    attempts = {"retries": 0}
+
+    async def client(work: asyncio.Queue) -> None:
+        smtp = None
+        while True:
+            try:
+                i = work.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            try:
+                if smtp is None:
+                    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+                    await smtp.connect()
+                errors, _ = await smtp.sendmail(
+                    f"s{i}@sender.example", ["help@acme.example"], message(body=f"m{i}\r\n")
+                )
+                assert errors == {}
+                acked.add(i)
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
+                attempts["retries"] += 1
+                work.put_nowait(i)  # not acknowledged: the client keeps it and tries again
+                if smtp is not None:
+                    smtp.close()
+                smtp = None
+                await asyncio.sleep(0.2)
+        if smtp is not None:
+            await smtp.quit()
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    server = procs.start("inbound", "--port", str(port), env=env)
+    wait_until(up, 30, what="`mailflow inbound` to listen")
+
+    async def main() -> None:
+        work: asyncio.Queue = asyncio.Queue()
+        for i in range(n):
+            work.put_nowait(i)
+        clients = [asyncio.create_task(client(work)) for _ in range(10)]
+        current = server
+        for at in sorted(random.sample(range(100, 900), 3)):  # three kills, at random moments
+            while len(acked) < at:  # noqa: ASYNC110 - polling the client's progress
+                await asyncio.sleep(0.005)
+            current.kill()  # SIGKILL, with sessions in the middle of DATA
+            current.wait(10)
+            acked_then = set(acked)
+            stored = db.execute("SELECT count(*) FROM inbound_messages").fetchone()[0]
+            assert stored >= len(acked_then)  # a 250 was sent only for a committed message
+            current = procs.start("inbound", "--port", str(port), env=env)
+            await asyncio.to_thread(wait_until, up, 30, 0.05, "`mailflow inbound` to listen again")
+        await asyncio.gather(*clients)
+
+    run(main())
+    assert acked == set(range(n)) and attempts["retries"] > 0
+    rows = db.execute("SELECT count(*), count(DISTINCT sha256) FROM inbound_messages").fetchone()
+    assert rows == (n, n), rows  # exactly once
+    assert db.execute("SELECT count(*) FROM raw_messages").fetchone()[0] == n
+    assert db.execute("SELECT count(*) FROM events WHERE type = 'MessageReceived'").fetchone()[0] == n

@@ -30,6 +30,13 @@ PUT_RAW = """
 INSERT INTO raw_messages (tenant, sha256, size, data, sender_subject)
 SELECT * FROM unnest(%b::text[], %b::text[], %b::int[], %b::bytea[], %b::text[])
 ON CONFLICT (tenant, sha256) DO NOTHING
+RETURNING tenant, sha256
+"""
+# A retransmission (the same bytes again): the message it repeats.
+KNOWN_MESSAGES = """
+SELECT DISTINCT ON (tenant, sha256) tenant, sha256, id::text FROM inbound_messages
+WHERE (tenant, sha256) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+ORDER BY tenant, sha256, received_at
 """
 GET_RAW = "SELECT data FROM raw_messages WHERE sha256 = %s"
 INSERT_MESSAGES = """

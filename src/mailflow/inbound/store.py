@@ -7,6 +7,10 @@ and one MessageReceived event per tenant it is for. Only when that transaction h
 committed is each session's future resolved, and only then does the session answer 250. A
 failed transaction fails every future in it, and the sessions answer 451: the client keeps
 the message and tries again, nothing is lost. One fsync serves a whole batch.
+
+A message sent again with the same bytes - the server was killed after the commit but
+before the 250 reached the client, which then retried - is recognised by its sha256 and
+answered 250 with the first one's id, without a second event: stored exactly once.
 """
 
 from __future__ import annotations
@@ -121,22 +125,50 @@ def write(store: EventStore, batch: list[Incoming]) -> list[dict[str, str]]:
         for i, m in enumerate(batch):
             for tenant in m.recipients:
                 by_tenant.setdefault(tenant, []).append(i)
-        raw: list[tuple[str, str, int, bytes, str | None]] = []
+        subjects: dict[tuple[str, int], str] = {}
+        for tenant, where in by_tenant.items():
+            for i in where:
+                if batch[i].mail_from:
+                    subjects[(tenant, i)] = store.people.subject(w.conn, tenant, batch[i].mail_from)
+        rows = [
+            (t, batch[i].sha256, len(batch[i].data), batch[i].data, subjects.get((t, i)))
+            for t, where in by_tenant.items()
+            for i in where
+        ]
+        new = {(t, sha) for t, sha in w.conn.execute(q.PUT_RAW, tuple(list(c) for c in zip(*rows))).fetchall()}
+        seen = [
+            (t, batch[i].sha256) for t, where in by_tenant.items() for i in where if (t, batch[i].sha256) not in new
+        ]
+        known = (
+            {
+                (t, sha): mid
+                for t, sha, mid in w.conn.execute(q.KNOWN_MESSAGES, ([t for t, _ in seen], [h for _, h in seen]))
+            }
+            if seen
+            else {}
+        )
         events = []
         for tenant, where in by_tenant.items():
-            subjects = {
-                i: store.people.subject(w.conn, tenant, batch[i].mail_from) for i in where if batch[i].mail_from
-            }
+            fresh = [i for i in where if (tenant, batch[i].sha256) not in known]
             items = [
-                (subjects[i], {"mail_from": batch[i].mail_from, "client_ip": batch[i].client_ip}) for i in subjects
+                (subjects[(tenant, i)], {"mail_from": batch[i].mail_from, "client_ip": batch[i].client_ip})
+                for i in fresh
+                if (tenant, i) in subjects
             ]
-            sealed = dict(zip(subjects, _sealed_senders(w.conn, tenant, items))) if items else {}
+            sealed = (
+                dict(zip([i for i in fresh if (tenant, i) in subjects], _sealed_senders(w.conn, tenant, items)))
+                if items
+                else {}
+            )
             for i in where:
                 m = batch[i]
+                key = (tenant, m.sha256)
+                if key in known:  # sent before (or twice in this batch): the same message
+                    ids[i][tenant] = known[key]
+                    continue
                 message_id = str(uuid.uuid4())
-                ids[i][tenant] = message_id
-                subject = subjects.get(i)
-                raw.append((tenant, m.sha256, len(m.data), m.data, subject))
+                known[key] = ids[i][tenant] = message_id
+                subject = subjects.get((tenant, i))
                 event = MessageReceived(
                     message_id=message_id,
                     sha256=m.sha256,
@@ -149,6 +181,6 @@ def write(store: EventStore, batch: list[Incoming]) -> list[dict[str, str]]:
                     tls=m.tls,
                 )
                 events.append((f"inbound-message-{message_id}", event.to_new(Metadata(tenant=tenant))))
-        w.conn.execute(q.PUT_RAW, tuple(list(col) for col in zip(*raw)))
-        w.record(events)
+        if events:
+            w.record(events)
     return ids
