@@ -1,7 +1,8 @@
 """Inbound room: durable acceptance - a message is committed before its 250, with group commits.
 
 SMTP sessions hand each accepted message to one Committer thread, which writes whatever has
-gathered (up to `max_batch`, waiting at most `max_wait_s` for more) in one transaction: the
+gathered (up to `max_batch`; by default it does not wait for more: what arrives during one
+commit's fsync makes the next batch, so batches grow with the load) in one transaction: the
 raw bytes into raw_messages (by tenant and sha256: the same message twice is stored once)
 and one MessageReceived event per tenant it is for. Only when that transaction has
 committed is each session's future resolved, and only then does the session answer 250. A
@@ -53,7 +54,7 @@ class Incoming:
 
 
 class Committer:
-    def __init__(self, store: EventStore, *, max_batch: int = 256, max_wait_s: float = 0.004) -> None:
+    def __init__(self, store: EventStore, *, max_batch: int = 256, max_wait_s: float = 0.0) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
