@@ -246,7 +246,7 @@ def test_migration_0011_takes_addresses_out_of_events_stored_before(pg_admin_url
                 "email": "ann@example.net",
                 "sender": "news",
                 "template": "t",
-                "variables": {"code": "X1"},
+                "variables": {"code": "code X1!"},
                 "campaign_id": None,
             },
         ),
@@ -278,14 +278,14 @@ def test_migration_0011_takes_addresses_out_of_events_stored_before(pg_admin_url
             stored = " ".join(
                 str(x) for row in conn.execute("SELECT stream, data::text FROM events").fetchall() for x in row
             )
-            assert "ann@example.net" not in stored.lower() and "Ann Q" not in stored and "X1" not in stored
+            assert "ann@example.net" not in stored.lower() and "Ann Q" not in stored and "code X1!" not in stored
             subject = personal.People(keyring).subject(conn, "default", "ann@example.net")
             assert f"default/contact-{subject}" in stored and f"campaign:c1:{subject}" in stored
             assert "550 <recipient> unknown" in stored
             # What was sealed opens with the subject's key, so projections rebuild as before.
             sealed = conn.execute("SELECT data->>'sealed' FROM events WHERE type = 'JobCreated'").fetchone()[0]
             assert personal.open_many(conn, "default", [(subject, sealed)]) == [
-                {"email": "ann@example.net", "variables": {"code": "X1"}}
+                {"email": "ann@example.net", "variables": {"code": "code X1!"}}
             ]
             rows = conn.execute("SELECT subject FROM contacts UNION ALL SELECT subject FROM jobs").fetchall()
             assert rows == [(subject,), (subject,)]
