@@ -227,6 +227,13 @@ def test_demo_runs_the_outbound_pipeline_and_every_job_finishes(env):
     assert summary["events"] >= 4 * 125  # created, queued, started, finished at least
     # Every failed job, campaign or transactional, is explained by a reason.
     assert sum(f["count"] for f in summary["failures"]) == states["failed"]
+    # One reader is erased after the run: no row names them, the counts stay, a send is refused.
+    erased = summary["erasure"]
+    assert erased["rows_naming_before"] > 0 and erased["rows_naming_after"] == 0
+    assert erased["counts_unchanged"] is True and erased["send_after"].startswith("refused")
+    # Mail comes back to mailflow inbound: a question, a reply, a bounce; a relay attempt is refused.
+    inbound = summary["inbound"]
+    assert [r["code"] for r in inbound["replies"]] == [250, 250, 250, 550] and inbound["stored_for_mailbox"] == 1
 
 
 def test_a_csv_that_is_not_utf8_is_one_line_naming_the_line(env, tmp_path):

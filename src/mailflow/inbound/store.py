@@ -23,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from mailflow.consumers import inline
@@ -48,8 +49,8 @@ class Incoming:
     tls: bool
     future: Future[dict[str, str]] = field(default_factory=Future)  # tenant -> message id
 
-    @property
-    def sha256(self) -> str:
+    @cached_property
+    def sha256(self) -> str:  # read several times by the committer: hashed once
         return hashlib.sha256(self.data).hexdigest()
 
 
