@@ -16,8 +16,6 @@ DELETE_ERASED_PLACEHOLDERS = """
 DELETE FROM contacts WHERE tenant = %s AND subject = ANY(%s::text[]) AND email = 'erased:' || subject
 """
 COUNT_KNOWN_SUBJECTS = "SELECT count(*) AS known FROM contacts WHERE subject = ANY(%s)"
-# Subjects among these that were erased: their addresses are not imported again.
-ERASED_AMONG = "SELECT subject FROM suppressions WHERE subject = ANY(%s) AND reason = 'erased'"
 
 SET_CONTACT_STATUS = "UPDATE contacts SET status = %s, updated_at = %s WHERE tenant = %s AND subject = %s"
 
