@@ -377,3 +377,13 @@ def private_redis_like_tested(redis_url: str) -> Iterator[PrivateRedis]:
     yield server
     server.stop()
     shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def acme(store):
+    """A tenant that receives mail for acme.example, with the mailbox help@acme.example."""
+    from mailflow.inbound import directory
+
+    directory.add_domain(store, "acme.example")
+    directory.add_mailbox(store, "help@acme.example", "Help desk")
+    return store

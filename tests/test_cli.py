@@ -231,9 +231,18 @@ def test_demo_runs_the_outbound_pipeline_and_every_job_finishes(env):
     erased = summary["erasure"]
     assert erased["rows_naming_before"] > 0 and erased["rows_naming_after"] == 0
     assert erased["counts_unchanged"] is True and erased["send_after"].startswith("refused")
-    # Mail comes back to mailflow inbound: a question, a reply, a bounce; a relay attempt is refused.
+    # Mail comes back to mailflow inbound: a signed question, one the catch-all route takes, a
+    # reply, a bounce; a spoofed p=reject From and a relay attempt are refused, a p=quarantine
+    # one is held.
     inbound = summary["inbound"]
-    assert [r["code"] for r in inbound["replies"]] == [250, 250, 250, 550] and inbound["stored_for_mailbox"] == 1
+    assert [r["code"] for r in inbound["replies"]] == [250, 250, 250, 250, 550, 250, 550]
+    assert inbound["stored_for_mailbox"] == 2  # the question and the held spoof: the refused one is not stored
+    by_state = {(m["state"], m["dmarc"]) for m in inbound["messages"]}
+    assert ("quarantined", "fail") in by_state and ("routed", "pass") in by_state
+    question = next(m for m in inbound["messages"] if m["dkim"] == ["pass"] and m["to"] == inbound["mailbox"])
+    assert question["mailboxes"] == [inbound["mailbox"]] and question["spf"] == "pass"
+    bounce_and_reply = [m for m in inbound["messages"] if m["mailboxes"] == ["news@example.org"]]
+    assert len(bounce_and_reply) == 2
 
 
 def test_a_csv_that_is_not_utf8_is_one_line_naming_the_line(env, tmp_path):

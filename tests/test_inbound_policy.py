@@ -1,4 +1,5 @@
-"""Inbound mail: the decision that keeps mailflow from being an open relay, without servers."""
+"""Inbound mail: the decision that keeps mailflow from being an open relay, and what the routes
+decide at RCPT TO, without servers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from mailflow.inbound import policy
 from mailflow.inbound.policy import Directory, Kind
+from mailflow.inbound.routes import Action, Route
 from mailflow.mail import tokens
 
 pytestmark = pytest.mark.pure
@@ -13,10 +15,17 @@ pytestmark = pytest.mark.pure
 SECRET = b"inbound-test-key"
 
 DIR = Directory(
-    domains={"acme.example": "acme"},
+    domains={"acme.example": "acme", "beta.example": "beta"},
     mailboxes={"help@acme.example": "acme", "desk@other.example": "beta"},
     senders={"news@shop.example": frozenset({"default"})},
     sender_domains=frozenset({"shop.example"}),
+    routes={
+        "acme": (
+            Route("spam", "acme", 10, "spam@acme.example", Action.REJECT, "Go away"),
+            Route("urgent", "acme", 20, "urgent@acme.example", Action.REJECT, headers=(("subject", "urgent"),)),
+            Route("all", "acme", 100, "/.*/", Action.DROP),  # a regex: any address - of acme's domains only
+        )
+    },
 )
 
 
@@ -36,7 +45,8 @@ def _verp(address: str) -> str | None:
         ("help@acme.example", Kind.MAILBOX, ("acme",)),
         ("Help+Billing@ACME.example", Kind.MAILBOX, ("acme",)),  # any case, +tag stripped
         ("desk@other.example", Kind.MAILBOX, ("beta",)),  # a mailbox outside an inbound domain
-        ("anyone@acme.example", Kind.DOMAIN, ("acme",)),  # the tenant's domain: routes decide
+        ("anyone@acme.example", Kind.ROUTE, ("acme",)),  # a route of the tenant's takes it
+        ("urgent@acme.example", Kind.ROUTE, ("acme",)),  # a reject that needs its headers: not yet
         ("news@shop.example", Kind.REPLY, ("default",)),  # a reply to one of its senders
         ("@relay.example:help@acme.example", Kind.MAILBOX, ("acme",)),  # a source route is ignored
     ],
@@ -60,6 +70,25 @@ def test_addresses_mailflow_is_responsible_for_are_accepted_for_their_tenant(rcp
 def test_everything_else_is_relaying_denied(rcpt):
     d = policy.decide(rcpt, DIR, _verp)
     assert d.kind is Kind.REFUSED and d.reply.startswith("550 5.7.1")
+
+
+def test_an_address_at_an_inbound_domain_that_no_mailbox_or_route_takes_is_no_such_mailbox():
+    d = policy.decide("anyone@beta.example", DIR, _verp)  # acme's regex takes any address, but not beta's
+    assert (d.kind, d.tenants, d.reply) == (Kind.REFUSED, ("beta",), policy.NO_SUCH_MAILBOX)
+    assert d.reply.startswith("550 5.1.1")
+    assert DIR.routes_for("anyone@beta.example") == () and DIR.routes_for("x@foreign.example") == ()
+
+
+def test_a_route_that_rejects_without_header_conditions_refuses_at_rcpt_with_its_own_text():
+    d = policy.decide("Spam+x@acme.example", DIR, _verp)
+    assert (d.kind, d.route_id, d.reply) == (Kind.REFUSED, "spam", "550 5.7.1 Go away")
+    taken = policy.decide("anyone@acme.example", DIR, _verp)
+    assert (taken.kind, taken.route_id, taken.reply) == (Kind.ROUTE, "all", "250 2.1.5 OK")
+
+
+def test_a_mailbox_keeps_its_mail_before_any_route_is_tried():
+    d = policy.decide("help+spam@acme.example", DIR, _verp)
+    assert (d.kind, d.route_id) == (Kind.MAILBOX, None)
 
 
 def test_a_bounce_address_is_accepted_only_with_a_genuine_signature():

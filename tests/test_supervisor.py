@@ -22,6 +22,7 @@ from mailflow.runtime.supervisor import (
 from mailflow.testing.sink import Sink, SinkServer
 
 from .conftest import run_cli, wait_until
+from .servers import free_port
 
 pytestmark = pytest.mark.process
 
@@ -59,14 +60,14 @@ def _alive(pid: int) -> bool:
 
 
 def _up(procs, env):
-    up = procs.start("up", "--workers", "1", env=env)
+    up = procs.start("up", "--workers", "1", env=dict(env, MAILFLOW_INBOUND_PORT=str(free_port())))
     wait_until(
         lambda: (
             up.poll() is None
-            and set(_children(procs, up)) == {"relay", "consumer-event_counts", "queuer", "worker-1"}
+            and set(_children(procs, up)) == {"relay", "consumer-event_counts", "queuer", "worker-1", "inbound"}
             and all(
                 any(r.get("event") == e for r in _records(procs, up))
-                for e in ("relay.leader", "queuer.leader", "worker.start")
+                for e in ("relay.leader", "queuer.leader", "worker.start", "inbound.start")
             )
         ),
         60,
@@ -99,7 +100,7 @@ def test_a_child_killed_with_sigkill_is_restarted_and_the_log_says_which_and_why
         interval=0.5,
         what="mailflow health to show the restart",
     )
-    assert {s["role"] for s in json.loads(res.stdout)} >= {"up", "relay", "queuer", "worker", "consumer"}
+    assert {s["role"] for s in json.loads(res.stdout)} >= {"up", "relay", "queuer", "worker", "consumer", "inbound"}
     pids = _children(procs, up).values()
     up.send_signal(signal.SIGTERM)
     assert up.wait(60) == 0, procs.log_of(up)[-3000:]

@@ -49,13 +49,16 @@ def two_tenants(env, tmp_path):
         ("campaigns", "create", "spring", "--sender", "news", "--template", "hello", "--segment", "dutch"),
         ("campaigns", "start", "spring"),
         ("suppressions", "add", "carol@example.net"),
+        ("domains", "add", "acme.example"),
+        ("routes", "add", "*@acme.example", "--drop"),
     ):
         ok(cli(env, "acme", *args))
     sent = json.loads(
         ok(cli(env, "acme", "send", "--sender", "news", "--template", "hello", "--to", "dan@example.net", "--json"))
     )
     campaign = json.loads(ok(cli(env, "acme", "campaigns", "list", "--json")))[0]
-    return {"campaign": campaign["id"], "job": sent["job_id"]}
+    route = json.loads(ok(cli(env, "acme", "routes", "list", "--json")))[0]
+    return {"campaign": campaign["id"], "job": sent["job_id"], "route": route["id"]}
 
 
 def test_tenant_b_gets_not_found_for_every_id_of_tenant_a(env, two_tenants, db):
@@ -91,6 +94,7 @@ def test_tenant_b_gets_not_found_for_every_id_of_tenant_a(env, two_tenants, db):
         ("suppressions", "remove", "carol@example.net"),
         ("send", "--sender", "news", "--template", "hello", "--to", "eve@example.net"),
         ("events", "show", str(acme_event[0] if acme_event else 1)),
+        ("routes", "remove", two_tenants["route"]),
     ]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda args: (args, cli(env, "beta", *args)), by_id))
@@ -106,6 +110,7 @@ def test_tenant_b_gets_not_found_for_every_id_of_tenant_a(env, two_tenants, db):
         ("campaigns", "list"),
         ("jobs", "list"),
         ("suppressions", "list"),
+        ("routes", "list"),
     ):
         listed = json.loads(ok(cli(env, "beta", *args, "--json")))
         assert listed in ([], {"count": 0, "contacts": []}), args
@@ -119,6 +124,7 @@ def test_tenant_b_gets_not_found_for_every_id_of_tenant_a(env, two_tenants, db):
     assert status["status"] == "running" and status["total"] == 1
     assert json.loads(ok(cli(env, "acme", "jobs", "show", job, "--json")))["job"]["id"] == job
     assert [s["name"] for s in json.loads(ok(cli(env, "acme", "senders", "list", "--json")))] == ["news"]
+    assert [r["id"] for r in json.loads(ok(cli(env, "acme", "routes", "list", "--json")))] == [two_tenants["route"]]
 
 
 def test_names_and_addresses_are_unique_per_tenant_not_globally(env, two_tenants, tmp_path, db):

@@ -45,7 +45,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inbound": ("inbound", "Long-running: receive mail over SMTP for domains and mailboxes."),
     "domains": ("domains", "Inbound domains: the domains mailflow receives mail for."),
     "mailboxes": ("mailboxes", "Mailboxes: addresses that keep the mail they receive."),
-    "messages": ("messages", "Received messages: list, show the raw message."),
+    "routes": ("routes", "Routes: where mail to addresses without a mailbox goes."),
+    "messages": ("messages", "Received messages: list, show, raw, headers, read."),
+    "quarantine": ("quarantine", "Quarantine: held messages, release, drop, spam thresholds."),
     "services": ("services", "The embedded PostgreSQL and Redis."),
 }
 

@@ -91,6 +91,26 @@ class Settings(BaseSettings):
     inbound_data_timeout_s: float = Field(default=600.0, gt=0)  # one whole DATA (slow senders are cut off)
     inbound_tls_cert: Path | None = None  # STARTTLS; default: a self-signed one under MAILFLOW_HOME
     inbound_tls_key: Path | None = None
+    # What the server finds out before its 250: authentication (SPF, DKIM, ARC, DMARC; DNS
+    # through MAILFLOW_DNS_SERVERS when set) and the spam score (built-in rules, plus spamd or
+    # rspamd when one is configured; one that is down or slow leaves the message unscored).
+    inbound_authentication: bool = True
+    inbound_dns_timeout_s: float = Field(default=5.0, gt=0)
+    inbound_spamd: str | None = Field(default=None, pattern=r"^[^\s:]+:\d{1,5}$")  # "127.0.0.1:783"
+    inbound_rspamd_url: str | None = Field(default=None, pattern=r"^https?://\S+$")  # "http://127.0.0.1:11333"
+    inbound_spam_timeout_s: float = Field(default=10.0, gt=0)
+    # Routes' http and forward actions (inbound/actions.py): retried with exponential backoff
+    # (base, times factor per attempt, at most max_s apart), given up after max_attempts.
+    inbound_forward_relay: str | None = None  # smtp://[user:password@]host[:port][?tls=...]; unset: no forwards
+    inbound_action_timeout_s: float = Field(default=30.0, gt=0)  # an http POST's answer
+    inbound_action_retry_base_s: float = Field(default=30.0, gt=0)
+    inbound_action_retry_factor: float = Field(default=2.0, ge=1)
+    inbound_action_retry_max_s: float = Field(default=6 * 3600.0, gt=0)
+    inbound_action_max_attempts: int = Field(default=12, ge=1)
+    inbound_action_lease_s: float = Field(default=300.0, gt=0)  # a claimed action is not sent twice meanwhile
+    inbound_action_concurrency: int = Field(default=16, ge=1)
+    inbound_action_poll_s: float = Field(default=1.0, gt=0)
+    inbound_action_max_raw_bytes: int = Field(default=5 * 1024 * 1024, ge=0)  # larger: POSTed without raw
     retry_base_s: float = Field(default=300.0, gt=0)
     retry_factor: float = Field(default=1.3, ge=1)
     retry_max_attempts: int = Field(default=18, ge=1)

@@ -141,5 +141,13 @@ def _print_demo(res: Any) -> None:
         i = res.inbound
         out.print(f"inbound: mailflow inbound receives for {i['domain']} (mailbox {i['mailbox']})", markup=False)
         for r in i["replies"]:
-            out.print(f"  {r['what']}: {r['code']} {r['reply'][:50]}", markup=False)
+            out.print(f"  {r['what']}: {r['code']} {r['reply'][:40]}", markup=False)
+        for m in i.get("messages", []):
+            where = ", ".join(m["mailboxes"]) or m["state"]
+            dkim = ",".join(m["dkim"]) or "none"
+            out.print(
+                f"  stored: to {m['to'][:28]} -> {where[:24]}; spf={m['spf']} dkim={dkim} dmarc={m['dmarc']}"
+                f" spam={m['spam']}",
+                markup=False,
+            )
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mailflow.commands.base import JsonOpt, emit_json, new_app, out, quiet_logs, runtime
+from mailflow.commands.base import JsonOpt, emit_json, iso, new_app, out, quiet_logs, runtime
 
 app = new_app("Mailboxes: addresses that keep the mail they receive.")
 
@@ -46,3 +46,46 @@ def mailboxes_list(as_json: bool = JsonOpt) -> None:
         return
     for r in rows:
         out.print(f"{r['address']:<50} {r['messages']:>7} message(s)  {r['name']}", markup=False)
+
+
+@app.command("show")
+def mailboxes_show(
+    address: str = typer.Argument(...),
+    latest: int = typer.Option(5, "--latest", "-n", min=0, max=1000, help="How many of the latest messages."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """One mailbox: its name, how many messages it has (and unread), the routes that deliver
+    to it, and its latest messages."""
+    from mailflow.inbound import directory
+
+    quiet_logs()
+    with runtime().connect() as conn:
+        row = directory.mailbox_details(conn, address, latest=latest)
+    if as_json:
+        emit_json(
+            {
+                "address": row["address"],
+                "name": row["name"],
+                "created_at": iso(row["created_at"]),
+                "messages": row["messages"],
+                "unread": row["unread"],
+                "routes": [r.to_dict() for r in row["routes"]],
+                "latest": [
+                    {**m, "id": str(m["id"]), "received_at": iso(m["received_at"]), "read_at": iso(m["read_at"])}
+                    for m in row["latest"]
+                ],
+            }
+        )
+        return
+    out.print(f"mailbox   {row['address']}", markup=False)
+    if row["name"]:
+        out.print(f"name      {row['name']}", markup=False)
+    out.print(f"created   {row['created_at']:%Y-%m-%d %H:%M}", markup=False)
+    out.print(f"messages  {row['messages']} ({row['unread']} unread)", markup=False)
+    for r in row["routes"]:
+        out.print(f"route     {r.id}  {r.pattern} (priority {r.priority})", markup=False)
+    for m in row["latest"]:
+        read = "read  " if m["read_at"] else "unread"
+        out.print(
+            f"message   {str(m['id'])[:8]}  {m['received_at']:%Y-%m-%d %H:%M}  {read}  {m['recipient']}", markup=False
+        )

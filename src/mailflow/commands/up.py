@@ -17,8 +17,12 @@ app = new_app()
 
 
 @app.command("up")
-def up(workers: int = typer.Option(1, "--workers", min=1, max=16)) -> None:
-    """Run the whole pipeline, supervised: relay, event_counts, queuer and worker(s) as child processes.
+def up(
+    workers: int = typer.Option(1, "--workers", min=1, max=16),
+    inbound: bool = typer.Option(True, "--inbound/--no-inbound", help="Run the inbound SMTP server too."),
+) -> None:
+    """Run the whole pipeline, supervised: relay, event_counts, queuer, worker(s) and the
+    inbound SMTP server (MAILFLOW_INBOUND_HOST/PORT) as child processes.
 
     A child that dies is restarted (and the log says which and why); SIGTERM stops them all.
     """
@@ -32,7 +36,7 @@ def up(workers: int = typer.Option(1, "--workers", min=1, max=16)) -> None:
         s = rt.settings.model_copy(
             update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url}
         )
-        supervisor = Supervisor(s, pipeline_parts(workers), health=health)
+        supervisor = Supervisor(s, pipeline_parts(workers, inbound=inbound), health=health)
         code = supervisor.run(stop)
         if code == FATAL_EXIT and supervisor.fatal is not None:
             c = supervisor.fatal

@@ -2,8 +2,9 @@
 
 A domain belongs to one tenant (its MX points at mailflow); a mailbox is an address at one of
 the tenant's domains. Both are inline projections of their events, like the outbound
-catalogue, and `load()` reads every tenant's into the snapshot the SMTP server decides
-RCPT TO from (policy.py).
+catalogue, and `load()` reads every tenant's - with their routes (routes.py) - into the
+snapshot the SMTP server decides RCPT TO from (policy.py). `domain_details()` and
+`mailbox_details()` read one of them with its counts and routes (`domains show`, `mailboxes show`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mailflow.errors import ConflictError, NotFoundError, UsageError
 from mailflow.events.envelope import Envelope
 from mailflow.events.store import EventStore
 from mailflow.inbound import queries as q
+from mailflow.inbound import routes
 from mailflow.inbound.events import InboundDomainAdded, InboundDomainRemoved, MailboxAdded, MailboxRemoved
 from mailflow.inbound.policy import Directory, canonical
 
@@ -75,10 +77,16 @@ def add_mailbox(store: EventStore, raw: str, name: str = "") -> str:
 
 
 def remove_mailbox(store: EventStore, raw: str) -> None:
+    """Remove a mailbox; a ConflictError while routes deliver to it (they would deliver nowhere)."""
     address = (canonical(raw) or raw).lower()
     with inline.writing(store) as w:
-        if w.conn.execute(q.MAILBOX_OWNER, (address,)).fetchone() is None:
+        if w.conn.execute(q.MAILBOX_LOCKED, (address,)).fetchone() is None:
             raise NotFoundError(f"no mailbox {address} (see `mailflow mailboxes list`)")
+        using = [r for (r,) in w.conn.execute(q.ROUTES_TO_MAILBOX, (address,)).fetchall()]
+        if using:
+            raise ConflictError(
+                f"route {', '.join(using)} delivers to {address}: remove it first (`mailflow routes remove ID`)"
+            )
         w.record([(f"mailbox-{address}", MailboxRemoved(address=address).to_new())])
 
 
@@ -92,8 +100,51 @@ def mailboxes(conn: psycopg.Connection) -> list[dict[str, Any]]:
         return cur.execute(q.LIST_MAILBOXES).fetchall()
 
 
+def domain(conn: psycopg.Connection, raw: str) -> dict[str, Any]:
+    """One of the connection's tenant's domains (another tenant's is not found)."""
+    name = _domain(raw)
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(q.DOMAIN, (name,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"no inbound domain {name} (see `mailflow domains list`)")
+    return row
+
+
+def domain_details(conn: psycopg.Connection, raw: str) -> dict[str, Any]:
+    """A domain with its mailboxes (and their message counts), the routes that may take its
+    mail - address patterns at it, and regexes, which may match any of the tenant's domains -
+    and its received messages by state."""
+    row = domain(conn, raw)
+    with conn.cursor(row_factory=dict_row) as cur:
+        row["mailboxes"] = cur.execute(q.DOMAIN_MAILBOXES, (row["domain"],)).fetchall()
+        by_state = {r["state"]: r["messages"] for r in cur.execute(q.DOMAIN_MESSAGES_BY_STATE, (row["domain"],))}
+    row["routes"] = [r for r in routes.routes(conn) if r.recipient.domain in (row["domain"], None)]
+    row["messages"] = {
+        "received": sum(by_state.values()),
+        "by_state": by_state,
+        "in_mailboxes": sum(b["messages"] for b in row["mailboxes"]),
+        "unread": sum(b["unread"] for b in row["mailboxes"]),
+    }
+    return row
+
+
+def mailbox_details(conn: psycopg.Connection, raw: str, *, latest: int = 5) -> dict[str, Any]:
+    """A mailbox, its message counts, the routes that deliver to it, and its latest messages."""
+    address = (canonical(raw) or raw).strip().lower()
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(q.MAILBOX, (address,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no mailbox {address} (see `mailflow mailboxes list`)")
+        counts = cur.execute(q.MAILBOX_COUNTS, (address,)).fetchone()
+        row.update(counts or {"messages": 0, "unread": 0})
+        row["latest"] = cur.execute(q.MAILBOX_LATEST, (address, latest)).fetchall()
+    row["routes"] = [r for r in routes.routes(conn) if r.action is routes.Action.MAILBOX and r.target == address]
+    return row
+
+
 def load(conn: psycopg.Connection) -> Directory:
-    """Every tenant's domains, mailboxes and sender addresses (an operator's connection)."""
+    """Every tenant's domains, mailboxes, sender addresses and routes (an operator's
+    connection; a tenant's sees its own)."""
     senders: dict[str, set[str]] = {}
     for address, tenant in conn.execute(q.DIRECTORY_SENDERS).fetchall():
         senders.setdefault(address, set()).add(tenant)
@@ -102,6 +153,7 @@ def load(conn: psycopg.Connection) -> Directory:
         mailboxes=dict(conn.execute(q.DIRECTORY_MAILBOXES).fetchall()),
         senders={a: frozenset(t) for a, t in senders.items()},
         sender_domains=frozenset(a.rpartition("@")[2] for a in senders),
+        routes=routes.by_tenant(conn),
     )
 
 
@@ -116,29 +168,11 @@ def _per_event(apply: Callable[[psycopg.Connection, dict, datetime, str], object
     return run
 
 
-def _received(conn: psycopg.Connection, events: list[Envelope]) -> None:
-    d = [e.data for e in events]
-    conn.execute(
-        q.INSERT_MESSAGES,
-        (
-            [x["message_id"] for x in d],
-            [str(e.metadata.tenant) for e in events],
-            [e.recorded_at for e in events],
-            [x["sha256"] for x in d],
-            [x["size"] for x in d],
-            [" ".join(x["recipients"]) for x in d],
-            [x.get("sender_subject") for x in d],
-            [x.get("helo", "") for x in d],
-            [bool(x.get("tls")) for x in d],
-        ),
-    )
-
-
 PROJECTION = register(
     InlineProjection(
         "inbound",
-        "inbound domains, mailboxes and received messages (inline)",
-        ("inbound_domains", "mailboxes", "inbound_messages"),
+        "inbound domains and mailboxes (inline)",
+        ("inbound_domains", "mailboxes"),
         {
             "InboundDomainAdded": _per_event(lambda c, d, at, t: c.execute(q.ADD_DOMAIN, (d["domain"], t, at))),
             "InboundDomainRemoved": _per_event(lambda c, d, at, t: c.execute(q.REMOVE_DOMAIN, (t, d["domain"]))),
@@ -146,7 +180,6 @@ PROJECTION = register(
                 lambda c, d, at, t: c.execute(q.ADD_MAILBOX, (d["address"], t, d.get("name", ""), at))
             ),
             "MailboxRemoved": _per_event(lambda c, d, at, t: c.execute(q.REMOVE_MAILBOX, (t, d["address"]))),
-            "MessageReceived": _received,
         },
     )
 )

@@ -6,7 +6,10 @@ A recipient is accepted only if mailflow is responsible for it:
   2. the VERP bounce address of one of its own outbound messages (`bounces+<signed job>@`
      a sender's or an inbound domain; the signature is checked, the job looked up after);
   3. the reply address of one of its senders (their From);
-  4. any address at an inbound domain of a tenant (routes decide where it goes).
+  4. an address at an inbound domain of a tenant that one of the tenant's routes takes
+     (routes.py): the first route whose pattern matches decides - a reject without header
+     conditions refuses it with its own `550 5.7.1` text, any other accepts it; an address
+     there that neither a mailbox nor a route takes is `550 5.1.1` no such mailbox.
 Everything else is `550 5.7.1` relaying denied. So are addresses that try to route through
 mailflow: a source route (RFC 5321 says to ignore it, so what is left decides), the
 percent hack (`victim%foreign.example@ours`), bang paths and quoted local parts.
@@ -19,9 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from mailflow.inbound.routes import Route, rcpt_match
+
 DENIED = "550 5.7.1 Relaying denied: mailflow does not receive mail for this address"
 BAD_SYNTAX = "550 5.7.1 Relaying denied: routing through mailflow (%, !, quotes or a source route) is not accepted"
 UNKNOWN_JOB = "550 5.1.1 This bounce address does not belong to a message mailflow sent"
+NO_SUCH_MAILBOX = "550 5.1.1 No such mailbox: no mailbox or route here takes this address"
 
 _LOCAL = re.compile(r"^[A-Za-z0-9#$&'*+/=?^_`{|}~.-]+$")  # dot-atom characters, without % and !
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
@@ -31,7 +37,7 @@ class Kind(StrEnum):
     MAILBOX = "mailbox"
     BOUNCE = "bounce"
     REPLY = "reply"
-    DOMAIN = "domain"
+    ROUTE = "route"
     REFUSED = "refused"
 
 
@@ -43,6 +49,13 @@ class Directory:
     mailboxes: dict[str, str] = field(default_factory=dict)  # address -> tenant
     senders: dict[str, frozenset[str]] = field(default_factory=dict)  # a sender's From -> tenants
     sender_domains: frozenset[str] = frozenset()  # where VERP bounces come back to
+    routes: dict[str, tuple[Route, ...]] = field(default_factory=dict)  # tenant -> its routes, in order
+
+    def routes_for(self, address: str) -> tuple[Route, ...]:
+        """The routes that may take `address`: those of the tenant that receives for its
+        domain, and no other tenant's (a regex route never sees another tenant's mail)."""
+        tenant = self.domains.get(address.rpartition("@")[2].lower())
+        return self.routes.get(tenant, ()) if tenant is not None else ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class Decision:
     address: str  # canonical (domain in lower case, source route dropped)
     tenants: tuple[str, ...] = ()
     job_id: str | None = None  # a bounce: the job it names (its tenant is looked up)
+    route_id: str | None = None  # a route's address: the route that took it (or refused it)
     reply: str = "250 2.1.5 OK"
 
     @property
@@ -102,6 +116,11 @@ def decide(raw: str, directory: Directory, verp_job: Callable[[str], str | None]
     if owners:
         return Decision(Kind.REPLY, address, tuple(sorted(owners)))
     tenant = directory.domains.get(domain)
-    if tenant is not None:
-        return Decision(Kind.DOMAIN, address, (tenant,))
-    return Decision(Kind.REFUSED, address, reply=DENIED)
+    if tenant is None:
+        return Decision(Kind.REFUSED, address, reply=DENIED)
+    route = rcpt_match(directory.routes_for(address), address)
+    if route is None:
+        return Decision(Kind.REFUSED, address, (tenant,), reply=NO_SUCH_MAILBOX)
+    if route.refuses_at_rcpt:
+        return Decision(Kind.REFUSED, address, (tenant,), route_id=route.id, reply=route.reply)
+    return Decision(Kind.ROUTE, address, (tenant,), route_id=route.id)

@@ -9,6 +9,14 @@ message is committed (store.py), or 451 if it could not be. aiosmtpd itself answ
 over-size message with `552` (the limit is advertised with SIZE), an overlong line with
 `500`, and closes a session idle past the timeout; `data_timeout_s` bounds how long one
 DATA may take (a slow sender is cut off with `421 4.4.2`).
+
+Before the 250, DATA finds out what the message is, in a worker thread (the event loop keeps
+serving other sessions): its defects (defects.py), its headers, and its SPF, DKIM, ARC and
+DMARC verdicts (authn.py); then its spam score (spam.py: built-in rules, and spamd or rspamd
+when configured). Routing (routing.py) turns that into one outcome per tenant: refused for
+its spam score (when every tenant refuses, `550 5.7.1` before any 250: no backscatter),
+quarantined, or routed to its deliveries. The stored copy starts with an
+Authentication-Results header (RFC 8601) naming this server.
 """
 
 from __future__ import annotations
@@ -16,17 +24,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from mailflow.events.store import EventStore
-from mailflow.inbound import directory, policy
+from mailflow.inbound import defects, directory, mailbox, policy, routing
 from mailflow.inbound import queries as q
-from mailflow.inbound.policy import Decision, Directory, Kind
+from mailflow.inbound.authn import Authenticator
+from mailflow.inbound.policy import Decision, Directory, Kind, without_tag
+from mailflow.inbound.routing import Recipient
+from mailflow.inbound.spam import Checker, Thresholds
 from mailflow.inbound.store import Committer, Incoming
 from mailflow.infra.health import Health
 from mailflow.log import get_logger
@@ -35,6 +47,7 @@ from mailflow.mail import tokens
 log = get_logger("mailflow.inbound")
 
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections; try again later\r\n"
+TOO_SLOW = b"421 4.4.2 Too slow: the message took too long to arrive; closing\r\n"
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class InboundSMTP(SMTP):
         self.connections = connections
         self._ip = ""
         self._admitted: bool | None = None
+        self.data_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._admitted is None:  # not the STARTTLS re-entry
@@ -99,22 +113,63 @@ class InboundSMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
+        """DATA bounded by `data_timeout_s`, from the command to the last byte: past it, `421
+        4.4.2` is written and the connection closed. A timer, not wait_for: cancelling
+        aiosmtpd's DATA would look to it like a lost connection, and nothing would be said.
+        The idle timeout is stretched to match (aiosmtpd re-arms it per command only), and
+        the timer stops once the message is in (the commit has its own bound)."""
+        limits = self.policy.limits
+        self._reset_timeout(max(limits.timeout_s, limits.data_timeout_s) + 1)
+        self.data_timer = self.loop.call_later(limits.data_timeout_s, self._too_slow)
         try:
-            await asyncio.wait_for(super().smtp_DATA(arg), self.policy.limits.data_timeout_s)
-        except TimeoutError:
-            await self.push("421 4.4.2 Too slow: the message took too long to arrive; closing")
-            assert self.transport is not None
-            self.transport.close()
+            await super().smtp_DATA(arg)
+        finally:
+            self.data_timer.cancel()
+            self._reset_timeout()
+
+    def _too_slow(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            log.info("inbound.too_slow", client=self._ip, limit_s=self.policy.limits.data_timeout_s)
+            transport.write(TOO_SLOW)  # type: ignore[attr-defined]
+            transport.close()
+
+
+@dataclass(frozen=True)
+class _Unauthenticated:
+    """The verdicts when authentication is off (MAILFLOW_INBOUND_AUTHENTICATION=false)."""
+
+    spf: str = "none"
+    dmarc: str = "none"
+    dmarc_policy: str | None = None
 
 
 class Handler:
-    def __init__(self, store: EventStore, committer: Committer, limits: Limits, secret: list[bytes]) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        committer: Committer,
+        limits: Limits,
+        secret: list[bytes],
+        *,
+        authenticator: Authenticator | None = None,
+        checker: Checker | None = None,
+        authserv_id: str = "mailflow",
+    ) -> None:
         self.store = store
         self.committer = committer
         self.limits = limits
         self.secret = secret
+        self.authenticator = authenticator
+        self.checker = checker or Checker()
+        self.authserv_id = authserv_id
         self.directory = Directory()
+        self.thresholds: dict[str, Thresholds] = {}  # tenant -> its own (the others: the defaults)
         self.committing = 0  # sessions waiting for their message to be committed
+        self.counts: Counter[str] = Counter()  # accepted, refused_spam, quarantined, ...
+        self.seconds: dict[str, float] = dict.fromkeys(
+            ("examine", "spam", "commit"), 0.0
+        )  # time spent per stage, summed over the messages
 
     def _verp_job(self, address: str) -> str | None:
         try:
@@ -122,10 +177,11 @@ class Handler:
         except tokens.BadToken:
             return None
 
-    def _job_tenant(self, job_id: str) -> str | None:
+    def _job(self, job_id: str) -> tuple[str, str | None] | None:
+        """A bounced job's tenant and its sender's From (None: no such job)."""
         with self.store.pool.connection() as conn:
             row = conn.execute(q.JOB_TENANT, (job_id,)).fetchone()
-        return str(row[0]) if row else None
+        return (str(row[0]), row[1]) if row else None
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list) -> str:
         address = address.strip().strip("<>").strip()  # "" or "<>": the null sender of a bounce
@@ -133,50 +189,105 @@ class Handler:
             return "553 5.1.7 The sender address is not a plain local@domain address"
         envelope.mail_from = address or "<>"  # aiosmtpd wants it truthy to allow RCPT
         envelope.mail_options.extend(options)
-        envelope.decisions = []  # type: ignore[attr-defined]
+        envelope.recipients = []  # type: ignore[attr-defined]
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list) -> str:
-        decisions: list[Decision] = getattr(envelope, "decisions", [])
+        accepted: list[Recipient] = getattr(envelope, "recipients", [])
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             return f"452 4.5.3 Too many recipients: at most {self.limits.max_recipients} per message"
         decision = policy.decide(address, self.directory, self._verp_job)
+        mailbox: str | None = None
         if decision.kind is Kind.BOUNCE:
             assert decision.job_id is not None
             try:
-                tenant = await asyncio.to_thread(self._job_tenant, decision.job_id)
+                job = await asyncio.to_thread(self._job, decision.job_id)
             except Exception:  # noqa: BLE001 - the database is away: the sender retries later
                 return "451 4.3.0 Temporary failure; try again later"
-            if tenant is None:
+            if job is None:
                 return policy.UNKNOWN_JOB
-            decision = Decision(Kind.BOUNCE, decision.address, (tenant,), decision.job_id)
+            decision = Decision(Kind.BOUNCE, decision.address, (job[0],), decision.job_id)
+            mailbox = job[1]
+        elif decision.kind is Kind.MAILBOX:
+            mailbox = (
+                decision.address if decision.address in self.directory.mailboxes else without_tag(decision.address)
+            )
+        elif decision.kind is Kind.REPLY:
+            mailbox = decision.address
         if not decision.accepted:
             log.info("inbound.refused", reason=decision.kind, client=session.peer[0] if session.peer else None)
             return decision.reply
         envelope.rcpt_tos.append(decision.address)
         envelope.rcpt_options.extend(options)
-        decisions.append(decision)
-        envelope.decisions = decisions  # type: ignore[attr-defined]
+        accepted.append(Recipient(decision, mailbox))
+        envelope.recipients = accepted  # type: ignore[attr-defined]
         return decision.reply
 
+    def _examine(self, data: bytes, mail_from: str, client_ip: str, helo: str, smtputf8: bool) -> tuple:
+        """In a worker thread, one hop for all the CPU work: the defects, the headers, the
+        authentication verdicts and the built-in spam rules."""
+        found = defects.find(data)
+        head = defects.headers(data)
+        verdicts = None
+        if self.authenticator is not None:
+            verdicts = self.authenticator.check(data, client_ip=client_ip, helo=helo, mail_from=mail_from)
+        auth = verdicts or _Unauthenticated()
+        hits = self.checker.builtin_hits(data, auth, smtputf8=smtputf8, defect_names=found)
+        return found, head, verdicts, hits
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        data = envelope.original_content or b""
+        timer = getattr(server, "data_timer", None)
+        if timer is not None:  # the message is in: what follows has bounds of its own
+            timer.cancel()
+        data = bytes(envelope.original_content or b"")
         if _bare_lf(data):
             return "550 5.6.0 Bare LF line ends are not accepted: end every line with CRLF"
-        recipients: dict[str, list[str]] = {}
-        for d in getattr(envelope, "decisions", []):
-            for tenant in d.tenants:
-                recipients.setdefault(tenant, []).append(d.address)
+        mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        client_ip = session.peer[0] if session.peer else ""
+        helo = session.host_name or ""
+        by_tenant: dict[str, list[Recipient]] = {}
+        for r in getattr(envelope, "recipients", []):
+            for tenant in r.decision.tenants:
+                by_tenant.setdefault(tenant, []).append(r)
+        started = time.perf_counter()
+        smtputf8 = bool(envelope.smtp_utf8)
+        found, head, verdicts, hits = await asyncio.to_thread(self._examine, data, mail_from, client_ip, helo, smtputf8)
+        examined = time.perf_counter()
+        score = await self.checker.check(
+            data,
+            verdicts or _Unauthenticated(),
+            client_ip=client_ip,
+            helo=helo,
+            mail_from=mail_from,
+            recipients=list(envelope.rcpt_tos),
+            smtputf8=smtputf8,
+            defect_names=found,
+            builtin=hits,
+        )
+        outcomes = {
+            tenant: routing.outcome(
+                score,
+                self.thresholds.get(tenant, Thresholds()),
+                routing.deliveries(recips, self.directory.routes.get(tenant, ()), head),
+            )
+            for tenant, recips in by_tenant.items()
+        }
         message = Incoming(
-            recipients=recipients,
-            data=bytes(data),
-            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
-            client_ip=session.peer[0] if session.peer else "",
-            helo=session.host_name or "",
+            recipients={t: [r.decision.address for r in rs] for t, rs in by_tenant.items()},
+            data=data,
+            mail_from=mail_from,
+            client_ip=client_ip,
+            helo=helo,
             tls=session.ssl is not None,
+            outcomes=outcomes,
+            header=verdicts.header(self.authserv_id) if verdicts is not None else b"",
+            auth=verdicts.to_event() if verdicts is not None else None,
+            spam=score.to_event(),
+            defects=found,
         )
         self.committing += 1
         try:
+            scored = time.perf_counter()
             ids = await asyncio.wait_for(
                 asyncio.wrap_future(self.committer.submit(message)), self.limits.commit_timeout_s
             )
@@ -184,6 +295,20 @@ class Handler:
             return "451 4.3.0 The message could not be stored; try again later"
         finally:
             self.committing -= 1
+        kinds = Counter(o.kind for o in outcomes.values())
+        self.counts.update(kinds)
+        for stage, took in (
+            ("examine", examined - started),
+            ("spam", scored - examined),
+            ("commit", time.perf_counter() - scored),
+        ):
+            self.seconds[stage] += took
+        if kinds["rejected"] == len(outcomes):  # every tenant refused it: say so, nothing was stored
+            reason = next(iter(outcomes.values())).reason
+            log.info("inbound.rejected", reason=reason, score=score.score, rules=list(score.rules)[:20])
+            return f"550 5.7.1 Message refused: {reason}"[:400]
+        if kinds["quarantined"]:
+            log.info("inbound.quarantined", message_ids=sorted(ids.values()), score=score.score)
         return f"250 2.0.0 OK: stored as {','.join(sorted(ids.values()))[:200]}"
 
 
@@ -205,22 +330,33 @@ def serve(
     listen: Callable[[str, int], Any],
     reload_s: float = 2.0,
     ready: Callable[[int], None] | None = None,
+    authenticator: Authenticator | None = None,
+    checker: Checker | None = None,
+    actions: Callable[[asyncio.Event], Awaitable[None]] | None = None,
 ) -> None:
     """Receive mail until `stop` is set; then stop accepting, let the sessions in flight end
-    (their messages are committed or refused), and return."""
-    asyncio.run(_serve(store, host, port, stop, limits, secret, hostname, tls, health, listen, reload_s, ready))
-
-
-async def _serve(store, host, port, stop, limits, secret, hostname, tls, health, listen, reload_s, ready) -> None:
+    (their messages are committed or refused), and return. `authenticator` None: no SPF,
+    DKIM, ARC or DMARC checks; `checker` None: the built-in spam rules alone. `actions`: a
+    task run beside the server until it stops (the routes' actions: actions.run), told to
+    stop with the asyncio.Event it is given."""
     committer = Committer(store)
-    handler = Handler(store, committer, limits, secret)
+    handler = Handler(
+        store, committer, limits, secret, authenticator=authenticator, checker=checker, authserv_id=hostname
+    )
+    asyncio.run(_serve(handler, host, port, stop, hostname, tls, health, listen, reload_s, ready, actions))
+
+
+async def _serve(
+    handler: Handler, host, port, stop, hostname, tls, health, listen, reload_s, ready, actions=None
+) -> None:
+    store, committer, limits = handler.store, handler.committer, handler.limits
     connections = Connections(limits)
 
-    def load_directory() -> Directory:
+    def load_directory() -> tuple[Directory, dict[str, Thresholds]]:
         with store.pool.connection() as conn:
-            return directory.load(conn)
+            return directory.load(conn), mailbox.every_tenants_thresholds(conn)
 
-    handler.directory = await asyncio.to_thread(load_directory)
+    handler.directory, handler.thresholds = await asyncio.to_thread(load_directory)
     loop = asyncio.get_running_loop()
 
     def factory() -> InboundSMTP:
@@ -243,6 +379,8 @@ async def _serve(store, host, port, stop, limits, secret, hostname, tls, health,
     if ready is not None:
         ready(bound)
     reloaded = loop.time()
+    halt_actions = asyncio.Event()
+    background = asyncio.create_task(actions(halt_actions)) if actions is not None else None
     try:
         while not stop.is_set():
             await asyncio.sleep(0.1)
@@ -251,16 +389,22 @@ async def _serve(store, host, port, stop, limits, secret, hostname, tls, health,
             if loop.time() - reloaded >= reload_s:
                 reloaded = loop.time()
                 try:
-                    handler.directory = await asyncio.to_thread(load_directory)
+                    handler.directory, handler.thresholds = await asyncio.to_thread(load_directory)
                     if health is not None:
                         health.ok("postgres")
                 except Exception as exc:  # noqa: BLE001 - keep the last directory meanwhile
                     if health is not None:
                         health.lost("postgres", exc)
     finally:
+        halt_actions.set()
         server.close()  # no new sessions; those waiting for a commit get their answer
         deadline = loop.time() + limits.commit_timeout_s
         while handler.committing and loop.time() < deadline:  # noqa: ASYNC110 - a counter, bounded
             await asyncio.sleep(0.02)
         await asyncio.to_thread(committer.close)
-        log.info("inbound.stop", committed=committer.committed, batches=committer.batches)
+        if background is not None:
+            ended: BaseException | None = (await asyncio.gather(background, return_exceptions=True))[0]
+            if isinstance(ended, Exception):  # it drains its actions within their lease, then ends
+                log.error("inbound.actions_failed", error=f"{type(ended).__name__}: {ended}"[:300])
+        per = {f"{k}_ms": round(v * 1000 / max(1, committer.committed), 2) for k, v in handler.seconds.items()}
+        log.info("inbound.stop", committed=committer.committed, batches=committer.batches, **handler.counts, **per)

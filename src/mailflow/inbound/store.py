@@ -27,14 +27,27 @@ from functools import cached_property
 from typing import Any
 
 from mailflow.consumers import inline
-from mailflow.events.envelope import Metadata
+from mailflow.events.envelope import Metadata, NewEvent
 from mailflow.events.store import EventStore
 from mailflow.inbound import queries as q
-from mailflow.inbound.events import MessageReceived
+from mailflow.inbound.events import Delivery, MessageQuarantined, MessageReceived, MessageRejected, MessageRouted
 from mailflow.infra import personal
 from mailflow.log import get_logger
 
 log = get_logger("mailflow.inbound")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What becomes of one tenant's part of a message: `routed` to its deliveries,
+    `quarantined` (held, `reason`), or `rejected` at DATA (nothing stored; `reason`)."""
+
+    kind: str = "routed"
+    deliveries: tuple[Delivery, ...] = ()
+    reason: str = ""
+
+
+ROUTED = Outcome()
 
 
 @dataclass
@@ -47,11 +60,19 @@ class Incoming:
     client_ip: str
     helo: str
     tls: bool
+    outcomes: dict[str, Outcome] = field(default_factory=dict)  # tenant -> outcome (default ROUTED)
+    header: bytes = b""  # prepended to the stored copy (Authentication-Results)
+    auth: dict[str, Any] | None = None
+    spam: dict[str, Any] | None = None
+    defects: list[str] = field(default_factory=list)
     future: Future[dict[str, str]] = field(default_factory=Future)  # tenant -> message id
 
     @cached_property
-    def sha256(self) -> str:  # read several times by the committer: hashed once
+    def sha256(self) -> str:  # of the bytes as received: how a retransmission is recognised
         return hashlib.sha256(self.data).hexdigest()
+
+    def outcome(self, tenant: str) -> Outcome:
+        return self.outcomes.get(tenant, ROUTED)
 
 
 class Committer:
@@ -119,70 +140,93 @@ def _sealed_senders(conn: Any, tenant: str, items: list[tuple[str, dict[str, Any
         return [None if s in gone else next(sealed) for s, _ in items]
 
 
+Part = tuple[str, int]  # (tenant, index in the batch): one tenant's share of one message
+
+
 def write(store: EventStore, batch: list[Incoming]) -> list[dict[str, str]]:
     """One transaction for the batch (an operator's store: messages of every tenant)."""
     ids: list[dict[str, str]] = [{} for _ in batch]
+    parts = [(t, i) for i, m in enumerate(batch) for t in m.recipients]
+    stored = [(t, i) for t, i in parts if batch[i].outcome(t).kind != "rejected"]
     with inline.writing(store) as w:
-        by_tenant: dict[str, list[int]] = {}
-        for i, m in enumerate(batch):
-            for tenant in m.recipients:
-                by_tenant.setdefault(tenant, []).append(i)
-        subjects: dict[tuple[str, int], str] = {}
-        for tenant, where in by_tenant.items():
-            for i in where:
-                if batch[i].mail_from:
-                    subjects[(tenant, i)] = store.people.subject(w.conn, tenant, batch[i].mail_from)
-        rows = [
-            (t, batch[i].sha256, len(batch[i].data), batch[i].data, subjects.get((t, i)))
-            for t, where in by_tenant.items()
-            for i in where
-        ]
-        new = {(t, sha) for t, sha in w.conn.execute(q.PUT_RAW, tuple(list(c) for c in zip(*rows))).fetchall()}
-        seen = [
-            (t, batch[i].sha256) for t, where in by_tenant.items() for i in where if (t, batch[i].sha256) not in new
-        ]
-        known = (
-            {
-                (t, sha): mid
-                for t, sha, mid in w.conn.execute(q.KNOWN_MESSAGES, ([t for t, _ in seen], [h for _, h in seen]))
-            }
-            if seen
-            else {}
-        )
-        events = []
-        for tenant, where in by_tenant.items():
-            fresh = [i for i in where if (tenant, batch[i].sha256) not in known]
-            items = [
-                (subjects[(tenant, i)], {"mail_from": batch[i].mail_from, "client_ip": batch[i].client_ip})
-                for i in fresh
-                if (tenant, i) in subjects
-            ]
-            sealed = (
-                dict(zip([i for i in fresh if (tenant, i) in subjects], _sealed_senders(w.conn, tenant, items)))
-                if items
-                else {}
-            )
-            for i in where:
-                m = batch[i]
-                key = (tenant, m.sha256)
-                if key in known:  # sent before (or twice in this batch): the same message
-                    ids[i][tenant] = known[key]
-                    continue
-                message_id = str(uuid.uuid4())
-                known[key] = ids[i][tenant] = message_id
-                subject = subjects.get((tenant, i))
-                event = MessageReceived(
-                    message_id=message_id,
-                    sha256=m.sha256,
-                    size=len(m.data),
-                    recipients=m.recipients[tenant],
-                    sender_subject=subject,
-                    sealed=sealed.get(i),
-                    client_ip=None if subject else m.client_ip,
-                    helo=m.helo[:255],
-                    tls=m.tls,
+        subjects = {
+            (t, i): store.people.subject(w.conn, t, batch[i].mail_from) for t, i in stored if batch[i].mail_from
+        }
+        known = _put_raw(w.conn, batch, stored, subjects)
+        sealed = _seal_senders(w.conn, batch, [p for p in stored if (p[0], batch[p[1]].sha256) not in known], subjects)
+        # Every MessageReceived first, then what became of each: each stream keeps its order,
+        # and the projections apply each kind of event to the whole batch in one statement.
+        events: list[tuple[str, NewEvent]] = []
+        outcomes: list[tuple[str, NewEvent]] = []
+        for tenant, i in parts:
+            m, outcome, md = batch[i], batch[i].outcome(tenant), Metadata(tenant=tenant)
+            if outcome.kind == "rejected":
+                rejected = MessageRejected(sha256=m.sha256, stage="data", reason=outcome.reason)
+                events.append((f"inbound-rejected-{uuid.uuid4()}", rejected.to_new(md)))
+                continue
+            key = (tenant, m.sha256)
+            if key in known:  # sent before (or twice in this batch): the same message
+                ids[i][tenant] = known[key]
+                continue
+            message_id = known[key] = ids[i][tenant] = str(uuid.uuid4())
+            stream = f"inbound-message-{message_id}"
+            events.append(
+                (
+                    stream,
+                    _received(m, tenant, message_id, subjects.get((tenant, i)), sealed.get((tenant, i))).to_new(md),
                 )
-                events.append((f"inbound-message-{message_id}", event.to_new(Metadata(tenant=tenant))))
-        if events:
-            w.record(events)
+            )
+            if outcome.kind == "quarantined":
+                outcomes.append((stream, MessageQuarantined(message_id=message_id, reason=outcome.reason).to_new(md)))
+            else:
+                routed = MessageRouted(message_id=message_id, deliveries=list(outcome.deliveries))
+                outcomes.append((stream, routed.to_new(md)))
+        events.sort(key=lambda e: e[1].type)  # rejections apart from receptions
+        outcomes.sort(key=lambda e: e[1].type)
+        if events or outcomes:
+            w.record(events + outcomes)
     return ids
+
+
+def _put_raw(conn: Any, batch: list[Incoming], parts: list[Part], subjects: dict[Part, str]) -> dict:
+    """Store the raw copies not stored before; (tenant, sha256) -> message id of those that were."""
+    if not parts:
+        return {}
+    rows = [
+        (t, batch[i].sha256, len(batch[i].data), batch[i].header + batch[i].data, subjects.get((t, i)))
+        for t, i in parts
+    ]
+    new = {(t, sha) for t, sha in conn.execute(q.PUT_RAW, tuple(list(c) for c in zip(*rows))).fetchall()}
+    seen = [(t, batch[i].sha256) for t, i in parts if (t, batch[i].sha256) not in new]
+    if not seen:
+        return {}
+    found = conn.execute(q.KNOWN_MESSAGES, ([t for t, _ in seen], [h for _, h in seen]))
+    return {(t, sha): mid for t, sha, mid in found}
+
+
+def _seal_senders(conn: Any, batch: list[Incoming], parts: list[Part], subjects: dict[Part, str]) -> dict:
+    """Each new part's sender, sealed under its subject: part -> sealed value (None: erased)."""
+    sealed: dict[Part, str | None] = {}
+    for tenant in {t for t, _ in parts}:
+        mine = [(t, i) for t, i in parts if t == tenant and (t, i) in subjects]
+        items = [(subjects[p], {"mail_from": batch[p[1]].mail_from, "client_ip": batch[p[1]].client_ip}) for p in mine]
+        if items:
+            sealed.update(zip(mine, _sealed_senders(conn, tenant, items)))
+    return sealed
+
+
+def _received(m: Incoming, tenant: str, message_id: str, subject: str | None, sealed: str | None) -> MessageReceived:
+    return MessageReceived(
+        message_id=message_id,
+        sha256=m.sha256,
+        size=len(m.data),
+        recipients=m.recipients[tenant],
+        sender_subject=subject,
+        sealed=sealed,
+        client_ip=None if subject else m.client_ip,
+        helo=m.helo[:255],
+        tls=m.tls,
+        auth=m.auth,
+        spam=m.spam,
+        defects=m.defects,
+    )

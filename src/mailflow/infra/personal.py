@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import os
 import secrets as pysecrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -152,15 +152,32 @@ def refuse_erased(conn: psycopg.Connection, tenant: str, subjects: Sequence[str]
         raise Erased(len(found))
 
 
+# What a room keeps of people outside the log (the inbound room's raw messages) is deleted by
+# a function it registers here: shred() and shred_tenant() call them in their transaction.
+Forget = Callable[[psycopg.Connection, str, Sequence[str] | None], None]  # (conn, tenant, subjects or None: all)
+_forgetters: list[Forget] = []
+
+
+def on_erasure(forget: Forget) -> Forget:
+    """Register what to delete when people are erased (subjects None: the whole tenant)."""
+    _forgetters.append(forget)
+    return forget
+
+
 def shred(conn: psycopg.Connection, tenant: str, subjects: Sequence[str]) -> int:
     """Delete the subjects' keys - what was sealed for them can never be read again - and
-    remember them as erased. Returns how many keys there were."""
+    remember them as erased; what rooms keep of them elsewhere goes too (on_erasure).
+    Returns how many keys there were."""
     conn.execute(RECORD_ERASED, (tenant, list(subjects)))
+    for forget in _forgetters:
+        forget(conn, tenant, subjects)
     return conn.execute(DELETE_KEYS, (tenant, list(subjects))).rowcount
 
 
 def shred_tenant(conn: psycopg.Connection, tenant: str) -> int:
-    """Delete every subject key of a tenant (erasing the tenant)."""
+    """Delete every subject key of a tenant (erasing the tenant), and what rooms keep of its people."""
+    for forget in _forgetters:
+        forget(conn, tenant, None)
     return conn.execute(DELETE_TENANT_KEYS, (tenant,)).rowcount
 
 

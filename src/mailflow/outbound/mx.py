@@ -12,7 +12,6 @@ table: for staging, split routing and tests.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailflow.errors import ConfigurationError
+from mailflow.mail.dns import nameserver_address, split_host_port
 
 MIN_TTL_S = 60.0
 MAX_TTL_S = 3600.0
@@ -63,24 +63,6 @@ def delivery_hosts(
 Route = list[tuple[str, "int | None"]]  # (host, port); None: the relay's port
 
 
-def split_host_port(spec: str) -> tuple[str, int | None]:
-    """ "host", "host:25", "10.0.0.5:25", "::1" or "[::1]:25" -> (host, port or None); ValueError if not."""
-    spec = spec.strip()
-    if spec.startswith("["):
-        host, sep, rest = spec[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(spec)
-        port = rest[1:] or None
-    elif spec.count(":") > 1:  # a bare IPv6 address
-        host, port = spec, None
-    else:
-        host, _, port = spec.partition(":")
-        port = port or None
-    if not host or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
-        raise ValueError(spec)
-    return host, int(port) if port else None
-
-
 def parse_overrides(overrides: dict[str, str]) -> dict[str, Route]:
     """{"example.net": "127.0.0.1:2525", "*": "smtp.internal"} -> hosts and ports to use."""
     out: dict[str, Route] = {}
@@ -94,18 +76,6 @@ def parse_overrides(overrides: dict[str, str]) -> dict[str, Route]:
     return out
 
 
-def _nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
-    """ "10.0.0.53", "127.0.0.1:5353" or "[::1]:53" -> a nameserver dnspython asks over UDP/TCP."""
-    try:
-        host, port = split_host_port(spec)
-        ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise ConfigurationError(
-            f"bad setting MAILFLOW_DNS_SERVERS: {spec!r} is not an IP address with an optional :port"
-        ) from exc
-    return dns.nameserver.Do53Nameserver(host, port or 53)
-
-
 class MxResolver:
     """Cached, single-flight MX lookups for the worker's event loop."""
 
@@ -113,7 +83,8 @@ class MxResolver:
         self, overrides: dict[str, str] | None = None, timeout_s: float = 10.0, nameservers: list[str] | None = None
     ) -> None:
         self.timeout_s = timeout_s
-        self.nameservers = [_nameserver(ns) for ns in nameservers or []]  # bad ones fail at start
+        # bad ones fail at start
+        self.nameservers = [dns.nameserver.Do53Nameserver(*nameserver_address(ns)) for ns in nameservers or []]
         self.overrides = parse_overrides(overrides or {})
         self._cache: dict[str, tuple[float, Route | Exception]] = {}
         self._pending: dict[str, asyncio.Future] = {}

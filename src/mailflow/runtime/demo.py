@@ -21,6 +21,7 @@ import secrets
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,19 +198,37 @@ def run(
 
 
 def _inbound(rt: Runtime, tag: str, campaign_id: str) -> dict[str, Any]:
-    """`mailflow inbound` in this process: a tenant's domain and mailbox, then a message to the
-    mailbox, a reply to the demo sender, a bounce to one campaign message's VERP address, and
-    an attempt to relay through mailflow (refused)."""
-    from mailflow.inbound import directory
+    """`mailflow inbound` in this process, with authentication against a DNS server of the
+    demo's own on loopback (SPF, DKIM and DMARC for two customer domains): a tenant's domain,
+    mailbox and catch-all route, then a DKIM-signed question to the mailbox, a message to
+    another address at the domain (the route takes it), a reply to the demo sender, a bounce
+    to one campaign message's VERP address, a spoofed From of a p=reject domain (refused at
+    DATA), one of a p=quarantine domain (held), and an attempt to relay (refused)."""
+    import dkim
+
+    from mailflow.inbound import directory, mailbox, routes
+    from mailflow.inbound.authn import Authenticator
     from mailflow.inbound.server import Limits, serve
     from mailflow.infra.net import listen
     from mailflow.mail import tokens
+    from mailflow.testing.dns import DnsServer, dkim_keypair
 
     domain = f"in-{tag}.example"
     directory.add_domain(rt.store, domain)
-    mailbox = directory.add_mailbox(rt.store, f"help@{domain}", "Help desk")
+    box = directory.add_mailbox(rt.store, f"help@{domain}", "Help desk")
+    routes.add_route(rt.store, f"*@{domain}", "mailbox", box)
     with rt.connect() as conn:
         job_id = str(rq.one(conn, rq.DEMO_ONE_JOB, {"campaign_id": campaign_id})["id"])
+    key, record = dkim_keypair()
+    zone = {
+        ("customer.example", "TXT"): ["v=spf1 ip4:127.0.0.1 -all"],
+        ("demo._domainkey.customer.example", "TXT"): [record],
+        ("_dmarc.customer.example", "TXT"): ["v=DMARC1; p=reject"],
+        ("bank.example", "TXT"): ["v=spf1 ip4:192.0.2.1 -all"],
+        ("_dmarc.bank.example", "TXT"): ["v=DMARC1; p=reject"],
+        ("shop.example", "TXT"): ["v=spf1 ip4:192.0.2.1 -all"],
+        ("_dmarc.shop.example", "TXT"): ["v=DMARC1; p=quarantine"],
+    }
     operator = Runtime(rt.settings, pool_size=4, operator=True)
     stop, ready, port = threading.Event(), threading.Event(), [0]
 
@@ -217,51 +236,82 @@ def _inbound(rt: Runtime, tag: str, campaign_id: str) -> dict[str, Any]:
         port[0] = bound
         ready.set()
 
-    server = threading.Thread(
-        target=serve,
-        args=(operator.store, "127.0.0.1", 0, stop),
-        kwargs={
-            "limits": Limits(),
-            "secret": rt.keyring.verifying_keys,
-            "hostname": "mx.demo",
-            "listen": listen,
-            "ready": on_ready,
-        },
-        daemon=True,
-    )
-    server.start()
-    ready.wait(20)
+    verp = tokens.verp_address(rt.keyring.signing_key, job_id, "example.org")
     sent = [
-        ("a question to the mailbox", "ann@customer.example", mailbox),
+        ("a signed question to the mailbox", "ann@customer.example", box),
+        ("a message the catch-all route takes", "ann@customer.example", f"sales@{domain}"),
         ("a reply to the demo sender", "bob@customer.example", "news@example.org"),
-        ("a bounce of one campaign message", "", tokens.verp_address(rt.keyring.signing_key, job_id, "example.org")),
+        ("a bounce of one campaign message", "", verp),
+        ("a spoofed From of a p=reject bank", "x@customer.example", box),
+        ("a spoofed From of a p=quarantine shop", "x@customer.example", box),
         ("an attempt to relay through mailflow", "spammer@bad.example", "victim@elsewhere.example"),
     ]
+    senders = {4: "Bank <alerts@bank.example>", 5: "Shop <news@shop.example>"}
     replies = []
-    try:
-        for what, mail_from, to in sent:
-            code, text = asyncio.run(_send_one(port[0], mail_from, to, what))
-            replies.append({"what": what, "code": code, "reply": text})
-    finally:
-        stop.set()
-        server.join(30)
-        operator.close()
+    with DnsServer(zone) as dns_server:
+        server = threading.Thread(
+            target=serve,
+            args=(operator.store, "127.0.0.1", 0, stop),
+            kwargs={
+                "limits": Limits(),
+                "secret": rt.keyring.verifying_keys,
+                "hostname": "mx.demo",
+                "listen": listen,
+                "ready": on_ready,
+                "authenticator": Authenticator(nameservers=[dns_server.address], timeout_s=2.0),
+            },
+            daemon=True,
+        )
+        server.start()
+        ready.wait(20)
+        try:
+            for i, (what, mail_from, to) in enumerate(sent):
+                data = _demo_message(senders.get(i, mail_from or "MAILER-DAEMON@mx.example.net"), to, what)
+                if i in (0, 1):
+                    data = (
+                        dkim.sign(data, b"demo", b"customer.example", key, include_headers=[b"from", b"subject"]) + data
+                    )
+                code, text = asyncio.run(_send_one(port[0], mail_from, to, data))
+                replies.append({"what": what, "code": code, "reply": text})
+        finally:
+            stop.set()
+            server.join(30)
+            operator.close()
     with rt.connect() as conn:
-        stored = int(rq.one(conn, rq.DEMO_INBOUND_STORED, {"mailbox": mailbox})["n"])
-    return {"domain": domain, "mailbox": mailbox, "replies": replies, "stored_for_mailbox": stored}
+        stored = int(rq.one(conn, rq.DEMO_INBOUND_STORED, {"mailbox": box})["n"])
+        received = mailbox.messages(conn, limit=20)
+    verdicts = [
+        {
+            "to": ", ".join(m["recipients"]),
+            "state": m["state"],
+            "mailboxes": m["mailboxes"],
+            "spf": (m["auth"] or {}).get("spf"),
+            "dkim": [d["result"] for d in (m["auth"] or {}).get("dkim", [])],
+            "dmarc": (m["auth"] or {}).get("dmarc"),
+            "spam": (m["spam"] or {}).get("score"),
+        }
+        for m in reversed(received)
+    ]
+    return {"domain": domain, "mailbox": box, "replies": replies, "stored_for_mailbox": stored, "messages": verdicts}
 
 
-async def _send_one(port: int, mail_from: str, to: str, subject: str) -> tuple[int, str]:
+def _demo_message(from_: str, to: str, subject: str) -> bytes:
+    return (
+        f"From: {from_}\r\nTo: {to}\r\nSubject: {subject}\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\n"
+        f"Message-ID: <{uuid.uuid4()}@demo.example>\r\n\r\nHello\r\n"
+    ).encode()
+
+
+async def _send_one(port: int, mail_from: str, to: str, message: bytes) -> tuple[int, str]:
     import aiosmtplib
 
-    message = f"From: {mail_from or 'MAILER-DAEMON@example.net'}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\nHello\r\n"
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
     await client.connect()
     try:
         await client.ehlo()
         await client.mail(mail_from)
         await client.rcpt(to)
-        reply = await client.data(message.encode())
+        reply = await client.data(message)
         return reply.code, reply.message
     except aiosmtplib.SMTPResponseException as exc:
         return exc.code, exc.message

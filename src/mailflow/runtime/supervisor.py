@@ -57,7 +57,7 @@ MAILFLOW = [sys.executable, "-m", "mailflow"]
 
 
 def pipeline_parts(
-    workers: int = 1, consumers: tuple[str, ...] = ("event_counts",), prefix: str = "up"
+    workers: int = 1, consumers: tuple[str, ...] = ("event_counts",), prefix: str = "up", *, inbound: bool = False
 ) -> list[tuple[str, list[str]]]:
     """The children of `mailflow up`: (name, mailflow arguments)."""
     return [
@@ -65,6 +65,7 @@ def pipeline_parts(
         *[(f"consumer-{c}", ["consume", c, "--consumer-id", f"{prefix}-{c}"]) for c in consumers],
         ("queuer", ["queuer"]),
         *[(f"worker-{i}", ["worker", "--name", f"{prefix}-worker-{i}"]) for i in range(1, workers + 1)],
+        *([("inbound", ["inbound"])] if inbound else []),
     ]
 
 

@@ -1,1 +1,2 @@
-"""Testing room: fault-injecting peers (a misbehaving SMTP server) shared by `mailflow demo` and the tests."""
+"""Testing room: peers shared by `mailflow demo`, the benchmarks and the tests - a misbehaving SMTP
+server (sink.py) and a loopback DNS server (dns.py)."""
