@@ -75,6 +75,7 @@ class Params:
     sessions: int = 10
     client_processes: int = 2
     size: int = 4096
+    server_processes: int = 2  # mailflow inbound --processes: servers sharing the port
 
     @classmethod
     def quick(cls) -> Params:
@@ -211,15 +212,23 @@ SELECT (SELECT count(*) FROM mailbox_messages),
 
 
 def _stages(log: Path) -> dict[str, float] | None:
-    """The server's own time per message and stage, from its `inbound.stop` log line."""
-    for line in reversed(log.read_bytes().splitlines()):
-        if b"inbound.stop" in line:
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                return None
-            return {k.removesuffix("_ms"): v for k, v in record.items() if k.endswith("_ms")}
-    return None
+    """The servers' own time per message and stage, from their `inbound.stop` log lines
+    (weighted by what each committed)."""
+    totals: dict[str, float] = {}
+    committed = 0
+    for line in log.read_bytes().splitlines():
+        if b'"inbound.stop"' not in line:
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        n = int(record.get("committed", 0))
+        committed += n
+        for k, v in record.items():
+            if k.endswith("_ms"):
+                totals[k.removesuffix("_ms")] = totals.get(k.removesuffix("_ms"), 0.0) + v * n
+    return {k: round(v / committed, 2) for k, v in totals.items()} if committed else None
 
 
 def run(p: Params, keep: bool) -> dict[str, Any]:
@@ -267,7 +276,16 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
                 MAILFLOW_DNS_SERVERS=orjson.dumps([dns_server.address]).decode(),
             )
             inbound = subprocess.Popen(
-                [sys.executable, "-m", "mailflow.cli", "inbound", "--port", str(port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "mailflow.cli",
+                    "inbound",
+                    "--port",
+                    str(port),
+                    "--processes",
+                    str(p.server_processes),
+                ],
                 env=env,
                 stdout=(log := open(sc.workdir / "inbound.log", "wb")),  # noqa: SIM115 - closed with the process
                 stderr=subprocess.STDOUT,
@@ -323,11 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1,000 messages (a smoke run)")
     ap.add_argument("--messages", type=int, default=None, metavar="N")
     ap.add_argument("--keep", action="store_true", help="keep the benchmark database")
+    ap.add_argument("--server-processes", type=int, default=None, metavar="N", help="mailflow inbound --processes")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     p = Params.quick() if args.quick else Params()
     if args.messages:
         p.messages = args.messages
+    if args.server_processes:
+        p.server_processes = args.server_processes
     res = run(p, args.keep)
     if args.json:
         sys.stdout.write(orjson.dumps(res).decode() + "\n")

@@ -11,6 +11,7 @@ import queue
 import random
 import re
 import select
+import signal
 import threading
 import time
 from collections import Counter
@@ -316,3 +317,25 @@ def test_smtp_source_retrying_each_message_it_got_no_250_for_after_a_kill_9_stor
     assert acked == set(range(n)) and sum(sends.values()) > n  # every message, some of them more than once
     assert stored_message_ids(db) == Counter({f"order-{i}@sender.example": 1 for i in range(n)})
     assert assert_no_message_twice(db) == n
+
+
+def test_two_server_processes_share_the_port_each_commits_its_share_and_sigterm_stops_both(
+    procs, inbound_env, acme, db, tmp_path
+):
+    """`mailflow inbound --processes 2` (MAILFLOW_INBOUND_PROCESSES): two servers on one port
+    (SO_REUSEPORT), the kernel spreading smtp-source's ten sessions between them."""
+    server = start_inbound(procs, inbound_env, processes=2)
+    n = 1000
+    source = SmtpSource(
+        server.port, tmp_path / "s.log", "-m", str(n), "-d", "-s", "10", "-l", "1000", "-f", "ann@sender.example",
+        "-t", MAILBOX,
+    )  # fmt: skip
+    assert source.wait(120) == 0, source.lines()[-20:]
+    acked = source.acknowledged()
+    assert len(set(acked)) == n and source.refusals() == []
+    assert stored_ids(db) == set(acked)
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0, server.log()
+    committed = [int(m.group(1)) for m in re.finditer(r'"committed": (\d+)[^\n]*"inbound\.stop"', server.log())]
+    assert len(committed) == 2 and min(committed) > 0 and sum(committed) == n, committed

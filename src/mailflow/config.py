@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     # Inbound SMTP (mailflow inbound): limits, each with its SMTP reply (inbound/server.py).
     inbound_host: str = "127.0.0.1"
     inbound_port: int = Field(default=2525, ge=1, le=65535)
+    inbound_processes: int = Field(default=1, ge=1, le=64)  # server processes sharing the port (SO_REUSEPORT)
     inbound_hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-]+$")  # banner; default: the FQDN
     inbound_max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     inbound_max_recipients: int = Field(default=100, ge=1)

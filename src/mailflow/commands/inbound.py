@@ -25,10 +25,22 @@ def inbound_cmd(
     port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help="TCP port (default MAILFLOW_INBOUND_PORT, 2525; 25 under systemd)."
     ),
+    processes: int | None = typer.Option(
+        None,
+        "--processes",
+        min=1,
+        max=64,
+        help="Server processes sharing the port (default MAILFLOW_INBOUND_PROCESSES, 1).",
+    ),
+    shared_port: bool = typer.Option(False, "--shared-port", hidden=True),
 ) -> None:
     """Receive mail over SMTP for the tenants' domains and mailboxes, and for the bounces and
     replies of mailflow's own mail; refuse everything else (never an open relay). A 250 means
-    the message is committed. SIGTERM stops it."""
+    the message is committed. SIGTERM stops it.
+
+    With --processes N, N server processes share the port (the kernel spreads the sessions
+    between them: each has its own committer and uses a core of its own), supervised as
+    `mailflow up` supervises its children."""
     from mailflow.inbound import tls
     from mailflow.inbound.authn import Authenticator
     from mailflow.inbound.server import Limits, serve
@@ -38,6 +50,10 @@ def inbound_cmd(
     s = settings()
     where_host = host or s.inbound_host
     where_port = port or s.inbound_port
+    count = processes or s.inbound_processes
+    if count > 1 and not shared_port:
+        _supervise(where_host, where_port, count)
+        return
     hostname = s.inbound_hostname or socket.getfqdn()
     if s.inbound_tls_cert and s.inbound_tls_key:
         cert, key = s.inbound_tls_cert, s.inbound_tls_key
@@ -78,13 +94,29 @@ def inbound_cmd(
             hostname=hostname,
             tls=context,
             health=health,
-            listen=listen,
+            listen=lambda h, p: listen(h, p, shared=shared_port),
             authenticator=authenticator,
             checker=checker,
             actions=_actions(rt, s, hostname, forward_relay),
         ),
         pool_size=4,
     )
+
+
+def _supervise(host: str, port: int, count: int) -> None:
+    from mailflow.runtime.supervisor import Supervisor, inbound_parts
+
+    def body(rt: Runtime, stop: Any, health: Any) -> None:
+        s = rt.settings.model_copy(
+            update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url}
+        )
+        code = Supervisor(
+            s, inbound_parts(count, ["--host", host, "--port", str(port)]), health=health, progress_every_s=None
+        ).run(stop)
+        if code:
+            raise typer.Exit(code)
+
+    run_process("inbound-supervisor", f"{host}:{port}", body, pool_size=1)
 
 
 def _forward_relay(url: str | None) -> SmtpRelay | None:

@@ -36,7 +36,9 @@ def up(
         s = rt.settings.model_copy(
             update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url}
         )
-        supervisor = Supervisor(s, pipeline_parts(workers, inbound=inbound), health=health)
+        supervisor = Supervisor(
+            s, pipeline_parts(workers, inbound=rt.settings.inbound_processes if inbound else 0), health=health
+        )
         code = supervisor.run(stop)
         if code == FATAL_EXIT and supervisor.fatal is not None:
             c = supervisor.fatal

@@ -13,8 +13,9 @@ class CannotListen(MailflowError):
     exit_code = 1
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A bound TCP socket, or one CannotListen line."""
+def listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """A bound TCP socket, or one CannotListen line. `shared`: several processes listen on
+    the same port (SO_REUSEPORT) and the kernel spreads the connections between them."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
             0
@@ -23,6 +24,8 @@ def listen(host: str, port: int) -> socket.socket:
         raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; --host must be a local address") from exc
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(addr)
     except OSError as exc:

@@ -57,16 +57,26 @@ MAILFLOW = [sys.executable, "-m", "mailflow"]
 
 
 def pipeline_parts(
-    workers: int = 1, consumers: tuple[str, ...] = ("event_counts",), prefix: str = "up", *, inbound: bool = False
+    workers: int = 1, consumers: tuple[str, ...] = ("event_counts",), prefix: str = "up", *, inbound: int = 0
 ) -> list[tuple[str, list[str]]]:
-    """The children of `mailflow up`: (name, mailflow arguments)."""
+    """The children of `mailflow up`: (name, mailflow arguments); `inbound` SMTP server
+    processes (several share the port: SO_REUSEPORT)."""
     return [
         ("relay", ["relay"]),
         *[(f"consumer-{c}", ["consume", c, "--consumer-id", f"{prefix}-{c}"]) for c in consumers],
         ("queuer", ["queuer"]),
         *[(f"worker-{i}", ["worker", "--name", f"{prefix}-worker-{i}"]) for i in range(1, workers + 1)],
-        *([("inbound", ["inbound"])] if inbound else []),
+        *inbound_parts(inbound),
     ]
+
+
+def inbound_parts(count: int, where: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """`count` inbound SMTP server processes (`where`: their --host/--port); several share
+    the port with SO_REUSEPORT, and the kernel spreads the sessions between them."""
+    args = ["inbound", *(where or []), "--processes", "1"]
+    if count <= 1:
+        return [("inbound", args)] if count else []
+    return [(f"inbound-{i}", [*args, "--shared-port"]) for i in range(1, count + 1)]
 
 
 @dataclass
