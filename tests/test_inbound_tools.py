@@ -325,6 +325,8 @@ def test_two_server_processes_share_the_port_each_commits_its_share_and_sigterm_
     """`mailflow inbound --processes 2` (MAILFLOW_INBOUND_PROCESSES): two servers on one port
     (SO_REUSEPORT), the kernel spreading smtp-source's ten sessions between them."""
     server = start_inbound(procs, inbound_env, processes=2)
+    # the port answers once one of them listens; the sessions are spread from when both do
+    wait_until(lambda: server.log().count('"inbound.start"') == 2, 30, what="both servers to listen")
     n = 1000
     source = SmtpSource(
         server.port, tmp_path / "s.log", "-m", str(n), "-d", "-s", "10", "-l", "1000", "-f", "ann@sender.example",

@@ -99,7 +99,7 @@ def inbound_cmd(
             checker=checker,
             actions=_actions(rt, s, hostname, forward_relay),
         ),
-        pool_size=4,
+        pool_size=5,  # the committer, the directory reload, RCPT lookups, the actions' two
     )
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from email import errors as email_errors
 from email import policy as email_policy
 from email.message import EmailMessage, Message
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -237,14 +237,20 @@ def builtin_rules(
     makes raw UTF-8 in headers legal (RFC 6532). `defect_names` is defects.find(data) when
     the caller has it already (the server does), to spare a second parse."""
     hits = _authentication_rules(auth)
-    try:
-        message = BytesParser(policy=email_policy.default).parsebytes(data)
+    try:  # the headers alone first: a body is parsed only when it can hold an attachment
+        head = BytesHeaderParser(policy=email_policy.default).parsebytes(defects.header_block(data))
+        found = set(defects.find(data) if defect_names is None else defect_names)
+        hits += _header_rules(data, head, smtputf8, found)
+        if _may_attach(head):
+            hits += _attachment_rules(BytesParser(policy=email_policy.default).parsebytes(data))
     except Exception:  # noqa: BLE001 - the parser gave up: that is the defect, and nothing else can be read
         return _points(hits + ["HDR_DEFECT"])
-    found = set(defects.find(data) if defect_names is None else defect_names)
-    hits += _header_rules(data, message, smtputf8, found)
-    hits += _attachment_rules(message)
     return _points(hits)
+
+
+def _may_attach(head: EmailMessage) -> bool:
+    """Whether the body can hold an attachment: anything but a single inline text part."""
+    return head.get_content_maintype() != "text" or head.get("Content-Disposition") is not None
 
 
 def _points(hits: list[str]) -> list[tuple[str, float]]:

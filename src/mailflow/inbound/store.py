@@ -192,9 +192,12 @@ def _put_raw(conn: Any, batch: list[Incoming], parts: list[Part], subjects: dict
     """Store the raw copies not stored before; (tenant, sha256) -> message id of those that were."""
     if not parts:
         return {}
+    # In one order in every batch, so that the batches of several server processes (--processes)
+    # never wait for each other's rows in a circle.
+    ordered = sorted(parts, key=lambda p: (p[0], batch[p[1]].sha256))
     rows = [
         (t, batch[i].sha256, len(batch[i].data), batch[i].header + batch[i].data, subjects.get((t, i)))
-        for t, i in parts
+        for t, i in ordered
     ]
     new = {(t, sha) for t, sha in conn.execute(q.PUT_RAW, tuple(list(c) for c in zip(*rows))).fetchall()}
     seen = [(t, batch[i].sha256) for t, i in parts if (t, batch[i].sha256) not in new]
@@ -207,7 +210,7 @@ def _put_raw(conn: Any, batch: list[Incoming], parts: list[Part], subjects: dict
 def _seal_senders(conn: Any, batch: list[Incoming], parts: list[Part], subjects: dict[Part, str]) -> dict:
     """Each new part's sender, sealed under its subject: part -> sealed value (None: erased)."""
     sealed: dict[Part, str | None] = {}
-    for tenant in {t for t, _ in parts}:
+    for tenant in sorted({t for t, _ in parts}):
         mine = [(t, i) for t, i in parts if t == tenant and (t, i) in subjects]
         items = [(subjects[p], {"mail_from": batch[p[1]].mail_from, "client_ip": batch[p[1]].client_ip}) for p in mine]
         if items:
