@@ -54,7 +54,9 @@ def demo(
     )
     rt = runtime(pool_size=16)
     if not as_json:
-        err.print(f"services: PostgreSQL {mask_url(rt.services.database_url)}, Redis {mask_url(rt.services.redis_url)}")
+        err.print("services:", markup=False)
+        err.print(f"  PostgreSQL {mask_url(rt.services.database_url)}", markup=False)
+        err.print(f"  Redis {mask_url(rt.services.redis_url)}", markup=False)
     if as_json:
         res = outbound_demo.run(rt, contacts, transactional, timeout)
     else:
@@ -78,7 +80,7 @@ def demo(
 
 
 def _print_demo(res: Any) -> None:
-    out.print(
+    _say(
         f"tenant {res.tenant}: imported {res.contacts} contacts ({res.rejected_rows} bad rows reported), "
         f"campaign to {res.recipients}, {res.transactional} transactional sent during it"
     )
@@ -95,25 +97,23 @@ def _print_demo(res: Any) -> None:
     table.add_row(*[str(n) for n in res.states.values()])
     out.print(table)
     in_flight = sum(f.get("jobs_in_flight", 0) for f in res.faults)
-    out.print(
+    _say(
         f"retry attempts: {res.retries}; duplicates seen by the SMTP server: {res.duplicates}"
         + (f" (at most the {in_flight} in flight at the kill)" if in_flight else "")
     )
     for f in res.faults:
         if f["kind"] == "worker killed":
-            out.print(
+            _say(
                 f"fault at {f['at']}: {f['child']} killed with {f['signal']} with {f['jobs_in_flight']} job(s) "
-                f"in flight; restarted after {f.get('restarted_after_s', '?')} s, its jobs retried after their lease",
-                markup=False,
+                f"in flight; restarted after {f.get('restarted_after_s', '?')} s, its jobs retried after their lease"
             )
         else:
-            out.print(
+            _say(
                 f"fault at {f['at']}: Redis lost the job streams with {f['jobs_queued']} job(s) queued; "
-                "the queuer added them again from PostgreSQL",
-                markup=False,
+                "the queuer added them again from PostgreSQL"
             )
     for f in res.failures:
-        out.print(f"failed {f['count']} x {f['kind']}: {f['example']}", markup=False)
+        out.print(f"failed {f['count']} x {f['kind']}: {f['example']}"[:80], markup=False)
     lat = Table(title="queue latency (pending -> accepted by SMTP) against the SLA")
     for col in ("priority", "completed", "p50", "p99", "SLA", "met"):
         lat.add_column(col, justify="left" if col == "priority" else "right")
@@ -132,22 +132,29 @@ def _print_demo(res: Any) -> None:
     out.print(f"{res.seconds:.1f} s, {res.messages_per_s} messages/s delivered, {res.events} events recorded")
     if res.erasure:
         e = res.erasure
+        out.print(f"erased {e['email']}:", markup=False)
         out.print(
-            f"erased {e['email']}: {e['rows_naming_before']} rows named them, {e['rows_naming_after']} now; "
-            f"campaign counts {'unchanged' if e['counts_unchanged'] else 'CHANGED'}; a new send is {e['send_after']}",
+            f"  {e['rows_naming_before']} rows named them, {e['rows_naming_after']} now; "
+            f"campaign counts {'unchanged' if e['counts_unchanged'] else 'CHANGED'}",
             markup=False,
         )
+        out.print(f"  a new send is {e['send_after']}"[:80], markup=False)
     if res.inbound:
         i = res.inbound
-        out.print(f"inbound: mailflow inbound receives for {i['domain']} (mailbox {i['mailbox']})", markup=False)
+        out.print(f"inbound: mailflow inbound receives for {i['domain']}", markup=False)
+        out.print(f"  (mailbox {i['mailbox']}, a catch-all route to it)", markup=False)
         for r in i["replies"]:
-            out.print(f"  {r['what']}: {r['code']} {r['reply'][:40]}", markup=False)
+            out.print(f"  {r['what'][:38]:<38} {r['code']} {r['reply'][:34]}", markup=False)
         for m in i.get("messages", []):
             where = ", ".join(m["mailboxes"]) or m["state"]
             dkim = ",".join(m["dkim"]) or "none"
-            out.print(
-                f"  stored: to {m['to'][:28]} -> {where[:24]}; spf={m['spf']} dkim={dkim} dmarc={m['dmarc']}"
-                f" spam={m['spam']}",
-                markup=False,
-            )
+            out.print(f"  {m['state']:<11} to {m['to'][:30]:<30} -> {where[:28]}", markup=False)
+            out.print(f"              spf={m['spf']} dkim={dkim} dmarc={m['dmarc']} spam={m['spam']}", markup=False)
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")
+
+
+def _say(text: str) -> None:
+    """A line of the summary, wrapped at 80 columns (what follows the first line indented)."""
+    import textwrap
+
+    out.print(textwrap.fill(text, width=80, subsequent_indent="  "), markup=False)

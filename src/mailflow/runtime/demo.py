@@ -248,6 +248,8 @@ def _inbound(rt: Runtime, tag: str, campaign_id: str) -> dict[str, Any]:
     ]
     senders = {4: "Bank <alerts@bank.example>", 5: "Shop <news@shop.example>"}
     replies = []
+    with rt.connect() as conn:  # this run's messages only (the home may hold earlier runs')
+        started = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     with DnsServer(zone) as dns_server:
         server = threading.Thread(
             target=serve,
@@ -291,6 +293,7 @@ def _inbound(rt: Runtime, tag: str, campaign_id: str) -> dict[str, Any]:
             "spam": (m["spam"] or {}).get("score"),
         }
         for m in reversed(received)
+        if m["received_at"] >= started
     ]
     return {"domain": domain, "mailbox": box, "replies": replies, "stored_for_mailbox": stored, "messages": verdicts}
 
