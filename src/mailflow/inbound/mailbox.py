@@ -170,18 +170,12 @@ def route_again(secret: list[bytes]) -> Callable[[psycopg.Connection, dict], lis
         recipients = []
         for address in row["recipients"]:
             decision = policy.decide(address, snapshot, verp_job)
-            box: str | None = None
+            sender = None
             if decision.kind is Kind.BOUNCE and decision.job_id is not None:
                 job = conn.execute(q.JOB_TENANT, (decision.job_id,)).fetchone()
-                box = job[1] if job else None
-            elif decision.kind is Kind.MAILBOX:
-                box = (
-                    decision.address if decision.address in snapshot.mailboxes else policy.without_tag(decision.address)
-                )
-            elif decision.kind is Kind.REPLY:
-                box = decision.address
+                sender = job[1] if job else None
             if decision.accepted:
-                recipients.append(routing.Recipient(decision, box))
+                recipients.append(routing.Recipient(decision, routing.default_mailbox(decision, snapshot, sender)))
         data = raw(conn, str(row["id"]))
         routes = snapshot.routes.get(str(row["tenant"]), ())
         return routing.deliveries(recipients, routes, defects.headers(data))

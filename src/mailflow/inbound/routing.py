@@ -19,7 +19,7 @@ from email.message import Message
 
 from mailflow.inbound import routes as routing_table
 from mailflow.inbound.events import Delivery
-from mailflow.inbound.policy import Decision, Kind
+from mailflow.inbound.policy import Decision, Directory, Kind, without_tag
 from mailflow.inbound.spam import Score, Thresholds, action
 from mailflow.inbound.store import Outcome
 
@@ -33,6 +33,20 @@ class Recipient:
 
     decision: Decision
     mailbox: str | None = None
+
+
+def default_mailbox(decision: Decision, directory: Directory, bounce_sender: str | None = None) -> str | None:
+    """Where an accepted recipient lands without a route: a mailbox itself (its +tag
+    dropped), a reply in the sender's address, a bounce in the bounced job's sender's
+    From (`bounce_sender`, looked up by the caller)."""
+    address = decision.address
+    if decision.kind is Kind.MAILBOX:
+        return address if address in directory.mailboxes else without_tag(address)
+    if decision.kind is Kind.REPLY:
+        return address
+    if decision.kind is Kind.BOUNCE:
+        return bounce_sender
+    return None
 
 
 def deliveries(

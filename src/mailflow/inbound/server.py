@@ -36,7 +36,7 @@ from mailflow.events.store import EventStore
 from mailflow.inbound import defects, directory, mailbox, policy, routing
 from mailflow.inbound import queries as q
 from mailflow.inbound.authn import Authenticator
-from mailflow.inbound.policy import Decision, Directory, Kind, without_tag
+from mailflow.inbound.policy import Decision, Directory, Kind
 from mailflow.inbound.routing import Recipient
 from mailflow.inbound.spam import Checker, Thresholds
 from mailflow.inbound.store import Committer, Incoming
@@ -197,7 +197,7 @@ class Handler:
         if len(envelope.rcpt_tos) >= self.limits.max_recipients:
             return f"452 4.5.3 Too many recipients: at most {self.limits.max_recipients} per message"
         decision = policy.decide(address, self.directory, self._verp_job)
-        mailbox: str | None = None
+        bounce_sender: str | None = None
         if decision.kind is Kind.BOUNCE:
             assert decision.job_id is not None
             try:
@@ -207,19 +207,13 @@ class Handler:
             if job is None:
                 return policy.UNKNOWN_JOB
             decision = Decision(Kind.BOUNCE, decision.address, (job[0],), decision.job_id)
-            mailbox = job[1]
-        elif decision.kind is Kind.MAILBOX:
-            mailbox = (
-                decision.address if decision.address in self.directory.mailboxes else without_tag(decision.address)
-            )
-        elif decision.kind is Kind.REPLY:
-            mailbox = decision.address
+            bounce_sender = job[1]
         if not decision.accepted:
             log.info("inbound.refused", reason=decision.kind, client=session.peer[0] if session.peer else None)
             return decision.reply
         envelope.rcpt_tos.append(decision.address)
         envelope.rcpt_options.extend(options)
-        accepted.append(Recipient(decision, mailbox))
+        accepted.append(Recipient(decision, routing.default_mailbox(decision, self.directory, bounce_sender)))
         envelope.recipients = accepted  # type: ignore[attr-defined]
         return decision.reply
 
