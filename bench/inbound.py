@@ -21,6 +21,15 @@ client DKIM-signs every message (before the clock starts), smtp-source's message
 signed (the result says `dkim_signed`). The spam check is the built-in rules. Routing is
 decided before the 250 and committed with the message: `routed_per_s` is the messages that
 landed in the mailbox over the span of their delivery times.
+
+3. What came back (`classified_per_s`): a realistic mix of --classify-messages messages - DSN
+   bounces in three MTAs' formats to campaign jobs' VERP addresses, a few ARF complaints,
+   replies and out-of-office answers to the sender's From, and other mail to the mailbox - is
+   accepted by `mailflow inbound` first (a backlog), then the relay, the inbound_classifier and
+   the outbound_feedback consumers are started as processes: from the first classification to
+   the moment every message is classified, its effects applied (the feedback consumer at the
+   head of the log) and its notification published on pub/sub (counted by a subscriber), over
+   the number of messages. `classify_lost` is accepted messages without a classification.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ from mailflow.testing.dns import DnsServer, dkim_keypair
 
 GOALS: dict[str, tuple[str, float]] = {
     "inbound_accepted_per_s": (">=", 1000),
+    "classified_per_s": (">=", 500),
+    "classify_lost": ("==", 0),
     "ratio_vs_aiosmtpd": (">=", 0.5),
     "accept_p99_ms": ("<", 50),
     "lost": ("==", 0),
@@ -76,10 +87,11 @@ class Params:
     client_processes: int = 2
     size: int = 4096
     server_processes: int = 2  # mailflow inbound --processes: servers sharing the port
+    classify_messages: int = 5000  # the what-came-back mix (phase 3)
 
     @classmethod
     def quick(cls) -> Params:
-        return cls(messages=1000, sessions=4, client_processes=1)
+        return cls(messages=1000, sessions=4, client_processes=1, classify_messages=1000)
 
 
 def free_port() -> int:
@@ -290,15 +302,7 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
                 stdout=(log := open(sc.workdir / "inbound.log", "wb")),  # noqa: SIM115 - closed with the process
                 stderr=subprocess.STDOUT,
             )
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or inbound.poll() is not None:
-                        raise RuntimeError("mailflow inbound did not start") from None
-                    time.sleep(0.1)
+            _listening(port, inbound)
             got = drive(port, p, p.messages, key)
             inbound.send_signal(signal.SIGTERM)
             inbound.wait(60)
@@ -327,12 +331,202 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
             server_ms_per_message=stages,
         )
         say(f"  mailflow inbound: {got['per_s']:.0f} messages/s, {stored} stored of {got['acked']} acknowledged")
+    if p.classify_messages:
+        with phase(elapsed, "classify"):
+            out.update(classify_mix(p.classify_messages, keep, elapsed))
+        say(f"  classified: {out['classified_per_s']} messages/s, {out['classify_lost']} lost")
     notes = {
+        "classified_clock": "from the first classification to every message classified, applied and announced",
         "clock": "from the first connection to the last reply, for all sessions together",
         "accept_ms": "the client's DATA call: sending 4 KiB on loopback plus the wait for the reply",
         "machine": "client, server, PostgreSQL share the machine's CPUs",
     }
     return finish(out, GOALS, p, notes, load_start, elapsed, t_total)
+
+
+OUT_SENDER = "news@bench-out.example"
+
+
+def _mix(rt: Runtime, n: int) -> list[tuple[str, str, str, bytes]]:
+    """n messages that come back, as (kind, mail from, rcpt to, data): to the jobs of a started
+    campaign (one per contact), in the proportions a sending domain sees."""
+    from mailflow.mail import tokens
+    from mailflow.mail.message_ids import message_id
+    from mailflow.outbound import campaigns, segments, templates
+    from mailflow.outbound.contacts import import_csv_text
+    from mailflow.outbound.senders import Sender
+    from mailflow.outbound.sending import save_sender
+    from mailflow.testing import mail
+
+    save_sender(rt.store, Sender("news", OUT_SENDER, "News", "smtp://127.0.0.1:9?tls=none"))
+    templates.save(rt.store, templates.Template("news", "News", "<p>Hello</p>", "Hello"))
+    people = [f"reader{i}@readers.example" for i in range(n)]
+    import_csv_text(rt.store, "email,name\n" + "\n".join(f"{e},R" for e in people) + "\n")
+    segments.define(rt.store, "readers", {})
+    cid = campaigns.create(rt.store, name="bench", sender="news", template="news", segment="readers")
+    campaigns.start(rt.store, cid)
+    with rt.connect() as conn:
+        conn.execute("UPDATE jobs SET accepted_at = now(), state = 'completed' WHERE campaign_id = %s", (cid,))
+        jobs = {str(s): str(j) for s, j in conn.execute("SELECT subject, id FROM jobs WHERE campaign_id = %s", (cid,))}
+        subjects = {e: rt.store.subject(conn, e) for e in people}
+    key = rt.keyring.signing_key
+    out = []
+    for i, email in enumerate(people):
+        job = jobs[subjects[email]]
+        sent = mail.Sent(
+            message_id(job, "bench-out.example"), tokens.verp_address(key, job, "bench-out.example"), OUT_SENDER, email
+        )
+        k = i % 20
+        if k < 6:  # 30%: bounces, hard and soft, three formats
+            data = (
+                mail.postfix_dsn(sent)
+                if k % 3 == 0
+                else mail.gmail_bounce(sent)
+                if k % 3 == 1
+                else mail.exim_bounce(sent)
+            )
+            if k == 3:
+                data = mail.postfix_dsn(sent, "5.2.2", "552", "Mailbox full")
+            out.append(("bounce", "", sent.return_path, data))
+        elif k == 6:  # 5%: complaints
+            out.append(("complaint", "", sent.return_path, mail.arf_complaint(sent)))
+        elif k < 10:  # 15%: replies, some without References
+            out.append(("reply", email, OUT_SENDER, mail.reply(sent, f"Answer {i}", references=k != 9)))
+        elif k < 12:  # 10%: out of office
+            out.append(("auto_reply", email, OUT_SENDER, mail.out_of_office(sent, ("en", "de")[k % 2])))
+        else:  # 40%: other mail to the mailbox
+            out.append(("other", f"sender{i}@{SENDERS}", MAILBOX, message(i, 2048)))
+    return out
+
+
+def _listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until `mailflow inbound` (proc) answers on the port."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("mailflow inbound did not start") from None
+            time.sleep(0.1)
+
+
+def _deliver(port: int, mix: list[tuple[str, str, str, bytes]], sessions: int = 8) -> int:
+    import aiosmtplib
+
+    async def session(part: list[tuple[str, str, str, bytes]]) -> int:
+        ok = 0
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=60)
+        await smtp.connect()
+        for _, mail_from, to, data in part:
+            await smtp.mail(mail_from)
+            await smtp.rcpt(to)
+            ok += (await smtp.data(data)).code == 250
+        await smtp.quit()
+        return ok
+
+    async def main() -> int:
+        return sum(await asyncio.gather(*(session(mix[k::sessions]) for k in range(sessions))))
+
+    return asyncio.run(main())
+
+
+EFFECTS = """
+SELECT type, count(*) FROM events
+WHERE type IN ('SuppressionAdded', 'CampaignStoppedForContact', 'SoftBounceCounted', 'DeliverabilityAlertRaised')
+GROUP BY type
+"""
+CONSUMERS_AT = """
+SELECT coalesce(min(position), 0) AS position, count(*) AS n FROM consumer_checkpoints
+WHERE consumer IN ('inbound_classifier', 'outbound_feedback')
+"""
+
+
+def classify_mix(n: int, keep: bool, elapsed: dict[str, float]) -> dict[str, Any]:
+    """Phase 3 (module docstring), in a database of its own: accept the mix, then time its
+    classification, effects and notifications."""
+    import redis as redis_lib
+
+    with scratch("inbound-classify", keep, elapsed) as sc:
+        settings = load_settings().model_copy(
+            update={"database_url": sc.db_url, "redis_url": sc.redis_url, "redis_prefix": sc.prefix, "home": sc.workdir}
+        )
+        rt = Runtime(settings, pool_size=2)
+        from mailflow.inbound import directory
+
+        directory.add_domain(rt.store, DOMAIN)
+        directory.add_mailbox(rt.store, MAILBOX, "bench")
+        mix = _mix(rt, n)
+        rt.close()
+        env = dict(
+            os.environ,
+            MAILFLOW_DATABASE_URL=sc.db_url,
+            MAILFLOW_REDIS_URL=sc.redis_url,
+            MAILFLOW_REDIS_PREFIX=sc.prefix,
+            MAILFLOW_HOME=str(sc.workdir),
+            MAILFLOW_LOG_FORMAT="json",
+            MAILFLOW_INBOUND_AUTHENTICATION="false",
+        )
+        port = free_port()
+        with open(sc.workdir / "inbound.log", "wb") as log:
+            inbound = subprocess.Popen(
+                [sys.executable, "-m", "mailflow.cli", "inbound", "--port", str(port), "--processes", "1"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            _listening(port, inbound)
+            acked = _deliver(port, mix)
+            inbound.send_signal(signal.SIGTERM)
+            inbound.wait(60)
+        r = redis_lib.Redis.from_url(sc.redis_url)
+        sub = r.pubsub()
+        sub.subscribe(f"{sc.prefix}:notifications")
+        parts = (["relay"], ["consume", "inbound_classifier"], ["consume", "outbound_feedback"])
+        logs = [open(sc.workdir / f"{args[-1]}.log", "wb") for args in parts]  # noqa: SIM115 - closed below
+        children = [
+            subprocess.Popen([sys.executable, "-m", "mailflow.cli", *args], env=env, stdout=f, stderr=subprocess.STDOUT)
+            for args, f in zip(parts, logs, strict=True)
+        ]
+        announced, done_at, classified = 0, None, 0
+        with connect(sc.db_url) as conn:
+            stored = int(conn.execute("SELECT count(*) FROM inbound_messages").fetchone()[0])  # type: ignore[index]
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                while (m := sub.get_message(timeout=0.01)) is not None:
+                    announced += m["type"] == "message"
+                classified = int(conn.execute("SELECT count(*) FROM inbound_classifications").fetchone()[0])  # type: ignore[index]
+                head = int(conn.execute("SELECT coalesce(max(position), 0) FROM event_positions").fetchone()[0])  # type: ignore[index]
+                at, both = conn.execute(CONSUMERS_AT).fetchone()  # type: ignore[misc]
+                if classified >= stored and both == 2 and at >= head and announced >= classified:
+                    done_at = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+                    break
+            first = conn.execute("SELECT min(classified_at) FROM inbound_classifications").fetchone()[0]  # type: ignore[index]
+            kinds = dict(conn.execute("SELECT kind, count(*) FROM inbound_classifications GROUP BY kind").fetchall())
+            effects = dict(conn.execute(EFFECTS).fetchall())
+        for c in children:
+            c.send_signal(signal.SIGTERM)
+        for c in children:
+            c.wait(60)
+        for f in logs:
+            f.close()
+        r.close()
+    seconds = (done_at - first).total_seconds() if done_at is not None and first is not None else None
+    expected = {"bounce": 0, "complaint": 0, "reply": 0, "auto_reply": 0, "other": 0}
+    for kind, *_ in mix:
+        expected[kind] += 1
+    return {
+        "classify_messages": n,
+        "classify_acked": acked,
+        "classified": classified,
+        "classify_lost": max(0, acked - classified),
+        "classified_per_s": round(classified / seconds) if seconds else None,
+        "classified_kinds": kinds,
+        "classify_sent_kinds": expected,
+        "classify_effects": effects,
+        "notifications_seen": announced,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=None, metavar="N")
     ap.add_argument("--keep", action="store_true", help="keep the benchmark database")
     ap.add_argument("--server-processes", type=int, default=None, metavar="N", help="mailflow inbound --processes")
+    ap.add_argument("--classify-messages", type=int, default=None, metavar="N", help="the mix of phase 3 (0: skip)")
+    ap.add_argument("--only-classify", action="store_true", help="phase 3 alone")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     p = Params.quick() if args.quick else Params()
@@ -349,7 +545,16 @@ def main(argv: list[str] | None = None) -> int:
         p.messages = args.messages
     if args.server_processes:
         p.server_processes = args.server_processes
-    res = run(p, args.keep)
+    if args.classify_messages is not None:
+        p.classify_messages = args.classify_messages
+    if args.only_classify:
+        elapsed: dict[str, float] = {}
+        t0, load = time.perf_counter(), os.getloadavg()[0]
+        mix = classify_mix(p.classify_messages, args.keep, elapsed)
+        goals = {k: GOALS[k] for k in ("classified_per_s", "classify_lost")}
+        res = finish(mix, goals, p, {"classified_clock": "see the module docstring"}, load, elapsed, t0)
+    else:
+        res = run(p, args.keep)
     if args.json:
         sys.stdout.write(orjson.dumps(res).decode() + "\n")
     else:

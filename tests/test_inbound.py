@@ -29,7 +29,7 @@ SECRET = b"inbound-test-key"
 class Server:
     """`serve()` in a thread, as `mailflow inbound` runs it, on a free port."""
 
-    def __init__(self, store, limits: Limits, tls=None, **options) -> None:
+    def __init__(self, store, limits: Limits, tls=None, secret: bytes = SECRET, **options) -> None:
         self.stop = threading.Event()
         self.port: int | None = None
         ready = threading.Event()
@@ -43,7 +43,7 @@ class Server:
             args=(store, "127.0.0.1", 0, self.stop),
             kwargs=dict(
                 limits=limits,
-                secret=[SECRET],
+                secret=[secret],
                 hostname="mx.test",
                 tls=tls,
                 listen=listen,

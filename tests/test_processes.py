@@ -31,7 +31,7 @@ from .conftest import Processes, run_cli, wait_until
 pytestmark = pytest.mark.process
 
 # Free-form types: registered ones (CampaignCreated, JobQueued, ...) would be validated.
-TYPES = ("OrderPlaced", "OrderPaid", "MessageSent", "MessageBounced", "ReplyReceived")
+TYPES = ("OrderPlaced", "OrderPaid", "MessageSent", "MessageBounced", "LetterAnswered")
 GROUP = "event_counts"
 
 # -- helpers ------------------------------------------------------------------------------

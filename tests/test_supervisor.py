@@ -12,6 +12,7 @@ import pytest
 from mailflow.outbound import sending, templates
 from mailflow.outbound.senders import Sender
 from mailflow.runtime.supervisor import (
+    CONSUMERS,
     Child,
     _error_line,
     child_problems,
@@ -64,7 +65,8 @@ def _up(procs, env):
     wait_until(
         lambda: (
             up.poll() is None
-            and set(_children(procs, up)) == {"relay", "consumer-event_counts", "queuer", "worker-1", "inbound"}
+            and set(_children(procs, up))
+            == {"relay", *(f"consumer-{c}" for c in CONSUMERS), "queuer", "worker-1", "inbound"}
             and all(
                 any(r.get("event") == e for r in _records(procs, up))
                 for e in ("relay.leader", "queuer.leader", "worker.start", "inbound.start")

@@ -46,7 +46,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "domains": ("domains", "Inbound domains: the domains mailflow receives mail for."),
     "mailboxes": ("mailboxes", "Mailboxes: addresses that keep the mail they receive."),
     "routes": ("routes", "Routes: where mail to addresses without a mailbox goes."),
+    "webhooks": ("webhooks", "Webhook endpoints: classified inbound mail POSTed, signed, to URLs."),
     "messages": ("messages", "Received messages: list, show, raw, headers, read."),
+    "threads": ("threads", "Conversations: what came back, threaded with what was sent."),
     "quarantine": ("quarantine", "Quarantine: held messages, release, drop, spam thresholds."),
     "services": ("services", "The embedded PostgreSQL and Redis."),
 }

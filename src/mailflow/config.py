@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     inbound_action_concurrency: int = Field(default=16, ge=1)
     inbound_action_poll_s: float = Field(default=1.0, gt=0)
     inbound_action_max_raw_bytes: int = Field(default=5 * 1024 * 1024, ge=0)  # larger: POSTed without raw
+    # Webhook endpoints (inbound/webhooks.py): URLs that are, or resolve to, loopback, private or
+    # link-local addresses are refused (at `webhooks add` and before each POST) unless this is set.
+    webhooks_allow_private: bool = False
+    # What came back (outbound/feedback.py): this many soft bounces within the window suppress
+    # the address (reason soft_bounces); a hard bounce suppresses at once.
+    soft_bounce_limit: int = Field(default=3, ge=1)
+    soft_bounce_window_days: float = Field(default=14.0, gt=0)
     retry_base_s: float = Field(default=300.0, gt=0)
     retry_factor: float = Field(default=1.3, ge=1)
     retry_max_attempts: int = Field(default=18, ge=1)

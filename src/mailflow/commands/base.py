@@ -94,6 +94,26 @@ def quiet_logs() -> None:
     log.configure(level="warning" if s.log_level == "info" else s.log_level, fmt=s.log_format)
 
 
+_AGO = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(raw: str) -> datetime:
+    """A moment: ISO 8601 (`2026-11-30`, `2026-11-30T12:00Z`) or how long ago (`30m`, `24h`,
+    `7d`, `2w`); UsageError for anything else."""
+    from datetime import UTC, timedelta
+
+    text = raw.strip()
+    if text[:-1].isdigit() and text[-1:].lower() in _AGO:
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * _AGO[text[-1].lower()])
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--since {raw!r}: give a date or time (2026-11-30, 2026-11-30T12:00Z) or 30m, 24h, 7d"
+        ) from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 def parse_json_object(raw: str, what: str) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)

@@ -29,11 +29,16 @@ def campaigns_create(
     sender: str = typer.Option(..., "--sender", help="Sender name (see `mailflow senders list`)."),
     template: str = typer.Option(..., "--template", help="Template name (see `mailflow templates list`)."),
     segment: str = typer.Option(..., "--segment", help="Segment whose contacts receive it (snapshotted at start)."),
+    stop_on_reply: bool = typer.Option(
+        True, "--stop-on-reply/--no-stop-on-reply", help="A contact who replies gets nothing more from it."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a draft campaign."""
     quiet_logs()
-    cid = campaigns.create(runtime().store, name=name, sender=sender, template=template, segment=segment)
+    cid = campaigns.create(
+        runtime().store, name=name, sender=sender, template=template, segment=segment, stop_on_reply=stop_on_reply
+    )
     emit_json({"id": cid, "name": name, "status": "draft"}) if as_json else out.print(f"campaign {name} created: {cid}")
 
 
@@ -118,6 +123,8 @@ def campaigns_status(
         f"  id {report.id}",
         "  " + "  ".join(f"{k} {v}" for k, v in report.jobs.items()),
         *(f"  failed {f.count} x {f.kind}: {' '.join((f.example or '').split())}" for f in report.failures),
+        "  came back: "
+        + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.came_back.items() if v or k == "delivered"),
     ]
     for line in lines:  # one line each, cut with an ellipsis at the terminal's width (80 when not a terminal)
         out.print(line, markup=False, soft_wrap=False, no_wrap=True, overflow="ellipsis")

@@ -150,7 +150,29 @@ def _print_demo(res: Any) -> None:
             dkim = ",".join(m["dkim"]) or "none"
             out.print(f"  {m['state']:<11} to {m['to'][:30]:<30} -> {where[:28]}", markup=False)
             out.print(f"              spf={m['spf']} dkim={dkim} dmarc={m['dmarc']} spam={m['spam']}", markup=False)
+        if i.get("came_back"):
+            _print_came_back(i["came_back"])
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")
+
+
+def _print_came_back(c: dict) -> None:
+    """What the campaign's recipients sent back, and what it changed."""
+    out.print("what came back from the campaign's recipients (classified, applied):", markup=False)
+    for a in c["answers"]:
+        verdict = a["kind"] + (f" {a['reason']}" if a["reason"] else "")
+        if a["kind"] == "bounce":
+            verdict += " (hard)" if a["hard"] else " (soft)"
+        out.print(f"  {a['what'][:32]:<32} {a['code']} -> {verdict[:40]}", markup=False)
+    _say(
+        f"  {c['suppressed']} address(es) suppressed, {c['stopped_for_repliers']} contact(s) the campaign "
+        f"stopped for (they replied), {c['alerts']} deliverability alert(s)"
+    )
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c["came_back"].items() if v)
+    _say(f"  campaign status: {counts}")
+    if c.get("threads") is not None:
+        _say(f"  {c['threads']} conversation thread(s) with replies")
+    for w in c.get("webhooks", []):
+        _say(f"  webhook {w['url']}: {w['received']} delivery(ies), {w['verified']} signature(s) verified")
 
 
 def _say(text: str) -> None:

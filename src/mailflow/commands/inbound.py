@@ -1,26 +1,35 @@
-"""Commands room: `mailflow inbound` - the SMTP server for the domains and mailboxes mailflow manages."""
+"""Commands room: `mailflow inbound` - the SMTP server for the domains and mailboxes mailflow
+manages (the group's own callback: `mailflow inbound [--host H --port P ...]` serves), and its
+verbs on received mail: `classify` (what the pipeline's classifier makes of .eml files)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+import textwrap
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mailflow.commands.base import new_app, run_process, settings
+from mailflow.commands.base import emit_json, err, new_app, out, run_process, settings
 
 if TYPE_CHECKING:
     from mailflow.config import Settings
+    from mailflow.inbound.classify import Classification
     from mailflow.outbound.senders import SmtpRelay
     from mailflow.runtime.wiring import Runtime
 
-app = new_app()
+app = new_app(
+    "Receive mail over SMTP for the tenants' domains and mailboxes and for the bounces and replies "
+    "of mailflow's own mail (no command: run the server; SIGTERM stops it), and look at received mail."
+)
 
 
-@app.command("inbound")
+@app.callback(invoke_without_command=True, no_args_is_help=False)  # alone: the server, as always
 def inbound_cmd(
+    ctx: typer.Context,
     host: str | None = typer.Option(None, "--host", help="Address to listen on (default MAILFLOW_INBOUND_HOST)."),
     port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help="TCP port (default MAILFLOW_INBOUND_PORT, 2525; 25 under systemd)."
@@ -36,11 +45,13 @@ def inbound_cmd(
 ) -> None:
     """Receive mail over SMTP for the tenants' domains and mailboxes, and for the bounces and
     replies of mailflow's own mail; refuse everything else (never an open relay). A 250 means
-    the message is committed. SIGTERM stops it.
+    the message is committed. SIGTERM stops it. With a command, that command instead.
 
     With --processes N, N server processes share the port (the kernel spreads the sessions
     between them: each has its own committer and uses a core of its own), supervised as
     `mailflow up` supervises its children."""
+    if ctx.invoked_subcommand is not None:
+        return
     from mailflow.inbound import tls
     from mailflow.inbound.authn import Authenticator
     from mailflow.inbound.server import Limits, serve
@@ -99,7 +110,7 @@ def inbound_cmd(
             checker=checker,
             actions=_actions(rt, s, hostname, forward_relay),
         ),
-        pool_size=5,  # the committer, the directory reload, RCPT lookups, the actions' two
+        pool_size=7,  # the committer, the directory reload, RCPT lookups, the actions' two, the webhooks' two
     )
 
 
@@ -139,8 +150,9 @@ def _forward_relay(url: str | None) -> SmtpRelay | None:
 
 
 def _actions(rt: Runtime, s: Settings, hostname: str, relay: SmtpRelay | None) -> Callable[[asyncio.Event], Any]:
-    """The routes' actions (inbound/actions.py), run beside the server: POSTs and forwards."""
-    from mailflow.inbound import actions
+    """The routes' actions (inbound/actions.py), run beside the server: POSTs and forwards;
+    and the webhook endpoints' deliveries (inbound/webhooks.py)."""
+    from mailflow.inbound import actions, webhooks
     from mailflow.outbound.senders import smtp_client
 
     options = actions.Options(
@@ -163,4 +175,133 @@ def _actions(rt: Runtime, s: Settings, hostname: str, relay: SmtpRelay | None) -
             lambda: smtp_client(relay, local_hostname=hostname), srs_key=rt.keyring.signing_key, hostname=hostname
         )
     )
-    return lambda halt: actions.run(rt.store, halt, http=http, forwarder=forwarder, vault=rt.vault, options=options)
+    hooks = webhooks.http_for(s, max_connections=s.inbound_action_concurrency)
+
+    async def both(halt: asyncio.Event) -> None:  # and the webhook endpoints' deliveries (inbound/webhooks.py)
+        await asyncio.gather(
+            actions.run(rt.store, halt, http=http, forwarder=forwarder, vault=rt.vault, options=options),
+            webhooks.run(rt.store, halt, vault=rt.vault, http=hooks),
+        )
+
+    return both
+
+
+# ---- verbs on received mail: `classify` (files, nothing stored) and `reprocess` (stored mail) -------
+
+ClassifyJsonOpt = typer.Option(False, "--json", help="One JSON object per file, one line each.")
+WIDTH = 80
+TEXT_LINES = 5  # of a reply's text, in the human output
+
+
+@app.command("classify", short_help="What the classifier makes of .eml files.")
+def classify_cmd(
+    files: list[str] = typer.Argument(..., metavar="FILE", help=".eml files (whole messages); - reads stdin."),
+    as_json: bool = ClassifyJsonOpt,
+) -> None:
+    """What the pipeline's classifier makes of each message: bounce, complaint, auto_reply,
+    unsubscribe, reply or other, with the recipients a report is about and a reply's new
+    text. Stores nothing and needs no database: the lookups of mailflow's own jobs (VERP
+    and reply addresses, Message-IDs) are not made, so job is always empty here. A file that
+    cannot be read is one error line; the others are still classified, and the exit code
+    is 1."""
+    from mailflow.inbound.classify import classify
+
+    failed = False
+    for name in files:
+        try:
+            raw = sys.stdin.buffer.read() if name == "-" else _read_file(name)
+        except OSError as exc:
+            err.print(f"error: {name}: {exc.strerror or exc}", markup=False)
+            failed = True
+            continue
+        result = classify(raw)
+        if as_json:
+            emit_json({"file": name, **result.to_dict()})
+        else:
+            out.print(_describe(name, result), markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+KINDS = ("bounce", "complaint", "auto_reply", "unsubscribe", "reply", "other")
+
+
+@app.command("reprocess", short_help="Classify stored mail again (after an upgrade).")
+def reprocess_cmd(
+    since: str = typer.Option("30d", "--since", help="Received since: a date or time, or 30m, 24h, 7d."),
+    kind: str | None = typer.Option(None, "--kind", help=f"Only messages classified as one of: {', '.join(KINDS)}."),
+    as_json: bool = typer.Option(False, "--json", help="The counts as one JSON object."),
+) -> None:
+    """Run the tenant's stored messages through the current classifier again and record an
+    event only where the verdict changed (marked reclassified). The outbound_feedback consumer
+    applies what changed, once: a message still classified as before changes nothing."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mailflow.commands.base import parse_since, quiet_logs, runtime
+    from mailflow.errors import UsageError
+    from mailflow.inbound.classifier import reclassify
+
+    if kind is not None and kind not in KINDS:
+        raise UsageError(f"--kind {kind!r}: one of {', '.join(KINDS)}")
+    at = parse_since(since)
+    quiet_logs()
+    store = runtime().store
+    tenant = store.tenant or "default"
+    if as_json:
+        res = reclassify(store, tenant, since=at, kind=kind)
+    else:
+        columns = (TextColumn("reprocessing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task("reprocess", total=None)
+            res = reclassify(
+                store,
+                tenant,
+                since=at,
+                kind=kind,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    if as_json:
+        emit_json({"seen": res.seen, "changed": res.changed, "now": res.kinds})
+        return
+    now = ", ".join(f"{n} {k}" for k, n in sorted(res.kinds.items())) or "nothing"
+    out.print(f"{res.seen} message(s) classified again, {res.changed} changed (now: {now})", markup=False)
+
+
+def _read_file(name: str) -> bytes:
+    with open(name, "rb") as f:
+        return f.read()
+
+
+def _describe(name: str, c: Classification) -> str:
+    """One block per file, no line over 80 columns."""
+    lines = [name]
+
+    def field(label: str, value: str) -> None:
+        if value:
+            lines.extend(
+                textwrap.wrap(
+                    value, WIDTH, initial_indent=f"  {label:<10}", subsequent_indent=" " * 12, break_on_hyphens=False
+                )
+            )
+
+    field("kind", str(c.kind))
+    field("job", f"{c.job_id} (found by {c.found_by})" if c.job_id else "-")
+    field("from", c.sender)
+    field("subject", c.subject)
+    field("feedback", c.feedback_type)
+    field("auto", c.auto_submitted)
+    field("original", c.original.message_id)
+    for r in c.recipients:
+        field("recipient", r.address or "(not named)")
+        codes = [f"status {r.status or '-'}", f"reply {r.reply_code or '-'}", f"reason {r.reason}"]
+        codes.append(f"hard {'yes' if r.hard else 'no'}")
+        if r.action not in ("failed", "delivered"):
+            codes.append(r.action)
+        field("", "  ".join(codes))
+        field("", f"mta {r.remote_mta}" if r.remote_mta else "")
+        field("", r.diagnostic[:300])
+    text = [w for line in c.reply_text.splitlines() if line.strip() for w in textwrap.wrap(line, WIDTH - 12)]
+    shown = text[:TEXT_LINES] + (["..."] if len(text) > TEXT_LINES else [])
+    for i, line in enumerate(shown):
+        lines.append(f"  {'text' if i == 0 else '':<10}{line}")
+    return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mailflow.inbound  # noqa: F401 - registers the events the relay announces on pub/sub
 from mailflow.commands.base import (
     new_app,
     run_process,

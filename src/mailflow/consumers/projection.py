@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from mailflow.events.envelope import Envelope
+
+if TYPE_CHECKING:
+    from mailflow.config import Settings
+    from mailflow.events.store import EventStore
 
 
 class Projection(ABC):
@@ -19,6 +24,11 @@ class Projection(ABC):
 
     name: str = ""
     description: str = ""
+
+    def bind(self, store: EventStore, settings: Settings | None = None) -> None:  # noqa: B027 - most need nothing
+        """Called once by the runner before the first batch, with the store it reads and
+        writes through: a projection that records events of its own (a consumer whose
+        effects are events, such as the inbound classifier) keeps it."""
 
     @abstractmethod
     def apply(self, conn: psycopg.Connection, events: list[Envelope]) -> None:

@@ -87,6 +87,7 @@ class ConsumerRunner:
         self.projection = projection
         self.name = projection.name
         self.store = store
+        projection.bind(store, settings)
         self.redis_url = redis_url
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)

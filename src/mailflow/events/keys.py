@@ -33,6 +33,12 @@ class Keys:
         return f"{self.prefix}:jobs:epoch"
 
     @property
+    def notifications(self) -> str:
+        """Pub/sub channel for classified inbound mail (replies, bounces, complaints, ...):
+        each message is the event's envelope, as in the stream's `event` field."""
+        return f"{self.prefix}:notifications"
+
+    @property
     def metrics(self) -> str:
         """Pub/sub channel for real-time metric deltas."""
         return f"{self.prefix}:metrics"

@@ -51,6 +51,7 @@ class EventRegistry:
     def __init__(self) -> None:
         self._models: dict[str, type[Event]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._channels: dict[str, str] = {}  # event type -> pub/sub channel (under the key prefix)
 
     def register(self, model: type[Event]) -> type[Event]:
         existing = self._models.get(model.event_type)
@@ -70,6 +71,16 @@ class EventRegistry:
             return fn
 
         return decorate
+
+    def announce(self, channel: str, *models: type[Event]) -> None:
+        """Events of these types are also published, as they are relayed, on the pub/sub
+        channel `<prefix>:<channel>` (live notifications: fire and forget, the stream is the
+        record)."""
+        for model in models:
+            self._channels[model.event_type] = channel
+
+    def channel(self, event_type: str) -> str | None:
+        return self._channels.get(event_type)
 
     def model(self, event_type: str) -> type[Event] | None:
         return self._models.get(event_type)

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import psycopg
 import redis
@@ -29,6 +30,7 @@ import redis
 from mailflow.config import Settings
 from mailflow.events.envelope import Envelope
 from mailflow.events.keys import Keys
+from mailflow.events.registry import registry
 from mailflow.events.store import EventStore
 from mailflow.events.streams import raise_unless_duplicates, stream_last_id
 from mailflow.infra.health import Health
@@ -38,6 +40,7 @@ from mailflow.infra.services import redis_client
 from mailflow.log import get_logger
 
 RELAY_LOCK_KEY = Lock.RELAY
+ANNOUNCE_WITHIN_S = 300.0  # older events are not announced on pub/sub (a republish)
 
 log = get_logger("mailflow.relay")
 
@@ -167,7 +170,13 @@ class Relay:
 
     def _publish(self, r: redis.Redis, batch: list[Envelope]) -> None:
         pipe = r.pipeline(transaction=False)
+        now = datetime.now(UTC)
         for env in batch:
+            channel = registry.channel(env.type)
+            # Live notifications are for what just happened: a republish after Redis lost the
+            # stream does not announce old events again.
+            if channel is not None and (now - env.recorded_at).total_seconds() < ANNOUNCE_WITHIN_S:
+                pipe.publish(f"{self.keys.prefix}:{channel}", env.to_json())
             pipe.xadd(
                 self.keys.events,
                 {

@@ -4,7 +4,8 @@ durable acceptance with group commits (store), the server (server), and what bec
 message after its 250 (mailbox).
 
 Importing the room registers its inline projections (domains and mailboxes; routes;
-received messages, their mailboxes and the quarantine).
+received messages, their mailboxes and the quarantine; conversation threads; webhook
+endpoints).
 """
 
-from mailflow.inbound import directory, mailbox  # noqa: F401 - registers the inline projections
+from mailflow.inbound import directory, mailbox, threads_projection, webhooks  # noqa: F401 - registers the inline projections

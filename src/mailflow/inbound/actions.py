@@ -23,7 +23,9 @@ A row changes only with its event: RouteActionDone or RouteActionFailed (a retry
 checks the row is still the claimed attempt. A process that dies between a send and its
 record leaves the row leased; after the lease another process sends it again: at least once,
 never lost. Receivers dedupe by webhook-id, which is the same for every attempt of an action.
-The decisions (what an answer means, when to try again) are pure functions.
+The decisions (what an answer means, when to try again) are pure functions. What this module
+shares with the webhook endpoints (webhooks.py) - the HTTP decisions, signing, the HTTP client
+and the claim-attempt-record loop - lives in delivery.py.
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ import asyncio
 import base64
 import email.utils
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import aiosmtplib
 import orjson
@@ -47,15 +48,31 @@ from psycopg.rows import dict_row
 from mailflow.consumers import inline
 from mailflow.events.envelope import Envelope, Metadata
 from mailflow.events.store import EventStore
+from mailflow.inbound.delivery import (
+    Attempt,
+    HttpPoster,
+    Loop,
+    LoopOptions,
+    Outcome,
+    RetryPolicy,
+    Verdict,
+    decide,
+    http_outcome,
+    new_secret,
+    retry_after,
+    sign,
+    signed_headers,
+)
 from mailflow.inbound.events import RouteActionDone, RouteActionFailed
 from mailflow.infra.vault import Vault
 from mailflow.log import get_logger
 from mailflow.mail import tokens
 
-if TYPE_CHECKING:
-    import httpx
-
 log = get_logger("mailflow.inbound.actions")
+
+# The decisions and the HTTP client are shared with the webhook endpoints (delivery.py), and
+# named here too, as they were first written here.
+__all__ = ["Attempt", "HttpPoster", "RetryPolicy", "Verdict", "http_outcome", "retry_after", "sign"]
 
 ACTIONS = ("http", "forward")  # the deliveries that something must carry out
 SECRET_KIND = "webhook_secret"
@@ -63,7 +80,6 @@ SECRET_OWNER = "routes"
 SRS_PREFIX = "SRS0="
 SRS_VALID_DAYS = 30  # a bounce to an SRS address older than this is not ours any more
 MAX_HOPS = 30  # Received headers: a message with more is in a loop (RFC 5321 section 6.3)
-MAX_ERROR = 300
 NO_RELAY = "forwarding needs a smart host: set MAILFLOW_INBOUND_FORWARD_RELAY (smtp://host:port)"
 
 # -- SQL, by name ------------------------------------------------------------------------------
@@ -134,47 +150,6 @@ FROM route_actions WHERE (%(message_id)s::uuid IS NULL OR message_id = %(message
 # -- decisions (pure) --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff: `base_s`, times `factor` per attempt, at most `max_delay_s`; after
-    `max_attempts` attempts the action is given up."""
-
-    base_s: float = 30.0
-    factor: float = 2.0
-    max_attempts: int = 12
-    max_delay_s: float = 6 * 3600.0
-
-    def delay(self, attempts: int, retry_after_s: float | None = None) -> float:
-        """Seconds to wait after the `attempts`-th attempt failed (a Retry-After longer than the
-        backoff is honoured, up to max_delay_s)."""
-        backoff = min(self.base_s * self.factor ** max(0, attempts - 1), self.max_delay_s)
-        if retry_after_s is not None:
-            backoff = max(backoff, min(retry_after_s, self.max_delay_s))
-        return backoff
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What one try got: the HTTP status or SMTP reply code (None: no answer), the error to
-    record, the server's Retry-After, and `permanent` for a failure no retry can change."""
-
-    status: int | None = None
-    error: str = ""
-    retry_after_s: float | None = None
-    permanent: bool = False
-
-
-Outcome = Literal["done", "retry", "final"]
-
-
-def http_outcome(status: int | None) -> Outcome:
-    """2xx done; 408, 429, 5xx and no answer retried; anything else (410, other 4xx, a
-    redirect, which a signed POST does not follow) final."""
-    if status is None or status in (408, 429) or 500 <= status <= 599:
-        return "retry"
-    return "done" if 200 <= status <= 299 else "final"
-
-
 def smtp_outcome(code: int | None) -> Outcome:
     """2xx done; 5xx final (the relay or the next hop refused it for good); 4xx, anything
     else and no answer retried."""
@@ -183,41 +158,9 @@ def smtp_outcome(code: int | None) -> Outcome:
     return "final" if code is not None and 500 <= code <= 599 else "retry"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    outcome: Outcome
-    status: int | None
-    error: str = ""
-    delay_s: float | None = None  # retry: seconds from now
-
-
 def judge(action: str, attempt: Attempt, attempts: int, policy: RetryPolicy) -> Verdict:
     """What to record after the `attempts`-th attempt (counting this one)."""
-    outcome = (http_outcome if action == "http" else smtp_outcome)(attempt.status)
-    if attempt.permanent and outcome != "done":
-        outcome = "final"
-    error = attempt.error[:MAX_ERROR]
-    if outcome == "retry" and attempts >= policy.max_attempts:
-        return Verdict("final", attempt.status, f"{error} (gave up after {attempts} attempts)"[:MAX_ERROR])
-    if outcome == "retry":
-        return Verdict("retry", attempt.status, error, policy.delay(attempts, attempt.retry_after_s))
-    return Verdict(outcome, attempt.status, error)
-
-
-def retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return decide((http_outcome if action == "http" else smtp_outcome)(attempt.status), attempt, attempts, policy)
 
 
 def webhook_id(tenant: str, message_id: str, recipient: str, target: str) -> str:
@@ -335,12 +278,6 @@ def listing(conn: psycopg.Connection, message_id: str | None = None) -> list[dic
 # -- the signing secret ------------------------------------------------------------------------
 
 
-def _new_secret() -> str:
-    import secrets
-
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
 def webhook_secret(conn: psycopg.Connection, vault: Vault, tenant: str, *, rotate: bool = False) -> str:
     """The tenant's webhook signing secret (whsec_<base64>, as Standard Webhooks libraries take
     it), made on first use; `rotate`: replaced by a new one. Kept only in the vault (encrypted),
@@ -352,7 +289,7 @@ def webhook_secret(conn: psycopg.Connection, vault: Vault, tenant: str, *, rotat
             row = conn.execute(GET_SECRET, (tenant,)).fetchone()
             if row is not None:
                 return vault.get(conn, row[0])
-        secret = _new_secret()
+        secret = new_secret()
         try:
             with conn.transaction():
                 vault.put(conn, tenant=tenant, kind=SECRET_KIND, owner=SECRET_OWNER, plaintext=secret)
@@ -363,67 +300,7 @@ def webhook_secret(conn: psycopg.Connection, vault: Vault, tenant: str, *, rotat
             return vault.get(conn, row[0])
 
 
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The webhook-signature header: v1,<base64 HMAC-SHA256 of "id.timestamp.body">."""
-    from standardwebhooks import Webhook
-
-    return Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
-
-
 # -- the senders (thin I/O shells) -------------------------------------------------------------
-
-
-class HttpPoster:
-    """POSTs over httpx: redirects are not followed, proxies and .netrc from the environment
-    are not used (trust_env off), and nothing of the answer is read but its status line."""
-
-    def __init__(self, *, timeout_s: float = 30.0, max_connections: int = 32, user_agent: str = "mailflow") -> None:
-        self.timeout_s = timeout_s
-        self.max_connections = max_connections
-        self.user_agent = user_agent
-        self._client: httpx.AsyncClient | None = None
-
-    def _connect(self) -> httpx.AsyncClient:
-        import httpx
-
-        if self._client is None:  # made in the loop that uses it
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout_s),
-                follow_redirects=False,
-                trust_env=False,
-                limits=httpx.Limits(max_connections=self.max_connections),
-                headers={"user-agent": self.user_agent},
-            )
-        return self._client
-
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
-        import httpx
-
-        try:
-            async with self._connect().stream("POST", url, content=body, headers=headers) as resp:
-                return Attempt(
-                    resp.status_code,
-                    f"HTTP {resp.status_code} {resp.reason_phrase}".strip(),
-                    retry_after(resp.headers.get("retry-after")),
-                )
-        except httpx.TimeoutException:
-            return Attempt(None, f"no answer from {_where(url)} within {self.timeout_s:g} s")
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            return Attempt(None, f"cannot POST to this URL: {exc}", permanent=True)
-        except (httpx.HTTPError, OSError) as exc:
-            return Attempt(None, f"{type(exc).__name__} from {_where(url)}: {exc}")
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-
-def _where(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 class Forwarder:
@@ -466,11 +343,8 @@ class Forwarder:
 
 
 @dataclass(frozen=True)
-class Options:
+class Options(LoopOptions):
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    lease_s: float = 300.0  # a claimed action is not claimed again for this long
-    concurrency: int = 16  # actions in flight at once
-    poll_s: float = 1.0  # how often due actions are looked for when there is nothing to do
     max_raw_bytes: int = 5 * 1024 * 1024  # a larger message is POSTed without its raw copy
     secret_ttl_s: float = 10.0  # a rotated secret is used after at most this long
 
@@ -523,8 +397,11 @@ def body(c: Claimed, raw: bytes | None, max_raw_bytes: int) -> bytes:
     )
 
 
-class Actions:
+class Actions(Loop[Claimed, Verdict]):
     """The loop of one inbound process (see the module docstring); `run()` drives it."""
+
+    prefix = "inbound.actions"
+    done_line = "inbound.action"
 
     def __init__(
         self,
@@ -534,71 +411,37 @@ class Actions:
         forwarder: Forwarder | None,
         options: Options,
     ) -> None:
-        if store.tenant is not None:
-            raise ValueError("route actions are every tenant's: run them with an operator's store")
-        self.store = store
+        super().__init__(store, options)
         self.vault = vault
         self.http = http
         self.forwarder = forwarder
-        self.options = options
-        self.db = asyncio.Semaphore(2)  # the SMTP server's commits keep the rest of the pool
-        self.secrets: dict[str, tuple[str, float]] = {}
+        self.retry = options.retry
+        self.max_raw_bytes = options.max_raw_bytes
+        self.secret_ttl_s = options.secret_ttl_s
         self.told_no_relay = False
-        self.claim_failing = False
-        self.sent = 0
-        self.recorded = 0
 
-    async def run(self, stop: threading.Event | asyncio.Event) -> None:
-        inflight: set[asyncio.Task[None]] = set()
-        log.info("inbound.actions.start", forward_relay=self.forwarder is not None, **self.options.__dict__)
-        try:
-            while not stop.is_set():
-                inflight = {t for t in inflight if not t.done()}
-                free = self.options.concurrency - len(inflight)
-                claimed: list[Claimed] = []
-                if free > 0:
-                    try:
-                        claimed = await self._db(self._claim, free)
-                        self.claim_failing = False
-                    except Exception as exc:  # noqa: BLE001 - the database is away: try again later
-                        if not self.claim_failing:  # said once per outage
-                            log.warning("inbound.actions.claim_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-                        self.claim_failing = True
-                for c in claimed:
-                    inflight.add(asyncio.create_task(self._carry_out(c)))
-                if free > 0 and len(claimed) == free:
-                    continue  # more may be due
-                await self._pause(stop, inflight)
-        finally:
-            await self._drain(inflight)
-            await self.http.aclose()
-            log.info("inbound.actions.stop", sent=self.sent, recorded=self.recorded)
+    def _start_fields(self) -> dict[str, Any]:
+        return {"forward_relay": self.forwarder is not None, **super()._start_fields()}
 
-    async def _pause(self, stop: threading.Event | asyncio.Event, inflight: set[asyncio.Task[None]]) -> None:
-        """Until an action finishes, `stop` is set or poll_s has passed."""
-        deadline = time.monotonic() + self.options.poll_s
-        while not stop.is_set() and time.monotonic() < deadline:
-            step = min(0.05, max(0.0, deadline - time.monotonic()))
-            if inflight:
-                done, _ = await asyncio.wait(inflight, timeout=step, return_when=asyncio.FIRST_COMPLETED)
-                if done:
-                    return
-            else:
-                await asyncio.sleep(step)
+    async def _close(self) -> None:
+        await self.http.aclose()
 
-    async def _drain(self, inflight: set[asyncio.Task[None]]) -> None:
-        """Let the actions in flight finish (and be recorded) for a while; the others keep
-        their lease and are sent again after it."""
-        if not inflight:
-            return
-        _, pending = await asyncio.wait(inflight, timeout=min(30.0, self.options.lease_s / 2))
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    def _fields(self, c: Claimed, verdict: Verdict | None = None) -> dict[str, Any]:
+        if verdict is None:
+            return {"message_id": c.message_id}
+        return {
+            "tenant": c.tenant,
+            "message_id": c.message_id,
+            "action": c.action,
+            "route_id": c.route_id,
+            "attempts": c.attempts + 1,
+            "outcome": verdict.outcome,
+            "status": verdict.status,
+            "error": verdict.error or None,
+        }
 
-    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        async with self.db:
-            return await asyncio.to_thread(fn, *args)
+    def _judge(self, c: Claimed, attempt: Attempt) -> Verdict:
+        return judge(c.action, attempt, c.attempts + 1, self.retry)
 
     def _claim(self, limit: int) -> list[Claimed]:
         with self.store.pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
@@ -611,42 +454,7 @@ class Actions:
         return None if row is None else bytes(row[0])
 
     def _secret(self, tenant: str) -> str:
-        cached = self.secrets.get(tenant)
-        if cached is not None and time.monotonic() - cached[1] < self.options.secret_ttl_s:
-            return cached[0]
-        with self.store.pool.connection() as conn:
-            secret = webhook_secret(conn, self.vault, tenant)
-        self.secrets[tenant] = (secret, time.monotonic())
-        return secret
-
-    async def _carry_out(self, c: Claimed) -> None:
-        try:
-            attempt = await asyncio.wait_for(self._attempt(c), timeout=max(1.0, self.options.lease_s / 2))
-        except TimeoutError:
-            attempt = Attempt(None, f"took longer than {self.options.lease_s / 2:g} s")
-        except Exception as exc:  # noqa: BLE001 - the database or the vault: not sent, try again
-            log.warning("inbound.actions.not_sent", message_id=c.message_id, error=f"{type(exc).__name__}: {exc}")
-            return  # the lease runs out and the action is claimed again
-        self.sent += 1
-        verdict = judge(c.action, attempt, c.attempts + 1, self.options.retry)
-        try:
-            recorded = await self._db(self._record, c, verdict)
-        except Exception as exc:  # noqa: BLE001 - sent, not recorded: sent again after the lease
-            log.warning("inbound.actions.record_failed", message_id=c.message_id, error=f"{type(exc).__name__}: {exc}")
-            return
-        if recorded:
-            self.recorded += 1
-            log.info(
-                "inbound.action",
-                tenant=c.tenant,
-                message_id=c.message_id,
-                action=c.action,
-                route_id=c.route_id,
-                attempts=c.attempts + 1,
-                outcome=verdict.outcome,
-                status=verdict.status,
-                error=verdict.error or None,
-            )
+        return self._secret_of(tenant, self.secret_ttl_s, lambda conn: webhook_secret(conn, self.vault, tenant))
 
     async def _attempt(self, c: Claimed) -> Attempt:
         if c.action == "forward":
@@ -660,17 +468,11 @@ class Actions:
                 return Attempt(None, "the message's raw copy was deleted", permanent=True)
             return await self.forwarder.forward(c.message_id, c.recipient, c.target, raw)
         secret = await self._db(self._secret, c.tenant)
-        fits = c.raw_size is not None and c.raw_size <= self.options.max_raw_bytes
+        fits = c.raw_size is not None and c.raw_size <= self.max_raw_bytes
         raw = await self._db(self._raw, c) if fits else None
-        payload = await asyncio.to_thread(body, c, raw, self.options.max_raw_bytes)
-        msg_id, timestamp = webhook_id(c.tenant, c.message_id, c.recipient, c.target), int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secret, msg_id, timestamp, payload),
-        }
-        return await self.http.post(c.target, payload, headers)
+        payload = await asyncio.to_thread(body, c, raw, self.max_raw_bytes)
+        msg_id = webhook_id(c.tenant, c.message_id, c.recipient, c.target)
+        return await self.http.post(c.target, payload, signed_headers(secret, msg_id, payload))
 
     def _record(self, c: Claimed, verdict: Verdict) -> bool:
         """Record the attempt, if the row is still the one claimed (else another process, after

@@ -150,6 +150,156 @@ class RouteActionFailed(Event):
     retry_at: datetime | None = None  # when not final: when it is tried again
 
 
+class ClassifiedRecipient(BaseModel):
+    """One recipient a bounce or a complaint is about: a person, so named by subject, the
+    address sealed under that subject's key ({"email"}); None for both when the report
+    named no usable address. The diagnostic has the address replaced by <recipient>."""
+
+    subject: str | None = None
+    sealed: str | None = None
+    status: str = ""
+    reply_code: str = ""
+    reason: str = "undefined"
+    hard: bool = False
+    action: str = "failed"
+    remote_mta: str = ""
+    diagnostic: str = ""
+
+
+class Classified(Event):
+    """What the classifier (inbound/classify/) made of a received message, for one tenant:
+    the base of the six classification events below, one of which is recorded for each
+    MessageReceived (and again by `mailflow inbound reprocess` only when the verdict changed).
+
+    `job_id` is the outbound job it is about or answers (found by VERP address, reply address,
+    In-Reply-To/References or the original headers inside a report: `found_by`). Its own
+    Message-ID, In-Reply-To and References are kept for threading. Its correspondent (the
+    From) is a person: named by subject, with the From address, the subject line and the
+    reply text sealed under that subject's key ({"sender", "subject", "text"})."""
+
+    message_id: str  # the received message (MessageReceived.message_id)
+    mailbox: str = ""  # the tenant's address it was received at (first recipient)
+    job_id: str | None = None
+    found_by: str = ""
+    header_message_id: str = ""
+    in_reply_to: str = ""
+    references: list[str] = Field(default_factory=list)
+    correspondent: str | None = None
+    sealed: str | None = None
+    reclassified: bool = False  # recorded by a reprocess, replacing an earlier verdict
+
+
+class BounceDetected(Classified):
+    """A delivery status notification. Per recipient: status, reason and the hard verdict
+    ("stop sending to this address"). `delayed`: every recipient's action is `delayed`."""
+
+    recipients: list[ClassifiedRecipient] = Field(default_factory=list)
+    delayed: bool = False
+    original_message_id: str = ""
+
+
+class ComplaintReceived(Classified):
+    """An abuse / feedback report (ARF, RFC 5965) about one of mailflow's messages."""
+
+    recipients: list[ClassifiedRecipient] = Field(default_factory=list)
+    feedback_type: str = ""
+    original_message_id: str = ""
+
+
+class AutoReplyReceived(Classified):
+    """An automatic answer (RFC 3834, out of office): recorded, never counted as a reply."""
+
+    why: str = ""  # the header or subject that made it one
+
+
+class UnsubscribeReceived(Classified):
+    """Mail to one of mailflow's List-Unsubscribe mailto addresses."""
+
+
+class ReplyReceived(Classified):
+    """A person answering (the new text, without quoted history and signature, is sealed)."""
+
+
+class OtherReceived(Classified):
+    """Mail that is none of the above (a new conversation, a newsletter, ...)."""
+
+
+CLASSIFIED_TYPES = (
+    BounceDetected,
+    ComplaintReceived,
+    AutoReplyReceived,
+    UnsubscribeReceived,
+    ReplyReceived,
+    OtherReceived,
+)
+
+
+class WebhookEndpointAdded(Event):
+    """A tenant's webhook endpoint (inbound/webhooks.py): classified mail of the kinds in
+    `events` is POSTed to `url`, signed with the endpoint's own secret - kept in the vault:
+    the event carries only its reference and fingerprint."""
+
+    endpoint_id: str
+    url: str
+    events: list[str]
+    secret: dict[str, str]  # SecretRef.to_dict(): {"id", "fingerprint"}
+
+
+class WebhookEndpointDisabled(Event):
+    """No more deliveries to the endpoint (its pending ones are cancelled): `reason` says why -
+    the operator, the receiver answered 410 Gone, or its deliveries kept failing."""
+
+    endpoint_id: str
+    reason: str
+    by: Literal["operator", "gone", "failing"] = "operator"
+
+
+class WebhookEndpointEnabled(Event):
+    endpoint_id: str
+
+
+class WebhookEndpointRemoved(Event):
+    endpoint_id: str
+
+
+class WebhookDelivered(Event):
+    """One attempt of a delivery answered 2xx. `delivery_id` is the webhook-id's uuid (the
+    same for every attempt); `attempts` counts this one; `test`: a `mailflow webhooks test`."""
+
+    endpoint_id: str
+    delivery_id: str
+    type: str  # reply.received, bounce.detected, ..., webhook.test
+    attempts: int
+    status: int
+    duration_ms: int | None = None
+    test: bool = False
+
+
+class WebhookDeliveryFailed(Event):
+    """One attempt of a delivery failed: retried at `retry_at`, or, `final`, given up. No
+    secret, no body: the error is the status line or what went wrong on the way."""
+
+    endpoint_id: str
+    delivery_id: str
+    type: str
+    attempts: int
+    error: str
+    final: bool
+    status: int | None = None
+    retry_at: datetime | None = None
+    duration_ms: int | None = None
+    test: bool = False
+
+
+WEBHOOK_TYPES = (
+    WebhookEndpointAdded,
+    WebhookEndpointDisabled,
+    WebhookEndpointEnabled,
+    WebhookEndpointRemoved,
+    WebhookDelivered,
+    WebhookDeliveryFailed,
+)
+
 for _model in (
     InboundDomainAdded,
     InboundDomainRemoved,
@@ -166,5 +316,10 @@ for _model in (
     ThresholdsSet,
     RouteActionDone,
     RouteActionFailed,
+    *CLASSIFIED_TYPES,
+    *WEBHOOK_TYPES,
 ):
     registry.register(_model)
+
+# Classified mail is announced live on `<prefix>:notifications` as it is relayed (events/relay.py).
+registry.announce("notifications", *CLASSIFIED_TYPES)

@@ -160,3 +160,35 @@ WHERE b.mailbox = %s ORDER BY b.delivered_at DESC, b.message_id LIMIT %s
 # Erasure (infra/personal.py on_erasure: in the transaction that shreds the subjects' keys).
 ERASE_SENDERS_RAW = "DELETE FROM raw_messages WHERE tenant = %s AND sender_subject = ANY(%s::text[])"
 ERASE_TENANT_RAW = "DELETE FROM raw_messages WHERE tenant = %s"
+
+# -- classification (classifier.py) -------------------------------------------------------------
+
+RECEIVED_RAW = "SELECT sha256, data FROM raw_messages WHERE tenant = %s AND sha256 = ANY(%s)"
+CLASSIFIED = """
+SELECT message_id::text AS message_id, digest FROM inbound_classifications
+WHERE tenant = %s AND message_id = ANY(%s::uuid[])
+"""
+PUT_CLASSIFICATION = """
+INSERT INTO inbound_classifications (tenant, message_id, kind, digest, job_id, classified_at)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (tenant, message_id) DO UPDATE
+SET kind = excluded.kind, digest = excluded.digest, job_id = excluded.job_id, classified_at = excluded.classified_at
+"""
+# One of the tenant's jobs (the pipeline's lookups of mailflow's own outbound messages).
+TENANT_JOB = "SELECT id::text FROM jobs WHERE tenant = %s AND id = %s"
+# The last message one of the tenant's senders (by its From) sent to a person: what a reply to
+# that From answers when the client kept no References.
+LAST_JOB_TO = """
+SELECT j.id::text FROM jobs j JOIN senders s ON (s.tenant, s.name) = (j.tenant, j.sender)
+WHERE j.tenant = %s AND j.subject = %s AND lower(s.from_email) = %s AND j.accepted_at IS NOT NULL
+  AND j.accepted_at > now() - interval '60 days'
+ORDER BY j.accepted_at DESC LIMIT 1
+"""
+SENDER_ADDRESSES = "SELECT lower(from_email) FROM senders WHERE tenant = %s"
+# Stored messages for `mailflow inbound reprocess`, oldest first.
+TO_REPROCESS = """
+SELECT m.id::text AS message_id, m.sha256, m.recipients, m.received_at, coalesce(c.kind, '') AS kind
+FROM inbound_messages m LEFT JOIN inbound_classifications c ON (c.tenant, c.message_id) = (m.tenant, m.id)
+WHERE m.tenant = %(tenant)s AND m.received_at >= %(since)s AND (%(kind)s::text IS NULL OR c.kind = %(kind)s)
+ORDER BY m.received_at, m.id
+"""

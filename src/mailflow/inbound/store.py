@@ -128,18 +128,6 @@ class Committer:
             m.future.set_result(got)
 
 
-def _sealed_senders(conn: Any, tenant: str, items: list[tuple[str, dict[str, Any]]]) -> list[str | None]:
-    """The senders' values sealed under their subjects (None for a sender erased on request:
-    their message is kept, their address is not put in the log again)."""
-    try:
-        return list(personal.seal_many(conn, tenant, items))
-    except personal.Erased:
-        gone = personal.erased(conn, tenant, [s for s, _ in items])
-        kept = [(s, v) for s, v in items if s not in gone]
-        sealed = iter(personal.seal_many(conn, tenant, kept))
-        return [None if s in gone else next(sealed) for s, _ in items]
-
-
 Part = tuple[str, int]  # (tenant, index in the batch): one tenant's share of one message
 
 
@@ -214,7 +202,7 @@ def _seal_senders(conn: Any, batch: list[Incoming], parts: list[Part], subjects:
         mine = [(t, i) for t, i in parts if t == tenant and (t, i) in subjects]
         items = [(subjects[p], {"mail_from": batch[p[1]].mail_from, "client_ip": batch[p[1]].client_ip}) for p in mine]
         if items:
-            sealed.update(zip(mine, _sealed_senders(conn, tenant, items)))
+            sealed.update(zip(mine, personal.seal_kept(conn, tenant, items)))
     return sealed
 
 

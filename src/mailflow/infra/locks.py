@@ -20,3 +20,4 @@ class Lock:
     INLINE: Final = 7_300_020  # inline read-model writers (shared) against their rebuild (exclusive)
     ADDRESS: Final = 7_300_030  # class of per-address locks (second key: hashtext(address))
     CAMPAIGN_NAME: Final = 7_300_031  # class of per-name locks for creating campaigns (second key: hashtext(name))
+    THREADS: Final = 7_300_040  # class of per-tenant locks of the threads projection (second key: hashtext(tenant))

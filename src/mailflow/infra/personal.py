@@ -130,6 +130,18 @@ def seal_many(conn: psycopg.Connection, tenant: str, items: Sequence[tuple[str, 
     return [seal(found[s], tenant, s, v) for s, v in items]
 
 
+def seal_kept(conn: psycopg.Connection, tenant: str, items: Sequence[tuple[str, dict[str, Any]]]) -> list[str | None]:
+    """Like seal_many, but None for a subject erased on request instead of Erased: the
+    record is kept, the person's values are not put in the log again."""
+    try:
+        return list(seal_many(conn, tenant, items))
+    except Erased:
+        gone = erased(conn, tenant, [s for s, _ in items])
+        kept = [(s, v) for s, v in items if s not in gone]
+        sealed = iter(seal_many(conn, tenant, kept))
+        return [None if s in gone else next(sealed) for s, _ in items]
+
+
 def open_many(
     conn: psycopg.Connection, tenant: str, items: Sequence[tuple[str, str | None]]
 ) -> list[dict[str, Any] | None]:

@@ -82,11 +82,22 @@ def find(conn: psycopg.Connection, ref: str) -> str:
     raise NotFoundError(f"no campaign {ref!r} (see `mailflow campaigns list`)")
 
 
-def create(store: EventStore, *, name: str, sender: str, template: str, segment: str) -> str:
+def create(
+    store: EventStore, *, name: str, sender: str, template: str, segment: str, stop_on_reply: bool = True
+) -> str:
+    """A draft campaign. With `stop_on_reply` (the default) a contact who replies gets nothing
+    more from it (outbound/feedback.py)."""
     if not name.strip():
         raise UserError("a campaign needs a name")
     campaign_id = str(uuid7())
-    event = CampaignCreated(campaign_id=campaign_id, name=name, sender=sender, template=template, segment=segment)
+    event = CampaignCreated(
+        campaign_id=campaign_id,
+        name=name,
+        sender=sender,
+        template=template,
+        segment=segment,
+        stop_on_reply=stop_on_reply,
+    )
     with inline.writing(store) as w:
         w.conn.execute(q.LOCK_CAMPAIGN_NAME, (name,))
         w.conn.execute(q.SHARE_CAMPAIGN_PARTS, {"sender": sender, "template": template, "segment": segment})

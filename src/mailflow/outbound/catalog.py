@@ -158,7 +158,17 @@ def _sender_deleted(conn: psycopg.Connection, data: dict, at: datetime, tenant: 
 def _campaign_created(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
     conn.execute(
         q.INSERT_CAMPAIGN,
-        (data["campaign_id"], tenant, data["name"], data["sender"], data["template"], data["segment"], at, at),
+        (
+            data["campaign_id"],
+            tenant,
+            data["name"],
+            data["sender"],
+            data["template"],
+            data["segment"],
+            data.get("stop_on_reply", True),
+            at,
+            at,
+        ),
     )
 
 

@@ -227,6 +227,7 @@ class CampaignCreated(Event):
     sender: str
     template: str
     segment: str
+    stop_on_reply: bool = True  # a contact who replies gets nothing more from the campaign
 
 
 class CampaignScheduled(Event):
@@ -277,4 +278,57 @@ for _model in (
     CampaignCompleted,
     CampaignResent,
 ):
+    registry.register(_model)
+
+
+class FeedbackReceived(Event):
+    """What came back for one person from one received message (inbound's classification,
+    applied by outbound/feedback.py): on the job's stream when it answers one of our jobs
+    (its history), else on the contact's. `kind`: bounce | delayed | complaint | auto_reply |
+    reply | unsubscribe; for a bounce the reason, status and hard verdict."""
+
+    message_id: str
+    subject: str
+    job_id: str | None = None
+    campaign_id: str | None = None
+    kind: str
+    reason: str = ""
+    status: str = ""
+    hard: bool = False
+
+
+class SoftBounceCounted(Event):
+    """A soft bounce counted against an address: `count` within the last `window_days`;
+    at `limit` the address is suppressed (reason soft_bounces)."""
+
+    subject: str
+    message_id: str
+    count: int
+    limit: int
+    window_days: float
+
+
+class DeliverabilityAlertRaised(Event):
+    """A bounce that blames the sender, not the address (blocked, filtered, spamdetected,
+    policyviolation, ...), or a complaint: the sender and its domain need attention."""
+
+    sender: str
+    domain: str
+    kind: str  # bounce | complaint
+    reason: str
+    job_id: str | None = None
+    message_id: str
+    detail: str = ""
+
+
+class CampaignStoppedForContact(Event):
+    """The contact replied: the campaign sends them nothing more (its stop_on_reply)."""
+
+    campaign_id: str
+    subject: str
+    reason: str
+    message_id: str
+
+
+for _model in (FeedbackReceived, SoftBounceCounted, DeliverabilityAlertRaised, CampaignStoppedForContact):
     registry.register(_model)

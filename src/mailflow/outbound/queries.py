@@ -219,7 +219,9 @@ CLAIM_JOBS = """
 SELECT j.id, j.tenant, j.state, j.queue_seq, j.attempts, j.subject, j.email, j.sender, j.template, j.variables, j.campaign_id,
        s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker,
        coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id,
-       cp.status AS campaign_status, k.key AS subject_key
+       cp.status AS campaign_status, k.key AS subject_key,
+       EXISTS (SELECT 1 FROM campaign_stops st
+               WHERE st.tenant = j.tenant AND st.campaign_id = j.campaign_id AND st.subject = j.subject) AS stopped
 FROM jobs j
 LEFT JOIN suppressions s ON s.tenant = j.tenant AND s.subject = j.subject
 LEFT JOIN contacts c ON c.tenant = j.tenant AND c.subject = j.subject
@@ -234,8 +236,8 @@ FOR UPDATE OF j
 # -- campaigns ----------------------------------------------------------------------------------
 
 INSERT_CAMPAIGN = """
-INSERT INTO campaigns (id, tenant, name, sender, template, segment, created_at, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+INSERT INTO campaigns (id, tenant, name, sender, template, segment, stop_on_reply, created_at, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (id) DO NOTHING
 """
 SET_CAMPAIGN_STATUS = """
@@ -384,4 +386,59 @@ SELECT priority,
        percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - created_at))
            FILTER (WHERE accepted_at > now() - interval '1 hour') AS latency_p99_s
 FROM jobs GROUP BY priority
+"""
+
+# -- feedback: what came back (feedback.py) ----------------------------------------------------
+
+FEEDBACK_JOBS = """
+SELECT j.id::text AS job_id, j.subject, j.campaign_id::text AS campaign_id, j.sender,
+       coalesce(split_part(lower(s.from_email), '@', 2), '') AS domain,
+       coalesce(cp.stop_on_reply, true) AS stop_on_reply
+FROM jobs j
+LEFT JOIN senders s ON (s.tenant, s.name) = (j.tenant, j.sender)
+LEFT JOIN campaigns cp ON cp.id = j.campaign_id
+WHERE j.tenant = %s AND j.id = ANY(%s::uuid[])
+"""
+FEEDBACK_PEOPLE = """
+SELECT p.subject, c.status AS contact_status, s.reason AS suppressed
+FROM unnest(%s::text[]) AS p(subject)
+LEFT JOIN contacts c ON c.tenant = %s AND c.subject = p.subject
+LEFT JOIN suppressions s ON s.tenant = %s AND s.subject = p.subject
+"""
+SOFT_BOUNCES = """
+SELECT count(*) FROM feedback
+WHERE tenant = %s AND subject = %s AND kind = 'bounce' AND NOT hard AND at > now() - make_interval(secs => %s)
+  AND message_id <> %s
+"""
+FEEDBACK_KIND = "SELECT kind, reason, status, hard FROM feedback WHERE tenant = %s AND message_id = %s AND subject = %s"
+ADD_FEEDBACK = """
+INSERT INTO feedback (tenant, message_id, subject, job_id, campaign_id, kind, reason, status, hard, at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (tenant, message_id, subject) DO UPDATE
+SET kind = excluded.kind, reason = excluded.reason, status = excluded.status, hard = excluded.hard,
+    job_id = coalesce(excluded.job_id, feedback.job_id), campaign_id = coalesce(excluded.campaign_id, feedback.campaign_id)
+"""
+ADD_CAMPAIGN_STOP = """
+INSERT INTO campaign_stops (tenant, campaign_id, subject, reason, message_id, at) VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+"""
+ADD_ALERT = """
+INSERT INTO deliverability_alerts (tenant, sender, domain, kind, reason, job_id, message_id, at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+"""
+# A contact's jobs of a campaign that have not started: a reply stops them.
+UNSENT_CONTACT_JOBS = """
+SELECT id::text, attempts FROM jobs
+WHERE tenant = %s AND campaign_id = %s AND subject = %s AND state IN ('pending', 'retry') ORDER BY id FOR UPDATE
+"""
+# What came back for a campaign, per kind: how many people.
+CAMPAIGN_FEEDBACK = """
+SELECT kind, hard, count(DISTINCT subject) FROM feedback WHERE campaign_id = %s GROUP BY kind, hard
+"""
+JOB_FEEDBACK = """
+SELECT kind, reason, status, hard, at, message_id::text AS message_id FROM feedback WHERE job_id = %s ORDER BY at
+"""
+LIST_ALERTS = """
+SELECT sender, domain, kind, reason, job_id::text AS job_id, message_id::text AS message_id, at
+FROM deliverability_alerts ORDER BY at DESC LIMIT %s
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -25,7 +25,7 @@ from mailflow.errors import NotFoundError, UserError
 from mailflow.events.envelope import Envelope
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
-from mailflow.outbound import campaigns, streams
+from mailflow.outbound import campaigns, feedback, streams
 from mailflow.outbound import queries as q
 from mailflow.outbound.jobs import SLA_SECONDS, TERMINAL, JobState, Priority
 
@@ -226,6 +226,9 @@ class CampaignReport:
     total: int
     retries: int
     failures: list[FailureGroup]
+    # What came back (outbound/feedback.py), people per kind: delivered (jobs accepted),
+    # bounced_hard, bounced_soft, delayed, complained, replied, auto_replied, unsubscribed.
+    came_back: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,7 +242,9 @@ def list_campaigns(conn: psycopg.Connection, limit: int = 50) -> list[CampaignSu
 
 def campaign_report(conn: psycopg.Connection, ref: str) -> CampaignReport:
     """The report of a campaign given by name, id or unique id prefix."""
-    st = campaigns.status(conn, campaigns.find(conn, ref))
+    cid = campaigns.find(conn, ref)
+    st = campaigns.status(conn, cid)
+    st["came_back"] = {"delivered": st["jobs"].get("completed", 0), **feedback.campaign_counts(conn, cid)}
     return CampaignReport(**{**st, "failures": [FailureGroup(**f) for f in st["failures"]]})
 
 

@@ -98,7 +98,12 @@ class Claimed:
 
 
 def refusal_reason(
-    job: Claimed, *, suppressed: str | None, contact_status: str | None, campaign_status: str | None
+    job: Claimed,
+    *,
+    suppressed: str | None,
+    contact_status: str | None,
+    campaign_status: str | None,
+    stopped: bool = False,
 ) -> tuple[str, str] | None:
     """Why a claimed job must not be sent, as (reply, failure kind); None to send it.
 
@@ -110,6 +115,8 @@ def refusal_reason(
         return why, "suppressed"
     if job.campaign_id is not None and campaign_status == "cancelled":
         return "campaign cancelled", "cancelled"
+    if job.campaign_id is not None and stopped:
+        return "not sent: the contact replied, and the campaign stops on reply", "stopped"
     return None
 
 
@@ -528,6 +535,7 @@ class Worker:
                         suppressed=row["suppressed"],
                         contact_status=row["contact_status"],
                         campaign_status=row["campaign_status"],
+                        stopped=row["stopped"],
                     )
                     if refusal is not None:
                         why, kind = refusal

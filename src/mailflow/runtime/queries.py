@@ -91,4 +91,26 @@ SELECT (SELECT count(*) FROM events WHERE data::text ILIKE %(like)s OR stream IL
 """
 
 DEMO_ONE_JOB = "SELECT id FROM jobs WHERE campaign_id = %(campaign_id)s ORDER BY id LIMIT 1"
+# Delivered messages of the campaign that the demo's peers answer (bounce, complain, reply).
+DEMO_DELIVERED = """
+SELECT id::text AS job_id, email FROM jobs
+WHERE campaign_id = %(campaign_id)s AND state = 'completed' AND email IS NOT NULL ORDER BY id LIMIT %(n)s
+"""
+# What the classifier made of this run's received mail, in the order it came.
+DEMO_CLASSIFIED = """
+SELECT c.kind, c.job_id::text AS job_id, m.received_at FROM inbound_classifications c
+JOIN inbound_messages m ON (m.tenant, m.id) = (c.tenant, c.message_id)
+WHERE m.received_at >= %(since)s ORDER BY m.received_at, m.id
+"""
+DEMO_BOUNCES = """
+SELECT job_id::text AS job_id, kind, reason, hard FROM feedback
+WHERE at >= %(since)s AND job_id IS NOT NULL AND kind IN ('bounce', 'delayed', 'complaint')
+"""
+DEMO_WEBHOOK_DELIVERIES = "SELECT count(*) AS n FROM webhook_deliveries WHERE created_at >= %(since)s"
+DEMO_CAME_BACK = """
+SELECT (SELECT count(*) FROM suppressions WHERE created_at >= %(since)s) AS suppressed,
+       (SELECT count(*) FROM campaign_stops WHERE campaign_id = %(campaign_id)s) AS stopped,
+       (SELECT count(*) FROM deliverability_alerts WHERE at >= %(since)s) AS alerts,
+       (SELECT count(*) FROM threads WHERE replies > 0 AND last_at >= %(since)s) AS threads
+"""
 DEMO_INBOUND_STORED = "SELECT count(*) AS n FROM inbound_messages WHERE %(mailbox)s = ANY(recipients)"

@@ -54,10 +54,13 @@ STOP_TIMEOUT_S = 90.0  # after SIGTERM, children get this long before SIGKILL (w
 FATAL_EXIT = 2  # configuration or usage error: restarting cannot help
 PROGRESS_EVERY_S = 10.0  # how often `up.progress` and the problem warnings are logged
 MAILFLOW = [sys.executable, "-m", "mailflow"]
+# The consumer groups `mailflow up` runs: events per hour, then what came back - received mail
+# classified (inbound), its effects on sending (outbound), its webhook deliveries.
+CONSUMERS = ("event_counts", "inbound_classifier", "outbound_feedback", "webhooks")
 
 
 def pipeline_parts(
-    workers: int = 1, consumers: tuple[str, ...] = ("event_counts",), prefix: str = "up", *, inbound: int = 0
+    workers: int = 1, consumers: tuple[str, ...] = CONSUMERS, prefix: str = "up", *, inbound: int = 0
 ) -> list[tuple[str, list[str]]]:
     """The children of `mailflow up`: (name, mailflow arguments); `inbound` SMTP server
     processes (several share the port: SO_REUSEPORT)."""
