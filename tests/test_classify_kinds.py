@@ -16,7 +16,7 @@ from mailflow.inbound.classify.reply import html_to_text, new_text
 
 pytestmark = pytest.mark.pure
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parent / "fixtures" / "corpus"  # a copy of ../shared/corpus (its LICENSEs)
 SISIMAI = CORPUS / "bounces-sisimai"
 REPLIES = CORPUS / "replies-email-reply-parser"
 EXPECTED = json.loads((SISIMAI / "expected.json").read_text())

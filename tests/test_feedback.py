@@ -95,6 +95,7 @@ def test_a_hard_bounce_to_a_campaigns_verp_address_suppresses_the_contact_and_th
     assert world.state("ann@example.net") == ("bounced", "bounce: userunknown")
     (fb,) = world.rows("SELECT kind, reason, status, hard, job_id::text FROM feedback")
     assert fb == ("bounce", "userunknown", "5.1.1", True, world.job("ann@example.net"))
+    assert world.rows("SELECT data->>'found_by' FROM events WHERE type = 'BounceDetected'") == [("verp",)]
     again = campaigns.create(world.rt.store, name="summer", sender="news", template="news", segment="all")
     assert campaigns.start(world.rt.store, again) == 2  # bob and cy; not ann
     report = campaigns.status(world.rt.connect(), world.cid)
@@ -152,6 +153,26 @@ def test_a_reply_without_references_is_linked_by_the_reply_address_to_the_last_m
     world.settle()
     linked = world.rows("SELECT data->>'job_id', data->>'found_by' FROM events WHERE type = 'ReplyReceived'")
     assert linked == [(world.job("ann@example.net"), "reply_address")]
+
+
+def test_mail_to_a_campaigns_list_unsubscribe_address_unsubscribes_that_contact_once(world):
+    from mailflow.outbound.mime import unsubscribe_token
+
+    token = unsubscribe_token(world.rt.keyring.signing_key, "bob@example.net", world.cid)
+    address = f"unsubscribe+{token}@example.org"  # the mailto: of the campaign message's List-Unsubscribe
+    leave = b"From: bob@example.net\r\nTo: " + address.encode() + b"\r\nSubject: unsubscribe\r\n\r\n\r\n"
+    world.deliver(leave, address, "bob@example.net")
+    world.deliver(leave.replace(b"Subject: unsubscribe", b"Subject: stop"), address, "bob@example.net")  # twice
+    world.settle()
+    assert world.state("bob@example.net") == ("unsubscribed", None)
+    assert world.rows("SELECT type, count(*) FROM events WHERE type = 'UnsubscribeReceived' GROUP BY 1") == [
+        ("UnsubscribeReceived", 2)
+    ]
+    changed = world.rows("SELECT data->>'status' FROM events WHERE type = 'ContactStatusChanged'")
+    assert changed == [("unsubscribed",)]  # the second one found them unsubscribed already
+    forged = address.replace(token[-4:], "AAAA")
+    replies = run(transaction(world.server.port, "bob@example.net", [forged], None))
+    assert replies[-1][0] == 550
 
 
 def test_a_complaint_stops_the_contact_and_raises_an_alert(world):

@@ -98,3 +98,15 @@ def test_a_bounce_address_is_accepted_only_with_a_genuine_signature():
     forged = tokens.verp_address(b"another-key", "0190f5a2-7c1e-7d0a-9b1e-1f2a3b4c5d6e", "shop.example")
     assert policy.decide(forged, DIR, _verp).reply.startswith("550 5.1.1")
     assert policy.decide("bounces+x@foreign.example", DIR, _verp).reply.startswith("550 5.7.1")
+
+
+def test_a_list_unsubscribe_address_is_accepted_only_with_a_genuine_campaign_token():
+    campaign = "0190f5a2-7c1e-7d0a-9b1e-1f2a3b4c5d6e"
+    good = f"unsubscribe+{tokens.sign(SECRET, campaign + ':ann@example.net')}@shop.example"
+    d = policy.decide(good, DIR, _verp)
+    assert d.kind is Kind.UNSUBSCRIBE and d.campaign_id == campaign and d.accepted
+    forged = f"unsubscribe+{tokens.sign(b'another-key', campaign + ':ann@example.net')}@shop.example"
+    assert policy.decide(forged, DIR, _verp).reply == policy.UNKNOWN_UNSUBSCRIBE
+    a_job_token = f"unsubscribe+{tokens.sign(SECRET, campaign)}@shop.example"  # a VERP payload: no address
+    assert policy.decide(a_job_token, DIR, _verp).reply == policy.UNKNOWN_UNSUBSCRIBE
+    assert policy.decide(good.replace("shop.example", "foreign.example"), DIR, _verp).reply.startswith("550 5.7.1")

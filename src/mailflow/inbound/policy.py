@@ -5,7 +5,9 @@ A recipient is accepted only if mailflow is responsible for it:
   1. a mailbox (exactly, or with a +tag: `help+billing@` is `help@`);
   2. the VERP bounce address of one of its own outbound messages (`bounces+<signed job>@`
      a sender's or an inbound domain; the signature is checked, the job looked up after);
-  3. the reply address of one of its senders (their From);
+  3. the reply address of one of its senders (their From), and the List-Unsubscribe mailto
+     address of one of its campaign messages (`unsubscribe+<signed campaign:address>@` a
+     sender's or an inbound domain; signature checked, the campaign's tenant looked up after);
   4. an address at an inbound domain of a tenant that one of the tenant's routes takes
      (routes.py): the first route whose pattern matches decides - a reject without header
      conditions refuses it with its own `550 5.7.1` text, any other accepts it; an address
@@ -27,6 +29,7 @@ from mailflow.inbound.routes import Route, rcpt_match
 DENIED = "550 5.7.1 Relaying denied: mailflow does not receive mail for this address"
 BAD_SYNTAX = "550 5.7.1 Relaying denied: routing through mailflow (%, !, quotes or a source route) is not accepted"
 UNKNOWN_JOB = "550 5.1.1 This bounce address does not belong to a message mailflow sent"
+UNKNOWN_UNSUBSCRIBE = "550 5.1.1 This unsubscribe address does not belong to a message mailflow sent"
 NO_SUCH_MAILBOX = "550 5.1.1 No such mailbox: no mailbox or route here takes this address"
 
 _LOCAL = re.compile(r"^[A-Za-z0-9#$&'*+/=?^_`{|}~.-]+$")  # dot-atom characters, without % and !
@@ -37,6 +40,7 @@ class Kind(StrEnum):
     MAILBOX = "mailbox"
     BOUNCE = "bounce"
     REPLY = "reply"
+    UNSUBSCRIBE = "unsubscribe"
     ROUTE = "route"
     REFUSED = "refused"
 
@@ -64,6 +68,7 @@ class Decision:
     address: str  # canonical (domain in lower case, source route dropped)
     tenants: tuple[str, ...] = ()
     job_id: str | None = None  # a bounce: the job it names (its tenant is looked up)
+    campaign_id: str | None = None  # an unsubscribe by mail: the campaign it names (likewise)
     route_id: str | None = None  # a route's address: the route that took it (or refused it)
     reply: str = "250 2.1.5 OK"
 
@@ -96,8 +101,9 @@ def without_tag(address: str) -> str:
 
 
 def decide(raw: str, directory: Directory, verp_job: Callable[[str], str | None]) -> Decision:
-    """Accept or refuse one RCPT TO. `verp_job(address)` is the job a signed VERP address
-    names (None if it is not one, or the signature is wrong)."""
+    """Accept or refuse one RCPT TO. `verp_job(address)` is the payload of a signed address
+    mailflow made - a VERP address's job, an unsubscribe address's "campaign:address" - or
+    None if it is not one, or the signature is wrong."""
     given = canonical(raw)
     if given is None:
         return Decision(Kind.REFUSED, raw, reply=BAD_SYNTAX)
@@ -112,6 +118,12 @@ def decide(raw: str, directory: Directory, verp_job: Callable[[str], str | None]
         if job is None:
             return Decision(Kind.REFUSED, given, reply=UNKNOWN_JOB)
         return Decision(Kind.BOUNCE, given, job_id=job)
+    if address.startswith("unsubscribe+") and (domain in directory.sender_domains or domain in directory.domains):
+        payload = verp_job(given)
+        campaign, sep, _ = (payload or "").partition(":")
+        if not sep or not campaign:
+            return Decision(Kind.REFUSED, given, reply=UNKNOWN_UNSUBSCRIBE)
+        return Decision(Kind.UNSUBSCRIBE, given, campaign_id=campaign)
     owners = directory.senders.get(address)
     if owners:
         return Decision(Kind.REPLY, address, tuple(sorted(owners)))

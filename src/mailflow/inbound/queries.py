@@ -29,6 +29,9 @@ SELECT j.tenant, lower(s.from_email) FROM jobs j LEFT JOIN senders s ON (s.tenan
 WHERE j.id = %s
 """
 
+# An unsubscribe address's campaign: its tenant.
+CAMPAIGN_OWNER = "SELECT tenant FROM campaigns WHERE id = %s"
+
 PUT_RAW = """
 INSERT INTO raw_messages (tenant, sha256, size, data, sender_subject)
 SELECT * FROM unnest(%b::text[], %b::text[], %b::int[], %b::bytea[], %b::text[])

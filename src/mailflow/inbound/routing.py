@@ -35,6 +35,9 @@ class Recipient:
     mailbox: str | None = None
 
 
+UNSUBSCRIBED = "an unsubscribe by mail: applied by the classifier, kept in no mailbox"
+
+
 def default_mailbox(decision: Decision, directory: Directory, bounce_sender: str | None = None) -> str | None:
     """Where an accepted recipient lands without a route: a mailbox itself (its +tag
     dropped), a reply in the sender's address, a bounce in the bounced job's sender's
@@ -57,6 +60,9 @@ def deliveries(
         address = r.decision.address
         if r.decision.kind in (Kind.MAILBOX, Kind.BOUNCE, Kind.REPLY):
             out.append(Delivery(recipient=address, action="mailbox", target=r.mailbox or address.lower()))
+            continue
+        if r.decision.kind is Kind.UNSUBSCRIBE:  # applied from the stored copy, kept in no mailbox
+            out.append(Delivery(recipient=address, action="drop", target=UNSUBSCRIBED))
             continue
         matched = routing_table.match(routes, address, headers)
         if not matched:

@@ -25,6 +25,7 @@ import asyncio
 import ssl
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -183,6 +184,16 @@ class Handler:
             row = conn.execute(q.JOB_TENANT, (job_id,)).fetchone()
         return (str(row[0]), row[1]) if row else None
 
+    def _campaign_tenant(self, campaign_id: str) -> str | None:
+        """The tenant of the campaign an unsubscribe address names (None: no such campaign)."""
+        try:
+            uuid.UUID(campaign_id)
+        except ValueError:
+            return None
+        with self.store.pool.connection() as conn:
+            row = conn.execute(q.CAMPAIGN_OWNER, (campaign_id,)).fetchone()
+        return str(row[0]) if row else None
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list) -> str:
         address = address.strip().strip("<>").strip()  # "" or "<>": the null sender of a bounce
         if address and policy.canonical(address) is None:
@@ -208,6 +219,15 @@ class Handler:
                 return policy.UNKNOWN_JOB
             decision = Decision(Kind.BOUNCE, decision.address, (job[0],), decision.job_id)
             bounce_sender = job[1]
+        elif decision.kind is Kind.UNSUBSCRIBE:
+            assert decision.campaign_id is not None
+            try:
+                owner = await asyncio.to_thread(self._campaign_tenant, decision.campaign_id)
+            except Exception:  # noqa: BLE001 - the database is away: the sender retries later
+                return "451 4.3.0 Temporary failure; try again later"
+            if owner is None:
+                return policy.UNKNOWN_UNSUBSCRIBE
+            decision = Decision(Kind.UNSUBSCRIBE, decision.address, (owner,), campaign_id=decision.campaign_id)
         if not decision.accepted:
             log.info("inbound.refused", reason=decision.kind, client=session.peer[0] if session.peer else None)
             return decision.reply

@@ -77,7 +77,8 @@ def classify(raw: bytes, context: Context | None = None) -> Classification:
 
 
 def _read(raw: bytes, ctx: Context) -> _Read:
-    recipients = tuple(a.strip().lower() for a in ctx.envelope_recipients if a.strip())
+    # As given: the token in a signed address (VERP, unsubscribe) is case-sensitive.
+    recipients = tuple(a.strip() for a in ctx.envelope_recipients if a.strip())
     try:
         msg = email.message_from_bytes(raw if isinstance(raw, bytes) else bytes(raw), policy=email.policy.compat32)
         return _decide(msg, recipients)
@@ -139,7 +140,7 @@ def _find_job(ctx: Context, recipients: Iterable[str], base: Classification) -> 
     for address in recipients:
         job = ctx.job_for_address(address)
         if job:
-            if address.startswith("bounces+"):
+            if address.lower().startswith("bounces+"):
                 return job, "verp"
             return job, "unsubscribe_address" if ctx.unsubscribe_address(address) else "reply_address"
     for mid in (base.in_reply_to,) if base.in_reply_to else ():
