@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
 
 from mailflow.consumers import inline
 from mailflow.errors import NotFoundError
@@ -355,8 +356,12 @@ def cli(env, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         if k.startswith("MAILFLOW_"):
             monkeypatch.setenv(k, v)
     base.state.settings = None
-    with pytest.raises(SystemExit) as exited:
-        entry.main(list(args))
+    logging_before = structlog.get_config()  # the command binds its log lines to this test's captured stderr
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main(list(args))
+    finally:
+        structlog.configure(**logging_before)  # later tests must not write to a closed capture
     captured = capsys.readouterr()
     return int(exited.value.code or 0), captured.out, captured.err
 
