@@ -243,6 +243,19 @@ def _stages(log: Path) -> dict[str, float] | None:
     return {k: round(v / committed, 2) for k, v in totals.items()} if committed else None
 
 
+def _child_env(sc: Any, **extra: str) -> dict[str, str]:
+    """The environment of a `mailflow` child process on the scratch database and prefix."""
+    return dict(
+        os.environ,
+        MAILFLOW_DATABASE_URL=sc.db_url,
+        MAILFLOW_REDIS_URL=sc.redis_url,
+        MAILFLOW_REDIS_PREFIX=sc.prefix,
+        MAILFLOW_HOME=str(sc.workdir),
+        MAILFLOW_LOG_FORMAT="json",
+        **extra,
+    )
+
+
 def run(p: Params, keep: bool) -> dict[str, Any]:
     elapsed: dict[str, float] = {}
     t_total = time.perf_counter()
@@ -276,14 +289,9 @@ def run(p: Params, keep: bool) -> dict[str, Any]:
         say(f"  bare aiosmtpd: {base['per_s']:.0f} messages/s ({base['client']})")
         with phase(elapsed, "mailflow_inbound"):
             port = free_port()
-            env = dict(
-                os.environ,
-                MAILFLOW_DATABASE_URL=sc.db_url,
-                MAILFLOW_REDIS_URL=sc.redis_url,
-                MAILFLOW_REDIS_PREFIX=sc.prefix,
-                MAILFLOW_HOME=str(sc.workdir),
+            env = _child_env(
+                sc,
                 MAILFLOW_LOG_LEVEL="info",
-                MAILFLOW_LOG_FORMAT="json",
                 MAILFLOW_INBOUND_MAX_CONNECTIONS_PER_IP=str(max(20, p.sessions * 2)),
                 MAILFLOW_DNS_SERVERS=orjson.dumps([dns_server.address]).decode(),
             )
@@ -459,15 +467,7 @@ def classify_mix(n: int, keep: bool, elapsed: dict[str, float]) -> dict[str, Any
         directory.add_mailbox(rt.store, MAILBOX, "bench")
         mix = _mix(rt, n)
         rt.close()
-        env = dict(
-            os.environ,
-            MAILFLOW_DATABASE_URL=sc.db_url,
-            MAILFLOW_REDIS_URL=sc.redis_url,
-            MAILFLOW_REDIS_PREFIX=sc.prefix,
-            MAILFLOW_HOME=str(sc.workdir),
-            MAILFLOW_LOG_FORMAT="json",
-            MAILFLOW_INBOUND_AUTHENTICATION="false",
-        )
+        env = _child_env(sc, MAILFLOW_INBOUND_AUTHENTICATION="false")
         port = free_port()
         with open(sc.workdir / "inbound.log", "wb") as log:
             inbound = subprocess.Popen(

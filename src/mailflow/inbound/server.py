@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
@@ -178,21 +178,19 @@ class Handler:
         except tokens.BadToken:
             return None
 
-    def _job(self, job_id: str) -> tuple[str, str | None] | None:
-        """A bounced job's tenant and its sender's From (None: no such job)."""
+    def _owner(self, decision: Decision) -> tuple[str, str | None] | None:
+        """Whose a signed address is: a bounced job's tenant and its sender's From, or an
+        unsubscribe address's campaign's tenant (None: no such job or campaign)."""
         with self.store.pool.connection() as conn:
-            row = conn.execute(q.JOB_TENANT, (job_id,)).fetchone()
-        return (str(row[0]), row[1]) if row else None
-
-    def _campaign_tenant(self, campaign_id: str) -> str | None:
-        """The tenant of the campaign an unsubscribe address names (None: no such campaign)."""
-        try:
-            uuid.UUID(campaign_id)
-        except ValueError:
-            return None
-        with self.store.pool.connection() as conn:
-            row = conn.execute(q.CAMPAIGN_OWNER, (campaign_id,)).fetchone()
-        return str(row[0]) if row else None
+            if decision.kind is Kind.BOUNCE:
+                row = conn.execute(q.JOB_TENANT, (decision.job_id,)).fetchone()
+                return (str(row[0]), row[1]) if row else None
+            try:
+                uuid.UUID(str(decision.campaign_id))
+            except ValueError:
+                return None
+            row = conn.execute(q.CAMPAIGN_OWNER, (decision.campaign_id,)).fetchone()
+            return (str(row[0]), None) if row else None
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list) -> str:
         address = address.strip().strip("<>").strip()  # "" or "<>": the null sender of a bounce
@@ -209,25 +207,15 @@ class Handler:
             return f"452 4.5.3 Too many recipients: at most {self.limits.max_recipients} per message"
         decision = policy.decide(address, self.directory, self._verp_job)
         bounce_sender: str | None = None
-        if decision.kind is Kind.BOUNCE:
-            assert decision.job_id is not None
+        if decision.kind in (Kind.BOUNCE, Kind.UNSUBSCRIBE):  # a signed address: whose is it?
             try:
-                job = await asyncio.to_thread(self._job, decision.job_id)
-            except Exception:  # noqa: BLE001 - the database is away: the sender retries later
-                return "451 4.3.0 Temporary failure; try again later"
-            if job is None:
-                return policy.UNKNOWN_JOB
-            decision = Decision(Kind.BOUNCE, decision.address, (job[0],), decision.job_id)
-            bounce_sender = job[1]
-        elif decision.kind is Kind.UNSUBSCRIBE:
-            assert decision.campaign_id is not None
-            try:
-                owner = await asyncio.to_thread(self._campaign_tenant, decision.campaign_id)
+                owner = await asyncio.to_thread(self._owner, decision)
             except Exception:  # noqa: BLE001 - the database is away: the sender retries later
                 return "451 4.3.0 Temporary failure; try again later"
             if owner is None:
-                return policy.UNKNOWN_UNSUBSCRIBE
-            decision = Decision(Kind.UNSUBSCRIBE, decision.address, (owner,), campaign_id=decision.campaign_id)
+                return policy.UNKNOWN_JOB if decision.kind is Kind.BOUNCE else policy.UNKNOWN_UNSUBSCRIBE
+            tenant, bounce_sender = owner
+            decision = replace(decision, tenants=(tenant,))
         if not decision.accepted:
             log.info("inbound.refused", reason=decision.kind, client=session.peer[0] if session.peer else None)
             return decision.reply

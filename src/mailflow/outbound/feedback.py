@@ -431,7 +431,3 @@ def campaign_counts(conn: psycopg.Connection, campaign_id: str) -> dict[str, int
         key = ("bounced_hard" if hard else "bounced_soft") if kind == "bounce" else names.get(str(kind), str(kind))
         counts[key] = counts.get(key, 0) + int(n)
     return counts
-
-
-def job_history(conn: psycopg.Connection, job_id: str) -> list[dict[str, Any]]:
-    return list(conn.cursor(row_factory=dict_row).execute(q.JOB_FEEDBACK, (job_id,)).fetchall())

@@ -435,10 +435,3 @@ WHERE tenant = %s AND campaign_id = %s AND subject = %s AND state IN ('pending',
 CAMPAIGN_FEEDBACK = """
 SELECT kind, hard, count(DISTINCT subject) FROM feedback WHERE campaign_id = %s GROUP BY kind, hard
 """
-JOB_FEEDBACK = """
-SELECT kind, reason, status, hard, at, message_id::text AS message_id FROM feedback WHERE job_id = %s ORDER BY at
-"""
-LIST_ALERTS = """
-SELECT sender, domain, kind, reason, job_id::text AS job_id, message_id::text AS message_id, at
-FROM deliverability_alerts ORDER BY at DESC LIMIT %s
-"""

@@ -90,7 +90,6 @@ SELECT (SELECT count(*) FROM events WHERE data::text ILIKE %(like)s OR stream IL
      + (SELECT count(*) FROM suppressions WHERE email ILIKE %(like)s) AS rows
 """
 
-DEMO_ONE_JOB = "SELECT id FROM jobs WHERE campaign_id = %(campaign_id)s ORDER BY id LIMIT 1"
 # Delivered messages of the campaign that the demo's peers answer (bounce, complain, reply).
 DEMO_DELIVERED = """
 SELECT id::text AS job_id, email FROM jobs
