@@ -24,6 +24,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+import structlog
 
 from mailflow.config import Settings
 from mailflow.infra import embedded
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # attempt would bury a failure's output (mailflow's processes silence it the same way).
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
+
+pytest_plugins = ["tests.api_fixtures"]
 
 KINDS = ("pure", "integration", "process")
 _SERVER_FIXTURES = {"pg_admin_url", "redis_url"}
@@ -54,6 +57,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             wrong.append(f"{item.nodeid}: marked pure but uses a server ({', '.join(sorted(servers))})")
     if wrong:
         raise pytest.UsageError("tests without the right kind marker:\n  " + "\n  ".join(wrong))
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A command run in process configures structlog onto its captured output; put it back, so a
+    later test does not log into a closed file."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def _docker_available() -> bool:

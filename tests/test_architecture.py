@@ -31,6 +31,7 @@ RANKS: dict[str, float] = {
     "projectors": 4,
     "inbound": 4,
     "runtime": 5,
+    "api": 5.25,  # the HTTP gateway (/api/v1), mounted by web
     "web": 5.5,  # the HTTP side; `mailflow web` (commands) serves it
     "commands": 6,
     "cli": 7,

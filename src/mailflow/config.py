@@ -58,6 +58,22 @@ class Settings(BaseSettings):
     secret_key_file: Path | None = None
     unsubscribe_base_url: str | None = None  # e.g. https://mail.example.org/unsubscribe
     preferences_base_url: str | None = None  # default: /preferences beside the unsubscribe pages
+
+    # The HTTP API (`mailflow web`, /api/v1; docs/api.md)
+    api_rate_per_key: float = Field(default=50.0, gt=0)  # requests per second one key may make
+    api_burst_per_key: int = Field(default=100, ge=1)  # ... in a burst
+    api_rate_per_tenant: float = Field(default=200.0, gt=0)  # all of a tenant's keys together
+    api_burst_per_tenant: int = Field(default=400, ge=1)
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024)  # a request body larger is 413
+    api_max_import_bytes: int = Field(default=104_857_600, ge=1024)  # ... except a contacts import
+    api_timeout_s: float = Field(default=30.0, gt=0)  # a statement running longer is cancelled: 503
+    api_trusted_proxies: list[str] = Field(default_factory=list)  # networks whose X-Forwarded-For is believed
+    api_cors_origins: list[str] = Field(default_factory=list)  # browser origins allowed to call the API
+    api_idempotency_hours: int = Field(default=24, ge=1)  # how long an Idempotency-Key is remembered
+    # Browser sessions (web/sessions.py, docs/users.md)
+    web_secure_cookies: bool = False  # Secure cookies on http requests too: TLS ends at a proxy
+    web_session_idle_s: float = Field(default=3600.0, gt=0)  # a session unused this long ends
+    web_session_lifetime_s: float = Field(default=43200.0, gt=0)  # every session ends this long after its login
     queuer_batch_size: int = Field(default=500, ge=1)
     queuer_interval_s: float = Field(default=0.05, gt=0)
     queue_max_depth: int = Field(default=5000, ge=1)  # backpressure: never more unread entries than this
@@ -122,6 +138,14 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(default=300.0, gt=0)
     retry_factor: float = Field(default=1.3, ge=1)
     retry_max_attempts: int = Field(default=18, ge=1)
+    # Sending domains (outbound/domains.py): what `sending-domains add` says to publish, and the
+    # queuer's periodic re-check. SPF names spf_include (a relay provider's SPF domain) when set,
+    # else a:<the EHLO name> (direct delivery sends from this host); DMARC's aggregate reports go
+    # to dmarc_rua (an address), else dmarc-reports@<the domain>.
+    spf_include: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]+$")  # "_spf.relay.example"
+    dmarc_rua: str | None = Field(default=None, pattern=r"^[^\s@;,]+@[^\s@;,]+$")  # "dmarc@example.org"
+    domain_check_interval_s: float = Field(default=3600.0, gt=0)  # re-check each domain's records this often
+    domain_dns_timeout_s: float = Field(default=5.0, gt=0)  # one DNS question of a check
 
     @property
     def embedded(self) -> bool:

@@ -81,3 +81,28 @@ class ServiceUnavailable(MailflowError):
         super().__init__(message)
         self.service = service
         self.transient = transient
+
+
+class AuthenticationError(MailflowError):
+    """No credentials, or credentials that are not (or no longer) good."""
+
+    exit_code = 6
+    http_status = 401
+
+
+class PermissionDenied(MailflowError):
+    """Good credentials that do not allow this (a key without the scope, a viewer's write)."""
+
+    exit_code = 6
+    http_status = 403
+
+
+class RateLimited(MailflowError):
+    """Too many requests; `retry_after` seconds until the next one is accepted."""
+
+    exit_code = 7
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -97,19 +97,28 @@ def quiet_logs() -> None:
 _AGO = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_since(raw: str) -> datetime:
+def parse_since(raw: str, option: str = "--since") -> datetime:
     """A moment: ISO 8601 (`2026-11-30`, `2026-11-30T12:00Z`) or how long ago (`30m`, `24h`,
     `7d`, `2w`); UsageError for anything else."""
+    return _moment(raw, option, -1)
+
+
+def parse_until(raw: str, option: str = "--until") -> datetime:
+    """A moment: ISO 8601, or how long from now (`30m`, `24h`, `90d`)."""
+    return _moment(raw, option, +1)
+
+
+def _moment(raw: str, option: str, sign: int) -> datetime:
     from datetime import UTC, timedelta
 
     text = raw.strip()
     if text[:-1].isdigit() and text[-1:].lower() in _AGO:
-        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * _AGO[text[-1].lower()])
+        return datetime.now(UTC) + sign * timedelta(seconds=int(text[:-1]) * _AGO[text[-1].lower()])
     try:
         at = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(
-            f"--since {raw!r}: give a date or time (2026-11-30, 2026-11-30T12:00Z) or 30m, 24h, 7d"
+            f"{option} {raw!r}: give a date or time (2026-11-30, 2026-11-30T12:00Z) or 30m, 24h, 7d"
         ) from None
     return at if at.tzinfo else at.replace(tzinfo=UTC)
 

@@ -152,7 +152,28 @@ def _print_demo(res: Any) -> None:
             out.print(f"              spf={m['spf']} dkim={dkim} dmarc={m['dmarc']} spam={m['spam']}", markup=False)
         if i.get("came_back"):
             _print_came_back(i["came_back"])
+    if res.sending_domain:
+        d = res.sending_domain
+        checks = ", ".join(f"{c['purpose']} {c['status']}" for c in d["checks"])
+        _say(
+            f"sending domain {d['domain']}: DKIM key made, records published on a loopback DNS server: {checks} -> {d['status']}"
+        )
+    if res.api:
+        _print_api(res.api)
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")
+
+
+def _print_api(a: dict) -> None:
+    """The transactional messages, sent over the HTTP API."""
+    _say(
+        f"HTTP API {a['url']} (docs {a['docs']}): {a['sent']} transactional messages POSTed to /messages "
+        f"with key {a['key']} ({', '.join(a['scopes'])})"
+    )
+    repeat = (
+        "replayed, same job, nothing sent again" if a["repeat_replayed"] and a["repeat_same_job"] else "NOT replayed"
+    )
+    _say(f"  the first repeated with its Idempotency-Key: {a['repeat_status']} {repeat}")
+    _say(f"  {a['events_with_request_id']} of its jobs' {a['events']} events carry the request id as correlation id")
 
 
 def _print_came_back(c: dict) -> None:

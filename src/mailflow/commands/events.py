@@ -1,13 +1,17 @@
-"""Commands room: `mailflow events` - append, read and follow events."""
+"""Commands room: `mailflow events` - append, read and follow events; the catalogue of event types
+and the AsyncAPI document."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import orjson
 import typer
+from rich import box
 from rich.table import Table
 
 from mailflow.commands.base import (
@@ -19,6 +23,7 @@ from mailflow.commands.base import (
     parse_json_object,
     quiet_logs,
     runtime,
+    settings,
 )
 from mailflow.consumers.runtime import checkpoints
 from mailflow.errors import MailflowError, UsageError
@@ -220,3 +225,57 @@ def events_stats(
     out.print(table)
     if lag > 0:
         err.print(f"note: event_counts is {lag} event(s) behind; is `mailflow consume event_counts` running?")
+
+
+@app.command("types")
+def events_types(as_json: bool = JsonOpt) -> None:
+    """Every event type mailflow registers: its current schema version, the pub/sub channel it
+    is announced on and what it records; --json adds the JSON Schema of each type's data."""
+    from mailflow.runtime.catalog import catalogue
+
+    quiet_logs()
+    types = catalogue()
+    if as_json:
+        emit_json([t.to_dict() for t in types])
+        return
+    table = Table(
+        title=f"{len(types)} event types",
+        caption="channel: also published on the pub/sub channel <prefix>:<channel>",
+        width=80,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+    )
+    table.add_column("type", no_wrap=True)
+    table.add_column("schema", justify="right", no_wrap=True)
+    table.add_column("channel", no_wrap=True)
+    table.add_column("description", overflow="fold")
+    for t in types:
+        table.add_row(t.type, str(t.schema_version), t.channel or "", t.description)
+    out.print(table)
+
+
+@app.command("asyncapi")
+def events_asyncapi(
+    out_file: Path | None = typer.Option(None, "--out", help="Write the document to this file instead of stdout."),
+    prefix: str | None = typer.Option(
+        None, "--prefix", help="The Redis key prefix its addresses use (default: MAILFLOW_REDIS_PREFIX)."
+    ),
+) -> None:
+    """The AsyncAPI 3 document of the events stream, each event type's message, the job streams,
+    the dead letters, the pub/sub channels and the webhooks (docs/asyncapi.json)."""
+    from mailflow.events.catalog import render
+    from mailflow.runtime.catalog import asyncapi_document
+
+    quiet_logs()
+    body = render(asyncapi_document(prefix or settings().redis_prefix))
+    if out_file is None:
+        sys.stdout.write(body.decode())
+        sys.stdout.flush()
+        return
+    try:
+        out_file.write_bytes(body)
+    except OSError as exc:
+        raise UsageError(f"--out {str(out_file)!r}: {exc.strerror or exc}") from exc
+    err.print(f"wrote {out_file} ({len(body)} bytes)", markup=False)

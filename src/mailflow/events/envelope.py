@@ -7,6 +7,9 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +37,35 @@ def default_actor() -> str:
     except Exception:  # noqa: BLE001 - no passwd entry in some containers
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(slots=True)
+class Acting:
+    """Who is acting for the code running now, and in which conversation: set by the HTTP API
+    for one request (its X-Request-Id, its key), so every event the request appends carries
+    them - including the events of jobs it creates, which remember their correlation id."""
+
+    correlation_id: str | None = None
+    actor: str | None = None  # may be learnt inside the block (once the request is authenticated)
+
+
+_ACTING: ContextVar[Acting | None] = ContextVar("mailflow_acting", default=None)
+
+
+@contextmanager
+def acting(correlation_id: str | None = None, actor: str | None = None) -> Iterator[Acting]:
+    """Within the block (and threads started from its context), appended events take this
+    correlation id, and this actor when they name none."""
+    now = Acting(correlation_id, actor)
+    token = _ACTING.set(now)
+    try:
+        yield now
+    finally:
+        _ACTING.reset(token)
+
+
+def current_acting() -> Acting | None:
+    return _ACTING.get()
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from mailflow.errors import ConcurrencyError, DuplicateEventError, InvalidEventError, MailflowError, NotFoundError
 from mailflow.events import queries as q
-from mailflow.events.envelope import METADATA_KEYS, Envelope, Metadata, NewEvent, default_actor
+from mailflow.events.envelope import METADATA_KEYS, Envelope, Metadata, NewEvent, current_acting, default_actor
 from mailflow.events.notify import Notifier
 from mailflow.events.registry import EventRegistry
 from mailflow.events.registry import registry as default_registry
@@ -248,7 +248,11 @@ class EventStore:
         # Events of one batch usually share their metadata: serialise each distinct one once.
         # A missing correlation id is stored as absent and read back as the event's own id.
         meta_json: dict[tuple[str | None, ...], str] = {}
+        now_acting = current_acting()
         for ev in events:
+            if now_acting is not None:
+                ev.metadata.correlation_id = now_acting.correlation_id or ev.metadata.correlation_id
+                ev.metadata.actor = ev.metadata.actor or now_acting.actor
             if not ev.type or len(ev.type) > 200:
                 raise InvalidEventError("an event type must be 1 to 200 characters")
             data = ev.data

@@ -342,7 +342,10 @@ def check_action(action: Action | str, target: str = "", *, continue_matching: b
 
 
 def _check_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a bracketed host that is no IPv6 address, an unclosed bracket
+        raise UsageError(f"{url!r} is not an http:// or https:// URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{url!r} is not an http:// or https:// URL")
     if len(url) > MAX_URL or any(c.isspace() or not c.isprintable() for c in url):
@@ -516,6 +519,11 @@ def _route(row: dict[str, Any]) -> Route:
         continue_matching=row["continue_matching"],
         created_at=row["created_at"],
     )
+
+
+def from_row(row: dict[str, Any]) -> Route:
+    """A route from a row with LIST_ROUTES' columns (for readers with their own query: the API's pages)."""
+    return _route(row)
 
 
 def routes(conn: psycopg.Connection) -> list[Route]:

@@ -372,13 +372,18 @@ def check_url(url: str, guard: AddressGuard) -> str:
     _, url = routes.check_action(routes.Action.HTTP, url)
     import httpx
 
-    host = httpx.URL(url).host
+    try:
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, ValueError) as exc:  # a host that is neither an address nor an IDNA name
+        raise UsageError(f"{url!r} is not a URL mailflow can POST to: {exc}") from exc
     try:
         guard.check_now(host)
     except Refused as exc:
         raise UsageError(f"refused {url}: {exc}") from exc
     except LookupFailed as exc:
         raise UsageError(f"cannot add {url}: {exc}") from exc
+    except UnicodeError as exc:  # the system resolver's IDNA codec refuses the name (an empty or long label)
+        raise UsageError(f"cannot add {url}: {host} is not a name that resolves ({exc})") from exc
     return url
 
 

@@ -32,3 +32,10 @@ def listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
         sock.close()
         raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from exc
     return sock
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a child server the caller starts next)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

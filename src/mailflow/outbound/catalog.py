@@ -103,6 +103,10 @@ def _contact_erased(conn: psycopg.Connection, data: dict, at: datetime, tenant: 
     conn.execute(q.SUPPRESS_ERASED, (tenant, subject, at))
 
 
+def _contact_deleted(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
+    conn.execute(q.DELETE_CONTACT, (tenant, data["subject"]))
+
+
 def _segment_defined(conn: psycopg.Connection, data: dict, at: datetime, tenant: str) -> None:
     conn.execute(q.UPSERT_SEGMENT, (tenant, data["name"], Jsonb(data["filter"]), at, at))
 
@@ -194,6 +198,7 @@ HANDLERS: dict[str, Callable[[psycopg.Connection, dict, datetime, str], None]] =
     "ContactUpdated": _contact_updated,
     "ContactReactivated": _contact_reactivated,
     "ContactErased": _contact_erased,
+    "ContactDeleted": _contact_deleted,
     "SegmentDefined": _segment_defined,
     "SegmentDeleted": _segment_deleted,
     "TemplateSaved": _template_saved,

@@ -1,7 +1,9 @@
-"""Outbound room: contacts - CSV import with a per-row error report, showing, updating, reactivating.
+"""Outbound room: contacts - CSV and JSON-lines import with a per-row error report, showing,
+updating, reactivating, deleting and erasing.
 
 Import reads a CSV with a header row and an `email` column; every other column becomes
-an attribute (numbers and true/false are typed, empty cells are left out). The delimiter
+an attribute (numbers and true/false are typed, empty cells are left out). JSON lines
+(`parse_ndjson`) are one object per line, an `email` and attributes beside it. The delimiter
 (comma, semicolon, tab or pipe) is sniffed from the start of the file, as spreadsheets
 in many locales save semicolons. Bad rows are reported with their line number and the
 rest is imported, in batches, each batch one ContactsImported event committed together
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +40,7 @@ from mailflow.mail.addresses import normalize_email
 from mailflow.outbound import queries as q
 from mailflow.outbound import streams
 from mailflow.outbound.events import (
+    ContactDeleted,
     ContactErased,
     ContactReactivated,
     ContactsImported,
@@ -165,6 +169,91 @@ def parse_csv(fh: TextIO) -> Iterator[ContactRow | Rejected]:
             yield Rejected(line, raw, str(exc))
             continue
         attrs = {k: typed(v) for k, v in row.items() if k and k != "email" and v is not None and v.strip() != ""}
+        yield ContactRow(email=email, attributes=attrs, line=line)
+
+
+MAX_JSON_DEPTH = 32
+_INT64 = 2**63
+
+
+def unstorable(value: Any, depth: int = 0) -> str | None:
+    """Why a JSON value cannot be kept as an attribute (PostgreSQL jsonb and the sealed log
+    take no NUL character, no lone surrogate, no integer beyond 64 bits, no infinity, and
+    nothing nested deeper than MAX_JSON_DEPTH), or None when it can."""
+    if depth > MAX_JSON_DEPTH:
+        return f"nested deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "a text contains a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a text is not valid Unicode (a lone surrogate)"
+        return None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return None if -_INT64 <= value < _INT64 else "an integer is beyond 64 bits"
+    if isinstance(value, float):
+        return None if value == value and abs(value) != float("inf") else "a number is not finite"
+    if isinstance(value, list):
+        return next((why for v in value if (why := unstorable(v, depth + 1))), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            why = unstorable(k, depth + 1) or unstorable(v, depth + 1)
+            if why:
+                return why
+        return None
+    return f"a {type(value).__name__} is not a JSON value"
+
+
+MAX_LINE_CHARS = 65_536  # a JSON line longer than this is rejected, not held in memory whole
+
+
+def parse_ndjson(fh: TextIO) -> Iterator[ContactRow | Rejected]:
+    """Yield a contact or a rejection per non-blank line of JSON lines: each an object with an
+    `email` string; every other key is an attribute (a JSON value; null is left out, as an
+    empty CSV cell is). Line numbers count every line, blank ones included."""
+    line = 0
+    while True:
+        raw = fh.readline(MAX_LINE_CHARS + 1)
+        if not raw:
+            return
+        line += 1
+        if len(raw) > MAX_LINE_CHARS and not raw.endswith("\n"):
+            while raw and not raw.endswith("\n"):  # skip the rest of the long line
+                raw = fh.readline(MAX_LINE_CHARS + 1)
+            yield Rejected(line, "", f"the line is longer than {MAX_LINE_CHARS} characters")
+            continue
+        text = raw.strip()
+        if not text:
+            continue
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            yield Rejected(line, text[:200], f"not JSON: {exc}")
+            continue
+        why = unstorable(doc)
+        if why:
+            yield Rejected(line, text[:200], why)
+            continue
+        if not isinstance(doc, dict):
+            yield Rejected(line, text[:200], "expected a JSON object with an `email`")
+            continue
+        email_value = doc.get("email")
+        if not isinstance(email_value, str):
+            yield Rejected(line, text[:200], "no `email` string")
+            continue
+        bad_key = next((k for k in doc if k != "email" and not k.strip()), None)
+        if bad_key is not None:
+            yield Rejected(line, email_value[:200], "an attribute name is empty")
+            continue
+        try:
+            email = normalize_email(email_value.strip())
+        except EmailNotValidError as exc:
+            yield Rejected(line, email_value[:200], str(exc))
+            continue
+        attrs = {k: v for k, v in doc.items() if k != "email" and v is not None}
         yield ContactRow(email=email, attributes=attrs, line=line)
 
 
@@ -346,6 +435,50 @@ def reactivate(store: EventStore, raw_email: str, *, reason: str, actor: str | N
         )
         w.record([(streams.contact(subject), event.to_new(Metadata(actor=actor)))])
     return Reactivation(email, status, suppression)
+
+
+# -- deletion ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deletion:
+    email: str
+    cancelled: int  # campaign jobs not yet sent, ended as failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+DELETED_REPLY = "not sent: the contact was deleted"
+
+
+def delete(store: EventStore, raw_email: str, *, actor: str | None = None) -> Deletion:
+    """Take a contact off the list (ContactDeleted): its row goes, so listings, segments and
+    campaigns started later no longer see it, and its campaign jobs not yet sent (pending or
+    waiting to retry) end as failed (kind `suppressed`, never resent). A job already queued
+    may still go, as with a cancelled campaign's.
+
+    Not an erasure: the log keeps what it held, jobs keep their addresses, a suppression stays
+    as it was, transactional mail may still be sent to the address, and importing it again
+    brings the contact back as a new one. To forget the person, erase()."""
+    email = address(raw_email)
+    md = Metadata(actor=actor)
+    with inline.writing(store) as w:
+        subject, _ = _locked_contact(w, email)
+        with w.conn.cursor(row_factory=dict_row) as cur:
+            unsent = cur.execute(q.UNSENT_CAMPAIGN_JOBS_OF, (subject,)).fetchall()
+        ended = [
+            (
+                streams.job(j["id"]),
+                JobFailed(job_id=str(j["id"]), attempt=j["attempts"], reply=DELETED_REPLY, kind="suppressed").to_new(
+                    md
+                ),
+            )
+            for j in unsent
+        ]
+        deleted = ContactDeleted(subject=subject, jobs_ended=len(unsent)).to_new(md)
+        w.record([*ended, (streams.contact(subject), deleted)])
+    return Deletion(email, len(unsent))
 
 
 # -- erasure ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Outbound room: the events that record changes to contacts, segments, templates, suppressions,
-senders, campaigns and jobs."""
+senders, campaigns, jobs and sending domains."""
 
 from __future__ import annotations
 
@@ -332,3 +332,67 @@ class CampaignStoppedForContact(Event):
 
 for _model in (FeedbackReceived, SoftBounceCounted, DeliverabilityAlertRaised, CampaignStoppedForContact):
     registry.register(_model)
+
+
+# -- sending domains (domains.py) -------------------------------------------------------------
+
+
+class SendingDomainAdded(Event):
+    """A domain the tenant sends from, with the DKIM key mailflow generated for it: the private
+    key is a reference into the vault, the public key is what the DKIM record publishes."""
+
+    domain: str  # lower case, IDNA A-labels
+    selector: str
+    dkim_key: SecretRef  # fingerprint: vault.dkim_fingerprint of the public key
+    dkim_public_key: str  # base64 SubjectPublicKeyInfo, as in the DNS record's p=
+
+
+class RecordVerdict(BaseModel):
+    """What one DNS check found of one record to publish (outbound/domains.py RecordCheck)."""
+
+    purpose: str  # spf | dkim | dmarc | return_path
+    type: str  # TXT | MX
+    name: str
+    required: bool
+    status: str  # ok | warning | missing | wrong | error
+    detail: str
+    known: str | None = None  # the last verdict DNS answered for: this one, unless it is error
+
+
+class SendingDomainChecked(Event):
+    """A DNS check of a sending domain's records; `status` verified when every required record passed."""
+
+    domain: str
+    status: str  # verified | failing
+    checks: list[RecordVerdict]
+
+
+class SendingDomainRecordBroken(Event):
+    """A record that passed at the domain's previous check does not any more (the warning)."""
+
+    domain: str
+    purpose: str
+    type: str
+    name: str
+    was: str  # the previous verdict: ok | warning
+    now: str  # missing | wrong | error
+    detail: str
+
+
+class SendingDomainRemoved(Event):
+    domain: str
+
+
+for _model in (SendingDomainAdded, SendingDomainChecked, SendingDomainRecordBroken, SendingDomainRemoved):
+    registry.register(_model)
+
+
+class ContactDeleted(Event):
+    """A contact taken off the list (not erased): its row goes and its campaign jobs not yet
+    sent were ended (`jobs_ended`); the log keeps what it held, and a later import brings it back."""
+
+    subject: str
+    jobs_ended: int = 0
+
+
+registry.register(ContactDeleted)

@@ -1,5 +1,5 @@
 """Outbound room: every SQL statement of the catalogue (contacts, segments, templates, suppressions,
-senders), campaigns, the queuer and the workers, by name."""
+senders), campaigns, the queuer, the workers and sending domains, by name."""
 
 from mailflow.infra.locks import Lock
 
@@ -434,4 +434,51 @@ WHERE tenant = %s AND campaign_id = %s AND subject = %s AND state IN ('pending',
 # What came back for a campaign, per kind: how many people.
 CAMPAIGN_FEEDBACK = """
 SELECT kind, hard, count(DISTINCT subject) FROM feedback WHERE campaign_id = %s GROUP BY kind, hard
+"""
+
+# -- sending domains (domains.py) -------------------------------------------------------------
+
+SENDING_DOMAIN_COLUMNS = """
+domain, dkim_selector, dkim_secret::text AS dkim_secret, dkim_public_key, dkim_fingerprint, status,
+last_check, last_checked_at, created_at
+"""
+ADD_SENDING_DOMAIN = """
+INSERT INTO sending_domains (tenant, domain, dkim_selector, dkim_secret, dkim_public_key, dkim_fingerprint, created_at)
+VALUES (%(tenant)s, %(domain)s, %(selector)s, %(secret)s, %(public_key)s, %(fingerprint)s, %(at)s)
+"""
+SET_SENDING_DOMAIN_CHECK = """
+UPDATE sending_domains SET status = %(status)s, last_check = %(checks)s::jsonb, last_checked_at = %(at)s
+WHERE tenant = %(tenant)s AND domain = %(domain)s
+"""
+REMOVE_SENDING_DOMAIN = "DELETE FROM sending_domains WHERE tenant = %(tenant)s AND domain = %(domain)s"
+GET_SENDING_DOMAIN = f"SELECT {SENDING_DOMAIN_COLUMNS} FROM sending_domains WHERE domain = %s"
+LOCK_SENDING_DOMAIN = f"SELECT {SENDING_DOMAIN_COLUMNS} FROM sending_domains WHERE domain = %s FOR UPDATE"
+LIST_SENDING_DOMAINS = f"SELECT {SENDING_DOMAIN_COLUMNS} FROM sending_domains ORDER BY domain"
+# Domains (of every tenant, for the operator) not checked for interval_s, the longest unchecked first.
+DUE_SENDING_DOMAINS = """
+SELECT tenant, domain FROM sending_domains
+WHERE last_checked_at IS NULL OR last_checked_at < now() - make_interval(secs => %(interval_s)s)
+ORDER BY last_checked_at NULLS FIRST, domain LIMIT %(limit)s
+"""
+# The senders whose From is at the domain (its Unicode or A-label form) and that have no DKIM key
+# of their own: they sign with the domain's.
+SENDERS_SIGNING_WITH_DOMAIN = """
+SELECT name FROM senders
+WHERE lower(split_part(from_email, '@', 2)) = ANY(%(names)s::text[]) AND dkim_secret IS NULL ORDER BY name
+"""
+# The sending domain's DKIM key for a sender without one (sending.load_sender).
+SENDING_DOMAIN_KEY = """
+SELECT dkim_selector, dkim_secret::text AS dkim_secret, dkim_public_key FROM sending_domains
+WHERE tenant = coalesce(%(tenant)s, current_setting('mailflow.tenant', true)) AND domain = %(domain)s
+"""
+DELETE_SENDING_DOMAIN_SECRETS = (
+    "DELETE FROM secrets WHERE tenant = current_setting('mailflow.tenant', true) AND owner = %s"
+)
+
+# -- contacts deleted (contacts.delete) ----------------------------------------------------------
+
+# A deleted contact's campaign jobs that have not started, which deleting ends.
+UNSENT_CAMPAIGN_JOBS_OF = """
+SELECT id, attempts FROM jobs
+WHERE subject = %s AND campaign_id IS NOT NULL AND state IN ('pending', 'retry') ORDER BY id FOR UPDATE
 """

@@ -24,8 +24,8 @@ from mailflow.infra import personal
 from mailflow.infra.tenancy import DEFAULT_TENANT
 from mailflow.infra.vault import SecretRef, Vault, dkim_fingerprint
 from mailflow.mail.addresses import domain_of, normalize_email
+from mailflow.outbound import domains, streams, templates
 from mailflow.outbound import queries as q
-from mailflow.outbound import streams, templates
 from mailflow.outbound.catalog import refuse_if_in_use
 from mailflow.outbound.consent import LINK_VARIABLES
 from mailflow.outbound.events import JobCreated, SenderDeleted, SenderSaved
@@ -103,12 +103,15 @@ def load_sender(
 ) -> Sender:
     """The sender `name` of the connection's tenant (or of `tenant`, for an operator's connection).
 
-    With `vault`, its relay password and DKIM key are read from the vault (for sending);
-    without, the sender has only their references."""
+    With `vault`, its relay password and DKIM key are read from the vault (for sending); a
+    sender without a DKIM key of its own then signs with its From domain's, when that is a
+    sending domain of the tenant (domains.py). Without, the sender has only its own references."""
     with conn.cursor(row_factory=class_row(Sender)) as cur:
         sender = cur.execute(q.GET_SENDER, {"tenant": tenant, "name": name}).fetchone()
     if sender is None:
         raise _no_sender(name)
+    if vault is not None and sender.dkim_secret is None:
+        sender = _with_domain_key(conn, sender, tenant)
     if vault is not None and (sender.relay_secret or sender.dkim_secret):
         sender = replace(
             sender,
@@ -116,6 +119,24 @@ def load_sender(
             dkim_key_pem=vault.get(conn, sender.dkim_secret) if sender.dkim_secret else None,
         )
     return sender
+
+
+def _with_domain_key(conn: psycopg.Connection, sender: Sender, tenant: str | None) -> Sender:
+    """The sender signing with its sending domain's DKIM key (selector, key reference), if it has one."""
+    try:
+        domain = domains.domain_name(sender.domain)
+    except UsageError:
+        return sender
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(q.SENDING_DOMAIN_KEY, {"tenant": tenant, "domain": domain}).fetchone()
+    if row is None:
+        return sender
+    return replace(
+        sender,
+        dkim_selector=row["dkim_selector"],
+        dkim_secret=row["dkim_secret"],
+        dkim_public_key=row["dkim_public_key"],
+    )
 
 
 def delete_sender(store: EventStore, name: str) -> None:

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailflow.infra.net import free_port
 from mailflow.infra.personal import Erased
 from mailflow.outbound import campaigns, contacts, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts, parse_csv
 from mailflow.outbound.jobs import SLA_SECONDS, Priority
 from mailflow.outbound.senders import Sender
-from mailflow.runtime import demo_feedback
+from mailflow.runtime import demo_api, demo_feedback
 from mailflow.runtime import queries as rq
 from mailflow.runtime.supervisor import Child, Supervisor, pipeline_parts
 from mailflow.runtime.wiring import Runtime
@@ -87,6 +88,8 @@ class DemoResult:
     secret: dict[str, Any] = field(default_factory=dict)  # its fingerprint, and where the password is not
     erasure: dict[str, Any] = field(default_factory=dict)  # one reader erased after the run
     inbound: dict[str, Any] = field(default_factory=dict)  # mail sent back to mailflow's SMTP server
+    api: dict[str, Any] = field(default_factory=dict)  # the transactional messages, sent over HTTP
+    sending_domain: dict[str, Any] = field(default_factory=dict)  # its DNS records, published and verified
 
     @property
     def ok(self) -> bool:
@@ -132,9 +135,12 @@ def run(
         segment = f"demo-{tag}"
         segments.define(store, segment, {"email": {"$contains": f".{tag}@"}})
         cid = campaigns.create(store, name=f"demo-{tag}", sender="demo", template="demo-news", segment=segment)
+        res.sending_domain = demo_api.sending_domain(rt, "example.org")
         head_before = store.sync()
         stop = threading.Event()
-        supervisor, watcher = _start_pipeline(rt, res, stop)
+        api = demo_api.DemoApi(rt, free_port(), tag)
+        supervisor, watcher = _start_pipeline(rt, res, stop, web_port=api.port)
+        api.open()
         started = time.perf_counter()
         res.recipients = campaigns.start(store, cid)
         total = res.recipients + transactional
@@ -148,14 +154,7 @@ def run(
                     while (sent_tx := len(run_jobs["job_ids"])) < transactional and done >= (
                         sent_tx * res.recipients
                     ) // max(transactional, 1):
-                        job_id, _ = sending.send_transactional(
-                            store,
-                            sender="demo",
-                            template="demo-receipt",
-                            to=f"buyer{sent_tx}.{tag}@example.com",
-                            variables={"name": f"Buyer {sent_tx}", "order": f"A-{1000 + sent_tx}"},
-                        )
-                        run_jobs["job_ids"].append(job_id)
+                        run_jobs["job_ids"].append(api.send(_receipt(tag, sent_tx)))
                     _inject_faults(rt, supervisor, conn, res, done, total, run_jobs)
                     if progress:
                         progress("send", done, total)
@@ -165,6 +164,7 @@ def run(
                         res.timed_out = True
                         break
                     time.sleep(0.2)
+            res.api = api.summary(_receipt(tag, 0), run_jobs["job_ids"])
         finally:
             res.seconds = time.perf_counter() - started
             stop.set()
@@ -384,8 +384,21 @@ def latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 DEMO_WORKERS = 2
 
 
-def _start_pipeline(rt: Runtime, res: DemoResult, stop: threading.Event) -> tuple[Supervisor, threading.Thread]:
-    """Relay, event_counts, queuer and two workers as child processes, as `mailflow up` runs them."""
+def _receipt(tag: str, n: int) -> dict[str, Any]:
+    """The body of the demo's n-th transactional message (POST /api/v1/messages)."""
+    return {
+        "sender": "demo",
+        "template": "demo-receipt",
+        "to": f"buyer{n}.{tag}@example.com",
+        "variables": {"name": f"Buyer {n}", "order": f"A-{1000 + n}"},
+    }
+
+
+def _start_pipeline(
+    rt: Runtime, res: DemoResult, stop: threading.Event, *, web_port: int
+) -> tuple[Supervisor, threading.Thread]:
+    """Relay, the consumers, queuer, two workers and the web (the HTTP API on `web_port`) as child
+    processes, as `mailflow up` runs them."""
     s = rt.settings.model_copy(update={"database_url": rt.services.database_url, "redis_url": rt.services.redis_url})
 
     def on_exit(child: Child, code: int) -> None:
@@ -395,7 +408,10 @@ def _start_pipeline(rt: Runtime, res: DemoResult, stop: threading.Event) -> tupl
                 f["restarted_after_s"] = child.restart_in
 
     supervisor = Supervisor(
-        s, pipeline_parts(DEMO_WORKERS, prefix="demo"), log_dir=s.home / "demo-logs", on_exit=on_exit
+        s,
+        pipeline_parts(DEMO_WORKERS, prefix="demo", web=["--host", "127.0.0.1", "--port", str(web_port)]),
+        log_dir=s.home / "demo-logs",
+        on_exit=on_exit,
     )
     supervisor.start()
     watcher = threading.Thread(target=supervisor.run, args=(stop,), name="demo-supervisor", daemon=True)

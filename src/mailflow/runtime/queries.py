@@ -113,3 +113,11 @@ SELECT (SELECT count(*) FROM suppressions WHERE created_at >= %(since)s) AS supp
        (SELECT count(*) FROM threads WHERE replies > 0 AND last_at >= %(since)s) AS threads
 """
 DEMO_INBOUND_STORED = "SELECT count(*) AS n FROM inbound_messages WHERE %(mailbox)s = ANY(recipients)"
+
+# The demo's API part: of the events of the jobs its requests created, how many carry one of
+# its request ids as their correlation id.
+DEMO_API_CORRELATED = """
+SELECT count(*) AS events, count(*) FILTER (WHERE metadata->>'correlation_id' = ANY(%(request_ids)s)) AS correlated
+FROM events
+WHERE stream = ANY(SELECT tenant || '/job-' || id FROM jobs WHERE id = ANY(%(job_ids)s::uuid[]))
+"""

@@ -60,16 +60,23 @@ CONSUMERS = ("event_counts", "inbound_classifier", "outbound_feedback", "webhook
 
 
 def pipeline_parts(
-    workers: int = 1, consumers: tuple[str, ...] = CONSUMERS, prefix: str = "up", *, inbound: int = 0
+    workers: int = 1,
+    consumers: tuple[str, ...] = CONSUMERS,
+    prefix: str = "up",
+    *,
+    inbound: int = 0,
+    web: list[str] | None = None,
 ) -> list[tuple[str, list[str]]]:
     """The children of `mailflow up`: (name, mailflow arguments); `inbound` SMTP server
-    processes (several share the port: SO_REUSEPORT)."""
+    processes (several share the port: SO_REUSEPORT); `web`: `mailflow web` with these
+    arguments (--host, --port), the HTTP API and pages."""
     return [
         ("relay", ["relay"]),
         *[(f"consumer-{c}", ["consume", c, "--consumer-id", f"{prefix}-{c}"]) for c in consumers],
         ("queuer", ["queuer"]),
         *[(f"worker-{i}", ["worker", "--name", f"{prefix}-worker-{i}"]) for i in range(1, workers + 1)],
         *inbound_parts(inbound),
+        *([("web", ["web", *web])] if web is not None else []),
     ]
 
 

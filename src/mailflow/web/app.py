@@ -6,6 +6,7 @@ MAILFLOW_UNSUBSCRIBE_BASE_URL, "/unsubscribe" when it is unset) and `GET /health
 
 from __future__ import annotations
 
+import threading
 from urllib.parse import urlsplit
 
 import psycopg
@@ -13,9 +14,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
 
+from mailflow.api.app import PREFIX, create_api
+from mailflow.api.problems import problem
 from mailflow.errors import ConfigurationError
 from mailflow.events.store import EventStore
 from mailflow.infra.health import Health
@@ -24,6 +27,7 @@ from mailflow.infra.net import listen
 from mailflow.log import get_logger
 from mailflow.runtime.wiring import Runtime
 from mailflow.web.preferences import PreferencesPages
+from mailflow.web.sessions import STATE_KEY, SessionPages
 from mailflow.web.unsubscribe import UnsubscribePages
 
 DEFAULT_UNSUBSCRIBE_PATH = "/unsubscribe"
@@ -93,21 +97,44 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
             return JSONResponse({"ok": False, "database": "unavailable", "error": problem}, status_code=503)
         return JSONResponse({"ok": True, "database": "ok", "unsubscribe_path": path or "/"})
 
-    return Starlette(
+    async def not_found(request: Request, exc: Exception) -> Response:
+        # A path under the API that no route of it takes (one with a newline is not even
+        # routed into it) is a problem+json 404 like every other API error.
+        if request.url.path.startswith(PREFIX + "/"):
+            return problem(request, 404, "no such API path")
+        return PlainTextResponse("Not Found", status_code=404)
+
+    sessions = SessionPages(store, rt.keyring, settings)
+    app = Starlette(
+        exception_handlers={404: not_found},
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
+            Mount(PREFIX, app=create_api(rt)),
             Route(f"{path}/{{token}}", pages.confirm, methods=["GET"]),
             Route(f"{path}/{{token}}", pages.unsubscribe, methods=["POST"]),
             Route(f"{prefs_path}/{{token}}", prefs.get, methods=["GET"]),
             Route(f"{prefs_path}/{{token}}", prefs.post, methods=["POST"]),
-        ]
+            *sessions.routes(),
+        ],
     )
+    setattr(app.state, STATE_KEY, sessions)  # web.sessions.current_user() finds the pages here
+    return app
 
 
-def serve(rt: Runtime, host: str, port: int, *, health: Health | None = None) -> None:
-    """Serve the app until SIGTERM or SIGINT, then finish the requests in flight and return."""
+def serve(
+    rt: Runtime,
+    host: str,
+    port: int,
+    *,
+    health: Health | None = None,
+    shared: bool = False,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve the app until SIGTERM or SIGINT (or `stop` is set: the supervisor of `mailflow web
+    --processes N` is gone), then finish the requests in flight and return. `shared`: several
+    processes listen on the port (SO_REUSEPORT)."""
     app = create_app(rt, health=health)
-    sock = listen(host, port)
+    sock = listen(host, port, shared=shared)
     # uvicorn handles SIGTERM/SIGINT itself, shuts down gracefully, then raises the signal
     # again under the handler it found. Ours only sets a flag, so the process exits 0.
     stop_on_signals()
@@ -117,8 +144,19 @@ def serve(rt: Runtime, host: str, port: int, *, health: Health | None = None) ->
         log_config=None,  # mailflow logs through structlog
         access_log=False,  # request paths carry tokens, which name an address
         server_header=False,
+        # Forwarding headers are believed only from MAILFLOW_API_TRUSTED_PROXIES (api/middleware.py);
+        # uvicorn's own handling would believe any X-Forwarded-For from 127.0.0.1.
+        proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
+    server = uvicorn.Server(config)
+    if stop is not None:
+
+        def watch() -> None:
+            stop.wait()
+            server.should_exit = True  # as on SIGTERM: finish the requests in flight
+
+        threading.Thread(target=watch, name="mailflow-web-stop", daemon=True).start()
     bound_host, bound_port = sock.getsockname()[:2]
     log.info(
         "web.start",
@@ -127,7 +165,7 @@ def serve(rt: Runtime, host: str, port: int, *, health: Health | None = None) ->
         unsubscribe=f"{unsubscribe_path(rt.settings.unsubscribe_base_url)}/{{token}}",
     )
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()
     log.info("web.stop")
