@@ -31,7 +31,7 @@ from mailflow.api.middleware import RequestContext, TrustedProxies
 from mailflow.config import load_settings
 from mailflow.infra.lifecycle import stop_on_signals
 from mailflow.infra.net import listen
-from mailflow.web.app import GRACEFUL_SHUTDOWN_S
+from mailflow.web.app import server_config
 
 
 def create_app(body: bytes) -> Starlette:
@@ -70,16 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(args.body_file.read_bytes())
     sock = listen(args.host, args.port, shared=args.shared_port)
     stop_on_signals()  # as mailflow web: uvicorn re-raises SIGTERM under this handler, exit 0
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(server_config(app, lifespan="off")).run(sockets=[sock])
     finally:
         sock.close()
     return 0

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
+from mailflow.api.auth import Gate
 from mailflow.config import Settings
 from mailflow.infra.net import listen
 from mailflow.runtime.wiring import Runtime
@@ -22,6 +23,7 @@ from mailflow.tenants import keys, registry
 class ApiServer:
     url: str
     rt: Runtime
+    gate: Gate  # the served app's: its key cache
 
     def client(self, key: str | None = None, **headers: str) -> httpx.Client:
         auth = {"Authorization": f"Bearer {key}"} if key else {}
@@ -29,12 +31,12 @@ class ApiServer:
 
 
 def serve_in_thread(rt: Runtime) -> Iterator[ApiServer]:
-    from mailflow.web.app import create_app
+    from mailflow.web.app import create_app, server_config
 
     app = create_app(rt)
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, proxy_headers=False))
+    server = uvicorn.Server(server_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -43,7 +45,7 @@ def serve_in_thread(rt: Runtime) -> Iterator[ApiServer]:
             raise RuntimeError("the API server did not start")
         time.sleep(0.01)
     try:
-        yield ApiServer(f"http://127.0.0.1:{port}", rt)
+        yield ApiServer(f"http://127.0.0.1:{port}", rt, app.state.gate)
     finally:
         server.should_exit = True
         thread.join(10)

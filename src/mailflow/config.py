@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     api_trusted_proxies: list[str] = Field(default_factory=list)  # networks whose X-Forwarded-For is believed
     api_cors_origins: list[str] = Field(default_factory=list)  # browser origins allowed to call the API
     api_idempotency_hours: int = Field(default=24, ge=1)  # how long an Idempotency-Key is remembered
+    # A verified key's row is kept this long per process (0: read it on every request); changes
+    # reach every process at once anyway (api/keycache.py)
+    api_key_cache_s: float = Field(default=30.0, ge=0)
     # Browser sessions (web/sessions.py, docs/users.md)
     web_secure_cookies: bool = False  # Secure cookies on http requests too: TLS ends at a proxy
     web_session_idle_s: float = Field(default=3600.0, gt=0)  # a session unused this long ends

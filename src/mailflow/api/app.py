@@ -33,6 +33,7 @@ from mailflow.api.routes import (
     suppressions,
     webhooks,
 )
+from mailflow.api.routing import add_routes, operation_id
 from mailflow.config import Settings
 from mailflow.events.catalog import render
 from mailflow.runtime.catalog import asyncapi_document
@@ -66,7 +67,7 @@ event the request appends. Rate limits answer 429 with `Retry-After`.
 def create_api(rt: Runtime) -> FastAPI:
     """The API of a runtime: its gate authenticates on the runtime's (operator's) store."""
     api = application(rt.settings)
-    api.state.gate = Gate(rt.store, rt.redis, rt.keys, rt.settings, rt.vault)
+    api.state.gate = Gate(rt.store, rt.redis, rt.keys, rt.settings, rt.vault, redis_url=rt.services.redis_url)
     return api
 
 
@@ -90,11 +91,10 @@ def application(settings: Settings) -> FastAPI:
         openapi_url="/openapi.json",
         docs_url=None,
         redoc_url=None,
-        generate_unique_id_function=lambda route: route.name,  # operationId: the handler's name
+        generate_unique_id_function=operation_id,
     )
     problems.install(api)
-    for router in ROUTERS:
-        api.include_router(router)
+    add_routes(api, ROUTERS)
 
     static = files("mailflow.api").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")

@@ -1,8 +1,10 @@
 """API room: who is calling and what they may do - bearer keys, scopes, rate limits.
 
 `Gate.authenticate()` turns the `Authorization: Bearer mf_live_...` header into a Principal
-(tenants/keys.py decides whether the key is good) and charges the request to the key's and the
-tenant's rate limits. `require(scope)` is the dependency every operation declares: it puts the
+(tenants/keys.py decides whether the key is good, from a row the key cache keeps for a few
+seconds - api/keycache.py says why that leaves revocation immediate) and charges the request
+to the key's and the tenant's rate limits. It runs on the event loop, as the dependencies do:
+FastAPI would send a plain `def` dependency through its threadpool, a hop per request. `require(scope)` is the dependency every operation declares: it puts the
 scope into the OpenAPI document (the auth test matrix reads it from there) and refuses a key
 without it with 403.
 
@@ -14,25 +16,32 @@ limits protect the service, they are not what makes it correct.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import redis
+import redis.asyncio as aredis
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.commands.core import AsyncScript
+from starlette.concurrency import run_in_threadpool
 
 from mailflow.api.idempotency import Forgetting
+from mailflow.api.keycache import KeyCache
 from mailflow.config import Settings
 from mailflow.consumers import inline
 from mailflow.errors import AuthenticationError, PermissionDenied, RateLimited
 from mailflow.events.envelope import current_acting
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
+from mailflow.infra.services import async_redis_client, pool_conninfo
 from mailflow.infra.vault import Vault
 from mailflow.log import get_logger
 from mailflow.tenants import keys
@@ -82,23 +91,34 @@ class Ctx:
     @contextmanager
     def reading(self) -> Iterator[psycopg.Connection]:
         """A transaction that sees only the tenant's rows, cut off after MAILFLOW_API_TIMEOUT_S."""
-        with inline.reading(self.store) as conn:
-            conn.execute(f"SET LOCAL statement_timeout = {int(self.gate.settings.api_timeout_s * 1000)}")
+        with inline.reading(self.store, timeout_ms=int(self.gate.settings.api_timeout_s * 1000)) as conn:
             yield conn
 
 
 class Gate:
-    def __init__(self, store: EventStore, r: redis.Redis, rkeys: Keys, settings: Settings, vault: Vault) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        r: redis.Redis,
+        rkeys: Keys,
+        settings: Settings,
+        vault: Vault,
+        *,
+        redis_url: str | None = None,
+    ) -> None:
         self.store = store
         self.vault = vault
         self.redis = r
+        self.redis_url = redis_url
         self.rkeys = rkeys
         self.settings = settings
-        self._script = r.register_script(_GCRA)
         self.forgetting = Forgetting(store, settings.api_idempotency_hours)
+        self.cache = KeyCache(pool_conninfo(store.pool), ttl_s=settings.api_key_cache_s)
+        self.lookups = 0
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
         self._redis_down = False
+        self._aredis: tuple[asyncio.AbstractEventLoop, aredis.Redis, AsyncScript] | None = None
         s = settings
         self._limits = [
             int(1e6 / s.api_rate_per_key),
@@ -110,44 +130,87 @@ class Gate:
     def key(self, name: str) -> str:
         return f"{self.rkeys.prefix}:api:{name}"
 
-    def authenticate(self, request: Request, token: str | None) -> Principal:
-        """The caller (cached for the request), or AuthenticationError / RateLimited."""
+    def start(self) -> None:
+        """Start hearing key changes (the key cache works only while it does)."""
+        self.cache.start()
+
+    async def aclose(self) -> None:
+        self.cache.close()
+        if self._aredis is not None:
+            await self._aredis[1].aclose()
+            self._aredis = None
+
+    async def authenticate(self, request: Request, token: str | None) -> Principal:
+        """The caller (cached for the request), or AuthenticationError / RateLimited.
+
+        On the event loop: a key verified lately is judged from the key cache and charged to
+        its rate limits with one Redis round trip; only a key not in the cache costs a
+        PostgreSQL lookup, in the threadpool."""
         known = getattr(request.state, "principal", None)
         if known is not None:
             return known
         if not token:
             raise AuthenticationError("send an API key: Authorization: Bearer mf_live_...")
         client = getattr(request.state, "client_ip", None)
+        digest = keys.digest(token)
+        row = self.cache.get(digest)
+        version = None
+        if row is None:
+            version = self.cache.version()
+            row = await run_in_threadpool(self._row, token)
         try:
-            with self.store.pool.connection() as conn:
-                principal = keys.verify(conn, token, client)
-                self._touch(conn, principal.key_id)
+            principal = keys.judge(row, token, client, datetime.now(UTC))
         except AuthenticationError:
-            self._count("auth_failures", keys.parse(token) or "unknown")
-            log.warning("api.auth_failed", key=keys.parse(token), client=client)
+            key_id = keys.parse(token)
+            await self._acount("auth_failures", key_id or "unknown")
+            log.warning("api.auth_failed", key=key_id, client=client)
             raise
-        self._charge(principal)
+        if version is not None and row is not None:
+            self.cache.put(digest, row, version)
+        if self._touch_due(principal.key_id):
+            await run_in_threadpool(self._touch, principal.key_id)
+        await self._charge(principal)
         request.state.principal = principal
         now = current_acting()
         if now is not None:
             now.actor = principal.actor  # the actor of every event the request appends
         return principal
 
-    def _touch(self, conn: psycopg.Connection, key_id: str) -> None:
+    def _row(self, token: str) -> dict[str, Any] | None:
+        self.lookups += 1  # keys read from PostgreSQL by this process (the cache's misses)
+        with self.store.pool.connection() as conn:
+            return keys.row_for(conn, token)
+
+    def _touch_due(self, key_id: str) -> bool:
         now = time.monotonic()
         with self._lock:
             if now - self._touched.get(key_id, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
-                return
+                return False
             self._touched[key_id] = now
-        keys.touch(conn, key_id)
+            return True
 
-    def _charge(self, p: Principal) -> None:
+    def _touch(self, key_id: str) -> None:
+        with self.store.pool.connection() as conn:
+            keys.touch(conn, key_id)
+
+    def _async_redis(self) -> tuple[aredis.Redis, AsyncScript]:
+        """This event loop's client (a client belongs to the loop it first ran on)."""
+        loop = asyncio.get_running_loop()
+        if self._aredis is None or self._aredis[0] is not loop:
+            if self.redis_url is None:
+                raise redis.ConnectionError("the gate was built without a Redis address")
+            client = async_redis_client(self.redis_url)
+            self._aredis = (loop, client, client.register_script(_GCRA))
+        return self._aredis[1], self._aredis[2]
+
+    async def _charge(self, p: Principal) -> None:
         try:
-            wait_us = self._script(
+            _, script = self._async_redis()
+            wait_us = await script(
                 keys=[self.key(f"rate:key:{p.key_id}"), self.key(f"rate:tenant:{p.tenant}"), self.key("uses")],
                 args=[*self._limits, p.key_id],
             )
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             if not self._redis_down:
                 log.warning(
                     "api.rate_limits_off", error=str(exc), why="Redis does not answer; requests are let through"
@@ -163,10 +226,11 @@ class Gate:
                 retry_after=max(1, int(-(-int(wait_us) // 1_000_000))),
             )
 
-    def _count(self, counter: str, field: str) -> None:
+    async def _acount(self, counter: str, field: str) -> None:
         try:
-            self.redis.hincrby(self.key(counter), field, 1)
-        except redis.RedisError:
+            client, _ = self._async_redis()
+            await client.hincrby(self.key(counter), field, 1)
+        except (redis.RedisError, OSError):
             pass
 
     def usage(self) -> dict[str, Any]:
@@ -180,19 +244,19 @@ def _ints(raw: Any) -> dict[str, int]:
     return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
 
 
-def gate_of(request: Request) -> Gate:
+async def gate_of(request: Request) -> Gate:
     return request.app.state.gate
 
 
 def require(scope: str) -> Any:
     """The dependency of an operation that needs `scope`: 401 without a good key, 403 without the scope."""
 
-    def dependency(
+    async def dependency(
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Security(bearer, scopes=[scope]),
         gate: Gate = Depends(gate_of),
     ) -> Ctx:
-        principal = gate.authenticate(request, credentials.credentials if credentials else None)
+        principal = await gate.authenticate(request, credentials.credentials if credentials else None)
         if not principal.allows(scope):
             raise PermissionDenied(f"this key lacks the scope {scope!r}")
         return Ctx(principal, gate.store.for_tenant(principal.tenant), gate)

@@ -105,6 +105,10 @@ class Forgetting:
         self._next = 0.0
         self._lock = threading.Lock()
 
+    def due(self) -> bool:
+        """Whether maybe() would do anything (asked on the event loop, to spare a threadpool hop)."""
+        return time.monotonic() >= self._next
+
     def maybe(self) -> None:
         now = time.monotonic()
         with self._lock:
@@ -132,11 +136,12 @@ class IdempotentRoute(APIRoute):
             gate = request.app.state.gate
             auth = request.headers.get("authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-            principal = await run_in_threadpool(gate.authenticate, request, token)
+            principal = await gate.authenticate(request, token)
             store = gate.store.for_tenant(principal.tenant)
             digest = body_hash(request.method, request.url.path, await request.body())
             stale = 2 * gate.settings.api_timeout_s
-            await run_in_threadpool(gate.forgetting.maybe)
+            if gate.forgetting.due():
+                await run_in_threadpool(gate.forgetting.maybe)
             keyring = gate.vault.keyring
             found = await run_in_threadpool(claim, store, keyring, key, request.method, request.url.path, digest, stale)
             if found.outcome == "mismatch":

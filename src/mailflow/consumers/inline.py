@@ -164,6 +164,7 @@ SELECT pg_advisory_xact_lock_shared(%(lock)s), {SCOPE_TO_TENANT}, (SELECT status
 
 
 _SCOPE_FOR_TENANT = f"SELECT {SCOPE_TO_TENANT}"
+_SCOPE_FOR_TENANT_TIMED = f"SELECT {SCOPE_TO_TENANT}, set_config('statement_timeout', %(timeout)s, true)"
 
 
 @contextmanager
@@ -183,11 +184,16 @@ def _transaction(store: EventStore, conn: psycopg.Connection) -> Iterator[Writer
 
 
 @contextmanager
-def reading(store: EventStore) -> Iterator[psycopg.Connection]:
-    """A pooled connection, in a transaction scoped as the store's writes are (see writing())."""
+def reading(store: EventStore, *, timeout_ms: int | None = None) -> Iterator[psycopg.Connection]:
+    """A pooled connection, in a transaction scoped as the store's writes are (see writing()),
+    whose statements are cancelled after `timeout_ms` if given (one round trip sets both)."""
     with store.pool.connection() as conn, conn.transaction():
-        if store.tenant is not None:
+        if store.tenant is not None and timeout_ms is not None:
+            conn.execute(_SCOPE_FOR_TENANT_TIMED, {"tenant": store.tenant, "timeout": str(timeout_ms)})
+        elif store.tenant is not None:
             conn.execute(_SCOPE_FOR_TENANT, {"tenant": store.tenant})
+        elif timeout_ms is not None:
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),))
         yield conn
 
 

@@ -186,16 +186,16 @@ def send_transactional(
     variables = dict(variables or {})
     job_id = str(uuid7())
     key = idempotency_key or f"send:{job_id}"
-    with inline.reading(store) as conn:
-        existing = _job_by_key(conn, key)
-        if existing:
-            return existing, False
-        load_sender(conn, sender)
-        tpl = templates.load(conn, template)
-    # Fail now, with the template's line and variable, rather than at send time.
-    templates.render(tpl, {"email": email, **dict.fromkeys(LINK_VARIABLES, ""), **variables})
     try:
+        # One transaction: the key's job, the sender and the template are read where the job is written.
         with inline.writing(store) as w:
+            existing = _job_by_key(w.conn, key)
+            if existing:
+                return existing, False
+            load_sender(w.conn, sender)
+            tpl = templates.load(w.conn, template)
+            # Fail now, with the template's line and variable, rather than at send time.
+            templates.render(tpl, {"email": email, **dict.fromkeys(LINK_VARIABLES, ""), **variables})
             created = job_to(
                 w,
                 email,

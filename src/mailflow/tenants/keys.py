@@ -219,13 +219,16 @@ def judge(row: dict[str, Any] | None, token: str, client: str | None, now: datet
     return Principal(row["tenant"], row["id"], frozenset(row["scopes"]))
 
 
-def verify(conn: psycopg.Connection, token: str, client: str | None = None) -> Principal:
-    """The principal of a key, or AuthenticationError. `conn` is an operator's: the key says
-    which tenant it belongs to."""
-    key_id = parse(token) or ""
+def row_for(conn: psycopg.Connection, token: str) -> dict[str, Any] | None:
+    """What judge() needs of the key `token` names (None: no such id). `conn` is an
+    operator's: the key says which tenant it belongs to."""
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(q.KEY_FOR_AUTH, (key_id,)).fetchone()
-    return judge(row, token, client, datetime.now(UTC))
+        return cur.execute(q.KEY_FOR_AUTH, (parse(token) or "",)).fetchone()
+
+
+def verify(conn: psycopg.Connection, token: str, client: str | None = None) -> Principal:
+    """The principal of a key, or AuthenticationError."""
+    return judge(row_for(conn, token), token, client, datetime.now(UTC))
 
 
 def touch(conn: psycopg.Connection, key_id: str) -> None:

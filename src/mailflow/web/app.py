@@ -7,6 +7,9 @@ MAILFLOW_UNSUBSCRIBE_BASE_URL, "/unsubscribe" when it is unset) and `GET /health
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
 from urllib.parse import urlsplit
 
 import psycopg
@@ -16,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
 from mailflow.api.app import PREFIX, create_api
 from mailflow.api.problems import problem
@@ -104,12 +108,24 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
             return problem(request, 404, "no such API path")
         return PlainTextResponse("Not Found", status_code=404)
 
+    api = create_api(rt)
+    gate = api.state.gate
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gate.start()  # the key cache hears key changes from now on
+        try:
+            yield
+        finally:
+            await gate.aclose()
+
     sessions = SessionPages(store, rt.keyring, settings)
     app = Starlette(
+        lifespan=lifespan,
         exception_handlers={404: not_found},
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
-            Mount(PREFIX, app=create_api(rt)),
+            Mount(PREFIX, app=api),
             Route(f"{path}/{{token}}", pages.confirm, methods=["GET"]),
             Route(f"{path}/{{token}}", pages.unsubscribe, methods=["POST"]),
             Route(f"{prefs_path}/{{token}}", prefs.get, methods=["GET"]),
@@ -117,8 +133,29 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
             *sessions.routes(),
         ],
     )
+    app.state.gate = gate
     setattr(app.state, STATE_KEY, sessions)  # web.sessions.current_user() finds the pages here
     return app
+
+
+def server_config(app: ASGIApp, *, lifespan: Literal["on", "off"] = "on") -> uvicorn.Config:
+    """How mailflow runs uvicorn: `mailflow web`, the tests' servers and the benchmark's baseline.
+
+    uvloop and httptools are used (uvicorn picks them when installed; mailflow depends on
+    both): the event loop and the HTTP parser are most of what a small request costs."""
+    return uvicorn.Config(
+        app,
+        lifespan=lifespan,
+        loop="auto",
+        http="auto",
+        log_config=None,  # mailflow logs through structlog
+        access_log=False,  # request paths carry tokens, which name an address
+        server_header=False,
+        # Forwarding headers are believed only from MAILFLOW_API_TRUSTED_PROXIES (api/middleware.py);
+        # uvicorn's own handling would believe any X-Forwarded-For from 127.0.0.1.
+        proxy_headers=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
 
 
 def serve(
@@ -138,18 +175,7 @@ def serve(
     # uvicorn handles SIGTERM/SIGINT itself, shuts down gracefully, then raises the signal
     # again under the handler it found. Ours only sets a flag, so the process exits 0.
     stop_on_signals()
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_config=None,  # mailflow logs through structlog
-        access_log=False,  # request paths carry tokens, which name an address
-        server_header=False,
-        # Forwarding headers are believed only from MAILFLOW_API_TRUSTED_PROXIES (api/middleware.py);
-        # uvicorn's own handling would believe any X-Forwarded-For from 127.0.0.1.
-        proxy_headers=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(app))
     if stop is not None:
 
         def watch() -> None:

@@ -16,21 +16,21 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import Path, Query
 from psycopg.rows import dict_row
 from pydantic import AwareDatetime, BaseModel, Field, StrictBool, StrictInt
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, Deleted, JsonObject, Text
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, decode, encode, page
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.errors import ConflictError, NotFoundError, UserError
 from mailflow.outbound import campaigns, contacts, segments, templates, views
 from mailflow.outbound.consent import LINK_VARIABLES
 
-router = APIRouter(route_class=IdempotentRoute)
+router = service_router()
 # The operations' dependencies, by scope (module-level: made once, B008).
 CONTACTS_READ = require("contacts:read")
 CONTACTS_WRITE = require("contacts:write")

@@ -20,7 +20,7 @@ import tempfile
 from datetime import datetime
 from typing import IO, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import Path, Query, Request
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
@@ -28,15 +28,15 @@ from starlette.concurrency import run_in_threadpool
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, JsonObject, Text
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, decode, page
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.errors import ConflictError, UserError
 from mailflow.infra import personal
 from mailflow.outbound import contacts, segments
 
-router = APIRouter(route_class=IdempotentRoute, tags=["contacts"])
+router = service_router(tags=["contacts"])
 # The operations' dependencies, by scope (module-level: made once, B008).
 CONTACTS_READ = require("contacts:read")
 CONTACTS_WRITE = require("contacts:write")

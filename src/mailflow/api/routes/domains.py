@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Path
+from fastapi import Path
 from pydantic import BaseModel, Field
 
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, Deleted
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.outbound import domains
 
-router = APIRouter(route_class=IdempotentRoute, tags=["sending-domains"])
+router = service_router(tags=["sending-domains"])
 
 DomainPath = Path(min_length=1, max_length=253, description="The domain (Unicode or IDNA).")
 

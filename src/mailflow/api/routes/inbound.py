@@ -15,21 +15,21 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import Path, Query, Request, Response
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, Deleted
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, keyset, page
 from mailflow.api.problems import responses
 from mailflow.api.routes.senders import NO_NUL
+from mailflow.api.routing import service_router
 from mailflow.errors import NotFoundError, UserError
 from mailflow.inbound import actions, directory, dnscheck, routes, webhooks
 
-router = APIRouter(route_class=IdempotentRoute)
+router = service_router()
 
 
 DOMAIN = r"^[A-Za-z0-9.\-]+$"  # the characters of a name inbound/policy.canonical takes (it checks the labels)

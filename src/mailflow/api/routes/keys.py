@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter
 from pydantic import AwareDatetime, BaseModel, Field
 
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.errors import ConflictError
 from mailflow.tenants import keys
 
-router = APIRouter(route_class=IdempotentRoute, tags=["keys"])
+router = service_router(tags=["keys"])
 
 
 class KeyRequest(Body):
@@ -74,4 +73,6 @@ def revoke_key(key_id: str, ctx: Ctx = require("admin")) -> Revoked:
     would lock the caller out): use another admin key, or `mailflow keys revoke`."""
     if key_id == ctx.principal.key_id:
         raise ConflictError("a key cannot revoke itself; use another admin key or `mailflow keys revoke`")
-    return Revoked(id=key_id, revoked=keys.revoke(ctx.store, key_id, reason=f"revoked by {ctx.principal.actor}"))
+    revoked = keys.revoke(ctx.store, key_id, reason=f"revoked by {ctx.principal.actor}")
+    ctx.gate.cache.forget(key_id)  # this process at once; the others when PostgreSQL's NOTIFY reaches them
+    return Revoked(id=key_id, revoked=revoked)

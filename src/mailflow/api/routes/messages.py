@@ -12,20 +12,20 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import Header, Query, Response
 from psycopg.rows import dict_row
 from pydantic import EmailStr, Field
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, HistoryEvent, Job, JobSummary, JobWithHistory
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, keyset, page
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.outbound import sending, views
 from mailflow.outbound.jobs import JobState, Priority
 
-router = APIRouter(route_class=IdempotentRoute, tags=["messages"])
+router = service_router(tags=["messages"])
 
 
 class SendRequest(Body):
@@ -65,10 +65,13 @@ def send_message(
         variables=body.variables,
         idempotency_key=f"api:{idempotency_key}" if idempotency_key else None,
     )
-    with ctx.reading() as conn:
-        job = views.get_job(conn, job_id)
+    if created:
+        state = str(JobState.PENDING)  # as committed; the queuer takes it from there
+    else:
+        with ctx.reading() as conn:
+            state = views.get_job(conn, job_id).state
     response.headers["Location"] = f"/api/v1/messages/{job_id}"
-    return Queued(job_id=uuid.UUID(job_id), created=created, state=job.state)
+    return Queued(job_id=uuid.UUID(job_id), created=created, state=state)
 
 
 @router.get("/messages/{job_id}", response_model=JobWithHistory, responses=responses(404))

@@ -17,23 +17,23 @@ import binascii
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import Path, Request, Response
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, Deleted
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, keyset, page
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.config import mask_url
 from mailflow.errors import NotFoundError
 from mailflow.infra.vault import dkim_fingerprint
 from mailflow.outbound import sending
 from mailflow.outbound.senders import Sender, dkim_record, parse_relay_url
 
-router = APIRouter(route_class=IdempotentRoute, tags=["senders"])
+router = service_router(tags=["senders"])
 
 NAME = r"^[A-Za-z0-9_.\-]{1,100}$"  # outbound/senders.check_sender's rule, for the document
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text takes no NUL: refused as input, not failed at the write

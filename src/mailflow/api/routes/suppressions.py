@@ -12,20 +12,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import Path, Query
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field, field_validator
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, Text
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, decode, page
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.errors import UserError
 from mailflow.outbound import suppressions
 
-router = APIRouter(route_class=IdempotentRoute, tags=["suppressions"])
+router = service_router(tags=["suppressions"])
 # The operations' dependencies, by scope (module-level: made once, B008).
 CONTACTS_READ = require("contacts:read")
 CONTACTS_WRITE = require("contacts:write")

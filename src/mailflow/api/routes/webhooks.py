@@ -13,20 +13,20 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Path, Request
+from fastapi import Path, Request
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.idempotency import IdempotentRoute
 from mailflow.api.models import Body, Deleted
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, keyset, page
 from mailflow.api.problems import responses
+from mailflow.api.routing import service_router
 from mailflow.errors import UserError
 from mailflow.inbound import webhooks
 
-router = APIRouter(route_class=IdempotentRoute, tags=["webhooks"])
+router = service_router(tags=["webhooks"])
 
 Kind = Literal["bounce", "delayed", "complaint", "auto_reply", "unsubscribe", "reply", "other"]
 EndpointId = Path(
