@@ -32,6 +32,9 @@ from mailflow.api.problems import problem
 from mailflow.consumers import inline
 from mailflow.events.store import EventStore
 from mailflow.infra.vault import Keyring
+from mailflow.log import get_logger
+
+log = get_logger("mailflow.api")
 
 HEADER = "idempotency-key"
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -165,8 +168,12 @@ class IdempotentRoute(APIRoute):
                 return Response(found.body, status_code=found.status or 200, headers=headers, media_type=media)
             try:
                 response = await handler(request)
-            except BaseException:
-                await run_in_threadpool(free, store, key)
+            except BaseException as exc:
+                try:
+                    await run_in_threadpool(free, store, key)
+                except psycopg.Error as also:  # PostgreSQL away: the claim goes stale instead
+                    log.warning("api.idempotency_claim_kept", error=str(also), stale_after_s=stale)
+                    raise exc from None
                 raise
             if response.status_code >= 500:
                 await run_in_threadpool(free, store, key)

@@ -13,14 +13,18 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
+import psycopg
+import redis
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from mailflow.errors import MailflowError, RateLimited
+from mailflow.infra.services import POSTGRES_OUTAGE, is_postgres_outage, is_redis_outage, recover_pool
 from mailflow.log import get_logger
 
 MEDIA_TYPE = "application/problem+json"
@@ -109,7 +113,34 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return problem(request, exc.status_code, exc.detail if isinstance(exc.detail, str) else None, headers=exc.headers)
 
 
+RETRY_AFTER_OUTAGE_S = 1
+
+
+async def _outage(request: Request, exc: Exception) -> Response:
+    """PostgreSQL or Redis went away under a request: 503 with Retry-After, never a 500.
+
+    The request's unit of work was one transaction, rolled back with the connection, so
+    nothing of it stays; the pool is cleared of the connections that broke together with
+    this one, and the client's retry gets a working one (or, during an outage, another 503)."""
+    retry = {"Retry-After": str(RETRY_AFTER_OUTAGE_S)}
+    if isinstance(exc, psycopg.errors.QueryCanceled):  # MAILFLOW_API_TIMEOUT_S
+        log.warning("api.timeout", path=request.url.path, error=str(exc))
+        return problem(request, 503, "the request took too long and was cancelled", type_="timeout", headers=retry)
+    service = "PostgreSQL" if is_postgres_outage(exc) else "Redis"
+    log.warning("api.unavailable", service=service, path=request.url.path, error=str(exc), kind=type(exc).__name__)
+    gate = getattr(request.app.state, "gate", None)
+    if gate is not None and service == "PostgreSQL":
+        await run_in_threadpool(recover_pool, gate.store.pool)
+    detail = f"{service} is not answering; nothing was done, retry after the Retry-After seconds"
+    return problem(request, 503, detail, type_="service-unavailable", headers=retry)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    """Anything else: 500 with the request id, the traceback only in the log. Also the
+    handler of the outage exceptions, which Starlette finds by class (and of any raised
+    outside the routes, in a middleware, which reach it as Exception)."""
+    if is_postgres_outage(exc) or is_redis_outage(exc):
+        return await _outage(request, exc)
     log.error("api.unexpected", path=request.url.path, error=str(exc), exc_info=exc)
     return problem(request, 500, "the server could not handle the request; quote the request_id when reporting it")
 
@@ -118,6 +149,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(MailflowError, _mailflow_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for outage in (*POSTGRES_OUTAGE, redis.ConnectionError, redis.TimeoutError):
+        app.add_exception_handler(outage, _unexpected)
     app.add_exception_handler(Exception, _unexpected)
 
 

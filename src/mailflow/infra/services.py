@@ -243,13 +243,23 @@ def open_pool(
         configure_connection(conn)
         scope.apply(conn)
 
+    def check(conn: psycopg.Connection) -> None:
+        try:
+            _check_if_idle(conn)
+        except psycopg.Error:
+            # Connections break together (a restart, a failover, killed backends): drop the
+            # other dead ones now. Left to psycopg_pool, the caller would meet them one by one,
+            # with its backoff of 1, 2, 4 s between them, and time out while the server is up.
+            recover_pool(pool)
+            raise
+
     pool = Pool(
         url,
         min_size=min_size,
         max_size=max_size,
         kwargs={"autocommit": True, **CONNECT_KWARGS},
         configure=configure,
-        check=_check_if_idle,
+        check=check,
         timeout=timeout,
         reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
         open=True,
