@@ -25,7 +25,7 @@ import redis
 import redis.asyncio as aredis
 from psycopg.abc import Params, QueryNoTemplate
 from psycopg.types.json import set_json_loads
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
@@ -193,7 +193,13 @@ def connect(url: str, *, autocommit: bool = True, scope: Scope | None = None, **
     return conn
 
 
-_returned_at: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
+_returned_at: weakref.WeakKeyDictionary[psycopg.Connection | psycopg.AsyncConnection, float] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _idle_long(conn: psycopg.Connection | psycopg.AsyncConnection) -> bool:
+    return time.monotonic() - _returned_at.get(conn, 0.0) > IDLE_CHECK_S
 
 
 def _check_if_idle(conn: psycopg.Connection) -> None:
@@ -203,7 +209,7 @@ def _check_if_idle(conn: psycopg.Connection) -> None:
     last second fails its caller's statement once; every caller retries its unit of work,
     and `recover_pool()` then clears the rest.
     """
-    if time.monotonic() - _returned_at.get(conn, 0.0) > IDLE_CHECK_S:
+    if _idle_long(conn):
         ConnectionPool.check_connection(conn)
 
 
@@ -253,17 +259,50 @@ def open_pool(
             recover_pool(pool)
             raise
 
-    pool = Pool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        kwargs={"autocommit": True, **CONNECT_KWARGS},
-        configure=configure,
-        check=check,
-        timeout=timeout,
-        reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
-        open=True,
-    )
+    pool = Pool(url, configure=configure, check=check, open=True, **_sizes(min_size, max_size, timeout))
+    return pool
+
+
+def _sizes(min_size: int, max_size: int, timeout: float) -> dict[str, Any]:
+    """What both kinds of pool are opened with, besides their callbacks."""
+    return {
+        "min_size": min_size,
+        "max_size": max_size,
+        "kwargs": {"autocommit": True, **CONNECT_KWARGS},
+        "timeout": timeout,
+        "reconnect_timeout": POOL_RECONNECT_TIMEOUT_S,
+    }
+
+
+class AsyncPool(AsyncConnectionPool):
+    """The event loop's pool (the API's hot reads): as Pool, without the outage waits."""
+
+    async def putconn(self, conn: psycopg.AsyncConnection) -> None:
+        _returned_at[conn] = time.monotonic()
+        await super().putconn(conn)
+
+
+async def open_async_pool(url: str, *, scope: Scope, min_size: int = 1, max_size: int = 4) -> AsyncConnectionPool:
+    """open_pool() for asyncio: autocommit connections in `scope`, checked when idle a while,
+    and every dead one dropped as soon as one is found."""
+
+    async def configure(conn: psycopg.AsyncConnection) -> None:
+        set_json_loads(orjson.loads, conn)
+        await conn.execute("SET jit = off")
+        for sql, params in scope.statements():
+            await conn.execute(sql, params or None)
+
+    async def check(conn: psycopg.AsyncConnection) -> None:
+        if not _idle_long(conn):
+            return
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            await pool.check()  # as open_pool's check does
+            raise
+
+    pool = AsyncPool(url, configure=configure, check=check, open=False, **_sizes(min_size, max_size, POOL_TIMEOUT_S))
+    await pool.open()
     return pool
 
 

@@ -56,13 +56,16 @@ class Scope:
     def is_operator(self) -> bool:
         return self.tenant is None
 
+    def statements(self) -> list[tuple[str, tuple[str, ...]]]:
+        """What sets this scope for the rest of a session (apply() runs them)."""
+        if self.tenant is None:
+            return [(f"SET ROLE {OPERATOR_ROLE}", ())]
+        return [(f"SET ROLE {TENANT_ROLE}", ()), ("SELECT set_config(%s, %s, false)", (SETTING, self.tenant))]
+
     def apply(self, conn: psycopg.Connection) -> None:
         """Set this scope for the rest of the session (the connection must be idle)."""
-        if self.tenant is None:
-            conn.execute(f"SET ROLE {OPERATOR_ROLE}")
-        else:
-            conn.execute(f"SET ROLE {TENANT_ROLE}")
-            conn.execute("SELECT set_config(%s, %s, false)", (SETTING, self.tenant))
+        for sql, params in self.statements():
+            conn.execute(sql, params or None)
         if not conn.autocommit:
             conn.commit()
 

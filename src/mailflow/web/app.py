@@ -113,7 +113,7 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        gate.start()  # the key cache hears key changes from now on
+        await gate.start()  # the key cache hears key changes from now on
         try:
             yield
         finally:

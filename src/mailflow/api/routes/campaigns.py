@@ -19,10 +19,11 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from psycopg.rows import dict_row
 from pydantic import AwareDatetime, BaseModel, Field, StrictBool, StrictInt
+from starlette.responses import Response
 
 from mailflow.api import queries as q
 from mailflow.api.auth import Ctx, require
-from mailflow.api.models import Body, Deleted, JsonObject, Text
+from mailflow.api.models import Body, Deleted, JsonObject, Text, answer
 from mailflow.api.pagination import CursorQuery, LimitQuery, Page, decode, encode, page
 from mailflow.api.problems import responses
 from mailflow.api.routing import service_router
@@ -435,9 +436,12 @@ def create_campaign(body: CampaignRequest, ctx: Ctx = CAMPAIGNS_WRITE) -> Campai
 
 
 @router.get("/campaigns/{campaign_id}", tags=["campaigns"], response_model=Campaign, responses=responses(404))
-def get_campaign(campaign_id: uuid.UUID = CampaignPath, ctx: Ctx = CAMPAIGNS_READ) -> Campaign:
+async def get_campaign(campaign_id: uuid.UUID = CampaignPath, ctx: Ctx = CAMPAIGNS_READ) -> Response:
     """A campaign: what it sends, to whom, and where it is in its life."""
-    return _campaign(ctx, campaign_id)
+    row = await ctx.read_one(q.CAMPAIGN_ROW, id=campaign_id)
+    if row is None:
+        raise NotFoundError(f"no campaign {campaign_id}")
+    return answer(Campaign.model_validate(row))
 
 
 @router.post(
