@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 
@@ -13,6 +14,7 @@ from mailflow.outbound import sending, templates
 from mailflow.outbound.senders import Sender
 from mailflow.runtime.supervisor import (
     CONSUMERS,
+    STOP_TIMEOUT_S,
     Child,
     _error_line,
     child_problems,
@@ -45,6 +47,15 @@ def _children(procs, up) -> dict[str, int]:
         if rec.get("event") == "supervisor.child_started":
             pids[rec["child"]] = rec["pid"]
     return pids
+
+
+def _stopped(procs, up) -> int:
+    """The supervisor's exit code after SIGTERM. It gives its children STOP_TIMEOUT_S, then
+    kills them and says which one (supervisor.child_killed): wait that long, and show its log."""
+    try:
+        return up.wait(STOP_TIMEOUT_S + 15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"mailflow up did not stop after SIGTERM; its log ends:\n{procs.log_of(up)[-4000:]}")
 
 
 def _alive(pid: int) -> bool:
@@ -105,7 +116,7 @@ def test_a_child_killed_with_sigkill_is_restarted_and_the_log_says_which_and_why
     assert {s["role"] for s in json.loads(res.stdout)} >= {"up", "relay", "queuer", "worker", "consumer", "inbound"}
     pids = _children(procs, up).values()
     up.send_signal(signal.SIGTERM)
-    assert up.wait(60) == 0, procs.log_of(up)[-3000:]
+    assert _stopped(procs, up) == 0, procs.log_of(up)[-3000:]
     assert not any(_alive(p) for p in pids)
 
 
