@@ -30,10 +30,6 @@ def _campaign(store) -> str:
     return campaigns.create(store, name="spring", sender="news", template="hello", segment="all")
 
 
-def _run(coro):
-    return asyncio.run(coro)
-
-
 async def _with_pool(db_url: str, work):
     pool = await open_async_pool(db_url, scope=Scope.operator(), max_size=1)  # one connection: reused
     try:
@@ -56,7 +52,7 @@ def test_a_read_sees_its_tenants_row_and_not_anothers(settings, db_url):
         theirs = await inline.read_one(pool, "rival", CAMPAIGN, {"id": campaign_id}, timeout_ms=5000)
         return mine, theirs
 
-    mine, theirs = _run(_with_pool(db_url, work))
+    mine, theirs = asyncio.run(_with_pool(db_url, work))
     assert mine == {"id": uuid.UUID(campaign_id), "name": "spring"}
     assert theirs is None  # row-level security, not a WHERE tenant = ... of the query
 
@@ -80,7 +76,7 @@ def test_nothing_of_the_scope_stays_on_the_connection(db_url):
             status = conn.info.transaction_status
         return inside, after, status
 
-    inside, after, status = _run(_with_pool(db_url, work))
+    inside, after, status = asyncio.run(_with_pool(db_url, work))
     assert inside == {"who": TENANT_ROLE, "tenant": "acme", "timeout": "1234ms"}
     assert after[0] == OPERATOR_ROLE and after[1] in (None, "") and after[2] != "1234ms"
     assert status == psycopg.pq.TransactionStatus.IDLE
@@ -92,7 +88,7 @@ def test_a_slow_read_is_cancelled_by_its_timeout_and_the_connection_is_usable_af
             await inline.read_one(pool, "acme", "SELECT pg_sleep(5)", {}, timeout_ms=50)
         return await inline.read_one(pool, "acme", "SELECT 1 AS one", {}, timeout_ms=50)
 
-    assert _run(_with_pool(db_url, work)) == {"one": 1}
+    assert asyncio.run(_with_pool(db_url, work)) == {"one": 1}
 
 
 def test_parameters_are_quoted_not_spliced(db_url):
@@ -104,4 +100,4 @@ def test_parameters_are_quoted_not_spliced(db_url):
         )
         return row
 
-    assert _run(_with_pool(db_url, work)) == {"v": hostile, "who": TENANT_ROLE}
+    assert asyncio.run(_with_pool(db_url, work)) == {"v": hostile, "who": TENANT_ROLE}

@@ -84,17 +84,18 @@ def openapi_bytes() -> bytes:
 
 def _name_scopes_in_the_document(api: FastAPI) -> None:
     """Each operation's security requirement names the scope its require() checks (auth.scope_of)."""
-    build = api.openapi
+    build = api.openapi  # builds the document once, then returns the one it keeps
 
     def openapi() -> dict[str, Any]:
-        if api.openapi_schema is None:
-            document = build()
+        fresh = api.openapi_schema is None
+        document = build()
+        if fresh:
             for route in api.routes:
                 if isinstance(route, APIRoute) and route.include_in_schema and (scope := scope_of(route.dependant)):
                     for method in route.methods or ():
                         operation = document["paths"][route.path_format][method.lower()]
                         operation["security"] = [{name: [scope] for name in req} for req in operation["security"]]
-        return api.openapi_schema or build()
+        return document
 
     api.openapi = openapi  # type: ignore[method-assign]
 

@@ -43,7 +43,7 @@ from mailflow.errors import AuthenticationError, PermissionDenied, RateLimited
 from mailflow.events.envelope import current_acting
 from mailflow.events.keys import Keys
 from mailflow.events.store import EventStore
-from mailflow.infra.services import async_redis_client, open_async_pool, pool_conninfo
+from mailflow.infra.services import async_redis_client, open_async_pool, pool_conninfo, recover_pool
 from mailflow.infra.tenancy import Scope
 from mailflow.infra.vault import Vault
 from mailflow.log import get_logger
@@ -152,6 +152,13 @@ class Gate:
         if self._apool is None:
             raise RuntimeError("the gate was not started on this event loop (Gate.start)")
         return self._apool
+
+    async def recover(self) -> None:
+        """After a request met PostgreSQL gone: drop the dead connections of both pools at once
+        (they broke together), so that the next requests do not meet them one by one."""
+        await run_in_threadpool(recover_pool, self.store.pool)
+        if self._apool is not None:
+            await self._apool.check()
 
     async def aclose(self) -> None:
         self.cache.close()
@@ -277,7 +284,7 @@ def require(scope: str) -> Any:
         return Ctx(principal, gate.store.for_tenant(principal.tenant), gate)
 
     dependency.__name__ = f"require_{scope.replace(':', '_')}"
-    dependency.scope = scope  # type: ignore[attr-defined]  # for the OpenAPI document: scope_of()
+    dependency.mailflow_scope = scope  # type: ignore[attr-defined]  # for the OpenAPI document: scope_of()
     return Depends(dependency)
 
 
@@ -289,7 +296,7 @@ def scope_of(dependant: Dependant) -> str | None:
     carry them), for nothing, since require() checks the scope itself. The document still
     names the scope: app.application() puts it there from here."""
     for sub in dependant.dependencies:
-        found = getattr(sub.call, "scope", None) or scope_of(sub)
+        found = getattr(sub.call, "mailflow_scope", None) or scope_of(sub)
         if found:
             return found
     return None

@@ -18,13 +18,12 @@ import redis
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from mailflow.errors import MailflowError, RateLimited
-from mailflow.infra.services import POSTGRES_OUTAGE, is_postgres_outage, is_redis_outage, recover_pool
+from mailflow.infra.services import POSTGRES_OUTAGE, is_postgres_outage, is_redis_outage
 from mailflow.log import get_logger
 
 MEDIA_TYPE = "application/problem+json"
@@ -130,7 +129,7 @@ async def _outage(request: Request, exc: Exception) -> Response:
     log.warning("api.unavailable", service=service, path=request.url.path, error=str(exc), kind=type(exc).__name__)
     gate = getattr(request.app.state, "gate", None)
     if gate is not None and service == "PostgreSQL":
-        await run_in_threadpool(recover_pool, gate.store.pool)
+        await gate.recover()
     detail = f"{service} is not answering; nothing was done, retry after the Retry-After seconds"
     return problem(request, 503, detail, type_="service-unavailable", headers=retry)
 

@@ -392,7 +392,10 @@ def _campaigns(ctx: Ctx, **params: Any) -> list[dict[str, Any]]:
 
 def _campaign(ctx: Ctx, campaign_id: uuid.UUID) -> Campaign:
     with ctx.reading() as conn, conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(q.CAMPAIGN_ROW, {"id": campaign_id}).fetchone()
+        return _found(cur.execute(q.CAMPAIGN_ROW, {"id": campaign_id}).fetchone(), campaign_id)
+
+
+def _found(row: dict[str, Any] | None, campaign_id: uuid.UUID) -> Campaign:
     if row is None:
         raise NotFoundError(f"no campaign {campaign_id}")
     return Campaign.model_validate(row)
@@ -438,10 +441,7 @@ def create_campaign(body: CampaignRequest, ctx: Ctx = CAMPAIGNS_WRITE) -> Campai
 @router.get("/campaigns/{campaign_id}", tags=["campaigns"], response_model=Campaign, responses=responses(404))
 async def get_campaign(campaign_id: uuid.UUID = CampaignPath, ctx: Ctx = CAMPAIGNS_READ) -> Response:
     """A campaign: what it sends, to whom, and where it is in its life."""
-    row = await ctx.read_one(q.CAMPAIGN_ROW, id=campaign_id)
-    if row is None:
-        raise NotFoundError(f"no campaign {campaign_id}")
-    return answer(Campaign.model_validate(row))
+    return answer(_found(await ctx.read_one(q.CAMPAIGN_ROW, id=campaign_id), campaign_id))
 
 
 @router.post(
