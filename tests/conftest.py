@@ -169,6 +169,7 @@ def settings(db_url: str, redis_url: str, prefix: str, tmp_path: Path) -> Settin
         consumer_retry_backoff_s=0.01,
         consumer_max_attempts=3,
         relay_poll_interval_s=0.2,
+        periodic_duties=False,  # hourly aggregation, cleanup and DNS checks: only where a test is about them
     )
 
 
@@ -226,6 +227,7 @@ def env(settings: Settings) -> dict[str, str]:
         MAILFLOW_CONSUMER_RETRY_BACKOFF_S=str(settings.consumer_retry_backoff_s),
         MAILFLOW_CONSUMER_MAX_ATTEMPTS=str(settings.consumer_max_attempts),
         MAILFLOW_RELAY_POLL_INTERVAL_S=str(settings.relay_poll_interval_s),
+        MAILFLOW_PERIODIC_DUTIES="true" if settings.periodic_duties else "false",
         MAILFLOW_LOG_FORMAT="json",
     )
     return e

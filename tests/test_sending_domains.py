@@ -204,38 +204,43 @@ def test_a_sender_without_a_key_of_its_own_signs_with_the_domains_and_holds_back
         assert [x for x in left(conn) if x["owner"] == "sending-domain:acme.example"] == []
 
 
-def test_the_queuer_rechecks_due_domains_in_a_thread_and_a_broken_dns_setting_does_not_stop_it(
+def test_dns_rechecks_are_a_periodic_duty_the_queuer_schedules_and_dns_trouble_is_the_duty_s_alone(
     rt, store, operator_store, s, redis_url, dns_server, db
 ):
     from mailflow.infra.services import redis_client
+    from mailflow.runtime.duties import duties
 
     added = domains.add(store, rt.vault, "acme.example", settings=s)
     publish(dns_server, added)
-    queuer = Queuer(operator_store, redis_url, s)
+    on = s.model_copy(update={"periodic_duties": True})
+    queuer = Queuer(operator_store, redis_url, on)
     r = redis_client(redis_url, check=False)
     try:
-        queuer.tick(r)  # the periodic duty starts a round of checks
-        assert queuer._domains_round is not None
-        queuer._domains_round.join(10)
-        assert queuer.recheck_domains() is False  # looked just now
+        queuer.tick(r)  # the leader's housekeeping turns the due duties into low-priority jobs
+        kinds = dict(db.execute("SELECT kind, priority FROM jobs WHERE tenant = '_system'").fetchall())
+        assert kinds == {"aggregate": "low", "cleanup": "low", "dns_check": "low"}
+        check = duties(operator_store, on)["dns_check"]
+        assert check({}) == "checked 1 sending domain(s)"
         (checked,) = events_of(db, "SendingDomainChecked")
         assert checked["status"] == "verified"
+        assert check({}) == "checked 0 sending domain(s)"  # checked lately
 
         dns_server.silent.update(r.name for r in added.records)  # a DNS server that hangs
-        queuer._domains_looked = 0.0
         db.execute("UPDATE sending_domains SET last_checked_at = now() - interval '2 hours'")
+        db.execute("UPDATE periodic SET next_due = now() WHERE name = 'dns_check'")
+        db.execute("UPDATE jobs SET state = 'completed' WHERE tenant = '_system'")
+        queuer._housekept = 0.0  # housekeeping is at most once a second
         began = time.monotonic()
-        assert queuer.recheck_domains() is True
-        assert time.monotonic() - began < 0.2  # the queue does not wait for DNS
         queuer.tick(r)
-        queuer._domains_round.join(10)
+        assert time.monotonic() - began < 2  # scheduling the duty does not wait for DNS
+        assert db.execute("SELECT count(*) FROM jobs WHERE kind = 'dns_check'").fetchone() == (2,)
+        check({})
         assert events_of(db, "SendingDomainChecked")[-1]["status"] == "verified"  # errors: status kept
 
-        broken = Queuer(operator_store, redis_url, s.model_copy(update={"dns_servers": ["not-an-address"]}))
-        assert broken.recheck_domains() is True
-        assert broken._domains_round is not None
-        broken._domains_round.join(10)  # logged, not raised
-        assert broken.tick(r) >= 0
+        broken = duties(operator_store, on.model_copy(update={"dns_servers": ["not-an-address"]}))["dns_check"]
+        with pytest.raises(Exception):  # noqa: B017 - the worker retries a duty that raises, whatever it raised
+            broken({})
+        assert queuer.tick(r) >= 0
     finally:
         r.close()
 

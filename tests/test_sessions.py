@@ -308,3 +308,13 @@ def test_a_suspended_tenants_users_still_log_in_and_an_erased_tenants_do_not(app
     registry.mark_erased(operator_rt.store, "default", people=0)
     assert client.get("/account").status_code == 303  # the erasure took its users and their sessions
     assert log_in(client_of(app)).status_code == 401
+
+
+def test_the_pages_with_forms_keep_their_origin_so_that_a_browser_s_post_is_not_taken_for_cross_site(app):
+    # Under Referrer-Policy no-referrer Chromium posts forms with `Origin: null`, which
+    # cross_site() must refuse: the login would never work in a real browser.
+    client = client_of(app)
+    assert client.get("/login").headers["referrer-policy"] == "same-origin"
+    log_in(client)
+    assert client.get("/account").headers["referrer-policy"] == "same-origin"
+    assert sessions.cross_site("null", None, ["testserver"])

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     spf_include: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]+$")  # "_spf.relay.example"
     dmarc_rua: str | None = Field(default=None, pattern=r"^[^\s@;,]+@[^\s@;,]+$")  # "dmarc@example.org"
     domain_check_interval_s: float = Field(default=3600.0, gt=0)  # re-check each domain's records this often
+    # Analytics (projectors/facts.py, analytics.py): raw facts (and their day partitions) are kept
+    # this long; the hourly, daily and monthly aggregates longer (hourly as long as the facts).
+    analytics_retention_days: int = Field(default=180, ge=2, le=3660)
+    # The queuer's leader schedules the periodic table's duties (outbound/periodic.py) as jobs;
+    # off, none is scheduled (the tests that are not about them turn them off).
+    periodic_duties: bool = True
     domain_dns_timeout_s: float = Field(default=5.0, gt=0)  # one DNS question of a check
 
     @property

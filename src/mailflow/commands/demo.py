@@ -160,6 +160,17 @@ def _print_demo(res: Any) -> None:
         )
     if res.api:
         _print_api(res.api)
+    if res.stats:
+        from mailflow.commands.stats import render_dict
+
+        out.print()
+        _say("the last 24 hours, as `mailflow stats` shows them (the aggregates and the facts of this hour):")
+        render_dict(res.stats)
+        _say(
+            f"dashboard: it was served at http://127.0.0.1:{res.dashboard_port}/dashboard during the run; "
+            "to look at it now, add a user (`mailflow users add you@example.org --role owner`), run "
+            "`mailflow web` and open http://127.0.0.1:8025/dashboard"
+        )
     out.print("OK: every job reached completed or failed" if res.ok else "FAILED: some jobs did not finish")
 
 

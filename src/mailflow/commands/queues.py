@@ -1,4 +1,5 @@
-"""Commands room: `mailflow queues` - queue depth, waiting work and latency vs SLA per priority."""
+"""Commands room: `mailflow queues` - queue depth, waiting work and latency vs SLA per priority,
+and the periodic duties (aggregation, cleanup, DNS checks) against their SLA."""
 
 from __future__ import annotations
 
@@ -52,8 +53,14 @@ def queues(as_json: bool = JsonOpt) -> None:
     rt = runtime()
     with rt.connect() as conn:
         stats = views.queue_stats(conn, rt.redis, rt.keys)
+    op = runtime(operator=True)  # the duties belong to no tenant
+    with op.connect() as conn:
+        duties = views.duty_stats(conn)
     if as_json:
-        emit_json([s.to_dict() for s in stats])
+        rows = [s.to_dict() for s in stats]
+        for row in rows:  # the duties run from the low queue (a list per priority, as before)
+            row["duties"] = [d.to_dict() for d in duties if d.priority == row["priority"]]
+        emit_json(rows)
         return
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="", padding=(0, 0, 0, 2))
     columns = ("priority", "stream", "pending", "retry", "queued", "active", "completed", "failed")
@@ -65,3 +72,17 @@ def queues(as_json: bool = JsonOpt) -> None:
     out.print()
     for s in stats:
         out.print(sla_line(s), markup=False)
+    if duties:
+        out.print()
+        for d in duties:
+            out.print(duty_line(d), markup=False)
+
+
+def duty_line(d: views.DutyStats) -> str:
+    """A periodic duty on one line of 80 columns: schedule, next run, last run vs its SLA."""
+    verdict = {None: "-", True: "ok", False: "MISSED"}[d.within_sla]
+    nxt = f"next {d.next_due:%H:%M}" if d.enabled else "disabled"
+    last = "never ran" if d.last_due is None else f"last {d.last_state or 'gone'}"
+    return (
+        f"{d.name:<10} {d.priority} every {duration(d.every_s):<6} SLA {duration(d.sla_s)} {verdict:<6} {nxt}, {last}"
+    )

@@ -1,4 +1,4 @@
-"""Commands room: `mailflow worker` - send jobs over SMTP."""
+"""Commands room: `mailflow worker` - send jobs over SMTP, and run the duties (aggregation, cleanup, DNS checks)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mailflow.commands.base import (
     run_process,
 )
 from mailflow.outbound.worker import Worker
+from mailflow.runtime.duties import duties
 
 app = new_app()
 
@@ -23,7 +24,14 @@ def worker_cmd(name: str | None = typer.Option(None, "--name", help="Consumer na
     def body(rt, stop: threading.Event, health) -> None:
         s = rt.settings
         worker = Worker(
-            rt.store, rt.services.redis_url, s, rt.keyring.signing_key, vault=rt.vault, name=health.name, health=health
+            rt.store,
+            rt.services.redis_url,
+            s,
+            rt.keyring.signing_key,
+            vault=rt.vault,
+            name=health.name,
+            health=health,
+            duties=duties(rt.store, s),
         )
 
         async def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -12,6 +13,9 @@ from mailflow.events.envelope import Envelope
 if TYPE_CHECKING:
     from mailflow.config import Settings
     from mailflow.events.store import EventStore
+
+
+Publish = Callable[[str, bytes], None]  # (pub/sub channel under the key prefix, message)
 
 
 class Projection(ABC):
@@ -29,6 +33,11 @@ class Projection(ABC):
         """Called once by the runner before the first batch, with the store it reads and
         writes through: a projection that records events of its own (a consumer whose
         effects are events, such as the inbound classifier) keeps it."""
+
+    def committed(self, publish: Publish) -> None:  # noqa: B027 - most need nothing
+        """Called after the transaction of an applied batch has committed (never for one that
+        was rolled back): what may only be said of committed work is said here, such as the
+        facts projection's live metric deltas on pub/sub."""
 
     @abstractmethod
     def apply(self, conn: psycopg.Connection, events: list[Envelope]) -> None:

@@ -288,9 +288,18 @@ class ConsumerRunner:
                     raise _ApplyFailed(describe(exc)) from exc
                 conn.execute(q.SET_CHECKPOINT, (tail.position, self.name))
                 self.applied += len(todo)
+        if not refill:
+            self.projection.committed(self._publish)
         if refill:
             self.catch_up(upto=max(e.position or 0 for e in envs))
             self._apply_tx(envs)
+
+    def _publish(self, channel: str, message: bytes) -> None:
+        """Pub/sub for a projection's committed() (fire and forget: Redis away loses the message)."""
+        try:
+            self.redis.publish(f"{self.keys.prefix}:{channel}", message)
+        except _REDIS_ERRORS as exc:
+            self.log.warning("consumer.publish_failed", channel=channel, error=str(exc)[:200])
 
     def _apply_one(self, env: Envelope) -> bool:
         with structlog.contextvars.bound_contextvars(position=env.position, correlation_id=env.metadata.correlation_id):

@@ -371,23 +371,45 @@ def events_part(types: Sequence[EventType], keys: Keys) -> Part:
     if "metrics" not in announced:
         part.messages["MetricDelta"] = {
             "name": "MetricDelta",
-            "title": "A real-time metric delta (reserved)",
-            "summary": "Reserved for analytics; its shape is not fixed yet.",
+            "title": "A tenant's real-time metric delta",
+            "summary": "What a tenant's committed events added to the dashboard's counters since the last delta.",
             "contentType": "application/json",
-            "payload": multi({"$schema": DIALECT, "type": "object"}),
+            "payload": multi(
+                {
+                    "$schema": DIALECT,
+                    "type": "object",
+                    "required": ["tenant", "at_ms", "position", "counters"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "tenant": {"type": "string"},
+                        "at_ms": {"type": "integer", "description": "When it was published (Unix epoch, ms)."},
+                        "position": {"type": "integer", "description": "The newest event position it counts."},
+                        "counters": {
+                            "type": "object",
+                            "description": "Non-zero increments of the dashboard's counters (docs/analytics.md): "
+                            "sent, delivered, deferred, failed, bounced, complained, replied, auto_replied, "
+                            "unsubscribed, opened, opened_unique, clicked, clicked_unique, machine_opens, "
+                            "machine_clicks.",
+                            "additionalProperties": {"type": "integer", "minimum": 1},
+                        },
+                    },
+                }
+            ),
         }
         part.channels["metrics"] = {
             "address": keys.metrics,
-            "title": "Real-time metric deltas (reserved)",
-            "description": "Pub/sub, reserved: real-time metric deltas for dashboards will be published here "
-            "when analytics comes. Nothing publishes on it yet; its message shape is not a contract yet.",
+            "title": "Real-time metric deltas",
+            "description": "Pub/sub: the facts consumer publishes, after each committed batch, what it added "
+            "to each tenant's counters, at most 4 messages a second per tenant; facts older than 5 minutes "
+            "(a rebuild, a catch-up) are not published. Fire and forget: a subscriber that was not listening "
+            "misses deltas and catches up from the aggregates (GET /dashboard/data), as the dashboard does.",
             "servers": servers,
             "messages": {"MetricDelta": ref("components", "messages", "MetricDelta")},
             "x-redis": {"type": "pubsub"},
         }
         part.operations["publishMetrics"] = {
             "action": "send",
-            "title": "Reserved: nothing publishes metric deltas yet",
+            "title": "The facts consumer publishes metric deltas",
             "channel": ref("channels", "metrics"),
             "messages": [ref("channels", "metrics", "messages", "MetricDelta")],
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 from mailflow.events.registry import Event, registry
 
@@ -159,17 +159,29 @@ class SenderDeleted(Event):
 
 
 class JobCreated(Event):
+    """A job: a message to send (kind `send`), or a duty of the system (kind `aggregate`,
+    `cleanup`, `dns_check`, ...: runtime/duties.py) with its `args`, which has no recipient,
+    sender or template and is recorded under the `_system` tenant."""
+
     schema_version = 2
     job_id: str
     idempotency_key: str
     priority: str
-    subject: str
-    domain: str  # the recipient's domain (rate limits, analytics): not the person
-    sealed: str  # {"email", "variables"}
-    sender: str
-    template: str
+    subject: str = ""
+    domain: str = ""  # the recipient's domain (rate limits, analytics): not the person
+    sealed: str = ""  # {"email", "variables"}
+    sender: str = ""
+    template: str = ""
     campaign_id: str | None = None
     due_at: str | None = None
+    kind: str = "send"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _a_message_names_its_parts(self) -> JobCreated:
+        if self.kind == "send" and not (self.subject and self.sealed and self.sender and self.template):
+            raise ValueError("a send job needs its subject, sealed recipient, sender and template")
+        return self
 
 
 class JobQueued(Event):
@@ -187,8 +199,9 @@ class JobStarted(Event):
 class JobCompleted(Event):
     job_id: str
     attempt: int
-    code: int
+    code: int  # the SMTP reply code; 0 for a duty
     reply: str
+    size: int | None = None  # bytes of the message as sent
 
 
 class JobFailed(Event):
@@ -331,6 +344,32 @@ class CampaignStoppedForContact(Event):
 
 
 for _model in (FeedbackReceived, SoftBounceCounted, DeliverabilityAlertRaised, CampaignStoppedForContact):
+    registry.register(_model)
+
+
+# -- engagement (open and click tracking: web/tracking.py) ----------------------------------
+
+
+class MessageOpened(Event):
+    """The open pixel of a sent message was fetched. `machine`: by a prefetcher or a scanner
+    (Apple Mail Privacy Protection, an image proxy, a link checker: mail/tracking.py), so not
+    counted as a person's open; `reason` says which rule decided. No address, no IP address."""
+
+    job_id: str
+    machine: bool = False
+    reason: str = "human"
+
+
+class LinkClicked(Event):
+    """A rewritten link of a sent message was followed (`link`: its index in the message)."""
+
+    job_id: str
+    link: int
+    machine: bool = False
+    reason: str = "human"
+
+
+for _model in (MessageOpened, LinkClicked):
     registry.register(_model)
 
 

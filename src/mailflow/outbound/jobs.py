@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Any
 
 import orjson
 import psycopg
@@ -77,13 +78,14 @@ class IllegalTransition(ConflictError):
 
 CREATE = """
 INSERT INTO jobs (id, tenant, idempotency_key, priority, subject, email, domain, sender, template, variables,
-                  campaign_id, due_at, created_at, correlation_id)
+                  campaign_id, due_at, created_at, correlation_id, kind, args)
 SELECT u.id, u.tenant, u.key, u.priority, u.subject, u.email, u.domain, u.sender, u.template, u.variables,
-       u.campaign_id, coalesce(u.due_at, u.at), u.at, u.correlation
+       u.campaign_id, coalesce(u.due_at, u.at), u.at, u.correlation, u.kind, u.args
 FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-            %b::text[], %b::text[]::jsonb[], %b::uuid[], %b::timestamptz[], %b::timestamptz[], %b::text[])
+            %b::text[], %b::text[]::jsonb[], %b::uuid[], %b::timestamptz[], %b::timestamptz[], %b::text[],
+            %b::text[], %b::text[]::jsonb[])
      AS u(id, tenant, key, priority, subject, email, domain, sender, template, variables, campaign_id, due_at, at,
-          correlation)
+          correlation, kind, args)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -121,6 +123,7 @@ COUNT_USAGE = """
 INSERT INTO tenant_usage AS t (tenant, hour, messages)
 SELECT j.tenant, date_trunc('hour', u.at, 'UTC'), count(*)
 FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) AS u(id, at) JOIN jobs j ON j.id = u.id
+WHERE j.kind = 'send'
 GROUP BY 1, 2
 ON CONFLICT (tenant, hour) DO UPDATE SET messages = t.messages + excluded.messages
 """
@@ -139,7 +142,12 @@ def _created(conn: psycopg.Connection, evs: list[Envelope]) -> None:
     """The address and variables are opened from the sealed value; a job of a person erased
     since keeps its row (and so its campaign's counts) without them."""
     d = [e.data for e in evs]
-    opened = personal.open_each(conn, [(str(e.metadata.tenant), x["subject"], x["sealed"]) for e, x in zip(evs, d)])
+    sends = [i for i, x in enumerate(d) if x.get("kind", "send") == "send"]
+    opened: list[dict[str, Any] | None] = [None] * len(d)  # a duty has no recipient
+    for i, v in zip(
+        sends, personal.open_each(conn, [(str(evs[i].metadata.tenant), d[i]["subject"], d[i]["sealed"]) for i in sends])
+    ):
+        opened[i] = v
     conn.execute(
         CREATE,
         (
@@ -157,6 +165,8 @@ def _created(conn: psycopg.Connection, evs: list[Envelope]) -> None:
             [x.get("due_at") for x in d],
             [e.recorded_at for e in evs],
             [e.metadata.correlation_id for e in evs],
+            [x.get("kind", "send") for x in d],
+            [orjson.dumps(x.get("args") or {}).decode() for x in d],
         ),
     )
 

@@ -177,7 +177,8 @@ SELECT d.id, t.id AS tenant, d.sender, d.domain, d.correlation_id,
        CASE WHEN t.daily_limit IS NOT NULL THEN t.daily_limit - coalesce(
            (SELECT sum(u.messages) FROM tenant_usage u
             WHERE u.tenant = t.id AND u.hour >= date_trunc('day', now(), 'UTC')), 0) END AS daily_left
-FROM tenants t
+FROM (SELECT id, status, hourly_limit, daily_limit FROM tenants
+      UNION ALL SELECT '_system', 'active', NULL, NULL) t  -- the duties' (periodic.py): no limits
 CROSS JOIN LATERAL (
     SELECT j.id, j.sender, j.domain,
            coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id
@@ -217,6 +218,7 @@ ORDER BY queue_seq
 # Lock the jobs a worker was handed; only those still queued under that very entry start.
 CLAIM_JOBS = """
 SELECT j.id, j.tenant, j.state, j.queue_seq, j.attempts, j.subject, j.email, j.sender, j.template, j.variables, j.campaign_id,
+       j.kind, j.args,
        s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker,
        coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id,
        cp.status AS campaign_status, k.key AS subject_key,
@@ -481,4 +483,26 @@ DELETE_SENDING_DOMAIN_SECRETS = (
 UNSENT_CAMPAIGN_JOBS_OF = """
 SELECT id, attempts FROM jobs
 WHERE subject = %s AND campaign_id IS NOT NULL AND state IN ('pending', 'retry') ORDER BY id FOR UPDATE
+"""
+
+# -- periodic duties (periodic.py) -----------------------------------------------------------------
+
+DUE_PERIODIC = """
+SELECT p.name, p.kind, p.priority, p.every, p.delay, p.args, p.next_due,
+       coalesce(j.state NOT IN ('completed', 'failed'), false) AS running
+FROM periodic p
+LEFT JOIN jobs j ON j.id = p.last_job
+WHERE p.enabled AND p.next_due <= %s
+ORDER BY p.next_due
+FOR UPDATE OF p SKIP LOCKED
+"""
+SET_PERIODIC_NEXT = """
+UPDATE periodic SET next_due = %s, last_job = coalesce(%s::uuid, last_job), last_due = %s WHERE name = %s
+"""
+PERIODIC = """
+SELECT p.name, p.kind, p.priority, p.every, p.delay, p.enabled, p.next_due, p.last_due,
+       j.state AS last_state, j.finished_at AS last_finished_at, j.last_reply
+FROM periodic p
+LEFT JOIN jobs j ON j.id = p.last_job
+ORDER BY p.name
 """

@@ -21,10 +21,10 @@ lately are therefore left alone for the first seconds of a term (the queuer's ow
 reconnect after an outage begins one), so that workers coming back from the same outage
 renew them instead of having their jobs sent a second time.
 
-Low-priority housekeeping rides on the same loop: about once a minute the leader looks for
-sending domains whose DNS records are due for their re-check (MAILFLOW_DOMAIN_CHECK_INTERVAL_S,
-domains.recheck_due) and checks them in a thread of its own, one round at a time, so that a
-DNS server that hangs or fails delays only that thread, never the queue.
+Periodic duties ride on the same loop: about once a second the leader turns the due rows of
+the periodic table into jobs (periodic.py) - hourly aggregation, retention, the sending
+domains' DNS re-checks - which workers run from the low queue like any job, so a DNS server
+that hangs delays one duty, never the queue.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from mailflow.infra.leader import Term, run_as_leader
 from mailflow.infra.locks import Lock
 from mailflow.infra.services import redis_client
 from mailflow.log import get_logger
-from mailflow.outbound import campaigns, domains, streams
+from mailflow.outbound import campaigns, periodic, streams
 from mailflow.outbound import queries as q
 from mailflow.outbound.events import JobQueued, JobRetryScheduled
 from mailflow.outbound.jobs import Priority
@@ -186,8 +186,6 @@ class Queuer:
             p: DrainRate(settings.queue_target_s, settings.queue_min_unread, settings.queue_max_depth) for p in Priority
         }
         self.is_leader = threading.Event()
-        self._domains_looked = 0.0  # when the leader last looked for sending domains due a DNS check
-        self._domains_round: threading.Thread | None = None
         self.health = health or Health("queuer", f"{socket.gethostname()}-{os.getpid()}", log)
 
     def run(self, stop: threading.Event) -> None:
@@ -240,42 +238,10 @@ class Queuer:
             moved += self._queue(r, priority)
         if housekeeping:
             campaigns.complete_finished(self.store)
-            self.recheck_domains()
+            if self.settings.periodic_duties:
+                periodic.schedule_due(self.store)
             self._housekept = time.monotonic()
         return moved
-
-    DOMAINS_LOOK_S = 60.0  # how often the leader looks for sending domains due a check
-
-    def recheck_domains(self) -> bool:
-        """Start a round of sending-domain DNS checks in a thread, unless one is running or the
-        last look was less than a minute (or, if shorter, the check interval) ago; True if started.
-
-        The look is frequent so that each domain is checked about every interval, not every other;
-        which domains are due is decided by their last check (domains.recheck_due)."""
-        now = time.monotonic()
-        if self._domains_round is not None and self._domains_round.is_alive():
-            return False
-        every = min(self.DOMAINS_LOOK_S, self.settings.domain_check_interval_s)
-        if self._domains_looked and now - self._domains_looked < every:
-            return False
-        self._domains_looked = now
-        self._domains_round = threading.Thread(target=self._recheck_domains, name="mailflow-domain-checks", daemon=True)
-        self._domains_round.start()
-        return True
-
-    def _recheck_domains(self) -> None:
-        try:
-            checked = domains.recheck_due(
-                self.store,
-                domains.Resolver.from_settings(self.settings),
-                interval_s=self.settings.domain_check_interval_s,
-                settings=self.settings,
-            )
-        except Exception as exc:  # noqa: BLE001 - a failed round is logged and tried again at the next look
-            log.warning("queuer.domain_checks_failed", error=str(exc)[:300])
-            return
-        if checked:
-            log.info("queuer.domains_checked", count=checked)
 
     def reclaim_expired(self) -> int:
         """Jobs whose worker died mid-send: active -> retry, due now (another worker sends them)."""

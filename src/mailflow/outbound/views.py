@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -306,6 +306,52 @@ def queue_stats(conn: psycopg.Connection, r: redis.Redis, keys: Keys) -> list[Qu
             )
         )
     return report
+
+
+@dataclass(frozen=True)
+class DutyStats(_View):
+    """A periodic duty (periodic.py): its schedule, and how its last job went against its SLA."""
+
+    name: str
+    kind: str
+    priority: str
+    every_s: float
+    enabled: bool
+    next_due: datetime
+    last_due: datetime | None
+    last_state: str | None
+    last_finished_at: datetime | None
+    last_reply: str | None
+    sla_s: float
+    within_sla: bool | None  # the last run ended within the SLA of its due time (None: never ran)
+
+
+def duty_stats(conn: psycopg.Connection, now: datetime | None = None) -> list[DutyStats]:
+    """Every periodic duty (an operator's connection: duties belong to no tenant)."""
+    now = now or datetime.now(UTC)
+    out = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        for row in cur.execute(q.PERIODIC).fetchall():
+            sla = SLA_SECONDS[Priority(row["priority"])]
+            due, finished = row["last_due"], row["last_finished_at"]
+            within = None if due is None else ((finished or now) - due).total_seconds() <= sla
+            out.append(
+                DutyStats(
+                    row["name"],
+                    row["kind"],
+                    row["priority"],
+                    row["every"].total_seconds(),
+                    row["enabled"],
+                    row["next_due"],
+                    due,
+                    row["last_state"],
+                    finished,
+                    row["last_reply"],
+                    sla,
+                    within,
+                )
+            )
+    return out
 
 
 # -- the catalogue --------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import asyncio
 import os
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,6 +74,7 @@ BATCH_GATHER_S = 0.01  # a busy worker waits this long at most for more free slo
 ORPHAN_CLAIM_EVERY_S = 5.0
 log = get_logger("mailflow.worker")
 Entry = tuple[Priority, bytes, dict[bytes, bytes]]
+Duty = Callable[[dict[str, Any]], str]  # a job's args -> what it did (runtime/duties.py)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Claimed:
     tenant: str | None = None
     subject: str = ""
     subject_key: bytes | None = None  # seals what a bounce records about the recipient
+    kind: str = "send"  # or a duty's kind (periodic.py), run by the worker's table of duties
+    args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def metadata(self) -> Metadata:
@@ -127,6 +131,7 @@ class Result:
     code: int | None
     reply: str
     kind: str | None = None  # overrides the verdict's failure kind (suppressed, message)
+    size: int | None = None  # bytes of the message as sent
     # The events that record it, made once: a retried write after a commit that was not
     # seen carries the same event ids, so it can tell "already recorded" from "lost the lease".
     events: list[tuple[str, NewEvent]] | None = None
@@ -251,8 +256,10 @@ class Worker:
         vault: Vault | None = None,
         name: str | None = None,
         health: Health | None = None,
+        duties: Mapping[str, Duty] | None = None,
     ) -> None:
         self.store = store
+        self.duties = dict(duties or {})
         self.redis_url = redis_url
         self.settings = settings
         self.secret = secret
@@ -529,7 +536,12 @@ class Worker:
                         row["tenant"],
                         row["subject"],
                         bytes(row["subject_key"]) if row["subject_key"] is not None else None,
+                        row["kind"],
+                        row["args"] or {},
                     )
+                    if job.kind != "send":
+                        claimed.append(job)  # a duty: nobody to consent, nothing to suppress
+                        continue
                     refusal = refusal_reason(
                         job,
                         suppressed=row["suppressed"],
@@ -564,7 +576,8 @@ class Worker:
         extra = []
         ev: JobCompleted | JobFailed | JobRetryScheduled
         if v.outcome is Outcome.DELIVERED:
-            ev = JobCompleted(job_id=j.job_id, attempt=j.attempt, code=res.code or 250, reply=res.reply)
+            code = res.code if res.code is not None else 250
+            ev = JobCompleted(job_id=j.job_id, attempt=j.attempt, code=code, reply=res.reply, size=res.size)
         elif v.outcome is Outcome.RETRY:
             delay = self.schedule.delay(j.attempt, v.retry_after_s)
             if delay is None:
@@ -662,7 +675,10 @@ class Worker:
     async def _send(self, job: Claimed) -> None:
         """Send one job and queue its result; a job never stays unrecorded, whatever goes wrong."""
         try:
-            await self._deliver(job)
+            if job.kind != "send":
+                await self._run_duty(job)
+            else:
+                await self._deliver(job)
         except _Unavailable as exc:
             self.results.append(Result(job, transient(str(exc)), None, str(exc)[:1000]))
         except Exception as exc:
@@ -670,6 +686,24 @@ class Worker:
             self.results.append(
                 Result(job, transient(f"internal error: {exc!r}"), None, f"internal error: {exc!r}"[:1000])
             )
+
+    async def _run_duty(self, job: Claimed) -> None:
+        """A duty runs in a thread; what it did is its JobCompleted's reply (code 0). One that
+        raises is retried on the retry schedule, like a deferred message."""
+        run = self.duties.get(job.kind)
+        if run is None:
+            why = f"this worker runs no duty of kind {job.kind!r}"
+            self.results.append(
+                Result(job, Verdict(Outcome.FAILED, FailureKind.PERMANENT, False), None, why, "unknown_duty")
+            )
+            return
+        try:
+            summary = await asyncio.to_thread(run, job.args)
+        except Exception as exc:  # noqa: BLE001 - the duty is retried; the worker goes on
+            self.log.warning("worker.duty_failed", job=job.job_id, duty=job.kind, error=str(exc)[:300])
+            self.results.append(Result(job, transient(f"{type(exc).__name__}: {exc}"), None, f"{exc}"[:1000]))
+            return
+        self.results.append(Result(job, Verdict(Outcome.DELIVERED, FailureKind.NONE, False), 0, summary[:1000]))
 
     async def _deliver(self, job: Claimed) -> None:
         code: int | None = None
@@ -749,7 +783,7 @@ class Worker:
             await pool.release(client, healthy)
         if verdict.outcome is Outcome.DELIVERED:
             self.sent += 1
-        self.results.append(Result(job, verdict, code, " ".join(str(text).split())[:1000]))
+        self.results.append(Result(job, verdict, code, " ".join(str(text).split())[:1000], size=len(out.data)))
 
     async def _targets(self, relay: SmtpRelay, email: str) -> list[SmtpRelay]:
         if not relay.direct:

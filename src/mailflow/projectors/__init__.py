@@ -11,8 +11,9 @@ from importlib.metadata import entry_points
 from mailflow.consumers.projection import Projection
 from mailflow.errors import NotFoundError
 from mailflow.projectors.event_counts import EventCounts
+from mailflow.projectors.facts import Facts
 
-BUILTIN: dict[str, type[Projection]] = {EventCounts.name: EventCounts}
+BUILTIN: dict[str, type[Projection]] = {EventCounts.name: EventCounts, Facts.name: Facts}
 
 
 def available() -> dict[str, type[Projection]]:

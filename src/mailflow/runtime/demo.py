@@ -24,15 +24,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from mailflow.consumers.runtime import ConsumerRunner
 from mailflow.infra.net import free_port
 from mailflow.infra.personal import Erased
 from mailflow.outbound import campaigns, contacts, segments, sending, templates
 from mailflow.outbound.contacts import import_contacts, parse_csv
 from mailflow.outbound.jobs import SLA_SECONDS, Priority
 from mailflow.outbound.senders import Sender
+from mailflow.projectors import analytics
+from mailflow.projectors.facts import Facts
 from mailflow.runtime import demo_api, demo_feedback
 from mailflow.runtime import queries as rq
 from mailflow.runtime.supervisor import Child, Supervisor, pipeline_parts
@@ -90,6 +94,8 @@ class DemoResult:
     inbound: dict[str, Any] = field(default_factory=dict)  # mail sent back to mailflow's SMTP server
     api: dict[str, Any] = field(default_factory=dict)  # the transactional messages, sent over HTTP
     sending_domain: dict[str, Any] = field(default_factory=dict)  # its DNS records, published and verified
+    stats: dict[str, Any] = field(default_factory=dict)  # `mailflow stats --json` at the end (the last 24 h)
+    dashboard_port: int = 0  # where `mailflow web` served the dashboard during the run
 
     @property
     def ok(self) -> bool:
@@ -195,7 +201,24 @@ def run(
             res.secret = rq.one(conn, rq.DEMO_SENDER_SECRET, {"password": f"%{password}%"})
         res.erasure = _erase_one(rt, cid, f"reader1.{tag}@example.net")
         res.inbound = _inbound(rt, tag, cid)
+        res.dashboard_port = api.port
+        _catch_up_facts(rt)
+        with rt.connect() as conn:
+            now = datetime.now(UTC)
+            res.stats = analytics.summary(conn, analytics.Filter(now - timedelta(hours=24), now), "hour").to_dict()
     return res
+
+
+def _catch_up_facts(rt: Runtime) -> int:
+    """Apply what the facts consumer has not yet (what came back after the pipeline stopped),
+    as `mailflow consume facts` would: the numbers are then whole."""
+    op = Runtime(rt.settings, pool_size=2, operator=True)
+    runner = ConsumerRunner(Facts(), op.store, op.services.redis_url, op.settings)
+    try:
+        return runner.catch_up()
+    finally:
+        runner.close()
+        op.close()
 
 
 def _inbound(rt: Runtime, tag: str, campaign_id: str) -> dict[str, Any]:

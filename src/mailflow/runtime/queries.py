@@ -121,3 +121,28 @@ SELECT count(*) AS events, count(*) FILTER (WHERE metadata->>'correlation_id' = 
 FROM events
 WHERE stream = ANY(SELECT tenant || '/job-' || id FROM jobs WHERE id = ANY(%(job_ids)s::uuid[]))
 """
+
+
+# -- the dashboard (dashboard.py): the connection's tenant only, by row-level security -------------
+
+# Work waiting or in flight per priority (the unfinished states only: the partial indexes).
+DASHBOARD_QUEUES = """
+SELECT priority, count(*) AS depth,
+       extract(epoch FROM now() - min(CASE WHEN state = 'pending' THEN due_at ELSE created_at END)
+               FILTER (WHERE state <> 'pending' OR due_at <= now())) AS oldest_s
+FROM jobs WHERE state IN ('pending', 'retry', 'queued', 'active')
+GROUP BY priority
+"""
+# Sent, delivered and bounced per minute over the last hour, from the raw facts.
+DASHBOARD_MINUTES = """
+SELECT date_trunc('minute', at) AS minute,
+       count(*) FILTER (WHERE kind = 'sent' AND first) AS sent,
+       count(*) FILTER (WHERE kind = 'delivered') AS delivered,
+       count(*) FILTER (WHERE kind IN ('bounced_hard', 'bounced_soft')) AS bounced
+FROM facts WHERE at >= %(since)s
+GROUP BY 1
+"""
+DASHBOARD_CAMPAIGN_NAMES = "SELECT id::text AS id, name FROM campaigns WHERE id = ANY(%(ids)s::uuid[])"
+DASHBOARD_DOMAIN_TROUBLE = """
+SELECT domain, status FROM sending_domains WHERE status <> 'verified' ORDER BY domain LIMIT 20
+"""

@@ -54,9 +54,9 @@ STOP_TIMEOUT_S = 90.0  # after SIGTERM, children get this long before SIGKILL (w
 FATAL_EXIT = 2  # configuration or usage error: restarting cannot help
 PROGRESS_EVERY_S = 10.0  # how often `up.progress` and the problem warnings are logged
 MAILFLOW = [sys.executable, "-m", "mailflow"]
-# The consumer groups `mailflow up` runs: events per hour, then what came back - received mail
+# The consumer groups `mailflow up` runs: events per hour, the analytics facts, then what came back - received mail
 # classified (inbound), its effects on sending (outbound), its webhook deliveries.
-CONSUMERS = ("event_counts", "inbound_classifier", "outbound_feedback", "webhooks")
+CONSUMERS = ("event_counts", "facts", "inbound_classifier", "outbound_feedback", "webhooks")
 
 
 def pipeline_parts(

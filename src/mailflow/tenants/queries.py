@@ -176,3 +176,9 @@ DELETE FROM web_sessions WHERE tenant = %(tenant)s AND user_id IN (SELECT id FRO
 ERASE_LOGIN_FAILURES = """
 DELETE FROM login_failures WHERE tenant = %(tenant)s AND (%(subjects)s::text[] IS NULL OR subject = ANY(%(subjects)s::text[]))
 """
+
+# Sessions that ended (expired or revoked) more than %(days)s days ago: the cleanup duty.
+FORGET_ENDED_SESSIONS = """
+DELETE FROM web_sessions
+WHERE least(expires_at, coalesce(revoked_at, expires_at)) < now() - make_interval(days => %(days)s)
+"""

@@ -515,6 +515,12 @@ def end_session(store: EventStore, tenant: str, session_id: str, *, reason: str 
     return True
 
 
+def forget_ended_sessions(conn: psycopg.Connection, *, days: int = 7) -> int:
+    """Delete every tenant's sessions that ended `days` ago or more (an operator's connection;
+    the cleanup duty). Until then an ended session's row says why it ended."""
+    return conn.execute(q.FORGET_ENDED_SESSIONS, {"days": days}).rowcount
+
+
 # -- erasure: an erased person is no user any more ----------------------------------------------
 
 

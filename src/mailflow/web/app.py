@@ -1,7 +1,9 @@
 """Web room: the Starlette app (built from a Runtime, no global state) and the uvicorn server behind `mailflow web`.
 
 Routes: `GET|POST <path>/{token}` (the unsubscribe pages; <path> is the path of
-MAILFLOW_UNSUBSCRIBE_BASE_URL, "/unsubscribe" when it is unset) and `GET /healthz`.
+MAILFLOW_UNSUBSCRIBE_BASE_URL, "/unsubscribe" when it is unset), the login and account pages,
+the dashboard (`/dashboard`, `/dashboard/data`, the WebSocket `/dashboard/live`, `/static/`),
+the HTTP API under /api/v1 and `GET /healthz`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mailflow.infra.lifecycle import stop_on_signals
 from mailflow.infra.net import listen
 from mailflow.log import get_logger
 from mailflow.runtime.wiring import Runtime
+from mailflow.web.dashboard import DashboardPages, MetricsHub
 from mailflow.web.preferences import PreferencesPages
 from mailflow.web.sessions import STATE_KEY, SessionPages
 from mailflow.web.unsubscribe import UnsubscribePages
@@ -117,9 +120,12 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
         try:
             yield
         finally:
+            await hub.aclose()
             await gate.aclose()
 
     sessions = SessionPages(store, rt.keyring, settings)
+    hub = MetricsHub(rt.services.redis_url, rt.keys)
+    board = DashboardPages(store, hub, sessions.hosts)
     app = Starlette(
         lifespan=lifespan,
         exception_handlers={404: not_found},
@@ -131,6 +137,7 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
             Route(f"{prefs_path}/{{token}}", prefs.get, methods=["GET"]),
             Route(f"{prefs_path}/{{token}}", prefs.post, methods=["POST"]),
             *sessions.routes(),
+            *board.routes(),
         ],
     )
     app.state.gate = gate

@@ -56,6 +56,10 @@ DEFAULT_IDLE = timedelta(hours=1)
 DEFAULT_LIFETIME = timedelta(hours=12)
 LOGIN_FORM_LIFETIME = timedelta(hours=1)
 AFTER_LOGIN = "/account"
+# The pages with forms say where they are to their own site: under `no-referrer` (the
+# unsubscribe pages' policy) Chromium sends `Origin: null` with a form's POST, which the
+# cross-site check must refuse. Their URLs carry no secret.
+_FORM_PAGE = {"Referrer-Policy": "same-origin"}
 
 log = get_logger("mailflow.web")
 
@@ -74,7 +78,7 @@ _LOGIN = _jinja.from_string(
 )
 
 _ACCOUNT = _jinja.from_string(
-    """<p>You are logged in as <strong>{{ user.email }}</strong>.</p>
+    """<p>You are logged in as <strong>{{ user.email }}</strong>. <a href="/dashboard">Dashboard</a></p>
 <p>Workspace: <strong>{{ user.tenant }}</strong><br>Role: <strong>{{ user.role }}</strong></p>
 <form method="post" action="logout">
 <input type="hidden" name="csrf" value="{{ user.csrf_token }}">
@@ -281,7 +285,7 @@ class SessionPages:
             workspace=form.get("workspace") or request.query_params.get("workspace") or DEFAULT_TENANT,
             email=form.get("email", ""),
         )
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        headers = {**_FORM_PAGE, **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
         response = page("Log in", body, status=status, headers=headers)
         signed = self._login_signer().sign(nonce).decode()
         self._set_cookie(response, request, LOGIN_COOKIE, signed, int(LOGIN_FORM_LIFETIME.total_seconds()))
@@ -371,7 +375,7 @@ class SessionPages:
             if COOKIE in request.cookies:
                 self._clear_cookie(response, request, COOKIE)
             return response
-        return page("Your account", _ACCOUNT.render(user=user))
+        return page("Your account", _ACCOUNT.render(user=user), headers=_FORM_PAGE)
 
 
 STATE_KEY = "session_pages"

@@ -1,0 +1,279 @@
+"""Projectors room: analytics - the hourly aggregation of facts, its daily and monthly roll-ups,
+retention, and the one way numbers are read (`mailflow stats`, the dashboard).
+
+An hour is aggregated as a whole: its facts_hourly rows are replaced by a GROUP BY of its facts,
+then its day is rolled up again from the hourly rows and its month from the daily ones, and
+its dirty mark is removed only if no fact arrived meanwhile (the mark's version is unchanged),
+all in one transaction. So re-running an hour gives the same rows, and a late fact makes its
+hour dirty again, to be aggregated by the next run. Only hours that have ended are aggregated.
+
+Readers never see a stale aggregate: a bucket that holds a dirty hour is read from the finer
+level (daily -> hourly -> raw facts) for that part, in one statement and so one snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+
+from mailflow.errors import UsageError
+from mailflow.projectors import queries as q
+from mailflow.projectors.counters import cards, counters
+from mailflow.projectors.facts import hour_of
+
+__all__ = ["Aggregated", "Filter", "aggregate", "cards", "counters", "rebuild", "series", "summary"]
+
+Connect = Callable[[], AbstractContextManager[psycopg.Connection]]
+Bucket = Literal["hour", "day", "month"]
+Group = Literal["campaign", "sender", "domain", ""]
+PARTITIONS_AHEAD_DAYS = 7
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Aggregated:
+    hours: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    left_dirty: int = 0  # hours that got new facts while being aggregated (the next run takes them)
+
+
+def day_of(hour: datetime) -> date:
+    return hour.astimezone(UTC).date()
+
+
+def month_of(d: date) -> date:
+    return d.replace(day=1)
+
+
+def _midnight(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+def aggregate_hours(conn: psycopg.Connection, hours: list[tuple[datetime, int]]) -> Aggregated:
+    """Aggregate these dirty hours (with the versions read), all of one day, in one transaction."""
+    done = Aggregated()
+    if not hours:
+        return done
+    days = {day_of(h) for h, _ in hours}
+    assert len(days) == 1, "one day per transaction"
+    day = days.pop()
+    which = [h for h, _ in hours]
+    with conn.transaction():
+        conn.execute(q.DELETE_HOURLY, (which,))
+        done.rows += conn.execute(
+            q.AGGREGATE_HOURS, {"lo": min(which), "hi": max(which) + timedelta(hours=1), "hours": which}
+        ).rowcount
+        done.hours = len(which)
+        for hour, version in hours:
+            if conn.execute(q.CLEAN, (hour, version)).rowcount == 0:
+                done.left_dirty += 1
+        conn.execute(q.DELETE_DAILY, (_midnight(day),))
+        conn.execute(q.ROLL_UP_DAY, {"day": _midnight(day)})
+        month = _midnight(month_of(day))
+        conn.execute(q.DELETE_MONTHLY, (month,))
+        conn.execute(q.ROLL_UP_MONTH, {"month": month})
+    return done
+
+
+def aggregate(
+    connect: Connect,
+    *,
+    before: datetime | None = None,
+    since: datetime | None = None,
+    progress: ProgressFn | None = None,
+    batch_hours: int = 500,
+) -> Aggregated:
+    """Aggregate every dirty hour that ended before `before` (default: the start of this hour),
+    from `since` on if given, oldest first, a day per transaction."""
+    started = time.monotonic()
+    before = before or hour_of(datetime.now(UTC))
+    total = Aggregated()
+    with connect() as conn:
+        dirty = _dirty(conn, before, since, batch_hours)
+        todo = len(dirty)
+        while dirty:
+            for day_hours in _by_day(dirty):
+                got = aggregate_hours(conn, day_hours)
+                total.hours += got.hours
+                total.rows += got.rows
+                total.left_dirty += got.left_dirty
+                if progress is not None:
+                    progress(total.hours, max(todo, total.hours))
+            if len(dirty) < batch_hours:
+                break
+            dirty = _dirty(conn, before, since, batch_hours, after=dirty[-1][0])
+            todo = total.hours + len(dirty)
+    total.seconds = time.monotonic() - started
+    return total
+
+
+def _dirty(
+    conn: psycopg.Connection, before: datetime, since: datetime | None, limit: int, after: datetime | None = None
+) -> list[tuple[datetime, int]]:
+    lower = after + timedelta(microseconds=1) if after is not None else since  # `after` is past `since`
+    rows = conn.execute(q.DIRTY_HOURS, {"before": before, "since": lower, "limit": limit}).fetchall()
+    return [(h, int(v)) for h, v in rows]
+
+
+def _by_day(hours: list[tuple[datetime, int]]) -> Iterator[list[tuple[datetime, int]]]:
+    current: list[tuple[datetime, int]] = []
+    for h, v in hours:
+        if current and day_of(current[0][0]) != day_of(h):
+            yield current
+            current = []
+        current.append((h, v))
+    if current:
+        yield current
+
+
+def rebuild(connect: Connect, *, since: datetime | None = None, progress: ProgressFn | None = None) -> Aggregated:
+    """Re-aggregate from the raw facts: every hour from `since` on (every hour with facts or
+    aggregates when None) is marked dirty, then aggregated as the hourly job would."""
+    since = hour_of(since) if since is not None else None
+    with connect() as conn, conn.transaction():
+        conn.execute(q.FACT_HOURS_SINCE, {"since": since or datetime(1970, 1, 1, tzinfo=UTC)})
+    return aggregate(connect, since=since, progress=progress)
+
+
+# -- retention and partitions -------------------------------------------------------------------
+
+
+@dataclass
+class Retained:
+    partitions_made: int = 0
+    partitions_dropped: int = 0
+    rows_deleted: dict[str, int] = field(default_factory=dict)
+
+
+def maintain(conn: psycopg.Connection, *, retention_days: int, today: date | None = None) -> Retained:
+    """Make the next days' partitions, drop those past retention (and the facts' bookkeeping)."""
+    today = today or datetime.now(UTC).date()
+    out = Retained()
+    for i in range(-1, PARTITIONS_AHEAD_DAYS + 1):
+        if conn.execute(q.MAKE_PARTITION, (today + timedelta(days=i),)).fetchone()[0]:  # type: ignore[index]
+            out.partitions_made += 1
+    cutoff = today - timedelta(days=retention_days)
+    out.partitions_dropped = int(conn.execute(q.DROP_PARTITIONS_BEFORE, (cutoff,)).fetchone()[0])  # type: ignore[index]
+    floor = _midnight(cutoff)
+    for name, stmt in q.RETENTION.items():
+        out.rows_deleted[name] = conn.execute(stmt, (floor,)).rowcount
+    return out
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Filter:
+    since: datetime
+    until: datetime
+    campaign: str | None = None
+    sender: str | None = None
+    domain: str | None = None
+
+    def params(self, by: Bucket, group: Group = "") -> dict[str, Any]:
+        if self.until <= self.since:
+            raise UsageError("--until must be after --since")
+        return {
+            "since": _floor(self.since, by),
+            "until": self.until,
+            "campaign": self.campaign,
+            "sender": self.sender,
+            "domain": self.domain,
+            "grp": group,
+        }
+
+
+def _floor(ts: datetime, by: Bucket) -> datetime:
+    ts = ts.astimezone(UTC)
+    if by == "hour":
+        return ts.replace(minute=0, second=0, microsecond=0)
+    if by == "day":
+        return ts.replace(hour=0, minute=0, second=0, microsecond=0)
+    return ts.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+SERIES = {"hour": q.SERIES_BY_HOUR, "day": q.SERIES_BY_DAY, "month": q.SERIES_BY_MONTH}
+
+
+@dataclass(frozen=True)
+class Measures:
+    n: int = 0
+    human: int = 0
+    unique: int = 0
+    latency_ms_sum: int = 0
+    latency_n: int = 0
+
+
+def series(conn: psycopg.Connection, f: Filter, *, by: Bucket = "hour", group: Group = "") -> list[dict[str, Any]]:
+    """Per bucket (and group key: campaign, sender or recipient domain), per kind: the measures.
+
+    The connection's scope decides whose facts: a tenant's sees its own only."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(SERIES[by], f.params(by, group)).fetchall())
+
+
+# What people read: the kinds of the counters, in the order tables show them.
+HEADLINE = ("sent", "delivered", "deferred", "failed", "bounced", "complained", "replied", "opened", "clicked")
+
+
+def headline(c: dict[str, int]) -> dict[str, int]:
+    """The columns of `mailflow stats`: the dashboard's cards (counters.cards), opens and clicks
+    as their unique human counts."""
+    k = cards(c)
+    return {**{name: k[name] for name in HEADLINE[:-2]}, "opened": k["opened_unique"], "clicked": k["clicked_unique"]}
+
+
+@dataclass(frozen=True)
+class Summary:
+    by: Bucket
+    since: datetime
+    until: datetime
+    totals: dict[str, int]
+    buckets: list[tuple[datetime, dict[str, int]]]
+
+    @property
+    def latency_ms_avg(self) -> float | None:
+        n = self.totals.get("latency_n", 0)
+        return self.totals.get("latency_ms_sum", 0) / n if n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "totals": {**headline(self.totals), "counters": self.totals},
+            "delivered_latency_ms_avg": self.latency_ms_avg,
+            "buckets": [{"start": b.isoformat(), **headline(c)} for b, c in self.buckets],
+        }
+
+
+def summary(conn: psycopg.Connection, f: Filter, by: Bucket = "hour") -> Summary:
+    """Totals and per-bucket counters over the filter (every bucket of the range, empty ones too)."""
+    rows = series(conn, f, by=by)
+    per: dict[datetime, list[dict[str, Any]]] = {}
+    for r in rows:
+        per.setdefault(r["bucket"], []).append(r)
+    start = _floor(f.since, by)
+    buckets: list[tuple[datetime, dict[str, int]]] = []
+    b = start
+    while b < f.until and len(buckets) < 10_000:
+        buckets.append((b, counters(per.get(b, []))))
+        b = _next(b, by)
+    return Summary(by, start, f.until, counters(rows), buckets)
+
+
+def _next(b: datetime, by: Bucket) -> datetime:
+    if by == "hour":
+        return b + timedelta(hours=1)
+    if by == "day":
+        return b + timedelta(days=1)
+    return (b.replace(day=28) + timedelta(days=4)).replace(day=1)

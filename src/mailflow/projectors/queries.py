@@ -1,0 +1,220 @@
+"""Projectors room: the named SQL of the facts projection and the analytics aggregation."""
+
+# -- facts (facts.py) ---------------------------------------------------------------------------
+
+INSERT_FACT_JOBS = """
+INSERT INTO fact_jobs (job_id, tenant, campaign, sender, sending_domain, domain, priority, created_at, position)
+SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+                     %b::timestamptz[], %b::bigint[])
+ON CONFLICT (job_id) DO NOTHING
+"""
+FACT_JOBS = """
+SELECT job_id, tenant, campaign, sender, sending_domain, domain, priority, created_at
+FROM fact_jobs WHERE job_id = ANY(%s::uuid[])
+"""
+SENDER_EMAIL = "SELECT from_email FROM senders WHERE tenant = %s AND name = %s"
+INSERT_FIRSTS = """
+INSERT INTO fact_firsts (job_id, kind, link, at)
+SELECT DISTINCT ON (j, k, l) j, k, l, a FROM unnest(%b::uuid[], %b::text[], %b::int[], %b::timestamptz[]) AS u(j, k, l, a)
+ON CONFLICT DO NOTHING
+RETURNING job_id, kind, link
+"""
+INSERT_FACTS = """
+INSERT INTO facts (at, position, tenant, campaign, sender, sending_domain, domain, priority, kind, job_id, link,
+                   human, first, latency_ms, size_bytes)
+SELECT * FROM unnest(%b::timestamptz[], %b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+                     %b::text[], %b::text[], %b::uuid[], %b::int[], %b::bool[], %b::bool[], %b::int[], %b::int[])
+ON CONFLICT (position, at) DO NOTHING
+"""
+MARK_DIRTY = """
+INSERT INTO facts_dirty (hour) SELECT unnest(%b::timestamptz[])
+ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
+"""
+MAKE_PARTITION = "SELECT mailflow_facts_partition(%s::date)"
+DROP_PARTITIONS_BEFORE = "SELECT mailflow_facts_drop_before(%s::date)"
+
+# A rewind: the hours of the facts it forgets (or of every aggregate) are aggregated again.
+MARK_DIRTY_FROM_FACTS = """
+INSERT INTO facts_dirty (hour)
+SELECT DISTINCT date_trunc('hour', at, 'UTC') FROM facts WHERE position >= %s
+ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
+"""
+MARK_AGGREGATED_DIRTY = """
+INSERT INTO facts_dirty (hour) SELECT DISTINCT hour FROM facts_hourly
+ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
+"""
+FORGET_ALL_FACTS = ("DELETE FROM facts", "DELETE FROM fact_firsts", "DELETE FROM fact_jobs")
+FORGET_FIRSTS_FROM = """
+DELETE FROM fact_firsts ff USING facts f
+WHERE f.position >= %s AND f.first AND ff.job_id = f.job_id AND ff.kind = f.kind AND ff.link = coalesce(f.link, -1)
+"""
+FORGET_FACTS_FROM = "DELETE FROM facts WHERE position >= %s"
+FORGET_FACT_JOBS_FROM = "DELETE FROM fact_jobs WHERE position >= %s"
+
+# -- aggregation (analytics.py) -----------------------------------------------------------------
+
+DIRTY_HOURS = """
+SELECT hour, version FROM facts_dirty
+WHERE hour < %(before)s AND (%(since)s::timestamptz IS NULL OR hour >= %(since)s)
+ORDER BY hour
+LIMIT %(limit)s
+"""
+DIRTY_VERSION = "SELECT version FROM facts_dirty WHERE hour = %s FOR UPDATE"
+CLEAN = "DELETE FROM facts_dirty WHERE hour = %s AND version = %s"
+DELETE_HOURLY = "DELETE FROM facts_hourly WHERE hour = ANY(%s::timestamptz[])"
+# The hours of one day at once: one scan of the day's facts (in time order, so the BRIN index
+# narrows it to those hours), grouped by hour.
+AGGREGATE_HOURS = """
+INSERT INTO facts_hourly (hour, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
+                          latency_ms_sum, latency_n, latency_ms_max, size_sum)
+SELECT date_trunc('hour', at, 'UTC'), tenant, campaign, sender, domain, kind,
+       count(*), count(*) FILTER (WHERE human), count(*) FILTER (WHERE human AND first),
+       coalesce(sum(latency_ms), 0), count(latency_ms), max(latency_ms), coalesce(sum(size_bytes), 0)
+FROM facts
+WHERE at >= %(lo)s AND at < %(hi)s AND date_trunc('hour', at, 'UTC') = ANY(%(hours)s::timestamptz[])
+GROUP BY 1, tenant, campaign, sender, domain, kind
+"""
+DELETE_DAILY = "DELETE FROM facts_daily WHERE day = %s"
+ROLL_UP_DAY = """
+INSERT INTO facts_daily (day, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
+                         latency_ms_sum, latency_n, latency_ms_max, size_sum)
+SELECT %(day)s, tenant, campaign, sender, domain, kind, sum(n), sum(n_human), sum(n_unique),
+       sum(latency_ms_sum), sum(latency_n), max(latency_ms_max), sum(size_sum)
+FROM facts_hourly
+WHERE hour >= %(day)s AND hour < %(day)s + interval '1 day'
+GROUP BY tenant, campaign, sender, domain, kind
+"""
+DELETE_MONTHLY = "DELETE FROM facts_monthly WHERE month = %s"
+ROLL_UP_MONTH = """
+INSERT INTO facts_monthly (month, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
+                           latency_ms_sum, latency_n, latency_ms_max, size_sum)
+SELECT %(month)s, tenant, campaign, sender, domain, kind, sum(n), sum(n_human), sum(n_unique),
+       sum(latency_ms_sum), sum(latency_n), max(latency_ms_max), sum(size_sum)
+FROM facts_daily
+WHERE day >= %(month)s AND day < %(month)s + interval '1 month'
+GROUP BY tenant, campaign, sender, domain, kind
+"""
+FACT_HOURS_SINCE = """
+INSERT INTO facts_dirty (hour)
+SELECT DISTINCT date_trunc('hour', at, 'UTC') FROM facts WHERE at >= %(since)s
+UNION SELECT hour FROM facts_hourly WHERE hour >= %(since)s
+ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
+"""
+
+# Retention of the raw facts' bookkeeping (the facts themselves go with their partitions).
+RETENTION = {
+    "fact_jobs": "DELETE FROM fact_jobs WHERE created_at < %s",
+    "fact_firsts": "DELETE FROM fact_firsts WHERE at < %s",
+    "facts_dirty": "DELETE FROM facts_dirty WHERE hour < %s",
+    "facts_hourly": "DELETE FROM facts_hourly WHERE hour < %s",
+}
+
+# -- reading (analytics.series) -----------------------------------------------------------------
+# Each returns, per bucket, group key (%(grp)s: campaign | sender | domain | '') and kind:
+# n, human, uniq, latency_ms_sum, latency_n. A bucket's clean part comes from its own level, the
+# part holding dirty hours from the level below, down to the raw facts of the dirty hours.
+
+_FILTERS = """
+      AND (%(campaign)s::text IS NULL OR {t}.campaign = %(campaign)s)
+      AND (%(sender)s::text IS NULL OR {t}.sender = %(sender)s)
+      AND (%(domain)s::text IS NULL OR {t}.domain = %(domain)s)"""
+_KEY = "CASE %(grp)s WHEN 'campaign' THEN {t}.campaign WHEN 'sender' THEN {t}.sender WHEN 'domain' THEN {t}.domain ELSE '' END"
+_AGG = "{t}.kind, {t}.n, {t}.n_human, {t}.n_unique, {t}.latency_ms_sum, {t}.latency_n"
+_RAW = "f.kind, 1, f.human::int, (f.human AND f.first)::int, coalesce(f.latency_ms, 0), (f.latency_ms IS NOT NULL)::int"
+_SUM = """
+SELECT bucket, key, kind, sum(n)::bigint AS n, sum(human)::bigint AS human, sum(uniq)::bigint AS uniq,
+       sum(latency_ms_sum)::bigint AS latency_ms_sum, sum(latency_n)::bigint AS latency_n
+FROM ({parts}) AS x (bucket, key, kind, n, human, uniq, latency_ms_sum, latency_n)
+GROUP BY bucket, key, kind
+ORDER BY bucket, key, kind
+"""
+_DIRTY = "dirty AS (SELECT hour FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s)"
+
+
+def _part(select: str, t: str) -> str:
+    return select.format(key=_KEY.format(t=t), agg=_AGG.format(t=t), filters=_FILTERS.format(t=t))
+
+
+_RAW_PART = (
+    """
+    SELECT date_trunc('{unit}', f.at, 'UTC'), {key}, """
+    + _RAW
+    + """
+    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour'
+    WHERE f.at >= %(since)s AND f.at < %(until)s{filters}"""
+)
+
+SERIES_BY_HOUR = (
+    "WITH "
+    + _DIRTY
+    + _SUM.format(
+        parts=_part(
+            """
+    SELECT h.hour, {key}, {agg} FROM facts_hourly h
+    WHERE h.hour >= %(since)s AND h.hour < %(until)s
+      AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+            "h",
+        )
+        + "\n    UNION ALL"
+        + _part(_RAW_PART.replace("{unit}", "hour"), "f")
+    )
+)
+
+SERIES_BY_DAY = (
+    "WITH "
+    + _DIRTY
+    + ", dirty_days AS (SELECT DISTINCT date_trunc('day', hour, 'UTC') AS day FROM dirty)"
+    + _SUM.format(
+        parts=_part(
+            """
+    SELECT a.day, {key}, {agg} FROM facts_daily a
+    WHERE a.day >= %(since)s AND a.day < %(until)s
+      AND NOT EXISTS (SELECT 1 FROM dirty_days x WHERE x.day = a.day){filters}""",
+            "a",
+        )
+        + "\n    UNION ALL"
+        + _part(
+            """
+    SELECT x.day, {key}, {agg} FROM dirty_days x
+    JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
+    WHERE NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+            "h",
+        )
+        + "\n    UNION ALL"
+        + _part(_RAW_PART.replace("{unit}", "day"), "f")
+    )
+)
+
+SERIES_BY_MONTH = (
+    "WITH "
+    + _DIRTY
+    + ", dirty_days AS (SELECT DISTINCT date_trunc('day', hour, 'UTC') AS day FROM dirty)"
+    + ", dirty_months AS (SELECT DISTINCT date_trunc('month', hour, 'UTC') AS month FROM dirty)"
+    + _SUM.format(
+        parts=_part(
+            """
+    SELECT m.month, {key}, {agg} FROM facts_monthly m
+    WHERE m.month >= %(since)s AND m.month < %(until)s
+      AND NOT EXISTS (SELECT 1 FROM dirty_months x WHERE x.month = m.month){filters}""",
+            "m",
+        )
+        + "\n    UNION ALL"
+        + _part(
+            """
+    SELECT x.month, {key}, {agg} FROM dirty_months x
+    JOIN facts_daily a ON a.day >= x.month AND a.day < x.month + interval '1 month'
+    WHERE NOT EXISTS (SELECT 1 FROM dirty_days y WHERE y.day = a.day){filters}""",
+            "a",
+        )
+        + "\n    UNION ALL"
+        + _part(
+            """
+    SELECT date_trunc('month', x.day, 'UTC'), {key}, {agg} FROM dirty_days x
+    JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
+    WHERE NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+            "h",
+        )
+        + "\n    UNION ALL"
+        + _part(_RAW_PART.replace("{unit}", "month"), "f")
+    )
+)

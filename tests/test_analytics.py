@@ -1,0 +1,356 @@
+"""Analytics on real PostgreSQL: facts from events, hourly aggregates equal to a from-scratch
+recomputation whatever the order, duplication and lateness of the events, roll-ups, reads that
+are never stale, partitions and retention, tenants apart."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from mailflow.events.envelope import Envelope, Metadata
+from mailflow.infra.services import connect, pool_conninfo
+from mailflow.infra.tenancy import Scope
+from mailflow.projectors import analytics
+from mailflow.projectors.facts import Facts
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime.now(UTC)
+DIMS = {
+    "tenant": ["acme", "rival"],
+    "campaign": [None, str(uuid.UUID(int=1)), str(uuid.UUID(int=2))],
+    "sender": ["news", "billing"],
+    "domain": ["example.com", "example.net"],
+}
+# Kinds by event, as docs/events.md defines them: what the reference below counts.
+KIND_OF = {
+    "JobStarted": "sent",
+    "JobCompleted": "delivered",
+    "JobRetryScheduled": "deferred",
+    "MessageOpened": "opened",
+    "LinkClicked": "clicked",
+}
+
+
+def envelope(position: int, etype: str, data: dict[str, Any], tenant: str, at: datetime) -> Envelope:
+    return Envelope(uuid.uuid4(), position, f"{tenant}/job-x", 1, etype, 1, data, Metadata(tenant=tenant), at)
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[Envelope]:
+    """Jobs created in log order, each followed by events of random kinds whose times are in
+    any order (a DSN recorded days after the message, opens before a retry's delivery ...)."""
+    rnd = random.Random(draw(st.integers(0, 2**32)))
+    jobs = draw(st.integers(1, 6))
+    pending: list[tuple[str, dict[str, Any], str]] = []
+    events: list[Envelope] = []
+    position = 0
+    for _ in range(jobs):
+        job = str(uuid.uuid4())
+        tenant = rnd.choice(DIMS["tenant"])
+        data = {
+            "job_id": job,
+            "idempotency_key": job,
+            "priority": "normal",
+            "subject": "s",
+            "sealed": "x",
+            "sender": rnd.choice(DIMS["sender"]),
+            "template": "t",
+            "domain": rnd.choice(DIMS["domain"]),
+            "campaign_id": rnd.choice(DIMS["campaign"]),
+        }
+        position += 1
+        events.append(envelope(position, "JobCreated", data, tenant, NOW - timedelta(hours=80)))
+        for _ in range(draw(st.integers(0, 8))):
+            etype = rnd.choice(
+                ["JobStarted", "JobCompleted", "JobRetryScheduled", "FeedbackReceived", "MessageOpened", "LinkClicked"]
+            )
+            data: dict[str, Any] = {"job_id": job}
+            if etype in ("JobStarted", "JobRetryScheduled"):
+                data["attempt"] = rnd.choice([1, 1, 2])
+            if etype == "JobCompleted":
+                data.update(attempt=1, code=250, reply="ok", size=rnd.choice([None, 1200]))
+            if etype == "FeedbackReceived":
+                data.update(kind=rnd.choice(["bounce", "complaint", "reply", "auto_reply"]), hard=rnd.random() < 0.5)
+            if etype in ("MessageOpened", "LinkClicked"):
+                data["machine"] = rnd.random() < 0.3
+            if etype == "LinkClicked":
+                data["link"] = rnd.choice([0, 1])
+            pending.append((etype, data, tenant))
+    rnd.shuffle(pending)  # jobs' later events interleave in the log
+    for etype, data, tenant in pending:
+        position += 1
+        at = NOW - timedelta(minutes=rnd.randrange(0, 72 * 60))  # the current hour included
+        events.append(envelope(position, etype, data, tenant, at))
+    return events
+
+
+def reference(events: list[Envelope]) -> Counter:
+    """(hour, tenant, campaign, sender, domain, kind, measure) -> count, from the events alone."""
+    jobs = {e.data["job_id"]: e for e in events if e.type == "JobCreated"}
+    out: Counter = Counter()
+    firsts: set[tuple[str, str, int]] = set()
+    for e in sorted(events, key=lambda e: e.position):
+        if e.type == "JobCreated":
+            continue
+        d, j = e.data, jobs[e.data["job_id"]].data
+        kind = KIND_OF.get(e.type)
+        if e.type == "FeedbackReceived":
+            kind = {"bounce": "bounced_hard" if d["hard"] else "bounced_soft", "complaint": "complained"}.get(
+                d["kind"], {"reply": "replied", "auto_reply": "auto_replied"}.get(d["kind"])
+            )
+        assert kind is not None
+        key = (
+            e.recorded_at.replace(minute=0, second=0, microsecond=0),
+            e.metadata.tenant,
+            j["campaign_id"] or "",
+            j["sender"],
+            j["domain"],
+            kind,
+        )
+        human = not d.get("machine", False)
+        out[(*key, "n")] += 1
+        out[(*key, "human")] += human
+        if e.type in ("JobStarted", "JobRetryScheduled"):
+            unique = d["attempt"] == 1
+        elif e.type in ("JobCompleted",):
+            unique = True
+        else:
+            once = (d["job_id"], kind, d.get("link", -1))
+            unique = human and once not in firsts
+            if human:
+                firsts.add(once)
+        out[(*key, "uniq")] += unique
+    return +out
+
+
+def stored(conn, table: str = "facts_hourly", bucket: str = "hour") -> Counter:
+    out: Counter = Counter()
+    rows = conn.execute(
+        f"SELECT {bucket}, tenant, campaign, sender, domain, kind, n, n_human, n_unique FROM {table}"
+    ).fetchall()
+    for b, *key, n, human, uniq in rows:
+        out[(b, *key, "n")] += n
+        out[(b, *key, "human")] += human
+        out[(b, *key, "uniq")] += uniq
+    return +out
+
+
+def read(conn, by: str = "hour") -> Counter:
+    rows = analytics.series(conn, analytics.Filter(NOW - timedelta(days=5), NOW + timedelta(hours=1)), by=by)  # type: ignore[arg-type]
+    out: Counter = Counter()
+    for r in rows:
+        out[(r["bucket"], r["kind"], "n")] += r["n"]
+        out[(r["bucket"], r["kind"], "uniq")] += r["uniq"]
+    return +out
+
+
+def coarsen(c: Counter, unit: str) -> Counter:
+    """Reference counts summed per bucket (over tenants, campaigns, senders, domains) and kind."""
+    out: Counter = Counter()
+    for (hour, _t, _c, _s, _d, kind, measure), n in c.items():
+        if measure == "human":
+            continue
+        b = hour if unit == "hour" else hour.replace(hour=0)
+        out[(b, kind, measure)] += n
+    return +out
+
+
+@pytest.fixture
+def op(operator_rt):
+    """An operator's connection, as the consumer and the aggregation duty have."""
+    with connect(pool_conninfo(operator_rt.store.pool), scope=Scope.operator()) as conn:
+        yield conn
+
+
+def created(job: str, sender: str = "news", domain: str = "example.org") -> dict[str, Any]:
+    """A JobCreated's data: what the job's facts are counted under."""
+    return {
+        "job_id": job,
+        "idempotency_key": job,
+        "priority": "high",
+        "subject": "s",
+        "sealed": "x",
+        "sender": sender,
+        "template": "t",
+        "domain": domain,
+    }
+
+
+def wipe(conn) -> None:
+    for t in ("facts", "fact_jobs", "fact_firsts", "facts_dirty", "facts_hourly", "facts_daily", "facts_monthly"):
+        conn.execute(f"DELETE FROM {t}")
+
+
+@hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=histories(), plan=st.randoms(use_true_random=False))
+def test_aggregates_equal_a_from_scratch_recomputation_for_late_duplicated_and_out_of_order_events(
+    db, op, events, plan
+):
+    wipe(db)
+    facts = Facts()
+    connect_op = _connector(op)
+    order = sorted(events, key=lambda e: e.position)
+    applied: list[list[Envelope]] = []
+    i = 0
+    while i < len(order):
+        n = plan.randint(1, 5)
+        batch = order[i : i + n]
+        with op.transaction():
+            facts.apply(op, batch)
+        applied.append(batch)
+        i += n
+        if plan.random() < 0.3:  # the consumer is handed a batch it had applied already
+            with op.transaction():
+                facts.apply(op, plan.choice(applied))
+        if plan.random() < 0.4:  # the hourly job runs between events: later ones are late for it
+            analytics.aggregate(connect_op, before=NOW + timedelta(days=1))
+    expected = reference(events)
+    # Readers are right before the last aggregation (dirty hours come from the raw facts) ...
+    assert read(op) == coarsen(expected, "hour")
+    assert read(op, "day") == coarsen(expected, "day")
+    analytics.aggregate(connect_op, before=NOW + timedelta(days=1))
+    # ... and after it, when every hour is clean and the aggregates are the whole truth.
+    assert db.execute("SELECT count(*) FROM facts_dirty").fetchone()[0] == 0
+    assert stored(db) == expected
+    assert read(op) == coarsen(expected, "hour")
+    daily = Counter()
+    for (hour, *key), n in expected.items():
+        daily[(hour.replace(hour=0), *key)] += n
+    assert stored(db, "facts_daily", "day") == daily
+    monthly = Counter()
+    for (hour, *key), n in expected.items():
+        monthly[(hour.replace(day=1, hour=0), *key)] += n
+    assert stored(db, "facts_monthly", "month") == monthly
+
+
+def _connector(conn):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def same():
+        yield conn
+
+    return same
+
+
+def test_rerunning_an_hour_gives_the_same_rows_and_a_late_fact_makes_it_dirty_again(db, op):
+    facts, connect_op = Facts(), _connector(op)
+    hour = (NOW - timedelta(hours=30)).replace(minute=0, second=0, microsecond=0)
+    job = str(uuid.uuid4())
+    with op.transaction():
+        facts.apply(
+            op,
+            [
+                envelope(1, "JobCreated", created(job), "acme", hour),
+                envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", hour + timedelta(minutes=1)),
+                envelope(
+                    3,
+                    "JobCompleted",
+                    {"job_id": job, "attempt": 1, "code": 250, "size": 900},
+                    "acme",
+                    hour + timedelta(minutes=1, seconds=3),
+                ),
+            ],
+        )
+    first = analytics.aggregate(connect_op)
+    rows = db.execute("SELECT * FROM facts_hourly ORDER BY kind").fetchall()
+    assert first.hours == 1 and [r[5] for r in rows] == ["delivered", "sent"]
+    delivered = db.execute("SELECT latency_ms_sum, latency_n, size_sum FROM facts_hourly WHERE kind = 'delivered'")
+    assert delivered.fetchone() == (63_000, 1, 900)  # pending (created) -> accepted, and the bytes sent
+    db.execute("INSERT INTO facts_dirty (hour) VALUES (%s)", (hour,))
+    assert analytics.aggregate(connect_op).hours == 1
+    assert db.execute("SELECT * FROM facts_hourly ORDER BY kind").fetchall() == rows  # the same rows
+    # A bounce recorded two days later, about the message: its own hour is dirty, not the old one.
+    late = hour + timedelta(minutes=5)
+    with op.transaction():
+        facts.apply(
+            op, [envelope(4, "FeedbackReceived", {"job_id": job, "kind": "bounce", "hard": True}, "acme", late)]
+        )
+    assert db.execute("SELECT hour FROM facts_dirty").fetchall() == [(hour,)]
+    assert analytics.aggregate(connect_op).hours == 1
+    kinds = [k for (k,) in db.execute("SELECT kind FROM facts_hourly ORDER BY kind")]
+    assert kinds == ["bounced_hard", "delivered", "sent"]
+    assert db.execute("SELECT n FROM facts_daily WHERE kind = 'bounced_hard'").fetchone() == (1,)
+
+
+def test_the_current_hour_is_not_aggregated_but_is_read_from_the_raw_facts(db, op):
+    facts, connect_op = Facts(), _connector(op)
+    job = str(uuid.uuid4())
+    with op.transaction():
+        facts.apply(
+            op,
+            [
+                envelope(1, "JobCreated", created(job), "acme", NOW),
+                envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", NOW),
+            ],
+        )
+    assert analytics.aggregate(connect_op).hours == 0
+    assert db.execute("SELECT count(*) FROM facts_hourly").fetchone() == (0,)
+    assert analytics.counters(
+        analytics.series(op, analytics.Filter(NOW - timedelta(hours=1), NOW + timedelta(hours=1)))
+    ) == {
+        "sent": 1,
+        "sent_unique": 1,
+    }
+
+
+def test_a_tenant_reads_only_its_own_numbers(db, op, db_url):
+    facts, connect_op = Facts(), _connector(op)
+    at = NOW - timedelta(hours=3)
+    batch = []
+    for position, tenant in enumerate(["acme", "rival", "rival"], start=1):
+        job = str(uuid.uuid4())
+        batch += [
+            envelope(position * 2, "JobCreated", created(job), tenant, at),
+            envelope(position * 2 + 1, "JobStarted", {"job_id": job, "attempt": 1}, tenant, at),
+        ]
+    with op.transaction():
+        facts.apply(op, batch)
+    window = analytics.Filter(NOW - timedelta(days=1), NOW)
+    for aggregated in (False, True):
+        if aggregated:
+            analytics.aggregate(connect_op)
+        for tenant, sent in (("acme", 1), ("rival", 2)):
+            with connect(db_url, scope=Scope.of(tenant)) as conn:
+                assert analytics.counters(analytics.series(conn, window))["sent"] == sent
+        with connect(db_url, scope=Scope.of("nobody")) as conn:
+            assert analytics.series(conn, window) == []
+
+
+def test_partitions_are_made_ahead_and_dropped_past_retention(db, op):
+    today = NOW.date()
+    kept = analytics.maintain(op, retention_days=3, today=today)
+    names = {n for (n,) in db.execute("SELECT relname FROM pg_class WHERE relname ~ '^facts_[0-9]{8}$'")}
+    assert {f"facts_{(today + timedelta(days=i)):%Y%m%d}" for i in range(-1, 8)} <= names
+    assert kept.partitions_made >= 8
+    # Ten days later, the partitions older than three days are gone, with their facts' bookkeeping.
+    later = analytics.maintain(op, retention_days=3, today=today + timedelta(days=10))
+    names = {n for (n,) in db.execute("SELECT relname FROM pg_class WHERE relname ~ '^facts_[0-9]{8}$'")}
+    assert min(names) == f"facts_{(today + timedelta(days=7)):%Y%m%d}"
+    assert later.partitions_dropped == kept.partitions_made - 1  # yesterday's went too
+    assert later.partitions_made >= 9
+
+
+def test_a_fact_older_than_retention_is_not_recorded(db, op):
+    facts = Facts(retention_days=2)
+    job = str(uuid.uuid4())
+    old = NOW - timedelta(days=3)
+    with op.transaction():
+        facts.apply(
+            op,
+            [
+                envelope(1, "JobCreated", created(job), "acme", old),
+                envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", old),
+                envelope(3, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250}, "acme", NOW),
+            ],
+        )
+    assert db.execute("SELECT kind FROM facts").fetchall() == [("delivered",)]
