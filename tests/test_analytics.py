@@ -144,23 +144,29 @@ def stored(conn, table: str = "facts_hourly", bucket: str = "hour") -> Counter:
     return +out
 
 
-def read(conn, by: str = "hour") -> Counter:
-    rows = analytics.series(conn, analytics.Filter(NOW - timedelta(days=5), NOW + timedelta(hours=1)), by=by)  # type: ignore[arg-type]
+def read(conn, by: str = "hour", group: str = "", **only: str) -> Counter:
+    """What a reader gets: the narrow roll-ups for one dimension, the fine tables for two filters."""
+    window = analytics.Filter(NOW - timedelta(days=5), NOW + timedelta(hours=1), **only)  # type: ignore[arg-type]
     out: Counter = Counter()
-    for r in rows:
-        out[(r["bucket"], r["kind"], "n")] += r["n"]
-        out[(r["bucket"], r["kind"], "uniq")] += r["uniq"]
+    for r in analytics.series(conn, window, by=by, group=group):  # type: ignore[arg-type]
+        key = r["key"] if group else ""  # a filter's rows may carry its value as their key
+        out[(r["bucket"], key, r["kind"], "n")] += r["n"]
+        out[(r["bucket"], key, r["kind"], "uniq")] += r["uniq"]
     return +out
 
 
-def coarsen(c: Counter, unit: str) -> Counter:
-    """Reference counts summed per bucket (over tenants, campaigns, senders, domains) and kind."""
+DIM = {"campaign": 2, "sender": 3, "domain": 4}
+
+
+def coarsen(c: Counter, unit: str, group: str = "", **only: str) -> Counter:
+    """Reference counts summed per bucket, group key (or '') and kind, for the facts of `only`."""
     out: Counter = Counter()
-    for (hour, _t, _c, _s, _d, kind, measure), n in c.items():
-        if measure == "human":
+    for key, n in c.items():
+        hour, kind, measure = key[0], key[5], key[6]
+        if measure == "human" or any(key[DIM[d]] != v for d, v in only.items()):
             continue
         b = hour if unit == "hour" else hour.replace(hour=0)
-        out[(b, kind, measure)] += n
+        out[(b, key[DIM[group]] if group else "", kind, measure)] += n
     return +out
 
 
@@ -186,7 +192,17 @@ def created(job: str, sender: str = "news", domain: str = "example.org") -> dict
 
 
 def wipe(conn) -> None:
-    for t in ("facts", "fact_jobs", "fact_firsts", "facts_dirty", "facts_hourly", "facts_daily", "facts_monthly"):
+    for t in (
+        "facts",
+        "fact_jobs",
+        "fact_firsts",
+        "facts_dirty",
+        "facts_hourly",
+        "facts_daily",
+        "facts_monthly",
+        "facts_hourly_cube",
+        "facts_daily_cube",
+    ):
         conn.execute(f"DELETE FROM {t}")
 
 
@@ -222,6 +238,11 @@ def test_aggregates_equal_a_from_scratch_recomputation_for_late_duplicated_and_o
     assert db.execute("SELECT count(*) FROM facts_dirty").fetchone()[0] == 0
     assert stored(db) == expected
     assert read(op) == coarsen(expected, "hour")
+    for group in DIM:  # the narrow roll-ups, per dimension, and the fine tables for two filters
+        assert read(op, "day", group) == coarsen(expected, "day", group)
+    assert read(op, "hour", sender="news") == coarsen(expected, "hour", sender="news")
+    both = {"sender": "news", "domain": "example.com"}
+    assert read(op, "day", "campaign", **both) == coarsen(expected, "day", "campaign", **both)
     daily = Counter()
     for (hour, *key), n in expected.items():
         daily[(hour.replace(hour=0), *key)] += n

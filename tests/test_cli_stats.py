@@ -19,7 +19,9 @@ from .conftest import run_cli
 
 pytestmark = pytest.mark.process
 
-NOW = datetime.now(UTC).replace(minute=30)
+_NOW = datetime.now(UTC)
+_HOUR = _NOW.replace(minute=0, second=0, microsecond=0)
+NOW = _HOUR + (_NOW - _HOUR) / 2  # in the current hour, and not in the future: stats stop at now
 HOURS_AGO = [NOW - timedelta(hours=h) for h in (30, 5, 5, 2, 0)]
 
 

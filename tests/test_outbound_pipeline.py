@@ -33,12 +33,12 @@ def setup_catalog(store, relay_url: str) -> None:
     )
 
 
-def run_pipeline(rt, settings, until, timeout=30.0, redis_url=None, duties=None):
-    """Queuer and one worker (with these duties) in threads until `until()` holds."""
+def run_pipeline(rt, settings, until, timeout=30.0, redis_url=None, duties=None, secret=SECRET):
+    """Queuer and one worker (with these duties, signing with `secret`) in threads until `until()` holds."""
     stop = threading.Event()
     redis_url = redis_url or rt.services.redis_url
     queuer = Queuer(rt.store, redis_url, settings)
-    worker = Worker(rt.store, redis_url, settings, SECRET, name="w1", duties=duties)
+    worker = Worker(rt.store, redis_url, settings, secret, name="w1", duties=duties)
     loop = asyncio.new_event_loop()
     astop = asyncio.Event()
 

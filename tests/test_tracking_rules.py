@@ -458,3 +458,78 @@ def test_a_person_clicking_a_few_links_or_one_link_again_is_not_a_burst(earlier,
 
 def test_a_click_without_a_known_send_time_skips_the_timing_rules():
     assert classify_click(FIREFOX, HOME_IP, None, [(0, 1.0), (1, 1.0), (2, 1.0)], 3) == Verdict(False, "human")
+
+
+# --- Tokens of a sent message: send time, link count, the URL bound to its link ---------------
+
+SENT_AT = 1_780_000_000
+
+
+def test_a_sent_link_token_carries_the_send_time_and_link_count_and_binds_its_exact_url():
+    url = "https://shop.example/a?x=1&y=2"
+    text = tracking.sign_sent(NEW_KEY, TOKEN, sent_at=SENT_AT, links=5, url=url)
+    sent = tracking.verify_sent([OLD_KEY, NEW_KEY], text)
+    assert (sent.token, sent.sent_at, sent.links) == (TOKEN, SENT_AT, 5)
+    assert sent.has_link() and sent.signed_for(url)
+    assert sent.seconds_since_sent(SENT_AT + 61.5) == 61.5
+    for other in ("https://shop.example/a?x=1&y=3", url + "#", url.upper(), "https://evil.example/", "", None):
+        assert not sent.signed_for(other)
+
+
+def test_a_link_index_beyond_the_messages_links_is_not_one_of_its_links():
+    sent = tracking.verify_sent(
+        [NEW_KEY], tracking.sign_sent(NEW_KEY, TOKEN, sent_at=SENT_AT, links=3, url="https://x.example/")
+    )
+    assert not sent.has_link()  # TOKEN's link is 3: indexes 0-2 exist
+
+
+def test_sent_and_bare_tokens_never_verify_as_each_other():
+    with pytest.raises(BadToken):
+        tracking.verify_sent([NEW_KEY], sign_token(NEW_KEY, TOKEN))
+    with pytest.raises(BadToken):
+        verify_token([NEW_KEY], tracking.sign_sent(NEW_KEY, TOKEN, sent_at=SENT_AT, links=5, url="https://x.example/"))
+
+
+def test_every_single_character_change_of_a_sent_token_is_rejected():
+    text = tracking.sign_sent(NEW_KEY, TrackingToken("acme-42", JOB), sent_at=SENT_AT, links=2)
+    for i, original in enumerate(text):
+        for replacement in "AZaz09-_.":
+            if replacement != original:
+                with pytest.raises(BadToken):
+                    tracking.verify_sent([NEW_KEY], text[:i] + replacement + text[i + 1 :])
+
+
+def test_a_pixel_token_names_no_url_and_a_link_token_must():
+    with pytest.raises(ValueError):
+        tracking.sign_sent(NEW_KEY, TrackingToken("acme-42", JOB), sent_at=SENT_AT, links=1, url="https://x.example/")
+    with pytest.raises(ValueError):
+        tracking.sign_sent(NEW_KEY, TOKEN, sent_at=SENT_AT, links=5)
+
+
+def test_a_rewritten_message_gives_each_link_the_total_link_count_and_one_index_per_url_across_parts():
+    html = '<p><a href="https://a.example/">a</a> <a href="https://b.example/">b</a> <a href="https://u.example/x">u</a></p>'
+    text = "a https://a.example/ c https://c.example/ u https://u.example/x"
+    made = []
+
+    def click(index, url, links):
+        made.append((index, url, links))
+        return f"https://t.example/c/{index}"
+
+    out = tracking.rewrite_message(html, text, click, "https://t.example/o/p", keep=["https://u.example/"])
+    assert out.links == ["https://a.example/", "https://b.example/", "https://c.example/"]
+    assert set(made) == {(0, "https://a.example/", 3), (1, "https://b.example/", 3), (2, "https://c.example/", 3)}
+    assert out.html.count("https://t.example/c/") == 2 and 'href="https://u.example/x"' in out.html
+    assert out.html.endswith(tracking.pixel_tag("https://t.example/o/p"))
+    assert out.text == "a https://t.example/c/0 c https://t.example/c/2 u https://u.example/x"
+
+
+def test_a_click_url_carries_the_original_url_percent_encoded_and_verifies_against_it():
+    from urllib.parse import parse_qs, urlsplit
+
+    url = "https://shop.example/p?q=a b&r=1+2#frag"
+    made = tracking.click_url("https://m.example/", NEW_KEY, "acme-42", JOB, sent_at=SENT_AT, links=4, link=2, url=url)
+    parts = urlsplit(made)
+    assert made.startswith("https://m.example/t/c/") and " " not in made
+    [back] = parse_qs(parts.query)["u"]
+    assert back == url
+    assert tracking.verify_sent([NEW_KEY], parts.path.rsplit("/", 1)[1]).signed_for(back)

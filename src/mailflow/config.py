@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     secret_key_file: Path | None = None
     unsubscribe_base_url: str | None = None  # e.g. https://mail.example.org/unsubscribe
     preferences_base_url: str | None = None  # default: /preferences beside the unsubscribe pages
+    # Open and click tracking (docs/tracking.md): where the pixel and rewritten links point, an
+    # absolute http(s) URL of `mailflow web`. Unset: the scheme and host of the unsubscribe base
+    # URL; with neither, nothing is tracked.
+    tracking_base_url: str | None = None  # e.g. https://mail.example.org
 
     # The HTTP API (`mailflow web`, /api/v1; docs/api.md)
     api_rate_per_key: float = Field(default=50.0, gt=0)  # requests per second one key may make
@@ -159,6 +163,28 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.database_url is None or self.redis_url is None
+
+    @property
+    def tracking_base(self) -> str | None:
+        """The base of tracking URLs (no trailing slash), or None: nothing is tracked."""
+        if self.tracking_base_url:
+            return self.tracking_base_url.rstrip("/")
+        if not self.unsubscribe_base_url:
+            return None
+        parts = urlsplit(self.unsubscribe_base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return None
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @field_validator("tracking_base_url")
+    @classmethod
+    def _tracking_base_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"{url!r} is not an absolute http(s) URL; use one like https://mail.example.org")
+        return url
 
     @field_validator("database_url")
     @classmethod

@@ -123,7 +123,7 @@ LIMIT %(limit)s
 
 # Campaigns, newest first, after the cursor (created_at, id).
 CAMPAIGNS_PAGE = """
-SELECT id, name, status, recipients, sender, template, segment, stop_on_reply, scheduled_at,
+SELECT id, name, status, recipients, sender, template, segment, stop_on_reply, tracking, scheduled_at,
        created_at, started_at, finished_at
 FROM campaigns
 WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
@@ -161,7 +161,7 @@ LIMIT %(limit)s
 """
 # One campaign by its primary key (GET /campaigns/{id} is the hot read: no OR for the planner).
 CAMPAIGN_ROW = """
-SELECT id, name, status, recipients, sender, template, segment, stop_on_reply, scheduled_at,
+SELECT id, name, status, recipients, sender, template, segment, stop_on_reply, tracking, scheduled_at,
        created_at, started_at, finished_at
 FROM campaigns WHERE id = %(id)s
 """

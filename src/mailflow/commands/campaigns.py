@@ -32,12 +32,23 @@ def campaigns_create(
     stop_on_reply: bool = typer.Option(
         True, "--stop-on-reply/--no-stop-on-reply", help="A contact who replies gets nothing more from it."
     ),
+    tracking: bool | None = typer.Option(
+        None,
+        "--track/--no-track",
+        help="Track opens and clicks (default: the tenant's, `mailflow tenants tracking`). docs/tracking.md.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a draft campaign."""
     quiet_logs()
     cid = campaigns.create(
-        runtime().store, name=name, sender=sender, template=template, segment=segment, stop_on_reply=stop_on_reply
+        runtime().store,
+        name=name,
+        sender=sender,
+        template=template,
+        segment=segment,
+        stop_on_reply=stop_on_reply,
+        tracking=tracking,
     )
     emit_json({"id": cid, "name": name, "status": "draft"}) if as_json else out.print(f"campaign {name} created: {cid}")
 

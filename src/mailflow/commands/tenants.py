@@ -1,4 +1,4 @@
-"""Commands room: `mailflow tenants` - create, list, show, suspend, resume and erase tenants, set their limits.
+"""Commands room: `mailflow tenants` - create, list, show, suspend, resume and erase tenants, set their limits and tracking.
 
 Operator commands: they see every tenant (the cross-tenant role), whatever --tenant says.
 """
@@ -9,7 +9,7 @@ import typer
 
 from mailflow.commands.base import JsonOpt, emit_json, err, new_app, out, quiet_logs, runtime
 
-app = new_app("Tenants: create, list, show, suspend, resume, erase, limits.")
+app = new_app("Tenants: create, list, show, suspend, resume, erase, limits, tracking.")
 
 
 def _limit(value: int | None) -> str:
@@ -66,6 +66,7 @@ def tenants_show(tenant_id: str = typer.Argument(..., metavar="ID"), as_json: bo
         return
     out.print(f"tenant {t.id} ({t.name}): {t.status}", markup=False)
     out.print(f"  limits: {_limit(t.hourly_limit)} per hour, {_limit(t.daily_limit)} per day")
+    out.print(f"  tracking: {'on' if t.tracking else 'off'} (campaigns' default)")
     out.print(f"  {t.contacts:,} contacts, {t.campaigns:,} campaigns, {t.unfinished_jobs:,} unsent jobs")
     out.print(f"  created {t.created_at:%Y-%m-%d %H:%M:%S}")
 
@@ -151,3 +152,24 @@ def tenants_limits(
         emit_json({"tenant": tenant_id, "hourly_limit": per_hour, "daily_limit": per_day})
     else:
         out.print(f"{tenant_id}: {_limit(per_hour)} per hour, {_limit(per_day)} per day")
+
+
+@app.command("tracking")
+def tenants_tracking(
+    tenant_id: str = typer.Argument(..., metavar="ID"),
+    state: str = typer.Argument(..., metavar="on|off", help="Whether its campaigns track opens and clicks."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Set whether the tenant's campaigns track opens and clicks unless a campaign says otherwise
+    (`campaigns create --track/--no-track`); transactional mail is never tracked. docs/tracking.md."""
+    from mailflow.errors import UsageError
+    from mailflow.tenants import registry
+
+    quiet_logs()
+    if state not in ("on", "off"):
+        raise UsageError(f"tracking is on or off, not {state!r}")
+    changed = registry.set_tracking(runtime(operator=True).store, tenant_id, state == "on")
+    if as_json:
+        emit_json({"tenant": tenant_id, "tracking": state == "on", "changed": changed})
+    else:
+        out.print(f"{tenant_id}: tracking {state}" + ("" if changed else " (it already was)"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import ipaddress
 import math
 import re
@@ -30,6 +31,7 @@ from hashlib import sha256
 from html import escape, unescape
 from html.parser import HTMLParser
 from typing import TypeAlias
+from urllib.parse import quote
 
 from itsdangerous import BadData, Signer
 
@@ -64,9 +66,9 @@ class TrackingToken:
             raise ValueError(f"a link index is an int from 0 to {MAX_LINK_INDEX}, not {self.link!r}")
 
 
-def _signer(keys: Sequence[bytes]) -> Signer:
+def _signer(keys: Sequence[bytes], salt: bytes = _SALT) -> Signer:
     # itsdangerous signs with the last key of the list and verifies with any of them.
-    return Signer(list(keys), salt=_SALT, key_derivation="hmac", digest_method=sha256)
+    return Signer(list(keys), salt=salt, key_derivation="hmac", digest_method=sha256)
 
 
 def _b64(raw: bytes) -> str:
@@ -89,19 +91,8 @@ def verify_token(keys: Sequence[bytes], text: str) -> TrackingToken:
     Raises BadToken, and nothing else, for any other string: tampered, truncated, padded,
     non-ASCII, or naming a link index above MAX_LINK_INDEX.
     """
-    if not isinstance(text, str) or len(text) > _MAX_TOKEN_CHARS or not _TOKEN.fullmatch(text):
-        raise BadToken("not a tracking token")
-    value, signature = text.rsplit(".", 1)
-    # base64 of 32 bytes leaves 2 unused bits in its last character: accept only the one
-    # canonical spelling, so that no changed character of a token still verifies.
-    if _b64(base64.urlsafe_b64decode(signature + "=")) != signature:
-        raise BadToken("tracking token signature is not canonical")
+    payload = _verified_payload(keys, text, _SALT)
     try:
-        _signer(keys).unsign(text)
-    except BadData as exc:
-        raise BadToken("tracking token signature does not match") from exc
-    try:
-        payload = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         if len(payload) < 19:
             raise ValueError("payload too short")
         link = int.from_bytes(payload[16:18], "big")
@@ -111,6 +102,25 @@ def verify_token(keys: Sequence[bytes], text: str) -> TrackingToken:
             link=None if link == _PIXEL_LINK else link,
         )
     except (ValueError, binascii.Error) as exc:  # UnicodeDecodeError is a ValueError
+        raise BadToken(f"tracking token payload is not valid: {exc}") from exc
+
+
+def _verified_payload(keys: Sequence[bytes], text: str, salt: bytes) -> bytes:
+    """The payload bytes of a token signed by one of `keys` under `salt`; BadToken for anything else."""
+    if not isinstance(text, str) or len(text) > _MAX_TOKEN_CHARS or not _TOKEN.fullmatch(text):
+        raise BadToken("not a tracking token")
+    value, signature = text.rsplit(".", 1)
+    # base64 of 32 bytes leaves 2 unused bits in its last character: accept only the one
+    # canonical spelling, so that no changed character of a token still verifies.
+    if _b64(base64.urlsafe_b64decode(signature + "=")) != signature:
+        raise BadToken("tracking token signature is not canonical")
+    try:
+        _signer(keys, salt).unsign(text)
+    except BadData as exc:
+        raise BadToken("tracking token signature does not match") from exc
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (ValueError, binascii.Error) as exc:
         raise BadToken(f"tracking token payload is not valid: {exc}") from exc
 
 
@@ -302,6 +312,141 @@ def rewrite_text(
         return click_url(index.index(url)) + m.group(0)[len(url) :]
 
     return Rewritten(_TEXT_URL.sub(replace, text), index.links)
+
+
+# --- Messages as sent: tokens that carry the send time and bind a click to its URL ------------
+
+# What the URLs of a sent message prove. The pixel's and each link's token carry the tenant,
+# the job, the link index, how many links the message has, when it was sent (epoch seconds:
+# "seconds since sent" needs no database read) and, for a link, a digest of the exact URL it
+# stood for. The URL itself travels beside the token (`?u=`), so nothing about the message is
+# stored anywhere; a URL whose digest is not the signed one was not in the message, and is
+# never redirected to. Signed under a salt of their own: a bare TrackingToken never verifies
+# as one of these, nor the other way round.
+_SENT_SALT = b"mailflow/tracking/sent"
+_DIGEST_BYTES = 16  # a truncated SHA-256: a second URL with the same digest cannot be found
+_SENT_HEADER = 16 + 2 + 2 + 4 + _DIGEST_BYTES  # job, link, links, sent_at, url digest; then the tenant
+_NO_DIGEST = bytes(_DIGEST_BYTES)  # the pixel's
+OPEN_PATH = "/t/o/"
+CLICK_PATH = "/t/c/"
+URL_PARAMETER = "u"
+
+
+def url_digest(url: str) -> bytes:
+    return sha256(url.encode("utf-8", "surrogatepass")).digest()[:_DIGEST_BYTES]
+
+
+@dataclass(frozen=True)
+class SentToken:
+    """A verified pixel or click token: whose message, which link (None: the pixel), how many
+    links the message has, and when it was sent (epoch seconds)."""
+
+    token: TrackingToken
+    sent_at: int
+    links: int
+    digest: bytes = _NO_DIGEST
+
+    def seconds_since_sent(self, now: float) -> float:
+        return now - self.sent_at
+
+    def has_link(self) -> bool:
+        """Whether the link index is one of the message's (a genuine token can name no other)."""
+        return self.token.link is not None and self.token.link < self.links
+
+    def signed_for(self, url: str | None) -> bool:
+        """Whether `url` is exactly the URL this link's token was signed for."""
+        return url is not None and self.token.link is not None and hmac.compare_digest(self.digest, url_digest(url))
+
+
+def sign_sent(key: bytes, token: TrackingToken, *, sent_at: int, links: int, url: str | None = None) -> str:
+    """The token of a sent message's pixel (token.link None, no url) or of one of its links (with its url)."""
+    if (token.link is None) != (url is None):
+        raise ValueError("a link's token names its URL, the pixel's names none")
+    if not 0 <= links <= MAX_LINK_INDEX + 1 or not 0 <= sent_at < 2**32:
+        raise ValueError("links or sent_at out of range")
+    link = _PIXEL_LINK if token.link is None else token.link
+    payload = (
+        token.job_id.bytes
+        + link.to_bytes(2, "big")
+        + links.to_bytes(2, "big")
+        + sent_at.to_bytes(4, "big")
+        + (_NO_DIGEST if url is None else url_digest(url))
+        + token.tenant.encode("utf-8")
+    )
+    return _signer([key], _SENT_SALT).sign(_b64(payload)).decode("ascii")
+
+
+def verify_sent(keys: Sequence[bytes], text: str) -> SentToken:
+    """What a pixel or click token proves, if one of `keys` signed it; BadToken for any other string."""
+    payload = _verified_payload(keys, text, _SENT_SALT)
+    try:
+        if len(payload) <= _SENT_HEADER:
+            raise ValueError("payload too short")
+        link = int.from_bytes(payload[16:18], "big")
+        token = TrackingToken(
+            tenant=payload[_SENT_HEADER:].decode("utf-8"),
+            job_id=uuid.UUID(bytes=payload[:16]),
+            link=None if link == _PIXEL_LINK else link,
+        )
+        return SentToken(
+            token,
+            sent_at=int.from_bytes(payload[20:24], "big"),
+            links=int.from_bytes(payload[18:20], "big"),
+            digest=payload[24:_SENT_HEADER],
+        )
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise BadToken(f"tracking token payload is not valid: {exc}") from exc
+
+
+def open_url(base: str, key: bytes, tenant: str, job_id: uuid.UUID, *, sent_at: int, links: int = 0) -> str:
+    """The pixel's URL: `<base>/t/o/<token>`."""
+    token = sign_sent(key, TrackingToken(tenant, job_id), sent_at=sent_at, links=links)
+    return f"{base.rstrip('/')}{OPEN_PATH}{token}"
+
+
+def click_url(
+    base: str, key: bytes, tenant: str, job_id: uuid.UUID, *, sent_at: int, links: int, link: int, url: str
+) -> str:
+    """A rewritten link: `<base>/t/c/<token>?u=<the original URL, percent-encoded>`."""
+    token = sign_sent(key, TrackingToken(tenant, job_id, link), sent_at=sent_at, links=links, url=url)
+    return f"{base.rstrip('/')}{CLICK_PATH}{token}?{URL_PARAMETER}={quote(url, safe='', errors='surrogatepass')}"
+
+
+@dataclass
+class TrackedMessage:
+    html: str
+    text: str
+    links: list[str]
+
+
+def rewrite_message(
+    html: str,
+    text: str,
+    click: Callable[[int, str, int], str],
+    pixel_url: str | None,
+    *,
+    keep: Sequence[str] = (),
+) -> TrackedMessage:
+    """Both parts of a message rewritten, one link index per URL across them.
+
+    `click(index, url, links)` makes a link's URL; `links` is how many tracked links the whole
+    message has, which each token carries (the scanner rule needs it), so the links are
+    collected first and the parts rewritten after. An empty html part stays empty (no pixel).
+    """
+    found: list[str] = []
+    if html:
+        rewrite_html(html, lambda i: "", links=found, keep=keep)
+    if text:
+        rewrite_text(text, lambda i: "", links=found, keep=keep)
+    total = len(found)
+
+    def make(i: int) -> str:
+        return click(i, found[i], total)
+
+    links: list[str] = []
+    new_html = rewrite_html(html, make, pixel_url, links=links, keep=keep).body if html else html
+    new_text = rewrite_text(text, make, links=links, keep=keep).body if text else text
+    return TrackedMessage(new_html, new_text, links)
 
 
 # --- Machine or human -------------------------------------------------------------------------

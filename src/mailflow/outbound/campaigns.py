@@ -83,10 +83,18 @@ def find(conn: psycopg.Connection, ref: str) -> str:
 
 
 def create(
-    store: EventStore, *, name: str, sender: str, template: str, segment: str, stop_on_reply: bool = True
+    store: EventStore,
+    *,
+    name: str,
+    sender: str,
+    template: str,
+    segment: str,
+    stop_on_reply: bool = True,
+    tracking: bool | None = None,
 ) -> str:
     """A draft campaign. With `stop_on_reply` (the default) a contact who replies gets nothing
-    more from it (outbound/feedback.py)."""
+    more from it (outbound/feedback.py). `tracking`: open and click tracking on or off, None
+    for the tenant's default when each message is sent (docs/tracking.md)."""
     if not name.strip():
         raise UserError("a campaign needs a name")
     campaign_id = str(uuid7())
@@ -97,6 +105,7 @@ def create(
         template=template,
         segment=segment,
         stop_on_reply=stop_on_reply,
+        tracking=tracking,
     )
     with inline.writing(store) as w:
         w.conn.execute(q.LOCK_CAMPAIGN_NAME, (name,))

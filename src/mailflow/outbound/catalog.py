@@ -170,6 +170,7 @@ def _campaign_created(conn: psycopg.Connection, data: dict, at: datetime, tenant
             data["template"],
             data["segment"],
             data.get("stop_on_reply", True),
+            data.get("tracking"),
             at,
             at,
         ),

@@ -241,6 +241,7 @@ class CampaignCreated(Event):
     template: str
     segment: str
     stop_on_reply: bool = True  # a contact who replies gets nothing more from the campaign
+    tracking: bool | None = None  # open and click tracking; None: the tenant's default (docs/tracking.md)
 
 
 class CampaignScheduled(Event):

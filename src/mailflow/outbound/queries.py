@@ -222,12 +222,16 @@ SELECT j.id, j.tenant, j.state, j.queue_seq, j.attempts, j.subject, j.email, j.s
        s.reason AS suppressed, c.status AS contact_status, c.attributes, j.worker,
        coalesce(j.correlation_id, 'campaign-' || j.campaign_id, j.id::text) AS correlation_id,
        cp.status AS campaign_status, k.key AS subject_key,
+       -- open and click tracking (docs/tracking.md): the campaign's choice, else its tenant's
+       -- default; transactional mail (no campaign) never
+       j.campaign_id IS NOT NULL AND coalesce(cp.tracking, t.tracking, false) AS tracking,
        EXISTS (SELECT 1 FROM campaign_stops st
                WHERE st.tenant = j.tenant AND st.campaign_id = j.campaign_id AND st.subject = j.subject) AS stopped
 FROM jobs j
 LEFT JOIN suppressions s ON s.tenant = j.tenant AND s.subject = j.subject
 LEFT JOIN contacts c ON c.tenant = j.tenant AND c.subject = j.subject
 LEFT JOIN campaigns cp ON cp.id = j.campaign_id
+LEFT JOIN tenants t ON t.id = j.tenant
 LEFT JOIN subject_keys k ON k.tenant = j.tenant AND k.subject = j.subject
 WHERE j.id = ANY(%s::uuid[])
 FOR UPDATE OF j
@@ -238,8 +242,8 @@ FOR UPDATE OF j
 # -- campaigns ----------------------------------------------------------------------------------
 
 INSERT_CAMPAIGN = """
-INSERT INTO campaigns (id, tenant, name, sender, template, segment, stop_on_reply, created_at, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+INSERT INTO campaigns (id, tenant, name, sender, template, segment, stop_on_reply, tracking, created_at, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (id) DO NOTHING
 """
 SET_CAMPAIGN_STATUS = """
@@ -436,6 +440,15 @@ WHERE tenant = %s AND campaign_id = %s AND subject = %s AND state IN ('pending',
 # What came back for a campaign, per kind: how many people.
 CAMPAIGN_FEEDBACK = """
 SELECT kind, hard, count(DISTINCT subject) FROM feedback WHERE campaign_id = %s GROUP BY kind, hard
+"""
+
+# -- engagement: opens and clicks (engagement.py) ----------------------------------------------
+
+# The tracked message's job, in the tenant's scope (another tenant's job is not found), locked
+# so that one message's clicks are judged one after another (the scanner rule compares them).
+LOCK_TRACKED_JOB = """
+SELECT id, coalesce(correlation_id, 'campaign-' || campaign_id, id::text) AS correlation_id
+FROM jobs WHERE id = %s FOR NO KEY UPDATE
 """
 
 # -- sending domains (domains.py) -------------------------------------------------------------

@@ -5,8 +5,11 @@ high-priority work, and every few reads low goes before normal so it is never st
 Jobs are started in batches (JobStarted with a lease, in one transaction), sent over SMTP
 sessions that are reused for many messages, and finished in batches (JobCompleted,
 JobFailed or JobRetryScheduled, with the remote reply) before their stream entries are
-acknowledged. A worker killed mid-send leaves active jobs whose lease expires; the queuer
-then retries them, so at most the messages in flight at the kill can go out twice.
+acknowledged. A tracked campaign's message (docs/tracking.md) has its links rewritten and the
+open pixel added before it is built; nothing else pays for tracking. A worker killed mid-send
+leaves active jobs whose lease expires; the queuer then retries them, so at most the messages
+in flight at the kill can go out twice. Jobs that are not emails (duties: runtime/duties.py)
+are claimed, leased and recorded the same way and run in a thread.
 
 Losing PostgreSQL or Redis for a while stops nothing that is already under way. SMTP
 transactions in flight run to their end; their outcomes wait in memory and are recorded
@@ -25,6 +28,7 @@ import asyncio
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -52,6 +56,7 @@ from mailflow.infra.services import (
 from mailflow.infra.tenancy import DEFAULT_TENANT
 from mailflow.infra.vault import Keyring, Vault
 from mailflow.log import get_logger
+from mailflow.mail import tracking
 from mailflow.mail.addresses import without_address
 from mailflow.outbound import consent, mime, mx, smtp, streams, templates
 from mailflow.outbound import queries as q
@@ -95,6 +100,7 @@ class Claimed:
     subject_key: bytes | None = None  # seals what a bounce records about the recipient
     kind: str = "send"  # or a duty's kind (periodic.py), run by the worker's table of duties
     args: dict[str, Any] = field(default_factory=dict)
+    tracking: bool = False  # a campaign message whose opens and clicks are tracked (docs/tracking.md)
 
     @property
     def metadata(self) -> Metadata:
@@ -263,6 +269,7 @@ class Worker:
         self.redis_url = redis_url
         self.settings = settings
         self.secret = secret
+        self.tracking_base = settings.tracking_base  # None: no message is tracked
         # Relay passwords and DKIM keys, read from the vault when a sender is loaded.
         self.vault = vault or Vault(Keyring.load(settings.home, settings.secret_key, settings.secret_key_file))
         self.keys = Keys(settings.redis_prefix)
@@ -538,6 +545,7 @@ class Worker:
                         bytes(row["subject_key"]) if row["subject_key"] is not None else None,
                         row["kind"],
                         row["args"] or {},
+                        tracking=bool(row["tracking"]),
                     )
                     if job.kind != "send":
                         claimed.append(job)  # a duty: nobody to consent, nothing to suppress
@@ -727,6 +735,8 @@ class Worker:
                 **job.variables,
             }
             rendered = templates.render(tpl, context)
+            if job.tracking and self.tracking_base is not None:
+                rendered = self._tracked(job, rendered, keep=[context[v] for v in consent.LINK_VARIABLES])
             out = mime.build(
                 job_id=job.job_id,
                 sender=sender,
@@ -784,6 +794,20 @@ class Worker:
         if verdict.outcome is Outcome.DELIVERED:
             self.sent += 1
         self.results.append(Result(job, verdict, code, " ".join(str(text).split())[:1000], size=len(out.data)))
+
+    def _tracked(self, job: Claimed, rendered: templates.Rendered, keep: list[str]) -> templates.Rendered:
+        """The message with its links rewritten and the open pixel added (mail/tracking.py); the
+        unsubscribe and preferences links (`keep`) stay direct."""
+        assert self.tracking_base is not None
+        base, key, tenant = self.tracking_base, self.secret, job.tenant or DEFAULT_TENANT
+        job_id, sent_at = uuid.UUID(job.job_id), int(time.time())
+
+        def click(index: int, url: str, links: int) -> str:
+            return tracking.click_url(base, key, tenant, job_id, sent_at=sent_at, links=links, link=index, url=url)
+
+        pixel = tracking.open_url(base, key, tenant, job_id, sent_at=sent_at)
+        out = tracking.rewrite_message(rendered.html, rendered.text, click, pixel, keep=[k for k in keep if k])
+        return templates.Rendered(rendered.subject, out.html, out.text)
 
     async def _targets(self, relay: SmtpRelay, email: str) -> list[SmtpRelay]:
         if not relay.direct:

@@ -1,8 +1,9 @@
 """Projectors room: analytics - the hourly aggregation of facts, its daily and monthly roll-ups,
 retention, and the one way numbers are read (`mailflow stats`, the dashboard).
 
-An hour is aggregated as a whole: its facts_hourly rows are replaced by a GROUP BY of its facts,
-then its day is rolled up again from the hourly rows and its month from the daily ones, and
+An hour is aggregated as a whole: its facts_hourly rows are replaced by a GROUP BY of its facts
+(and its narrow roll-ups, facts_hourly_cube, from those), then its day is rolled up again from
+the hourly rows and its month moves by the day's difference, and
 its dirty mark is removed only if no fact arrived meanwhile (the mark's version is unchanged),
 all in one transaction. So re-running an hour gives the same rows, and a late fact makes its
 hour dirty again, to be aggregated by the next run. Only hours that have ended are aggregated.
@@ -72,14 +73,19 @@ def aggregate_hours(conn: psycopg.Connection, hours: list[tuple[datetime, int]])
             q.AGGREGATE_HOURS, {"lo": min(which), "hi": max(which) + timedelta(hours=1), "hours": which}
         ).rowcount
         done.hours = len(which)
+        conn.execute(q.DELETE_HOURLY_CUBE, (which,))
+        conn.execute(q.CUBE_HOURS, (which,))
         for hour, version in hours:
             if conn.execute(q.CLEAN, (hour, version)).rowcount == 0:
                 done.left_dirty += 1
-        conn.execute(q.DELETE_DAILY, (_midnight(day),))
-        conn.execute(q.ROLL_UP_DAY, {"day": _midnight(day)})
-        month = _midnight(month_of(day))
-        conn.execute(q.DELETE_MONTHLY, (month,))
-        conn.execute(q.ROLL_UP_MONTH, {"month": month})
+        at = {"day": _midnight(day), "month": _midnight(month_of(day))}
+        conn.execute(q.MONTH_LESS_DAY, at)
+        conn.execute(q.DELETE_DAILY, (at["day"],))
+        conn.execute(q.ROLL_UP_DAY, at)
+        conn.execute(q.MONTH_PLUS_DAY, at)
+        conn.execute(q.DROP_EMPTY_MONTH_ROWS, (at["month"],))
+        conn.execute(q.DELETE_DAILY_CUBE, (at["day"],))
+        conn.execute(q.ROLL_UP_DAY_CUBE, at)
     return done
 
 
@@ -213,12 +219,42 @@ class Measures:
     latency_n: int = 0
 
 
-def series(conn: psycopg.Connection, f: Filter, *, by: Bucket = "hour", group: Group = "") -> list[dict[str, Any]]:
-    """Per bucket (and group key: campaign, sender or recipient domain), per kind: the measures.
+CUBES = {"hour": q.CUBE_BY_HOUR, "day": q.CUBE_BY_DAY}
 
-    The connection's scope decides whose facts: a tenant's sees its own only."""
+
+def series(
+    conn: psycopg.Connection, f: Filter, *, by: Bucket = "hour", group: Group = "", per_bucket: bool = True
+) -> list[dict[str, Any]]:
+    """Per bucket (and group key: campaign, sender or recipient domain), per kind: the measures;
+    with `per_bucket` false, per group key and kind over the whole range (bucket None).
+
+    One dimension at most (a group, or one filter) is read from the narrow roll-ups; more
+    from the fine tables. The connection's scope decides whose facts: a tenant's sees its own."""
+    filters = {d: v for d, v in (("campaign", f.campaign), ("sender", f.sender), ("domain", f.domain)) if v is not None}
+    params = f.params(by, group)
     with conn.cursor(row_factory=dict_row) as cur:
-        return list(cur.execute(SERIES[by], f.params(by, group)).fetchall())
+        dirty = cur.execute(q.DIRTY_RANGE, params).fetchone() or {}
+        if dirty.get("lo") is None:  # nothing dirty: an empty range for the raw part
+            params |= {"raw_since": params["since"], "raw_until": params["since"]}
+        else:
+            params |= {"raw_since": max(dirty["lo"], params["since"]), "raw_until": min(dirty["hi"], params["until"])}
+        # The finer levels are read only from the day (month) of the first dirty hour on.
+        params |= {"raw_day": _floor(params["raw_since"], "day"), "raw_month": _floor(params["raw_since"], "month")}
+        if by in CUBES and ((group and not filters) or (not group and len(filters) <= 1)):
+            dim, key = (group, None) if group else next(iter(filters.items()), ("all", None))
+            return list(cur.execute(CUBES[by], {**params, "dim": dim, "key": key, "per_bucket": per_bucket}).fetchall())
+        rows = list(cur.execute(SERIES[by], params).fetchall())
+    if per_bucket:
+        return rows
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        m = merged.setdefault((r["key"], r["kind"]), {**r, "bucket": None, **dict.fromkeys(_MEASURES, 0)})
+        for k in _MEASURES:
+            m[k] += r[k]
+    return list(merged.values())
+
+
+_MEASURES = ("n", "human", "uniq", "latency_ms_sum", "latency_n")
 
 
 # What people read: the kinds of the counters, in the order tables show them.

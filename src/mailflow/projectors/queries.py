@@ -74,6 +74,25 @@ FROM facts
 WHERE at >= %(lo)s AND at < %(hi)s AND date_trunc('hour', at, 'UTC') = ANY(%(hours)s::timestamptz[])
 GROUP BY 1, tenant, campaign, sender, domain, kind
 """
+DELETE_HOURLY_CUBE = "DELETE FROM facts_hourly_cube WHERE hour = ANY(%s::timestamptz[])"
+CUBE_HOURS = """
+INSERT INTO facts_hourly_cube (hour, tenant, dim, key, kind, n, n_human, n_unique, latency_ms_sum, latency_n, size_sum)
+SELECT h.hour, h.tenant, d.dim, d.key, h.kind, sum(h.n), sum(h.n_human), sum(h.n_unique),
+       sum(h.latency_ms_sum), sum(h.latency_n), sum(h.size_sum)
+FROM facts_hourly h
+CROSS JOIN LATERAL (VALUES ('all', ''), ('campaign', h.campaign), ('sender', h.sender), ('domain', h.domain)) AS d (dim, key)
+WHERE h.hour = ANY(%s::timestamptz[])
+GROUP BY h.hour, h.tenant, d.dim, d.key, h.kind
+"""
+DELETE_DAILY_CUBE = "DELETE FROM facts_daily_cube WHERE day = %s"
+ROLL_UP_DAY_CUBE = """
+INSERT INTO facts_daily_cube (day, tenant, dim, key, kind, n, n_human, n_unique, latency_ms_sum, latency_n, size_sum)
+SELECT %(day)s, tenant, dim, key, kind, sum(n), sum(n_human), sum(n_unique), sum(latency_ms_sum), sum(latency_n),
+       sum(size_sum)
+FROM facts_hourly_cube
+WHERE hour >= %(day)s AND hour < %(day)s + interval '1 day'
+GROUP BY tenant, dim, key, kind
+"""
 DELETE_DAILY = "DELETE FROM facts_daily WHERE day = %s"
 ROLL_UP_DAY = """
 INSERT INTO facts_daily (day, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
@@ -84,16 +103,30 @@ FROM facts_hourly
 WHERE hour >= %(day)s AND hour < %(day)s + interval '1 day'
 GROUP BY tenant, campaign, sender, domain, kind
 """
-DELETE_MONTHLY = "DELETE FROM facts_monthly WHERE month = %s"
-ROLL_UP_MONTH = """
-INSERT INTO facts_monthly (month, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
-                           latency_ms_sum, latency_n, latency_ms_max, size_sum)
-SELECT %(month)s, tenant, campaign, sender, domain, kind, sum(n), sum(n_human), sum(n_unique),
-       sum(latency_ms_sum), sum(latency_n), max(latency_ms_max), sum(size_sum)
-FROM facts_daily
-WHERE day >= %(month)s AND day < %(month)s + interval '1 month'
-GROUP BY tenant, campaign, sender, domain, kind
+# A month moves by a day's difference (not a GROUP BY of the whole month for each day: a rebuild
+# of 90 days would read every month 30 times): the day's old rows out before it is rolled up
+# again, its new rows in after. The month's latency maximum is the largest seen.
+MONTH_LESS_DAY = """
+UPDATE facts_monthly m
+SET n = m.n - d.n, n_human = m.n_human - d.n_human, n_unique = m.n_unique - d.n_unique,
+    latency_ms_sum = m.latency_ms_sum - d.latency_ms_sum, latency_n = m.latency_n - d.latency_n,
+    size_sum = m.size_sum - d.size_sum
+FROM facts_daily d
+WHERE d.day = %(day)s AND m.month = %(month)s
+  AND (m.tenant, m.campaign, m.sender, m.domain, m.kind) = (d.tenant, d.campaign, d.sender, d.domain, d.kind)
 """
+MONTH_PLUS_DAY = """
+INSERT INTO facts_monthly AS m (month, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
+                                latency_ms_sum, latency_n, latency_ms_max, size_sum)
+SELECT %(month)s, tenant, campaign, sender, domain, kind, n, n_human, n_unique, latency_ms_sum, latency_n,
+       latency_ms_max, size_sum
+FROM facts_daily WHERE day = %(day)s
+ON CONFLICT (month, tenant, campaign, sender, domain, kind) DO UPDATE
+SET n = m.n + excluded.n, n_human = m.n_human + excluded.n_human, n_unique = m.n_unique + excluded.n_unique,
+    latency_ms_sum = m.latency_ms_sum + excluded.latency_ms_sum, latency_n = m.latency_n + excluded.latency_n,
+    latency_ms_max = greatest(m.latency_ms_max, excluded.latency_ms_max), size_sum = m.size_sum + excluded.size_sum
+"""
+DROP_EMPTY_MONTH_ROWS = "DELETE FROM facts_monthly WHERE month = %s AND n = 0"
 FACT_HOURS_SINCE = """
 INSERT INTO facts_dirty (hour)
 SELECT DISTINCT date_trunc('hour', at, 'UTC') FROM facts WHERE at >= %(since)s
@@ -107,6 +140,7 @@ RETENTION = {
     "fact_firsts": "DELETE FROM fact_firsts WHERE at < %s",
     "facts_dirty": "DELETE FROM facts_dirty WHERE hour < %s",
     "facts_hourly": "DELETE FROM facts_hourly WHERE hour < %s",
+    "facts_hourly_cube": "DELETE FROM facts_hourly_cube WHERE hour < %s",
 }
 
 # -- reading (analytics.series) -----------------------------------------------------------------
@@ -129,6 +163,12 @@ GROUP BY bucket, key, kind
 ORDER BY bucket, key, kind
 """
 _DIRTY = "dirty AS (SELECT hour FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s)"
+# The raw part's range (the dirty hours', within the window) comes as parameters: partitions
+# outside it are pruned before the join, not scanned for it.
+DIRTY_RANGE = """
+SELECT min(hour) AS lo, max(hour) + interval '1 hour' AS hi
+FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s
+"""
 
 
 def _part(select: str, t: str) -> str:
@@ -141,7 +181,7 @@ _RAW_PART = (
     + _RAW
     + """
     FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour'
-    WHERE f.at >= %(since)s AND f.at < %(until)s{filters}"""
+    WHERE f.at >= %(raw_since)s AND f.at < %(raw_until)s{filters}"""
 )
 
 SERIES_BY_HOUR = (
@@ -177,7 +217,7 @@ SERIES_BY_DAY = (
             """
     SELECT x.day, {key}, {agg} FROM dirty_days x
     JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
-    WHERE NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+    WHERE h.hour >= %(raw_day)s AND h.hour < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
             "h",
         )
         + "\n    UNION ALL"
@@ -203,7 +243,7 @@ SERIES_BY_MONTH = (
             """
     SELECT x.month, {key}, {agg} FROM dirty_months x
     JOIN facts_daily a ON a.day >= x.month AND a.day < x.month + interval '1 month'
-    WHERE NOT EXISTS (SELECT 1 FROM dirty_days y WHERE y.day = a.day){filters}""",
+    WHERE a.day >= %(raw_month)s AND a.day < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty_days y WHERE y.day = a.day){filters}""",
             "a",
         )
         + "\n    UNION ALL"
@@ -211,10 +251,85 @@ SERIES_BY_MONTH = (
             """
     SELECT date_trunc('month', x.day, 'UTC'), {key}, {agg} FROM dirty_days x
     JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
-    WHERE NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+    WHERE h.hour >= %(raw_day)s AND h.hour < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
             "h",
         )
         + "\n    UNION ALL"
         + _part(_RAW_PART.replace("{unit}", "month"), "f")
+    )
+)
+
+
+# The same reads from the narrow roll-ups, for one dimension (%(dim)s: all | campaign | sender |
+# domain) and, if %(key)s is not NULL, one value of it. %(per_bucket)s false: totals per key
+# (the breakdowns), bucket NULL.
+_CUBE_FILTER = " AND {t}.dim = %(dim)s AND (%(key)s::text IS NULL OR {t}.key = %(key)s)"
+_CUBE_AGG = "{t}.key, {t}.kind, {t}.n, {t}.n_human, {t}.n_unique, {t}.latency_ms_sum, {t}.latency_n"
+_RAW_KEY = (
+    "CASE %(dim)s WHEN 'campaign' THEN f.campaign WHEN 'sender' THEN f.sender WHEN 'domain' THEN f.domain ELSE '' END"
+)
+_CUBE_RAW = (
+    """
+    SELECT date_trunc('{unit}', f.at, 'UTC'), """
+    + _RAW_KEY
+    + ", "
+    + _RAW
+    + """
+    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour'
+    WHERE f.at >= %(raw_since)s AND f.at < %(raw_until)s AND (%(key)s::text IS NULL OR """
+    + _RAW_KEY
+    + " = %(key)s)"
+)
+_CUBE_SUM = """
+SELECT CASE WHEN %(per_bucket)s THEN bucket END AS bucket, key, kind, sum(n)::bigint AS n, sum(human)::bigint AS human,
+       sum(uniq)::bigint AS uniq, sum(latency_ms_sum)::bigint AS latency_ms_sum, sum(latency_n)::bigint AS latency_n
+FROM ({parts}) AS x (bucket, key, kind, n, human, uniq, latency_ms_sum, latency_n)
+GROUP BY 1, key, kind
+ORDER BY 1, key, kind
+"""
+
+
+def _cube(select: str, t: str) -> str:
+    return select.format(agg=_CUBE_AGG.format(t=t), filters=_CUBE_FILTER.format(t=t))
+
+
+CUBE_BY_HOUR = (
+    "WITH "
+    + _DIRTY
+    + _CUBE_SUM.format(
+        parts=_cube(
+            """
+    SELECT c.hour, {agg} FROM facts_hourly_cube c
+    WHERE c.hour >= %(since)s AND c.hour < %(until)s
+      AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour){filters}""",
+            "c",
+        )
+        + "\n    UNION ALL"
+        + _CUBE_RAW.replace("{unit}", "hour")
+    )
+)
+
+CUBE_BY_DAY = (
+    "WITH "
+    + _DIRTY
+    + ", dirty_days AS (SELECT DISTINCT date_trunc('day', hour, 'UTC') AS day FROM dirty)"
+    + _CUBE_SUM.format(
+        parts=_cube(
+            """
+    SELECT c.day, {agg} FROM facts_daily_cube c
+    WHERE c.day >= %(since)s AND c.day < %(until)s
+      AND NOT EXISTS (SELECT 1 FROM dirty_days x WHERE x.day = c.day){filters}""",
+            "c",
+        )
+        + "\n    UNION ALL"
+        + _cube(
+            """
+    SELECT x.day, {agg} FROM dirty_days x
+    JOIN facts_hourly_cube c ON c.hour >= x.day AND c.hour < x.day + interval '1 day'
+    WHERE c.hour >= %(raw_day)s AND c.hour < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour){filters}""",
+            "c",
+        )
+        + "\n    UNION ALL"
+        + _CUBE_RAW.replace("{unit}", "day")
     )
 )

@@ -46,6 +46,11 @@ class Thresholds:
     complaint_critical: float = 0.003
 
 
+def by_of(window: analytics.Filter) -> analytics.Bucket:
+    """Breakdowns over up to two days are read by the hour (exact edges), longer ones by the day."""
+    return "hour" if window.until - window.since <= timedelta(days=2) else "day"
+
+
 def _epoch(t: datetime) -> int:
     return int(t.timestamp())
 
@@ -118,7 +123,7 @@ def queues(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 def breakdown(conn: psycopg.Connection, window: analytics.Filter, group: analytics.Group) -> list[dict[str, Any]]:
     per: dict[str, list[dict[str, Any]]] = {}
-    for r in analytics.series(conn, window, by="day", group=group):
+    for r in analytics.series(conn, window, by=by_of(window), group=group, per_bucket=False):
         per.setdefault(r["key"], []).append(r)
     names: dict[str, str] = {}
     if group == "campaign":

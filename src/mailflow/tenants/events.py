@@ -42,7 +42,15 @@ class TenantLimitsSet(Event):
     daily_limit: int | None = None
 
 
-for _model in (TenantCreated, TenantSuspended, TenantResumed, TenantLimitsSet, TenantErased):
+class TenantTrackingSet(Event):
+    """Whether the tenant's campaigns track opens and clicks by default (a campaign may say
+    otherwise; transactional mail never is): docs/tracking.md."""
+
+    tenant_id: str
+    tracking: bool
+
+
+for _model in (TenantCreated, TenantSuspended, TenantResumed, TenantLimitsSet, TenantErased, TenantTrackingSet):
     registry.register(_model)
 
 

@@ -9,6 +9,7 @@ SET_STATUS = "UPDATE tenants SET status = %(status)s, updated_at = %(at)s WHERE 
 SET_LIMITS = """
 UPDATE tenants SET hourly_limit = %(hourly)s, daily_limit = %(daily)s, updated_at = %(at)s WHERE id = %(id)s
 """
+SET_TRACKING = "UPDATE tenants SET tracking = %(tracking)s, updated_at = %(at)s WHERE id = %(id)s"
 # The default tenant exists without an event (migration 0007 made it); a rebuild puts it back
 # first, as it was made: in the migration's transaction, whose start is its applied_at.
 SEED_DEFAULT = """
@@ -20,10 +21,10 @@ ON CONFLICT (id) DO NOTHING
 
 LOCK_TENANT = "SELECT id, status FROM tenants WHERE id = %s FOR UPDATE"
 GET_TENANT = """
-SELECT id, name, status, hourly_limit, daily_limit, created_at, updated_at FROM tenants WHERE id = %s
+SELECT id, name, status, hourly_limit, daily_limit, tracking, created_at, updated_at FROM tenants WHERE id = %s
 """
 LIST_TENANTS = """
-SELECT t.id, t.name, t.status, t.hourly_limit, t.daily_limit, t.created_at,
+SELECT t.id, t.name, t.status, t.hourly_limit, t.daily_limit, t.tracking, t.created_at,
        (SELECT count(*) FROM contacts c WHERE c.tenant = t.id) AS contacts,
        (SELECT count(*) FROM campaigns c WHERE c.tenant = t.id) AS campaigns,
        (SELECT count(*) FROM jobs j WHERE j.tenant = t.id AND j.state IN ('pending', 'queued', 'active', 'retry'))
@@ -33,6 +34,7 @@ WHERE %(id)s::text IS NULL OR t.id = %(id)s::text
 ORDER BY t.id
 """
 TENANT_STATUS = "SELECT status FROM tenants WHERE id = %s"
+TENANT_TRACKING = "SELECT tracking FROM tenants WHERE id = %s"
 
 DELETE_TENANT_SECRETS = "DELETE FROM secrets WHERE tenant = %s"
 

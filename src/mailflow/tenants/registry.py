@@ -1,4 +1,4 @@
-"""Tenants room: create, list, suspend and resume tenants, and set their sending limits.
+"""Tenants room: create, list, suspend and resume tenants, and set their sending limits and tracking default.
 
 The tenants table is an inline projection of the Tenant* events. These functions take an
 operator's store: a tenant does not create or suspend tenants. A tenant's own writes check
@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row
 
 from mailflow.consumers import inline
 from mailflow.errors import ConflictError, NotFoundError, UsageError
@@ -22,7 +22,14 @@ from mailflow.events.store import EventStore
 from mailflow.infra import personal
 from mailflow.infra.tenancy import check_tenant_id
 from mailflow.tenants import queries as q
-from mailflow.tenants.events import TenantCreated, TenantErased, TenantLimitsSet, TenantResumed, TenantSuspended
+from mailflow.tenants.events import (
+    TenantCreated,
+    TenantErased,
+    TenantLimitsSet,
+    TenantResumed,
+    TenantSuspended,
+    TenantTrackingSet,
+)
 
 STREAM = "tenant"  # each tenant's own stream: <id>/tenant
 
@@ -34,6 +41,7 @@ class Tenant:
     status: str
     hourly_limit: int | None
     daily_limit: int | None
+    tracking: bool
     created_at: datetime
     contacts: int = 0
     campaigns: int = 0
@@ -124,6 +132,19 @@ def set_limits(store: EventStore, tenant_id: str, *, hourly: int | None, daily: 
         w.record([(STREAM, event.to_new(_md(tenant_id)))])
 
 
+def set_tracking(store: EventStore, tenant_id: str, tracking: bool) -> bool:
+    """Whether the tenant's campaigns track opens and clicks unless they say otherwise; False if it already was so."""
+    _operator(store)
+    with inline.writing(store) as w:
+        _locked(w.conn, tenant_id)
+        with w.conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(q.TENANT_TRACKING, (tenant_id,)).fetchone()
+        if row is not None and row["tracking"] is tracking:
+            return False
+        w.record([(STREAM, TenantTrackingSet(tenant_id=tenant_id, tracking=tracking).to_new(_md(tenant_id)))])
+    return True
+
+
 def listing(conn: psycopg.Connection, tenant_id: str | None = None) -> list[Tenant]:
     with conn.cursor(row_factory=class_row(Tenant)) as cur:
         return cur.execute(q.LIST_TENANTS, {"id": tenant_id}).fetchall()
@@ -158,7 +179,7 @@ def _apply(fn: Callable[[psycopg.Connection, dict[str, Any], datetime], object])
 PROJECTION = inline.register(
     inline.InlineProjection(
         "tenants",
-        "tenants, their status and sending limits (inline)",
+        "tenants, their status, sending limits and tracking default (inline)",
         ("tenants",),
         {
             "TenantCreated": _apply(
@@ -178,6 +199,9 @@ PROJECTION = inline.register(
                     q.SET_LIMITS,
                     {"id": d["tenant_id"], "hourly": d.get("hourly_limit"), "daily": d.get("daily_limit"), "at": at},
                 )
+            ),
+            "TenantTrackingSet": _apply(
+                lambda c, d, at: c.execute(q.SET_TRACKING, {"id": d["tenant_id"], "tracking": d["tracking"], "at": at})
             ),
         },
         seed=q.SEED_DEFAULT,

@@ -3,6 +3,8 @@
 Routes: `GET|POST <path>/{token}` (the unsubscribe pages; <path> is the path of
 MAILFLOW_UNSUBSCRIBE_BASE_URL, "/unsubscribe" when it is unset), the login and account pages,
 the dashboard (`/dashboard`, `/dashboard/data`, the WebSocket `/dashboard/live`, `/static/`),
+the open pixel and click redirects (`/t/o/{token}`, `/t/c/{token}`, under the path of
+MAILFLOW_TRACKING_BASE_URL: web/tracking.py),
 the HTTP API under /api/v1 and `GET /healthz`.
 """
 
@@ -24,6 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from mailflow.api.app import PREFIX, create_api
+from mailflow.api.middleware import TrustedProxies
 from mailflow.api.problems import problem
 from mailflow.errors import ConfigurationError
 from mailflow.events.store import EventStore
@@ -35,6 +38,7 @@ from mailflow.runtime.wiring import Runtime
 from mailflow.web.dashboard import DashboardPages, MetricsHub
 from mailflow.web.preferences import PreferencesPages
 from mailflow.web.sessions import STATE_KEY, SessionPages
+from mailflow.web.tracking import TrackingPages, tracking_path
 from mailflow.web.unsubscribe import UnsubscribePages
 
 DEFAULT_UNSUBSCRIBE_PATH = "/unsubscribe"
@@ -91,6 +95,10 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
     pages = UnsubscribePages(store, secret)
     prefs = PreferencesPages(store, secret)
     prefs_path = preferences_path(settings.unsubscribe_base_url, settings.preferences_base_url)
+    keys = secret if isinstance(secret, list) else [secret]
+    tracked = TrackingPages(
+        store, keys, TrustedProxies(settings.api_trusted_proxies), path=tracking_path(settings.tracking_base)
+    )
 
     async def healthz(request: Request) -> JSONResponse:
         problem = await run_in_threadpool(_database_ok, store)
@@ -136,6 +144,7 @@ def create_app(rt: Runtime, *, secret: bytes | list[bytes] | None = None, health
             Route(f"{path}/{{token}}", pages.unsubscribe, methods=["POST"]),
             Route(f"{prefs_path}/{{token}}", prefs.get, methods=["GET"]),
             Route(f"{prefs_path}/{{token}}", prefs.post, methods=["POST"]),
+            *tracked.routes(),
             *sessions.routes(),
             *board.routes(),
         ],

@@ -298,6 +298,9 @@ class CampaignRequest(Body):
     template: Name = Field(description="A template's name (GET /templates).")
     segment: Name = Field(description="The segment whose contacts receive it, snapshotted at start.")
     stop_on_reply: StrictBool = Field(True, description="A contact who replies gets nothing more from it.")
+    tracking: StrictBool | None = Field(
+        None, description="Track opens and clicks; null or absent: the tenant's default (docs/tracking.md)."
+    )
 
 
 class Campaign(BaseModel):
@@ -309,6 +312,7 @@ class Campaign(BaseModel):
     template: str
     segment: str
     stop_on_reply: bool
+    tracking: bool | None = Field(description="Open and click tracking; null: the tenant's default.")
     scheduled_at: datetime | None
     created_at: datetime
     started_at: datetime | None
@@ -434,6 +438,7 @@ def create_campaign(body: CampaignRequest, ctx: Ctx = CAMPAIGNS_WRITE) -> Campai
         template=body.template,
         segment=body.segment,
         stop_on_reply=body.stop_on_reply,
+        tracking=body.tracking,
     )
     return _campaign(ctx, uuid.UUID(cid))
 
