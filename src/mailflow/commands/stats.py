@@ -101,7 +101,10 @@ def render_dict(got: dict[str, Any]) -> None:
     delivered = [h["delivered"] for _, h in rows]
     room = 80 - len(f"delivered per {by}, last {len(delivered)}: ")
     spark = delivered[-room:]
-    out.print(f"\ndelivered per {by}, last {len(spark)}: {sparkline(spark)}", markup=False)
+    if any(spark):
+        out.print(f"\ndelivered per {by}, last {len(spark)}: {sparkline(spark)}", markup=False)
+    else:
+        out.print(f"\nnothing delivered in these {len(delivered)} {by}s", markup=False)
     sent = totals["sent"]
     if sent:
         rates = (

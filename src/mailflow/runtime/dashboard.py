@@ -73,6 +73,9 @@ def snapshot(
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     today = cards(analytics.counters(analytics.series(conn, analytics.Filter(midnight, now + timedelta(seconds=1)))))
     day = analytics.Filter(now - timedelta(hours=24), now + timedelta(seconds=1))
+    breakdowns = {g: breakdown(conn, window, g) for g in ("campaign", "sender", "domain")}
+    # The warnings look at the last 24 h by sender: the 24h view's own breakdown, read once.
+    senders = breakdowns["sender"] if window == day else None
     return {
         "type": "snapshot",
         "tenant": tenant,
@@ -87,8 +90,8 @@ def snapshot(
             "t": [_epoch(b) for b, _ in got.buckets],
             **{k: [cards(c)[k] for _, c in got.buckets] for k in SERIES_KINDS},
         },
-        "breakdowns": {g: breakdown(conn, window, g) for g in ("campaign", "sender", "domain")},
-        "warnings": warnings(conn, day, thresholds),
+        "breakdowns": breakdowns,
+        "warnings": warnings(conn, day, thresholds, senders=senders),
     }
 
 
@@ -157,11 +160,17 @@ def breakdown(conn: psycopg.Connection, window: analytics.Filter, group: analyti
     return out[:BREAKDOWN_ROWS]
 
 
-def warnings(conn: psycopg.Connection, day: analytics.Filter, t: Thresholds = Thresholds()) -> list[dict[str, str]]:
+def warnings(
+    conn: psycopg.Connection,
+    day: analytics.Filter,
+    t: Thresholds = Thresholds(),
+    *,
+    senders: list[dict[str, Any]] | None = None,
+) -> list[dict[str, str]]:
     """Senders over the bounce or complaint thresholds in the last 24 h; sending domains whose DNS
     records do not pass. Critical first."""
     out = []
-    for s in breakdown(conn, day, "sender"):
+    for s in senders if senders is not None else breakdown(conn, day, "sender"):
         if not s["key"] or s["sent"] < t.min_sent:
             continue
         bounce = s["bounced"] / s["sent"]
