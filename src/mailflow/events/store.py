@@ -408,7 +408,10 @@ class EventStore:
                 },
             )
         else:
-            sql, params = q.READ_ALL, {"after": after, "upto": upto, "limit": limit}
+            # Positions are dense, so the next `limit` events lie in (after, after + limit]:
+            # bounding the range keeps the plan a short index range even before the log's
+            # statistics are known (a fresh import planned it as a sort of everything to the head).
+            sql, params = q.READ_ALL, {"after": after, "upto": min(upto, after + limit), "limit": limit}
         if conn is not None:
             rows = conn.execute(sql, params).fetchall()
         else:

@@ -21,8 +21,6 @@ partitions are gone.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -77,7 +75,7 @@ class Dims:
     created_at: datetime
 
 
-@dataclass
+@dataclass(slots=True)
 class Fact:
     at: datetime
     position: int
@@ -100,23 +98,22 @@ def fact_of(e: Envelope, dims: Dims | None) -> Fact | None:
     job_id = d.get("job_id")
     tenant = e.metadata.tenant or ""
     assert e.position is not None
-
-    def fact(kind: str, **kw: Any) -> Fact:
-        return Fact(e.recorded_at, e.position, kind, job_id, tenant, dims, **kw)  # type: ignore[arg-type]
-
+    human, first, link, latency, size = True, True, None, None, None
     if t in ("JobStarted", "JobCompleted", "JobFailed", "JobRetryScheduled") and dims is None:
         return None  # a duty, or a job whose JobCreated predates what was kept
     if t == "JobStarted":
-        return fact("sent", first=d.get("attempt") == 1)
-    if t == "JobCompleted":
+        kind, first = "sent", d.get("attempt") == 1
+    elif t == "JobCompleted":
         assert dims is not None
-        latency = int((e.recorded_at - dims.created_at).total_seconds() * 1000)
-        return fact("delivered", latency_ms=max(latency, 0), size_bytes=d.get("size"))
-    if t == "JobFailed":
-        return fact("refused" if d.get("kind") in REFUSALS else "failed")
-    if t == "JobRetryScheduled":
-        return fact("deferred", first=d.get("attempt") == 1) if d.get("reason") != "lease_expired" else None
-    if t == "FeedbackReceived":
+        kind, size = "delivered", d.get("size")
+        latency = max(int((e.recorded_at - dims.created_at).total_seconds() * 1000), 0)
+    elif t == "JobFailed":
+        kind = "refused" if d.get("kind") in REFUSALS else "failed"
+    elif t == "JobRetryScheduled":
+        if d.get("reason") == "lease_expired":
+            return None
+        kind, first = "deferred", d.get("attempt") == 1
+    elif t == "FeedbackReceived":
         k = d.get("kind")
         if k == "bounce":
             kind = "bounced_hard" if d.get("hard") else "bounced_soft"
@@ -126,14 +123,15 @@ def fact_of(e: Envelope, dims: Dims | None) -> Fact | None:
             return None  # unsubscribes are counted from ContactStatusChanged, whatever the channel
         if dims is None and d.get("campaign_id"):  # about a message whose job was not kept: its campaign is known
             dims = Dims(tenant, d["campaign_id"], "", "", "", "", e.recorded_at)
-        return fact(kind)
-    if t == "ContactStatusChanged" and d.get("status") == "unsubscribed":
-        return Fact(e.recorded_at, e.position, "unsubscribed", None, tenant, None)
-    if t == "MessageOpened":
-        return fact("opened", human=not d.get("machine"))
-    if t == "LinkClicked":
-        return fact("clicked", human=not d.get("machine"), link=int(d.get("link", 0)))
-    return None
+    elif t == "ContactStatusChanged" and d.get("status") == "unsubscribed":
+        kind, job_id, dims = "unsubscribed", None, None
+    elif t == "MessageOpened":
+        kind, human = "opened", not d.get("machine")
+    elif t == "LinkClicked":
+        kind, human, link = "clicked", not d.get("machine"), int(d.get("link", 0))
+    else:
+        return None
+    return Fact(e.recorded_at, e.position, kind, job_id, tenant, dims, link, human, first, latency, size)
 
 
 def hour_of(ts: datetime) -> datetime:
@@ -161,6 +159,7 @@ class Facts(Projection):
         self.retention_days = retention_days
         self._partitions: set[date] = set()
         self._sending_domains: dict[tuple[str, str], str] = {}
+        self._staged: tuple[int, int] | None = None  # (connection, server pid) with facts_incoming
         self._batch: list[Fact] = []  # the facts of the batch being applied, for committed()
         self.live: MetricsPublisher | None = None
 
@@ -185,26 +184,40 @@ class Facts(Projection):
             for e in created:
                 dims[e.data["job_id"]] = _job_dims(e, self._sending_domain(conn, e))
             conn.execute(q.INSERT_FACT_JOBS, _columns(dims, {e.data["job_id"]: e.position for e in created}))
-        wanted = {str(e.data["job_id"]) for e in events if e.data.get("job_id") and e.type != "JobCreated"}
+        wanted = {job for e in events if (job := e.data.get("job_id")) and e.type != "JobCreated"}
         missing = [j for j in wanted if j not in dims]
         if missing:
             for row in conn.execute(q.FACT_JOBS, (missing,)).fetchall():
                 dims[str(row[0])] = Dims(*row[1:])
-        floor = datetime.now(UTC) - timedelta(days=self.retention_days)
+        # In the events' own zone: comparing datetimes of one tzinfo needs no utcoffset() calls.
+        floor = (datetime.now(UTC) - timedelta(days=self.retention_days)).astimezone(events[0].recorded_at.tzinfo)
         facts = []
         for e in events:
             if e.type == "JobCreated":
                 continue
             job = e.data.get("job_id")
-            f = fact_of(e, dims.get(str(job)) if job else None)
+            f = fact_of(e, dims.get(job) if job else None)
             if f is not None and f.at >= floor:
                 facts.append(f)
         if facts:
             self._settle_firsts(conn, facts)
-            self._ensure_partitions(conn, {f.at.astimezone(UTC).date() for f in facts})
-            conn.execute(q.INSERT_FACTS, _fact_columns(facts))
-            conn.execute(q.MARK_DIRTY, (sorted({hour_of(f.at) for f in facts}),))
+            ats = [f.at for f in facts]
+            self._ensure_partitions(conn, min(ats), max(ats))
+            self._stage(conn)
+            with conn.cursor().copy(q.COPY_FACTS) as copy:
+                for f in facts:
+                    copy.write_row(_row(f))
+            conn.execute(q.INSERT_STAGED_FACTS)
+            hours = sorted({int(at.timestamp()) // 3600 for at in ats})
+            conn.execute(q.MARK_DIRTY, ([datetime.fromtimestamp(h * 3600, UTC) for h in hours],))
         self._batch = facts
+
+    def _stage(self, conn: psycopg.Connection) -> None:
+        """The connection's staging table (made once per server session)."""
+        session = (id(conn), conn.info.backend_pid)
+        if self._staged != session:
+            conn.execute(q.STAGE_FACTS)
+            self._staged = session
 
     def _sending_domain(self, conn: psycopg.Connection, e: Envelope) -> str:
         key = (e.metadata.tenant or "", e.data["sender"])
@@ -230,22 +243,28 @@ class Facts(Projection):
         for f, k in zip(repeat, keys, strict=True):
             f.first = k not in seen
             seen.add(k)
-        fresh = {
-            (str(j), k, int(link))
-            for j, k, link in conn.execute(
+        fresh = set(
+            conn.execute(
                 q.INSERT_FIRSTS,
                 (
-                    [uuid.UUID(str(k[0])) for k in keys],
+                    [str(k[0]) for k in keys],
                     [k[1] for k in keys],
                     [k[2] for k in keys],
                     [f.at for f in repeat],
                 ),
             ).fetchall()
-        }
+        )
         for f, k in zip(repeat, keys, strict=True):
             f.first = f.first and (str(k[0]), k[1], k[2]) in fresh
 
-    def _ensure_partitions(self, conn: psycopg.Connection, days: Iterable[date]) -> None:
+    def _ensure_partitions(self, conn: psycopg.Connection, first: datetime, last: datetime) -> None:
+        """The day partitions from `first`'s to `last`'s (a day between without facts costs an
+        empty partition, which was made ahead anyway or goes with the retention)."""
+        day, end = first.astimezone(UTC).date(), last.astimezone(UTC).date()
+        days = []
+        while day <= end:
+            days.append(day)
+            day += timedelta(days=1)
         for day in sorted(set(days) - self._partitions):
             conn.execute(q.MAKE_PARTITION, (day,))
             self._partitions.add(day)
@@ -270,7 +289,7 @@ class Facts(Projection):
 def _columns(dims: dict[str, Dims], positions: dict[str, int | None]) -> tuple[list[Any], ...]:
     ids = list(dims)
     return (
-        [uuid.UUID(j) for j in ids],
+        ids,
         [dims[j].tenant for j in ids],
         [dims[j].campaign for j in ids],
         [dims[j].sender for j in ids],
@@ -282,24 +301,13 @@ def _columns(dims: dict[str, Dims], positions: dict[str, int | None]) -> tuple[l
     )
 
 
-def _fact_columns(facts: list[Fact]) -> tuple[list[Any], ...]:
-    def dim(f: Fact, name: str) -> str:
-        return getattr(f.dims, name) if f.dims is not None else ""
-
-    return (
-        [f.at for f in facts],
-        [f.position for f in facts],
-        [f.dims.tenant if f.dims is not None else f.tenant for f in facts],
-        [dim(f, "campaign") for f in facts],
-        [dim(f, "sender") for f in facts],
-        [dim(f, "sending_domain") for f in facts],
-        [dim(f, "domain") for f in facts],
-        [dim(f, "priority") for f in facts],
-        [f.kind for f in facts],
-        [uuid.UUID(str(f.job_id)) if f.job_id else None for f in facts],
-        [f.link for f in facts],
-        [f.human for f in facts],
-        [f.first for f in facts],
-        [f.latency_ms for f in facts],
-        [f.size_bytes for f in facts],
-    )
+def _row(f: Fact) -> tuple[Any, ...]:
+    """The fact as COPY_FACTS's row (text COPY: the job id goes as its text)."""
+    d = f.dims
+    head = (f.at, f.position)
+    if d is None:
+        dims: tuple[str, ...] = (f.tenant, "", "", "", "", "")
+    else:
+        dims = (d.tenant, d.campaign, d.sender, d.sending_domain, d.domain, d.priority)
+    tail = (f.kind, f.job_id, f.link, f.human, f.first, f.latency_ms, f.size_bytes)
+    return head + dims + tail

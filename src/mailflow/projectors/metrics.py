@@ -50,23 +50,28 @@ class MetricsPublisher:
     def add(self, facts: Iterable[Any], counters: Callable[[list[dict[str, Any]]], dict[str, int]]) -> None:
         """Add committed facts (projectors.facts.Fact); `counters` makes the card counters of rows."""
         floor = datetime.now(UTC) - timedelta(seconds=self.live_s)
-        rows: dict[str, list[dict[str, Any]]] = {}
+        same: dict[tuple[str, str, bool, bool], int] = {}  # (tenant, kind, human, unique) -> facts
         last: dict[str, int] = {}
         for f in facts:
             if f.at < floor:
                 continue
             tenant = f.dims.tenant if f.dims is not None else f.tenant
+            key = (tenant, f.kind, f.human, f.human and f.first)
+            same[key] = same.get(key, 0) + 1
+            if f.position > last.get(tenant, 0):
+                last[tenant] = f.position
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for (tenant, kind, human, unique), n in same.items():
             rows.setdefault(tenant, []).append(
                 {
-                    "kind": f.kind,
-                    "n": 1,
-                    "human": int(f.human),
-                    "uniq": int(f.human and f.first),
+                    "kind": kind,
+                    "n": n,
+                    "human": n if human else 0,
+                    "uniq": n if unique else 0,
                     "latency_ms_sum": 0,
                     "latency_n": 0,
                 }
             )
-            last[tenant] = max(last.get(tenant, 0), f.position)
         if not rows:
             return
         with self._lock:

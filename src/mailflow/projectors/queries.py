@@ -4,8 +4,9 @@
 
 INSERT_FACT_JOBS = """
 INSERT INTO fact_jobs (job_id, tenant, campaign, sender, sending_domain, domain, priority, created_at, position)
-SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-                     %b::timestamptz[], %b::bigint[])
+SELECT j::uuid, t, c, s, sd, d, p, a, pos
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+            %b::timestamptz[], %b::bigint[]) AS u(j, t, c, s, sd, d, p, a, pos)
 ON CONFLICT (job_id) DO NOTHING
 """
 FACT_JOBS = """
@@ -15,17 +16,18 @@ FROM fact_jobs WHERE job_id = ANY(%s::uuid[])
 SENDER_EMAIL = "SELECT from_email FROM senders WHERE tenant = %s AND name = %s"
 INSERT_FIRSTS = """
 INSERT INTO fact_firsts (job_id, kind, link, at)
-SELECT DISTINCT ON (j, k, l) j, k, l, a FROM unnest(%b::uuid[], %b::text[], %b::int[], %b::timestamptz[]) AS u(j, k, l, a)
+SELECT DISTINCT ON (j, k, l) j::uuid, k, l, a FROM unnest(%b::text[], %b::text[], %b::int[], %b::timestamptz[]) AS u(j, k, l, a)
 ON CONFLICT DO NOTHING
-RETURNING job_id, kind, link
+RETURNING job_id::text, kind, link
 """
-INSERT_FACTS = """
-INSERT INTO facts (at, position, tenant, campaign, sender, sending_domain, domain, priority, kind, job_id, link,
-                   human, first, latency_ms, size_bytes)
-SELECT * FROM unnest(%b::timestamptz[], %b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-                     %b::text[], %b::text[], %b::uuid[], %b::int[], %b::bool[], %b::bool[], %b::int[], %b::int[])
-ON CONFLICT (position, at) DO NOTHING
+# Facts go in by COPY to a staging table of the connection, then on to `facts`, skipping a
+# position already there: a batch handed over again (at-least-once delivery) changes nothing.
+STAGE_FACTS = "CREATE TEMP TABLE IF NOT EXISTS facts_incoming (LIKE facts INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+COPY_FACTS = """
+COPY facts_incoming (at, position, tenant, campaign, sender, sending_domain, domain, priority, kind, job_id, link,
+                     human, first, latency_ms, size_bytes) FROM STDIN
 """
+INSERT_STAGED_FACTS = "INSERT INTO facts SELECT * FROM facts_incoming ON CONFLICT (position, at) DO NOTHING"
 MARK_DIRTY = """
 INSERT INTO facts_dirty (hour) SELECT unnest(%b::timestamptz[])
 ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
