@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from html import unescape
 from urllib.parse import parse_qs, urlsplit
@@ -46,21 +45,15 @@ URL_A, URL_B, URL_C = "https://shop.example/a?x=1&y=2", "https://shop.example/b"
 
 
 @pytest.fixture
-def api(settings: Settings) -> Iterator[ApiServer]:
-    tracked = settings.model_copy(
+def api_settings(api_settings: Settings) -> Settings:
+    """The API's test settings, with tracking and unsubscribe links on BASE and a quick queuer."""
+    return api_settings.model_copy(
         update={
-            "api_rate_per_key": 1e6,
-            "api_rate_per_tenant": 1e6,
             "unsubscribe_base_url": f"{BASE}/unsubscribe",
             "tracking_base_url": BASE,
             "queuer_interval_s": 0.02,
         }
     )
-    rt = Runtime(tracked, pool_size=10, operator=True)
-    try:
-        yield from serve_in_thread(rt)
-    finally:
-        rt.close()
 
 
 @dataclass

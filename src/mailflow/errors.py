@@ -37,6 +37,11 @@ class InvalidEventError(UserError):
     """Event data failed validation against its registered schema."""
 
 
+class BadToken(UserError):
+    """A signed token (VERP, unsubscribe, preferences, SRS, open or click tracking) that is
+    malformed, truncated, forged, expired, or names what it may not."""
+
+
 class NotFoundError(MailflowError):
     """The thing asked for (event, projection, dead letter, contact, segment, template,
     sender, campaign, job) does not exist, or belongs to someone else."""

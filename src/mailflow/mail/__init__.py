@@ -1,3 +1,3 @@
-"""Mail room: identity that outbound and inbound share, with no I/O - addresses, Message-IDs,
-VERP and unsubscribe tokens, enhanced status codes. Imports nothing but the standard library,
-email-validator and mailflow.errors."""
+"""Mail room: identity that outbound and inbound share - addresses, Message-IDs, VERP,
+unsubscribe and tracking tokens, link rewriting, enhanced status codes, DNS record checks.
+Pure decisions with no I/O of their own; the keys come from the caller (infra.vault)."""

@@ -1,4 +1,4 @@
-"""Outbound room: signed tokens for VERP return paths and one-click unsubscribe links.
+"""Mail room: signed tokens for VERP return paths and one-click unsubscribe links.
 
 A token is base64url(payload) "." base64url(HMAC-SHA256(secret, payload)[:12]). Nothing is
 stored: a bounce or an unsubscribe request proves itself by its signature.
@@ -11,14 +11,10 @@ import hashlib
 import hmac
 from pathlib import Path
 
-from mailflow.errors import UserError
+from mailflow.errors import BadToken
 from mailflow.infra.vault import Keyring
 
 _SIG_BYTES = 12
-
-
-class BadToken(UserError):
-    """A token that is malformed, forged or expired."""
 
 
 def _b64(raw: bytes) -> str:

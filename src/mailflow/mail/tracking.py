@@ -35,16 +35,14 @@ from urllib.parse import quote
 
 from itsdangerous import BadData, Signer
 
+from mailflow.errors import BadToken
+
 MAX_LINK_INDEX = 10_000  # more links than any real message has; larger indexes are refused
 _PIXEL_LINK = 0xFFFF  # the link field's value for the open pixel (link None)
 _SALT = b"mailflow/tracking"
 _SIGNATURE_CHARS = 43  # base64url of a SHA-256 HMAC (32 bytes), unpadded
 _MAX_TOKEN_CHARS = 1024  # anything longer is not ours: refuse before any decoding
 _TOKEN = re.compile(rf"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{{{_SIGNATURE_CHARS}}}", re.ASCII)
-
-
-class BadToken(ValueError):
-    """A tracking token that is malformed, truncated, forged, or names a link out of range."""
 
 
 @dataclass(frozen=True)

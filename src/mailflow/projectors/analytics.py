@@ -238,8 +238,18 @@ def series(
             params |= {"raw_since": params["since"], "raw_until": params["since"]}
         else:
             params |= {"raw_since": max(dirty["lo"], params["since"]), "raw_until": min(dirty["hi"], params["until"])}
-        # The finer levels are read only from the day (month) of the first dirty hour on.
-        params |= {"raw_day": _floor(params["raw_since"], "day"), "raw_month": _floor(params["raw_since"], "month")}
+        # The finer levels are read only over the days (months) of the dirty hours: nothing
+        # dirty, nothing read (an open range let the planner scan a month of hourly rows).
+        lo, hi = params["raw_since"], params["raw_until"]
+        params |= {"raw_day": _floor(lo, "day"), "raw_month": _floor(lo, "month")}
+        if hi > lo:
+            last = hi - timedelta(microseconds=1)
+            params |= {
+                "raw_day_until": min(_next(_floor(last, "day"), "day"), params["until"]),
+                "raw_month_until": min(_next(_floor(last, "month"), "month"), params["until"]),
+            }
+        else:
+            params |= {"raw_day_until": params["raw_day"], "raw_month_until": params["raw_month"]}
         if by in CUBES and ((group and not filters) or (not group and len(filters) <= 1)):
             dim, key = (group, None) if group else next(iter(filters.items()), ("all", None))
             return list(cur.execute(CUBES[by], {**params, "dim": dim, "key": key, "per_bucket": per_bucket}).fetchall())

@@ -219,7 +219,7 @@ SERIES_BY_DAY = (
             """
     SELECT x.day, {key}, {agg} FROM dirty_days x
     JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
-    WHERE h.hour >= %(raw_day)s AND h.hour < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+    WHERE h.hour >= %(raw_day)s AND h.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
             "h",
         )
         + "\n    UNION ALL"
@@ -245,7 +245,7 @@ SERIES_BY_MONTH = (
             """
     SELECT x.month, {key}, {agg} FROM dirty_months x
     JOIN facts_daily a ON a.day >= x.month AND a.day < x.month + interval '1 month'
-    WHERE a.day >= %(raw_month)s AND a.day < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty_days y WHERE y.day = a.day){filters}""",
+    WHERE a.day >= %(raw_month)s AND a.day < %(raw_month_until)s AND NOT EXISTS (SELECT 1 FROM dirty_days y WHERE y.day = a.day){filters}""",
             "a",
         )
         + "\n    UNION ALL"
@@ -253,7 +253,7 @@ SERIES_BY_MONTH = (
             """
     SELECT date_trunc('month', x.day, 'UTC'), {key}, {agg} FROM dirty_days x
     JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
-    WHERE h.hour >= %(raw_day)s AND h.hour < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+    WHERE h.hour >= %(raw_day)s AND h.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
             "h",
         )
         + "\n    UNION ALL"
@@ -328,7 +328,7 @@ CUBE_BY_DAY = (
             """
     SELECT x.day, {agg} FROM dirty_days x
     JOIN facts_hourly_cube c ON c.hour >= x.day AND c.hour < x.day + interval '1 day'
-    WHERE c.hour >= %(raw_day)s AND c.hour < %(until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour){filters}""",
+    WHERE c.hour >= %(raw_day)s AND c.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour){filters}""",
             "c",
         )
         + "\n    UNION ALL"
