@@ -222,22 +222,68 @@ class Measures:
 CUBES = {"hour": q.CUBE_BY_HOUR, "day": q.CUBE_BY_DAY}
 
 
+@dataclass(frozen=True)
+class DirtyFacts:
+    """The dirty hours' raw facts from `since` to `until`, grouped once per hour, dimension, key
+    and kind (dirty_facts()): the reads of one dashboard snapshot share them instead of each
+    scanning a busy current hour. For reads from `since` on (by hour or day) that end at `until`."""
+
+    since: datetime
+    until: datetime
+    rows: list[dict[str, Any]]
+
+
+def dirty_facts(conn: psycopg.Connection, since: datetime, until: datetime) -> DirtyFacts:
+    params = _raw_range(conn, {"since": _floor(since, "day"), "until": until})
+    with conn.cursor(row_factory=dict_row) as cur:
+        found = cur.execute(q.DIRTY_FACTS_CUBE, params).fetchall()
+    return DirtyFacts(params["since"], until, list(found))
+
+
+def _raw_range(conn: psycopg.Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the raw part's range: the dirty hours' within [since, until)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        dirty = cur.execute(q.DIRTY_RANGE, params).fetchone() or {}
+    if dirty.get("lo") is None:  # nothing dirty: an empty range for the raw part
+        return params | {"raw_since": params["since"], "raw_until": params["since"]}
+    return params | {"raw_since": max(dirty["lo"], params["since"]), "raw_until": min(dirty["hi"], params["until"])}
+
+
+def _with_dirty(
+    found: list[dict[str, Any]], shared: DirtyFacts, f: Filter, by: Bucket, dim: str, key: str | None, per_bucket: bool
+) -> list[dict[str, Any]]:
+    """A cube read's rows with the shared dirty facts of its range added in."""
+    since = _floor(f.since, by)
+    merged = {(r["bucket"], r["key"], r["kind"]): dict(r) for r in found}
+    for r in shared.rows:
+        if r["dim"] != dim or (key is not None and r["key"] != key) or not since <= r["hour"] < f.until:
+            continue
+        bucket = _floor(r["hour"], by) if per_bucket else None
+        m = merged.setdefault((bucket, r["key"], r["kind"]), {"bucket": bucket, "key": r["key"], "kind": r["kind"]})
+        for k in _MEASURES:
+            m[k] = m.get(k, 0) + r[k]
+    return [merged[k] for k in sorted(merged, key=lambda k: (k[0] or since, k[1], k[2]))]
+
+
 def series(
-    conn: psycopg.Connection, f: Filter, *, by: Bucket = "hour", group: Group = "", per_bucket: bool = True
+    conn: psycopg.Connection,
+    f: Filter,
+    *,
+    by: Bucket = "hour",
+    group: Group = "",
+    per_bucket: bool = True,
+    dirty: DirtyFacts | None = None,
 ) -> list[dict[str, Any]]:
     """Per bucket (and group key: campaign, sender or recipient domain), per kind: the measures;
     with `per_bucket` false, per group key and kind over the whole range (bucket None).
 
     One dimension at most (a group, or one filter) is read from the narrow roll-ups; more
-    from the fine tables. The connection's scope decides whose facts: a tenant's sees its own."""
+    from the fine tables. The connection's scope decides whose facts: a tenant's sees its own.
+    `dirty`: the dirty hours' facts already read (dirty_facts()), for a read from the roll-ups
+    within its range."""
     filters = {d: v for d, v in (("campaign", f.campaign), ("sender", f.sender), ("domain", f.domain)) if v is not None}
-    params = f.params(by, group)
+    params = _raw_range(conn, f.params(by, group))
     with conn.cursor(row_factory=dict_row) as cur:
-        dirty = cur.execute(q.DIRTY_RANGE, params).fetchone() or {}
-        if dirty.get("lo") is None:  # nothing dirty: an empty range for the raw part
-            params |= {"raw_since": params["since"], "raw_until": params["since"]}
-        else:
-            params |= {"raw_since": max(dirty["lo"], params["since"]), "raw_until": min(dirty["hi"], params["until"])}
         # The finer levels are read only over the days (months) of the dirty hours: nothing
         # dirty, nothing read (an open range let the planner scan a month of hourly rows).
         lo, hi = params["raw_since"], params["raw_until"]
@@ -252,7 +298,15 @@ def series(
             params |= {"raw_day_until": params["raw_day"], "raw_month_until": params["raw_month"]}
         if by in CUBES and ((group and not filters) or (not group and len(filters) <= 1)):
             dim, key = (group, None) if group else next(iter(filters.items()), ("all", None))
-            return list(cur.execute(CUBES[by], {**params, "dim": dim, "key": key, "per_bucket": per_bucket}).fetchall())
+            shared = dirty is not None and dirty.since <= params["since"] and f.until == dirty.until
+            # The raw facts' part is read here unless the shared one stands in for it.
+            params |= {"dim": dim, "key": key, "per_bucket": per_bucket}
+            params["fact_until"] = params["raw_since"] if shared else params["raw_until"]
+            found = list(cur.execute(CUBES[by], params).fetchall())
+            if shared:
+                assert dirty is not None
+                return _with_dirty(found, dirty, f, by, dim, key, per_bucket)
+            return found
         rows = list(cur.execute(SERIES[by], params).fetchall())
     if per_bucket:
         return rows
@@ -302,9 +356,9 @@ class Summary:
         }
 
 
-def summary(conn: psycopg.Connection, f: Filter, by: Bucket = "hour") -> Summary:
+def summary(conn: psycopg.Connection, f: Filter, by: Bucket = "hour", dirty: DirtyFacts | None = None) -> Summary:
     """Totals and per-bucket counters over the filter (every bucket of the range, empty ones too)."""
-    rows = series(conn, f, by=by)
+    rows = series(conn, f, by=by, dirty=dirty)
     per: dict[datetime, list[dict[str, Any]]] = {}
     for r in rows:
         per.setdefault(r["bucket"], []).append(r)

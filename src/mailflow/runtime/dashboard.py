@@ -68,12 +68,16 @@ def snapshot(
     if range_ not in RANGES:
         raise ValueError(f"range {range_!r}: use one of {', '.join(RANGES)}")
     now = now or datetime.now(UTC)
-    window = analytics.Filter(now - RANGES[range_], now + timedelta(seconds=1))
-    got = analytics.summary(conn, window, by)
+    until = now + timedelta(seconds=1)
+    window = analytics.Filter(now - RANGES[range_], until)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    today = cards(analytics.counters(analytics.series(conn, analytics.Filter(midnight, now + timedelta(seconds=1)))))
-    day = analytics.Filter(now - timedelta(hours=24), now + timedelta(seconds=1))
-    breakdowns = {g: breakdown(conn, window, g) for g in ("campaign", "sender", "domain")}
+    day = analytics.Filter(now - timedelta(hours=24), until)
+    # The dirty hours' raw facts (the current hour at least, busy or not) are read once for
+    # every read below, not scanned by each.
+    dirty = analytics.dirty_facts(conn, min(window.since, midnight, day.since), until)
+    got = analytics.summary(conn, window, by, dirty)
+    today = cards(analytics.counters(analytics.series(conn, analytics.Filter(midnight, until), dirty=dirty)))
+    breakdowns = {g: breakdown(conn, window, g, dirty) for g in ("campaign", "sender", "domain")}
     # The warnings look at the last 24 h by sender: the 24h view's own breakdown, read once.
     senders = breakdowns["sender"] if window == day else None
     return {
@@ -91,7 +95,7 @@ def snapshot(
             **{k: [cards(c)[k] for _, c in got.buckets] for k in SERIES_KINDS},
         },
         "breakdowns": breakdowns,
-        "warnings": warnings(conn, day, thresholds, senders=senders),
+        "warnings": warnings(conn, day, thresholds, senders=senders, dirty=dirty),
     }
 
 
@@ -124,9 +128,14 @@ def queues(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return out
 
 
-def breakdown(conn: psycopg.Connection, window: analytics.Filter, group: analytics.Group) -> list[dict[str, Any]]:
+def breakdown(
+    conn: psycopg.Connection,
+    window: analytics.Filter,
+    group: analytics.Group,
+    dirty: analytics.DirtyFacts | None = None,
+) -> list[dict[str, Any]]:
     per: dict[str, list[dict[str, Any]]] = {}
-    for r in analytics.series(conn, window, by=by_of(window), group=group, per_bucket=False):
+    for r in analytics.series(conn, window, by=by_of(window), group=group, per_bucket=False, dirty=dirty):
         per.setdefault(r["key"], []).append(r)
     names: dict[str, str] = {}
     if group == "campaign":
@@ -166,11 +175,12 @@ def warnings(
     t: Thresholds = Thresholds(),
     *,
     senders: list[dict[str, Any]] | None = None,
+    dirty: analytics.DirtyFacts | None = None,
 ) -> list[dict[str, str]]:
     """Senders over the bounce or complaint thresholds in the last 24 h; sending domains whose DNS
     records do not pass. Critical first."""
     out = []
-    for s in senders if senders is not None else breakdown(conn, day, "sender"):
+    for s in senders if senders is not None else breakdown(conn, day, "sender", dirty):
         if not s["key"] or s["sent"] < t.min_sent:
             continue
         bounce = s["bounced"] / s["sent"]
