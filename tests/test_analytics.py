@@ -24,6 +24,7 @@ from mailflow.projectors.facts import Facts
 pytestmark = pytest.mark.integration
 
 NOW = datetime.now(UTC)
+FILLING = (NOW - timedelta(hours=24)).replace(minute=0, second=0, microsecond=0)  # hours from here on: not over
 DIMS = {
     "tenant": ["acme", "rival"],
     "campaign": [None, str(uuid.UUID(int=1)), str(uuid.UUID(int=2))],
@@ -239,15 +240,18 @@ def test_aggregates_equal_a_from_scratch_recomputation_for_late_duplicated_and_o
         if plan.random() < 0.3:  # the consumer is handed a batch it had applied already
             with op.transaction():
                 facts.apply(op, plan.choice(applied))
-        if plan.random() < 0.4:  # the hourly job runs between events: later ones are late for it
-            analytics.aggregate(connect_op, before=NOW + timedelta(days=1))
+        if plan.random() < 0.4:  # the job runs between events: later ones are late for it, and
+            # the last day's hours are still filling (roll-ups up to a watermark, then raw facts)
+            analytics.aggregate(connect_op, before=NOW + timedelta(days=1), ended_before=FILLING)
     expected = reference(events)
     # Readers are right before the last aggregation (dirty hours come from the raw facts) ...
     assert read(op) == coarsen(expected, "hour")
     assert read(op, "day") == coarsen(expected, "day")
-    analytics.aggregate(connect_op, before=NOW + timedelta(days=1))
-    # ... and after it, when every hour is clean and the aggregates are the whole truth.
-    assert db.execute("SELECT count(*) FROM facts_dirty").fetchone()[0] == 0
+    analytics.aggregate(connect_op, before=NOW + timedelta(days=1), ended_before=FILLING)
+    # ... and after it, when every hour is clean or still filling with a watermark at its last
+    # fact, and the aggregates are the whole truth.
+    left = db.execute("SELECT hour, upto, high FROM facts_dirty").fetchall()
+    assert all(hour >= FILLING and upto == high for hour, upto, high in left), left
     assert stored(db) == expected
     assert read(op) == coarsen(expected, "hour")
     for group in DIM:  # the narrow roll-ups, per dimension, and the fine tables for two filters
@@ -384,3 +388,47 @@ def test_a_fact_older_than_retention_is_not_recorded(db, op):
             ],
         )
     assert db.execute("SELECT kind FROM facts").fetchall() == [("delivered",)]
+
+
+def test_a_filling_hour_is_read_up_to_its_watermark_and_an_older_fact_or_a_rewind_drops_the_watermark(db, op):
+    wipe(db)
+    facts, connect_op = Facts(), _connector(op)
+    job, now = str(uuid.uuid4()), datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    window = analytics.Filter(hour, now + timedelta(minutes=5))
+
+    def apply(*events: Envelope) -> None:
+        with op.transaction():
+            facts.apply(op, list(events))
+
+    def state() -> tuple[Any, ...]:
+        return db.execute("SELECT upto, high, resets FROM facts_dirty WHERE hour = %s", (hour,)).fetchone()
+
+    def seen() -> dict[str, int]:
+        c = analytics.counters(analytics.series(op, window))
+        return {k: c.get(k, 0) for k in ("sent", "delivered", "opened")}
+
+    apply(
+        envelope(1, "JobCreated", created(job), "acme", now),
+        envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", now),
+        envelope(4, "MessageOpened", {"job_id": job}, "acme", now),  # 3 was dead-lettered
+    )
+    filling = {"ended_before": hour}  # the hour is not over (whatever the clock says now)
+    analytics.aggregate(connect_op, **filling)  # the hour so far: it stays dirty, with its watermark
+    assert state() == (4, 4, 0)
+    assert db.execute("SELECT sum(n) FROM facts_hourly WHERE hour = %s", (hour,)).fetchone() == (2,)
+    apply(envelope(5, "LinkClicked", {"job_id": job, "link": 0}, "acme", now))  # after it: kept
+    assert state() == (4, 5, 0)
+    assert seen() == {"sent": 1, "delivered": 0, "opened": 1}
+    # The dead letter replayed: older than what the hour's roll-ups may hold, so they are set aside.
+    apply(envelope(3, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250, "size": 10}, "acme", now))
+    assert state() == (None, 5, 1)
+    assert seen() == {"sent": 1, "delivered": 1, "opened": 1}
+    analytics.aggregate(connect_op, **filling)
+    assert state() == (5, 5, 1)
+    assert seen() == {"sent": 1, "delivered": 1, "opened": 1}
+    # A rewind forgets facts the roll-ups hold: the hour is read from its raw facts again.
+    with op.transaction():
+        facts.reset(op, 4, 5)
+    assert state()[0] is None and state()[2] == 2
+    assert seen() == {"sent": 1, "delivered": 1, "opened": 0}

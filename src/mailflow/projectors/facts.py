@@ -207,9 +207,7 @@ class Facts(Projection):
             with conn.cursor().copy(q.COPY_FACTS) as copy:
                 for f in facts:
                     copy.write_row(_row(f))
-            conn.execute(q.INSERT_STAGED_FACTS)
-            hours = sorted({int(at.timestamp()) // 3600 for at in ats})
-            conn.execute(q.MARK_DIRTY, ([datetime.fromtimestamp(h * 3600, UTC) for h in hours],))
+            conn.execute(q.INSERT_STAGED_FACTS)  # and marks their hours dirty
         self._batch = facts
 
     def _stage(self, conn: psycopg.Connection) -> None:

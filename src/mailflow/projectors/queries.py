@@ -27,24 +27,38 @@ COPY_FACTS = """
 COPY facts_incoming (at, position, tenant, campaign, sender, sending_domain, domain, priority, kind, job_id, link,
                      human, first, latency_ms, size_bytes) FROM STDIN
 """
-INSERT_STAGED_FACTS = "INSERT INTO facts SELECT * FROM facts_incoming ON CONFLICT (position, at) DO NOTHING"
-MARK_DIRTY = """
-INSERT INTO facts_dirty (hour) SELECT unnest(%b::timestamptz[])
-ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
+# ... and the hours of the facts that went in are marked dirty in the same statement. A fact
+# after the highest position marked for its hour keeps the hour's watermark (`upto`: its
+# roll-ups hold its facts up to there, readers add the rest); one before it (a replayed dead
+# letter) clears the watermark and counts a reset (migrations/0026_partial_hours.sql).
+INSERT_STAGED_FACTS = """
+WITH added AS (
+    INSERT INTO facts SELECT * FROM facts_incoming ON CONFLICT (position, at) DO NOTHING RETURNING at, position
+), hours AS (
+    SELECT date_trunc('hour', at, 'UTC') AS hour, min(position) AS lo, max(position) AS hi FROM added GROUP BY 1
+)
+INSERT INTO facts_dirty AS d (hour, high)
+SELECT hour, hi FROM hours
+ON CONFLICT (hour) DO UPDATE
+SET version = d.version + 1, marked_at = now(), high = greatest(d.high, excluded.high),
+    upto = CASE WHEN (SELECT lo FROM hours h WHERE h.hour = excluded.hour) > coalesce(d.high, 0) THEN d.upto END,
+    resets = d.resets + CASE WHEN (SELECT lo FROM hours h WHERE h.hour = excluded.hour) > coalesce(d.high, 0)
+                             THEN 0 ELSE 1 END
 """
 MAKE_PARTITION = "SELECT mailflow_facts_partition(%s::date)"
 DROP_PARTITIONS_BEFORE = "SELECT mailflow_facts_drop_before(%s::date)"
 
-# A rewind: the hours of the facts it forgets (or of every aggregate) are aggregated again.
-MARK_DIRTY_FROM_FACTS = """
-INSERT INTO facts_dirty (hour)
-SELECT DISTINCT date_trunc('hour', at, 'UTC') FROM facts WHERE position >= %s
-ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
+# A rewind: the hours of the facts it forgets (or of every aggregate) are aggregated again,
+# and read from their raw facts until then (their roll-ups may hold forgotten facts).
+_REWOUND = """
+ON CONFLICT (hour) DO UPDATE
+SET version = facts_dirty.version + 1, marked_at = now(), upto = NULL, resets = facts_dirty.resets + 1
 """
-MARK_AGGREGATED_DIRTY = """
-INSERT INTO facts_dirty (hour) SELECT DISTINCT hour FROM facts_hourly
-ON CONFLICT (hour) DO UPDATE SET version = facts_dirty.version + 1, marked_at = now()
-"""
+MARK_DIRTY_FROM_FACTS = (
+    "INSERT INTO facts_dirty (hour) SELECT DISTINCT date_trunc('hour', at, 'UTC') FROM facts WHERE position >= %s"
+    + _REWOUND
+)
+MARK_AGGREGATED_DIRTY = "INSERT INTO facts_dirty (hour) SELECT DISTINCT hour FROM facts_hourly" + _REWOUND
 FORGET_ALL_FACTS = ("DELETE FROM facts", "DELETE FROM fact_firsts", "DELETE FROM fact_jobs")
 FORGET_FIRSTS_FROM = """
 DELETE FROM fact_firsts ff USING facts f
@@ -67,15 +81,24 @@ DELETE_HOURLY = "DELETE FROM facts_hourly WHERE hour = ANY(%s::timestamptz[])"
 # The hours of one day at once: one scan of the day's facts (in time order, so the BRIN index
 # narrows it to those hours), grouped by hour.
 AGGREGATE_HOURS = """
-INSERT INTO facts_hourly (hour, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
-                          latency_ms_sum, latency_n, latency_ms_max, size_sum)
-SELECT date_trunc('hour', at, 'UTC'), tenant, campaign, sender, domain, kind,
-       count(*), count(*) FILTER (WHERE human), count(*) FILTER (WHERE human AND first),
-       coalesce(sum(latency_ms), 0), count(latency_ms), max(latency_ms), coalesce(sum(size_bytes), 0)
-FROM facts
-WHERE at >= %(lo)s AND at < %(hi)s AND date_trunc('hour', at, 'UTC') = ANY(%(hours)s::timestamptz[])
-GROUP BY 1, tenant, campaign, sender, domain, kind
+WITH added AS (
+    INSERT INTO facts_hourly (hour, tenant, campaign, sender, domain, kind, n, n_human, n_unique,
+                              latency_ms_sum, latency_n, latency_ms_max, size_sum, upto)
+    SELECT date_trunc('hour', at, 'UTC'), tenant, campaign, sender, domain, kind,
+           count(*), count(*) FILTER (WHERE human), count(*) FILTER (WHERE human AND first),
+           coalesce(sum(latency_ms), 0), count(latency_ms), max(latency_ms), coalesce(sum(size_bytes), 0), max(position)
+    FROM facts
+    WHERE at >= %(lo)s AND at < %(hi)s AND date_trunc('hour', at, 'UTC') = ANY(%(hours)s::timestamptz[])
+    GROUP BY 1, tenant, campaign, sender, domain, kind
+    RETURNING hour, upto
+)
+-- Per hour, its watermark and its resets as of the snapshot the facts were read in (one
+-- statement, one snapshot): every fact of the hour up to the watermark is in the rows.
+SELECT a.hour, max(a.upto) AS upto, count(*) AS rows, (SELECT d.resets FROM facts_dirty d WHERE d.hour = a.hour) AS resets
+FROM added a GROUP BY a.hour
 """
+# An hour left dirty after its aggregation keeps the watermark, unless a rewind came since.
+MARK_PARTIAL = "UPDATE facts_dirty SET upto = %(upto)s WHERE hour = %(hour)s AND resets = %(resets)s"
 DELETE_HOURLY_CUBE = "DELETE FROM facts_hourly_cube WHERE hour = ANY(%s::timestamptz[])"
 CUBE_HOURS = """
 INSERT INTO facts_hourly_cube (hour, tenant, dim, key, kind, n, n_human, n_unique, latency_ms_sum, latency_n, size_sum)
@@ -164,7 +187,9 @@ FROM ({parts}) AS x (bucket, key, kind, n, human, uniq, latency_ms_sum, latency_
 GROUP BY bucket, key, kind
 ORDER BY bucket, key, kind
 """
-_DIRTY = "dirty AS (SELECT hour FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s)"
+# A dirty hour with a watermark (upto) is read from its roll-ups plus its raw facts after upto;
+# one without, from its raw facts alone.
+_DIRTY = "dirty AS (SELECT hour, upto FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s)"
 # The raw part's range (the dirty hours', within the window) comes as parameters: partitions
 # outside it are pruned before the join, not scanned for it.
 DIRTY_RANGE = """
@@ -182,7 +207,7 @@ _RAW_PART = (
     SELECT date_trunc('{unit}', f.at, 'UTC'), {key}, """
     + _RAW
     + """
-    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour'
+    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour' AND f.position > coalesce(d.upto, 0)
     WHERE f.at >= %(raw_since)s AND f.at < %(raw_until)s{filters}"""
 )
 
@@ -194,7 +219,7 @@ SERIES_BY_HOUR = (
             """
     SELECT h.hour, {key}, {agg} FROM facts_hourly h
     WHERE h.hour >= %(since)s AND h.hour < %(until)s
-      AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+      AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour AND d.upto IS NULL){filters}""",
             "h",
         )
         + "\n    UNION ALL"
@@ -219,7 +244,7 @@ SERIES_BY_DAY = (
             """
     SELECT x.day, {key}, {agg} FROM dirty_days x
     JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
-    WHERE h.hour >= %(raw_day)s AND h.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+    WHERE h.hour >= %(raw_day)s AND h.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour AND d.upto IS NULL){filters}""",
             "h",
         )
         + "\n    UNION ALL"
@@ -253,7 +278,7 @@ SERIES_BY_MONTH = (
             """
     SELECT date_trunc('month', x.day, 'UTC'), {key}, {agg} FROM dirty_days x
     JOIN facts_hourly h ON h.hour >= x.day AND h.hour < x.day + interval '1 day'
-    WHERE h.hour >= %(raw_day)s AND h.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour){filters}""",
+    WHERE h.hour >= %(raw_day)s AND h.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = h.hour AND d.upto IS NULL){filters}""",
             "h",
         )
         + "\n    UNION ALL"
@@ -277,7 +302,7 @@ _CUBE_RAW = (
     + ", "
     + _RAW
     + """
-    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour'
+    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour' AND f.position > coalesce(d.upto, 0)
     WHERE f.at >= %(raw_since)s AND f.at < %(fact_until)s AND (%(key)s::text IS NULL OR """
     + _RAW_KEY
     + " = %(key)s)"
@@ -299,14 +324,14 @@ def _cube(select: str, t: str) -> str:
 # snapshot's reads share them instead of each scanning the busy current hour): per hour, dim,
 # key and kind, the measures of _RAW.
 DIRTY_FACTS_CUBE = """
-WITH dirty AS (SELECT hour FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s)
+WITH dirty AS (SELECT hour, upto FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s)
 SELECT date_trunc('hour', f.at, 'UTC') AS hour,
        CASE WHEN GROUPING(f.campaign) = 0 THEN 'campaign' WHEN GROUPING(f.sender) = 0 THEN 'sender'
             WHEN GROUPING(f.domain) = 0 THEN 'domain' ELSE 'all' END AS dim,
        coalesce(f.campaign, f.sender, f.domain, '') AS key, f.kind,
        count(*) AS n, count(*) FILTER (WHERE f.human) AS human, count(*) FILTER (WHERE f.human AND f.first) AS uniq,
        coalesce(sum(f.latency_ms), 0) AS latency_ms_sum, count(f.latency_ms) AS latency_n
-FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour'
+FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour' AND f.position > coalesce(d.upto, 0)
 WHERE f.at >= %(raw_since)s AND f.at < %(raw_until)s
 GROUP BY 1, f.kind, GROUPING SETS ((), (f.campaign), (f.sender), (f.domain))
 """
@@ -319,7 +344,7 @@ CUBE_BY_HOUR = (
             """
     SELECT c.hour, {agg} FROM facts_hourly_cube c
     WHERE c.hour >= %(since)s AND c.hour < %(until)s
-      AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour){filters}""",
+      AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour AND d.upto IS NULL){filters}""",
             "c",
         )
         + "\n    UNION ALL"
@@ -344,7 +369,7 @@ CUBE_BY_DAY = (
             """
     SELECT x.day, {agg} FROM dirty_days x
     JOIN facts_hourly_cube c ON c.hour >= x.day AND c.hour < x.day + interval '1 day'
-    WHERE c.hour >= %(raw_day)s AND c.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour){filters}""",
+    WHERE c.hour >= %(raw_day)s AND c.hour < %(raw_day_until)s AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.hour = c.hour AND d.upto IS NULL){filters}""",
             "c",
         )
         + "\n    UNION ALL"

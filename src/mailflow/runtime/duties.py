@@ -5,7 +5,7 @@ low queue with the same states, leases and retries as mail; each returns one lin
 it did, which becomes its JobCompleted's reply (`mailflow jobs show`). A duty that raises is
 retried on the retry schedule. Every duty is safe to run twice or at the same time as itself:
 
-- aggregate: every dirty hour that has ended is aggregated (projectors/analytics.py);
+- aggregate: every dirty hour is aggregated, the current one so far too (projectors/analytics.py);
 - cleanup: retention - the facts' day partitions made ahead and dropped past
   MAILFLOW_ANALYTICS_RETENTION_DAYS, their bookkeeping, browser sessions ended a week ago
   (the API deletes its own expired Idempotency-Keys; the relay trims the Redis stream as it
@@ -32,7 +32,7 @@ def duties(store: EventStore, settings: Settings) -> dict[str, Duty]:
 
     def aggregate(args: dict[str, Any]) -> str:
         done = analytics.aggregate(store.pool.connection)
-        left = f", {done.left_dirty} changed meanwhile (next run)" if done.left_dirty else ""
+        left = f", {done.left_dirty} still filling or changed meanwhile (next run)" if done.left_dirty else ""
         return f"aggregated {done.hours} hour(s) into {done.rows} row(s) in {done.seconds:.1f} s{left}"
 
     def cleanup(args: dict[str, Any]) -> str:
