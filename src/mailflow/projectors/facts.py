@@ -178,6 +178,8 @@ class Facts(Projection):
 
     def apply(self, conn: psycopg.Connection, events: list[Envelope]) -> None:
         self._batch = []
+        if not events:
+            return
         created = [e for e in events if e.type == "JobCreated" and e.data.get("kind", "send") == "send"]
         dims: dict[str, Dims] = {}
         if created:
