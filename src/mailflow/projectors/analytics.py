@@ -43,8 +43,7 @@ class Aggregated:
     hours: int = 0
     rows: int = 0
     seconds: float = 0.0
-    left_dirty: int = 0  # hours that got new facts while being aggregated (the next run takes them)
-    partial: int = 0  # of those, hours read from their roll-ups up to a watermark meanwhile
+    left_dirty: int = 0  # hours still filling, or that got new facts meanwhile (the next run takes them)
 
 
 def day_of(hour: datetime) -> date:
@@ -59,15 +58,12 @@ def _midnight(d: date) -> datetime:
     return datetime(d.year, d.month, d.day, tzinfo=UTC)
 
 
-def aggregate_hours(
-    conn: psycopg.Connection, hours: list[tuple[datetime, int]], ended_before: datetime | None = None
-) -> Aggregated:
+def aggregate_hours(conn: psycopg.Connection, hours: list[tuple[datetime, int]], ended_before: datetime) -> Aggregated:
     """Aggregate these dirty hours (with the versions read), all of one day, in one transaction.
 
-    An hour at or after `ended_before` (default: the start of this hour) is still filling: it
-    stays dirty, with the watermark of what its roll-ups now hold. So does an hour that got new
-    facts meanwhile (in log order: a rewind or an older fact since leaves it without one)."""
-    ended_before = ended_before or hour_of(datetime.now(UTC))
+    An hour at or after `ended_before` is still filling: it stays dirty, with the watermark of
+    what its roll-ups now hold. So does an hour that got new facts meanwhile (in log order: a
+    rewind or an older fact since leaves it without one)."""
     done = Aggregated()
     if not hours:
         return done
@@ -77,13 +73,11 @@ def aggregate_hours(
     which = [h for h, _ in hours]
     with conn.transaction():
         conn.execute(q.DELETE_HOURLY, (which,))
-        marks = {
-            r[0]: r
-            for r in conn.execute(
-                q.AGGREGATE_HOURS, {"lo": min(which), "hi": max(which) + timedelta(hours=1), "hours": which}
-            ).fetchall()
-        }
-        done.rows += sum(int(r[2]) for r in marks.values())
+        found = conn.execute(
+            q.AGGREGATE_HOURS, {"lo": min(which), "hi": max(which) + timedelta(hours=1), "hours": which}
+        ).fetchall()
+        marks = {hour: {"hour": hour, "upto": upto, "resets": resets} for hour, upto, _, resets in found}
+        done.rows += sum(int(rows) for _, _, rows, _ in found)
         done.hours = len(which)
         conn.execute(q.DELETE_HOURLY_CUBE, (which,))
         conn.execute(q.CUBE_HOURS, (which,))
@@ -91,10 +85,8 @@ def aggregate_hours(
             if hour < ended_before and conn.execute(q.CLEAN, (hour, version)).rowcount == 1:
                 continue
             done.left_dirty += 1
-            mark = marks.get(hour)
-            if mark is not None and mark[3] is not None:
-                watermark = {"upto": mark[1], "hour": hour, "resets": mark[3]}
-                done.partial += conn.execute(q.MARK_PARTIAL, watermark).rowcount
+            if hour in marks:  # an hour whose facts were all forgotten has no watermark to keep
+                conn.execute(q.MARK_PARTIAL, marks[hour])
         at = {"day": _midnight(day), "month": _midnight(month_of(day))}
         conn.execute(q.MONTH_LESS_DAY, at)
         conn.execute(q.DELETE_DAILY, (at["day"],))
@@ -119,8 +111,9 @@ def aggregate(
     hour so far too), from `since` on if given, oldest first, a day per transaction. Hours from
     `ended_before` on (default: this hour) are still filling (aggregate_hours)."""
     started = time.monotonic()
-    ended_before = ended_before or hour_of(datetime.now(UTC))
-    before = before or hour_of(datetime.now(UTC)) + timedelta(hours=1)
+    this_hour = hour_of(datetime.now(UTC))
+    ended_before = ended_before or this_hour
+    before = before or this_hour + timedelta(hours=1)
     total = Aggregated()
     with connect() as conn:
         dirty = _dirty(conn, before, since, batch_hours)
@@ -131,7 +124,6 @@ def aggregate(
                 total.hours += got.hours
                 total.rows += got.rows
                 total.left_dirty += got.left_dirty
-                total.partial += got.partial
                 if progress is not None:
                     progress(total.hours, max(todo, total.hours))
             if len(dirty) < batch_hours:
