@@ -15,11 +15,14 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from mailflow.consumers.runtime import ConsumerRunner
 from mailflow.events.envelope import Envelope, Metadata
 from mailflow.infra.services import connect, pool_conninfo
 from mailflow.infra.tenancy import Scope
 from mailflow.projectors import analytics
 from mailflow.projectors.facts import Facts
+
+from .history import by_position, recorded
 
 pytestmark = pytest.mark.integration
 
@@ -222,12 +225,12 @@ def wipe(conn) -> None:
 @hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events=histories(), plan=st.randoms(use_true_random=False))
 def test_aggregates_equal_a_from_scratch_recomputation_for_late_duplicated_and_out_of_order_events(
-    db, op, events, plan
+    db, op, operator_store, events, plan
 ):
     wipe(db)
     facts = Facts()
     connect_op = _connector(op)
-    order = sorted(events, key=lambda e: e.position)
+    order = recorded(operator_store, sorted(events, key=lambda e: e.position))
     applied: list[list[Envelope]] = []
     i = 0
     while i < len(order):
@@ -243,7 +246,7 @@ def test_aggregates_equal_a_from_scratch_recomputation_for_late_duplicated_and_o
         if plan.random() < 0.4:  # the job runs between events: later ones are late for it, and
             # the last day's hours are still filling (roll-ups up to a watermark, then raw facts)
             analytics.aggregate(connect_op, before=NOW + timedelta(days=1), ended_before=FILLING)
-    expected = reference(events)
+    expected = reference(order)
     # Readers are right before the last aggregation (dirty hours come from the raw facts) ...
     assert read(op) == coarsen(expected, "hour")
     assert read(op, "day") == coarsen(expected, "day")
@@ -279,25 +282,28 @@ def _connector(conn):
     return same
 
 
-def test_rerunning_an_hour_gives_the_same_rows_and_a_late_fact_makes_it_dirty_again(db, op):
+def test_rerunning_an_hour_gives_the_same_rows_and_a_late_fact_makes_it_dirty_again(db, op, operator_store):
     facts, connect_op = Facts(), _connector(op)
     hour = (NOW - timedelta(hours=30)).replace(minute=0, second=0, microsecond=0)
     job = str(uuid.uuid4())
+    late = hour + timedelta(minutes=5)
+    log = by_position(
+        operator_store,
+        [
+            envelope(1, "JobCreated", created(job), "acme", hour),
+            envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", hour + timedelta(minutes=1)),
+            envelope(
+                3,
+                "JobCompleted",
+                {"job_id": job, "attempt": 1, "code": 250, "size": 900},
+                "acme",
+                hour + timedelta(minutes=1, seconds=3),
+            ),
+            envelope(4, "FeedbackReceived", {"job_id": job, "kind": "bounce", "hard": True}, "acme", late),
+        ],
+    )
     with op.transaction():
-        facts.apply(
-            op,
-            [
-                envelope(1, "JobCreated", created(job), "acme", hour),
-                envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", hour + timedelta(minutes=1)),
-                envelope(
-                    3,
-                    "JobCompleted",
-                    {"job_id": job, "attempt": 1, "code": 250, "size": 900},
-                    "acme",
-                    hour + timedelta(minutes=1, seconds=3),
-                ),
-            ],
-        )
+        facts.apply(op, [log[1], log[2], log[3]])
     first = analytics.aggregate(connect_op)
     rows = db.execute("SELECT * FROM facts_hourly ORDER BY kind").fetchall()
     assert first.hours == 1 and [r[5] for r in rows] == ["delivered", "sent"]
@@ -307,11 +313,8 @@ def test_rerunning_an_hour_gives_the_same_rows_and_a_late_fact_makes_it_dirty_ag
     assert analytics.aggregate(connect_op).hours == 1
     assert db.execute("SELECT * FROM facts_hourly ORDER BY kind").fetchall() == rows  # the same rows
     # A bounce recorded two days later, about the message: its own hour is dirty, not the old one.
-    late = hour + timedelta(minutes=5)
     with op.transaction():
-        facts.apply(
-            op, [envelope(4, "FeedbackReceived", {"job_id": job, "kind": "bounce", "hard": True}, "acme", late)]
-        )
+        facts.apply(op, [log[4]])
     assert db.execute("SELECT hour FROM facts_dirty").fetchall() == [(hour,)]
     assert analytics.aggregate(connect_op).hours == 1
     kinds = [k for (k,) in db.execute("SELECT kind FROM facts_hourly ORDER BY kind")]
@@ -319,17 +322,15 @@ def test_rerunning_an_hour_gives_the_same_rows_and_a_late_fact_makes_it_dirty_ag
     assert db.execute("SELECT n FROM facts_daily WHERE kind = 'bounced_hard'").fetchone() == (1,)
 
 
-def test_the_current_hour_is_not_aggregated_but_is_read_from_the_raw_facts(db, op):
+def test_the_current_hour_is_not_aggregated_but_is_read_from_the_raw_facts(db, op, operator_store):
     facts, connect_op = Facts(), _connector(op)
     job, now = str(uuid.uuid4()), datetime.now(UTC)
+    events = [
+        envelope(1, "JobCreated", created(job), "acme", now),
+        envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", now),
+    ]
     with op.transaction():
-        facts.apply(
-            op,
-            [
-                envelope(1, "JobCreated", created(job), "acme", now),
-                envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", now),
-            ],
-        )
+        facts.apply(op, recorded(operator_store, events))
     this_hour = now.replace(minute=0, second=0, microsecond=0)  # what aggregate() takes "now" to be
     assert analytics.aggregate(connect_op, before=this_hour).hours == 0
     assert db.execute("SELECT count(*) FROM facts_hourly").fetchone() == (0,)
@@ -337,7 +338,7 @@ def test_the_current_hour_is_not_aggregated_but_is_read_from_the_raw_facts(db, o
     assert analytics.counters(analytics.series(op, window)) == {"sent": 1, "sent_unique": 1}
 
 
-def test_a_tenant_reads_only_its_own_numbers(db, op, db_url):
+def test_a_tenant_reads_only_its_own_numbers(db, op, db_url, operator_store):
     facts, connect_op = Facts(), _connector(op)
     at = NOW - timedelta(hours=3)
     batch = []
@@ -348,7 +349,7 @@ def test_a_tenant_reads_only_its_own_numbers(db, op, db_url):
             envelope(position * 2 + 1, "JobStarted", {"job_id": job, "attempt": 1}, tenant, at),
         ]
     with op.transaction():
-        facts.apply(op, batch)
+        facts.apply(op, recorded(operator_store, batch))
     window = analytics.Filter(NOW - timedelta(days=1), NOW)
     for aggregated in (False, True):
         if aggregated:
@@ -374,32 +375,44 @@ def test_partitions_are_made_ahead_and_dropped_past_retention(db, op):
     assert later.partitions_made >= 9
 
 
-def test_a_fact_older_than_retention_is_not_recorded(db, op):
+def test_a_fact_older_than_retention_is_not_recorded(db, op, operator_store):
     facts = Facts(retention_days=2)
     job = str(uuid.uuid4())
     old = NOW - timedelta(days=3)
+    events = [
+        envelope(1, "JobCreated", created(job), "acme", old),
+        envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", old),
+        envelope(3, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250}, "acme", NOW),
+    ]
     with op.transaction():
-        facts.apply(
-            op,
-            [
-                envelope(1, "JobCreated", created(job), "acme", old),
-                envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", old),
-                envelope(3, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250}, "acme", NOW),
-            ],
-        )
+        facts.apply(op, recorded(operator_store, events))
     assert db.execute("SELECT kind FROM facts").fetchall() == [("delivered",)]
 
 
-def test_a_filling_hour_is_read_up_to_its_watermark_and_an_older_fact_or_a_rewind_drops_the_watermark(db, op):
+def test_a_filling_hour_is_read_up_to_its_watermark_and_an_older_fact_or_a_rewind_drops_the_watermark(
+    db, op, operator_store
+):
     wipe(db)
     facts, connect_op = Facts(), _connector(op)
     job, now = str(uuid.uuid4()), datetime.now(UTC)
     hour = now.replace(minute=0, second=0, microsecond=0)
     window = analytics.Filter(hour, now + timedelta(minutes=5))
 
-    def apply(*events: Envelope) -> None:
+    log = by_position(
+        operator_store,
+        [
+            envelope(1, "JobCreated", created(job), "acme", now),
+            envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", now),
+            envelope(3, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250, "size": 10}, "acme", now),
+            envelope(4, "MessageOpened", {"job_id": job}, "acme", now),
+            envelope(5, "LinkClicked", {"job_id": job, "link": 0}, "acme", now),
+        ],
+    )
+    at = {n: e.position for n, e in log.items()}  # the positions the log gave them
+
+    def apply(*numbers: int) -> None:
         with op.transaction():
-            facts.apply(op, list(events))
+            facts.apply(op, [log[n] for n in numbers])
 
     def state() -> tuple[Any, ...]:
         return db.execute("SELECT upto, high, resets FROM facts_dirty WHERE hour = %s", (hour,)).fetchone()
@@ -408,27 +421,62 @@ def test_a_filling_hour_is_read_up_to_its_watermark_and_an_older_fact_or_a_rewin
         c = analytics.counters(analytics.series(op, window))
         return {k: c.get(k, 0) for k in ("sent", "delivered", "opened")}
 
-    apply(
-        envelope(1, "JobCreated", created(job), "acme", now),
-        envelope(2, "JobStarted", {"job_id": job, "attempt": 1}, "acme", now),
-        envelope(4, "MessageOpened", {"job_id": job}, "acme", now),  # 3 was dead-lettered
-    )
+    apply(1, 2, 4)  # 3 was dead-lettered
     filling = {"ended_before": hour}  # the hour is not over (whatever the clock says now)
     analytics.aggregate(connect_op, **filling)  # the hour so far: it stays dirty, with its watermark
-    assert state() == (4, 4, 0)
+    assert state() == (at[4], at[4], 0)
     assert db.execute("SELECT sum(n) FROM facts_hourly WHERE hour = %s", (hour,)).fetchone() == (2,)
-    apply(envelope(5, "LinkClicked", {"job_id": job, "link": 0}, "acme", now))  # after it: kept
-    assert state() == (4, 5, 0)
+    apply(5)  # after it: kept
+    assert state() == (at[4], at[5], 0)
     assert seen() == {"sent": 1, "delivered": 0, "opened": 1}
     # The dead letter replayed: older than what the hour's roll-ups may hold, so they are set aside.
-    apply(envelope(3, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250, "size": 10}, "acme", now))
-    assert state() == (None, 5, 1)
+    apply(3)
+    assert state() == (None, at[5], 1)
     assert seen() == {"sent": 1, "delivered": 1, "opened": 1}
     analytics.aggregate(connect_op, **filling)
-    assert state() == (5, 5, 1)
+    assert state() == (at[5], at[5], 1)
     assert seen() == {"sent": 1, "delivered": 1, "opened": 1}
     # A rewind forgets facts the roll-ups hold: the hour is read from its raw facts again.
     with op.transaction():
-        facts.reset(op, 4, 5)
+        facts.reset(op, at[4], at[5])
     assert state()[0] is None and state()[2] == 2
     assert seen() == {"sent": 1, "delivered": 1, "opened": 0}
+
+
+def test_a_catch_up_hands_the_projection_ranges_and_a_malformed_event_among_them_is_dead_lettered_alone(
+    db, operator_rt, operator_store, settings
+):
+    """Catching up, the facts projection is handed ranges of positions, not envelopes; a range
+    holding an event the SQL cannot read (a job id that is not one) fails as a whole, is applied
+    again as envelopes, and only that event is dead-lettered."""
+    wipe(db)
+    events, at = [], NOW - timedelta(hours=2)
+    for n in range(12):
+        job = str(uuid.uuid4())
+        events += [
+            envelope(0, "JobCreated", created(job), "acme", at),
+            envelope(0, "JobStarted", {"job_id": job, "attempt": 1}, "acme", at),
+            envelope(0, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250, "size": n}, "acme", at),
+        ]
+        if n == 5:
+            events.append(envelope(0, "MessageOpened", {"job_id": "not-a-job-id"}, "acme", at))
+    log = recorded(operator_store, events)
+    poison = next(e.position for e in log if e.type == "MessageOpened")
+    facts = Facts()
+    facts.batch_size = 7  # several ranges, one of them holding the poison
+    runner = ConsumerRunner(facts, operator_store, operator_rt.services.redis_url, settings)
+    try:
+        runner.ensure_checkpoint()
+        runner.catch_up()
+        assert runner.checkpoint() == max(e.position for e in log)
+    finally:
+        runner.close()
+    dead = db.execute("SELECT position, event_type FROM dead_letters WHERE consumer = 'facts'").fetchall()
+    assert dead == [(poison, "MessageOpened")]
+    got = db.execute("SELECT position, kind, size_bytes FROM facts ORDER BY position").fetchall()
+    want = [
+        (e.position, {"JobStarted": "sent", "JobCompleted": "delivered"}[e.type], e.data.get("size"))
+        for e in log
+        if e.type in ("JobStarted", "JobCompleted")
+    ]
+    assert got == want  # every event once: no range lost, none applied twice

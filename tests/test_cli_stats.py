@@ -16,6 +16,7 @@ from mailflow.projectors.facts import Facts
 from mailflow.tenants import registry
 
 from .conftest import run_cli
+from .history import recorded
 
 pytestmark = pytest.mark.process
 
@@ -59,7 +60,7 @@ def history(operator_rt, db) -> list[datetime]:
                 Envelope(uuid.uuid4(), position, f"{tenant}/job-{job}", 2, "FeedbackReceived", 1, bounce, md, at)
             )
     with connect(pool_conninfo(operator_rt.store.pool), scope=Scope.operator()) as conn, conn.transaction():
-        Facts().apply(conn, events)
+        Facts().apply(conn, recorded(operator_rt.store, events))
     return [*times, at_now]
 
 

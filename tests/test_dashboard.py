@@ -24,6 +24,7 @@ from mailflow.tenants import users
 from mailflow.web import dashboard as web_dashboard
 
 from .api_fixtures import make_tenant
+from .history import recorded
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["tests.api_fixtures"]
@@ -67,7 +68,7 @@ def some_facts(api, tenant: str, campaign_name: str | None = None) -> None:
         Envelope(uuid.uuid4(), 3, "j", 3, "JobCompleted", 1, {"job_id": job, "attempt": 1, "code": 250}, md, now),
     ]
     with connect(pool_conninfo(api.rt.store.pool), scope=Scope.operator()) as conn, conn.transaction():
-        Facts().apply(conn, events)
+        Facts().apply(conn, recorded(api.rt.store, events))
 
 
 def snapshot_of(html: str) -> dict:

@@ -15,6 +15,7 @@ from mailflow.outbound import periodic
 from mailflow.projectors.facts import Facts
 from mailflow.runtime.duties import duties
 
+from .history import recorded
 from .test_outbound_pipeline import run_pipeline
 
 pytestmark = pytest.mark.process
@@ -34,7 +35,7 @@ def some_facts(operator_store, hour: datetime) -> None:
         Envelope(uuid.uuid4(), 2, "acme/job", 2, "JobStarted", 1, {"job_id": job, "attempt": 1}, md, hour),
     ]
     with connect(pool_conninfo(operator_store.pool), scope=Scope.operator()) as conn, conn.transaction():
-        Facts().apply(conn, events)
+        Facts().apply(conn, recorded(operator_store, events))
 
 
 def duty_jobs(db) -> dict[str, tuple[str, str | None]]:

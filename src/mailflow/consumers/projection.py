@@ -43,6 +43,16 @@ class Projection(ABC):
     def apply(self, conn: psycopg.Connection, events: list[Envelope]) -> None:
         """Apply a batch of consecutive events (one or many)."""
 
+    # A projection that reads its batches from the log itself (in SQL, by position) sets
+    # `batch_size` and implements apply_range(): catching up, the runtime then hands it ranges
+    # of positions instead of reading and decoding envelopes it would not look at.
+    batch_size: int | None = None
+
+    def apply_range(self, conn: psycopg.Connection, after: int, upto: int) -> None:
+        """Apply the events with positions in (after, upto] (all of them exist: positions are
+        dense), reading them from the log through `conn`."""
+        raise NotImplementedError(f"{self.name} is handed envelopes, not ranges")
+
     @abstractmethod
     def reset(self, conn: psycopg.Connection, from_position: int, applied_upto: int) -> None:
         """Undo the effect of events with position >= from_position (1 = everything).

@@ -417,9 +417,16 @@ class ConsumerRunner:
             self.store.sequence()  # harmless if the relay is sequencing already
             upto = self.store.head()
         cp = self.checkpoint()
-        start, done = cp, 0
+        start = cp
         if cp < upto:
             self.log.info("consumer.catching_up", checkpoint=cp, head=upto)
+        if self.projection.batch_size is not None:
+            cp = self._catch_up_ranges(cp, upto, self.projection.batch_size, progress)
+        else:
+            cp = self._catch_up_envelopes(cp, upto, progress)
+        return cp - start
+
+    def _catch_up_envelopes(self, cp: int, upto: int, progress: ProgressFn | None) -> int:
         size = self.settings.catchup_batch_size
         # The next batch is read (on a pooled connection) while this one is applied: the
         # read's time in PostgreSQL and the apply's overlap instead of adding up.
@@ -434,12 +441,46 @@ class ConsumerRunner:
                 if not self.apply_events(batch):
                     break
                 cp = last
-                done = cp - start
                 if progress is not None:
                     progress(cp, upto)
             if ahead is not None:
                 ahead.cancel()
-        return done
+        return cp
+
+    def _catch_up_ranges(self, cp: int, upto: int, size: int, progress: ProgressFn | None) -> int:
+        """Catch up a projection that reads the log itself, a range of positions at a time; a
+        range that fails is read as envelopes and applied as such, so its poison is found and
+        dead-lettered as anywhere else."""
+        while cp < upto and not self.stop.is_set():
+            last = min(cp + size, upto)
+            try:
+                self._apply_range_tx(cp, last)
+            except _ApplyFailed:
+                batch = self.store.read_all(cp, last - cp, upto=last)
+                if not self.apply_events(batch):
+                    break
+            cp = self.checkpoint()
+            if progress is not None:
+                progress(cp, upto)
+        return cp
+
+    def _apply_range_tx(self, after: int, upto: int) -> None:
+        conn = self.conn
+        with conn.transaction():
+            cp = self._lock_checkpoint(conn)
+            if cp >= upto:
+                return  # applied meanwhile (another member of the group)
+            after = max(after, cp)
+            try:
+                with structlog.contextvars.bound_contextvars(position=upto):
+                    self.projection.apply_range(conn, after, upto)
+            except _INFRA_ERRORS:
+                raise
+            except Exception as exc:
+                raise _ApplyFailed(describe(exc)) from exc
+            conn.execute(q.SET_CHECKPOINT, (upto, self.name))
+            self.applied += upto - after
+        self.projection.committed(self._publish)
 
     def rebuild(self, from_position: int = 1, progress: ProgressFn | None = None) -> int:
         """Undo events >= from_position and apply them again from PostgreSQL."""

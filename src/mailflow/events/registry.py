@@ -92,6 +92,10 @@ class EventRegistry:
         model = self._models.get(event_type)
         return model.schema_version if model else None
 
+    def has_upcasters(self, event_type: str) -> bool:
+        """Whether old schemas of the type are read through upcasters (their shape differs)."""
+        return any(t == event_type for t, _ in self._upcasters)
+
     def upcast(self, event_type: str, schema: int, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Run upcasters until no more apply; returns the (schema, data) a reader should see."""
         if not self._upcasters:

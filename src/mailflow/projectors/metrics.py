@@ -4,7 +4,7 @@ The facts consumer hands over the facts of each batch once its transaction has c
 (never before: a batch that is rolled back and applied again publishes once); they are summed
 per tenant and published at most every `every_s` per tenant (a few messages a second however
 busy the tenant is) by a flusher thread, so a quiet moment after a burst still goes out within
-`every_s`. Facts older than `live_s` (a rebuild, a consumer catching up after an outage) are not
+`every_s`. Facts older than LIVE_S (a rebuild, a consumer catching up after an outage) are not
 published: the dashboard reads them from the aggregates when it catches up.
 
 A message (JSON, documented in docs/events.md):
@@ -21,7 +21,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -29,14 +28,14 @@ import orjson
 from mailflow.log import get_logger
 
 Publish = Callable[[bytes], None]
+LIVE_S = 300.0  # facts recorded longer ago than this are not published
 log = get_logger("mailflow.metrics")
 
 
 class MetricsPublisher:
-    def __init__(self, publish: Publish, *, every_s: float = 0.25, live_s: float = 300.0) -> None:
+    def __init__(self, publish: Publish, *, every_s: float = 0.25) -> None:
         self._publish = publish
         self.every_s = every_s
-        self.live_s = live_s
         self._pending: dict[str, Counter[str]] = {}
         self._position: dict[str, int] = {}
         self._last: dict[str, float] = {}
@@ -47,21 +46,13 @@ class MetricsPublisher:
         self._thread = threading.Thread(target=self._run, name="mailflow-metrics", daemon=True)
         self._thread.start()
 
-    def add(self, facts: Iterable[Any], counters: Callable[[list[dict[str, Any]]], dict[str, int]]) -> None:
-        """Add committed facts (projectors.facts.Fact); `counters` makes the card counters of rows."""
-        floor = datetime.now(UTC) - timedelta(seconds=self.live_s)
-        same: dict[tuple[str, str, bool, bool], int] = {}  # (tenant, kind, human, unique) -> facts
-        last: dict[str, int] = {}
-        for f in facts:
-            if f.at < floor:
-                continue
-            tenant = f.dims.tenant if f.dims is not None else f.tenant
-            key = (tenant, f.kind, f.human, f.human and f.first)
-            same[key] = same.get(key, 0) + 1
-            if f.position > last.get(tenant, 0):
-                last[tenant] = f.position
+    def add(self, deltas: Iterable[Any], counters: Callable[[list[dict[str, Any]]], dict[str, int]]) -> None:
+        """Add a committed batch's deltas: (tenant, kind, human, unique, facts, largest position)
+        rows of the facts recorded in the last LIVE_S (queries.FACTS_OF_BATCH); `counters`
+        makes the card counters of rows."""
         rows: dict[str, list[dict[str, Any]]] = {}
-        for (tenant, kind, human, unique), n in same.items():
+        last: dict[str, int] = {}
+        for tenant, kind, human, unique, n, position in deltas:
             rows.setdefault(tenant, []).append(
                 {
                     "kind": kind,
@@ -72,6 +63,7 @@ class MetricsPublisher:
                     "latency_n": 0,
                 }
             )
+            last[tenant] = max(last.get(tenant, 0), position)
         if not rows:
             return
         with self._lock:

@@ -2,48 +2,135 @@
 
 # -- facts (facts.py) ---------------------------------------------------------------------------
 
-INSERT_FACT_JOBS = """
-INSERT INTO fact_jobs (job_id, tenant, campaign, sender, sending_domain, domain, priority, created_at, position)
-SELECT j::uuid, t, c, s, sd, d, p, a, pos
-FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-            %b::timestamptz[], %b::bigint[]) AS u(j, t, c, s, sd, d, p, a, pos)
-ON CONFLICT (job_id) DO NOTHING
+# Facts are derived from the log in SQL, a batch of positions at a time: reading and decoding
+# envelopes in Python cost more than everything else the projection does. A batch is the events
+# with positions in (after, upto], or only `positions` among them when that is not NULL (what
+# the runtime hands over live, or one event being retried). The JSON is parsed once per event
+# (json_to_record); events of other types are not parsed at all.
+#
+# 1. The batch's send jobs go into fact_jobs (what a job's later facts are counted under; the
+#    sending domain is the sender's address's, as it is when the job is first seen), and the
+#    first and last times of the facts to come are returned, for the day partitions.
+FACT_JOBS_OF_BATCH = """
+WITH batch AS MATERIALIZED (
+    SELECT p.position, e.type, e.recorded_at,
+           CASE WHEN e.type = 'JobCreated' THEN e.data END AS data,
+           CASE WHEN e.type = 'JobCreated' THEN e.metadata END AS metadata
+    FROM event_positions p JOIN events e ON e.seq = p.seq
+    WHERE p.position > %(after)s AND p.position <= %(upto)s
+      AND (%(positions)s::bigint[] IS NULL OR p.position = ANY(%(positions)s::bigint[]))
+), jobs AS (
+    INSERT INTO fact_jobs (job_id, tenant, campaign, sender, sending_domain, domain, priority, created_at, position)
+    SELECT d.job_id, m.tenant, coalesce(d.campaign_id, ''), d.sender,
+           coalesce(lower(split_part(s.from_email, '@', -1)), ''), coalesce(d.domain, ''), d.priority,
+           b.recorded_at, b.position
+    FROM batch b
+    CROSS JOIN LATERAL json_to_record(b.data) AS d(job_id uuid, kind text, campaign_id text, sender text,
+                                                   domain text, priority text)
+    CROSS JOIN LATERAL (SELECT coalesce(b.metadata->>'tenant', '') AS tenant) m
+    LEFT JOIN senders s ON s.tenant = m.tenant AND s.name = d.sender
+    WHERE b.type = 'JobCreated' AND coalesce(d.kind, 'send') = 'send'
+    ON CONFLICT (job_id) DO NOTHING
+)
+SELECT min(recorded_at), max(recorded_at) FROM batch
+WHERE type = ANY(%(types)s::text[]) AND recorded_at >= %(floor)s
 """
-FACT_JOBS = """
-SELECT job_id, tenant, campaign, sender, sending_domain, domain, priority, created_at
-FROM fact_jobs WHERE job_id = ANY(%s::uuid[])
-"""
-SENDER_EMAIL = "SELECT from_email FROM senders WHERE tenant = %s AND name = %s"
-INSERT_FIRSTS = """
-INSERT INTO fact_firsts (job_id, kind, link, at)
-SELECT DISTINCT ON (j, k, l) j::uuid, k, l, a FROM unnest(%b::text[], %b::text[], %b::int[], %b::timestamptz[]) AS u(j, k, l, a)
-ON CONFLICT DO NOTHING
-RETURNING job_id::text, kind, link
-"""
-# Facts go in by COPY to a staging table of the connection, then on to `facts`, skipping a
-# position already there: a batch handed over again (at-least-once delivery) changes nothing.
-STAGE_FACTS = "CREATE TEMP TABLE IF NOT EXISTS facts_incoming (LIKE facts INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-COPY_FACTS = """
-COPY facts_incoming (at, position, tenant, campaign, sender, sending_domain, domain, priority, kind, job_id, link,
-                     human, first, latency_ms, size_bytes) FROM STDIN
-"""
-# ... and the hours of the facts that went in are marked dirty in the same statement. A fact
-# after the highest position marked for its hour keeps the hour's watermark (`upto`: its
-# roll-ups hold its facts up to there, readers add the rest); one before it (a replayed dead
-# letter) clears the watermark and counts a reset (migrations/0026_partial_hours.sql).
-INSERT_STAGED_FACTS = """
-WITH added AS (
-    INSERT INTO facts SELECT * FROM facts_incoming ON CONFLICT (position, at) DO NOTHING RETURNING at, position
+# 2. The batch's facts (projectors/facts.py says what each event is). A repeatable kind's fact
+#    is its message's (and link's) first if it is the earliest of its key in the batch and the
+#    key is not in fact_firsts yet (a window and an index probe: no join between the parts of
+#    the statement, whose sizes the planner cannot know - a generic plan that guessed one row
+#    each once made a batch quadratic). Facts go in skipping a position already there (a batch handed
+#    over again changes nothing), and the hours of those that went in are marked dirty in the
+#    same statement: a fact after the highest position marked for its hour keeps the hour's
+#    watermark (`upto`: its roll-ups hold its facts up to there, readers add the rest); one
+#    before it (a replayed dead letter) clears it and counts a reset (0026_partial_hours.sql).
+#    Returned: what went in, recorded since %(live)s, per (tenant, kind, human, unique), with
+#    the count and the largest position - the live metric deltas (metrics.py).
+FACTS_OF_BATCH = """
+WITH ev AS (
+    SELECT p.position, e.type, e.recorded_at AS at, coalesce(e.metadata->>'tenant', '') AS tenant, d.*
+    FROM event_positions p JOIN events e ON e.seq = p.seq
+    CROSS JOIN LATERAL json_to_record(e.data) AS d(job_id uuid, attempt int, kind text, reason text, hard boolean,
+                                                   campaign_id text, status text, machine boolean, link int,
+                                                   size int)
+    WHERE p.position > %(after)s AND p.position <= %(upto)s
+      AND (%(positions)s::bigint[] IS NULL OR p.position = ANY(%(positions)s::bigint[]))
+      AND e.type = ANY(%(types)s::text[]) AND e.recorded_at >= %(floor)s
+), typed AS (
+    SELECT ev.position, ev.at, ev.tenant, ev.type, ev.job_id, ev.campaign_id, ev.link, ev.size,
+        CASE ev.type
+            WHEN 'JobStarted' THEN 'sent'
+            WHEN 'JobCompleted' THEN 'delivered'
+            WHEN 'JobFailed' THEN
+                CASE WHEN ev.kind = ANY(%(refusals)s::text[]) THEN 'refused' ELSE 'failed' END
+            WHEN 'JobRetryScheduled' THEN CASE WHEN ev.reason IS DISTINCT FROM 'lease_expired' THEN 'deferred' END
+            WHEN 'FeedbackReceived' THEN
+                CASE ev.kind
+                    WHEN 'bounce' THEN CASE WHEN ev.hard THEN 'bounced_hard' ELSE 'bounced_soft' END
+                    WHEN 'delayed' THEN 'delayed'
+                    WHEN 'complaint' THEN 'complained'
+                    WHEN 'reply' THEN 'replied'
+                    WHEN 'auto_reply' THEN 'auto_replied'
+                END
+            WHEN 'ContactStatusChanged' THEN CASE WHEN ev.status = 'unsubscribed' THEN 'unsubscribed' END
+            WHEN 'MessageOpened' THEN 'opened'
+            WHEN 'LinkClicked' THEN 'clicked'
+        END AS kind,
+        ev.type IN ('MessageOpened', 'LinkClicked') AND coalesce(ev.machine, false) AS machine,
+        CASE WHEN ev.type IN ('JobStarted', 'JobRetryScheduled') THEN ev.attempt IS NOT DISTINCT FROM 1
+             ELSE true END AS once
+    FROM ev
+), f AS (
+    SELECT t.position, t.at, t.kind, t.once, t.size, j.created_at,
+        CASE WHEN t.kind <> 'unsubscribed' THEN t.job_id END AS job_id,
+        CASE WHEN t.kind = 'clicked' THEN coalesce(t.link, 0) END AS link,
+        NOT t.machine AS human,
+        coalesce(j.tenant, t.tenant) AS tenant,
+        coalesce(j.campaign, CASE WHEN t.type = 'FeedbackReceived' THEN t.campaign_id END, '') AS campaign,
+        coalesce(j.sender, '') AS sender, coalesce(j.sending_domain, '') AS sending_domain,
+        coalesce(j.domain, '') AS domain, coalesce(j.priority, '') AS priority,
+        NOT t.machine AND t.kind <> 'unsubscribed' AND t.job_id IS NOT NULL AND t.kind = ANY(%(repeatable)s::text[])
+            AS repeat
+    FROM typed t
+    LEFT JOIN fact_jobs j ON j.job_id = t.job_id AND t.kind <> 'unsubscribed'
+    WHERE t.kind IS NOT NULL
+      -- a job's own events count only under its JobCreated (not a duty's, nor one not kept)
+      AND (j.job_id IS NOT NULL OR t.type NOT IN ('JobStarted', 'JobCompleted', 'JobFailed', 'JobRetryScheduled'))
+), g AS (
+    SELECT f.*, f.human AND f.once AS first FROM f WHERE NOT f.repeat
+    UNION ALL
+    SELECT f.*,
+        row_number() OVER (PARTITION BY f.job_id, f.kind, f.link ORDER BY f.position) = 1
+        AND NOT EXISTS (SELECT 1 FROM fact_firsts ff
+                        WHERE ff.job_id = f.job_id AND ff.kind = f.kind AND ff.link = coalesce(f.link, -1))
+    FROM f WHERE f.repeat
+), fresh AS (
+    INSERT INTO fact_firsts (job_id, kind, link, at)
+    SELECT job_id, kind, coalesce(link, -1), at FROM g WHERE repeat AND first
+    ON CONFLICT DO NOTHING
+), added AS (
+    INSERT INTO facts (at, position, tenant, campaign, sender, sending_domain, domain, priority, kind, job_id, link,
+                       human, first, latency_ms, size_bytes)
+    SELECT at, position, tenant, campaign, sender, sending_domain, domain, priority, kind, job_id, link, human, first,
+        CASE WHEN kind = 'delivered' THEN greatest(floor(extract(epoch FROM at - created_at) * 1000), 0) END,
+        CASE WHEN kind = 'delivered' THEN size END
+    FROM g
+    ON CONFLICT (position, at) DO NOTHING
+    RETURNING at, position, tenant, kind, human, first
 ), hours AS (
     SELECT date_trunc('hour', at, 'UTC') AS hour, min(position) AS lo, max(position) AS hi FROM added GROUP BY 1
+), dirty AS (
+    INSERT INTO facts_dirty AS d (hour, high)
+    SELECT hour, hi FROM hours
+    ON CONFLICT (hour) DO UPDATE
+    SET version = d.version + 1, marked_at = now(), high = greatest(d.high, excluded.high),
+        upto = CASE WHEN (SELECT lo FROM hours h WHERE h.hour = excluded.hour) > coalesce(d.high, 0) THEN d.upto END,
+        resets = d.resets + CASE WHEN (SELECT lo FROM hours h WHERE h.hour = excluded.hour) > coalesce(d.high, 0)
+                                 THEN 0 ELSE 1 END
 )
-INSERT INTO facts_dirty AS d (hour, high)
-SELECT hour, hi FROM hours
-ON CONFLICT (hour) DO UPDATE
-SET version = d.version + 1, marked_at = now(), high = greatest(d.high, excluded.high),
-    upto = CASE WHEN (SELECT lo FROM hours h WHERE h.hour = excluded.hour) > coalesce(d.high, 0) THEN d.upto END,
-    resets = d.resets + CASE WHEN (SELECT lo FROM hours h WHERE h.hour = excluded.hour) > coalesce(d.high, 0)
-                             THEN 0 ELSE 1 END
+SELECT tenant, kind, human, human AND first AS uniq, count(*) AS n, max(position) AS position
+FROM added WHERE at >= %(live)s
+GROUP BY 1, 2, 3, 4
 """
 MAKE_PARTITION = "SELECT mailflow_facts_partition(%s::date)"
 DROP_PARTITIONS_BEFORE = "SELECT mailflow_facts_drop_before(%s::date)"
