@@ -97,8 +97,9 @@ def histories(draw: st.DrawFn) -> list[Envelope]:
     return events
 
 
-def reference(events: list[Envelope]) -> Counter:
-    """(hour, tenant, campaign, sender, domain, kind, measure) -> count, from the events alone."""
+def reference(events: list[Envelope], per_minute: bool = False) -> Counter:
+    """(hour, tenant, campaign, sender, domain, kind, measure) -> count, from the events alone
+    (per minute: the minute instead of the hour)."""
     jobs = {e.data["job_id"]: e for e in events if e.type == "JobCreated"}
     out: Counter = Counter()
     firsts: set[tuple[str, str, int]] = set()
@@ -113,7 +114,9 @@ def reference(events: list[Envelope]) -> Counter:
             )
         assert kind is not None
         key = (
-            e.recorded_at.replace(minute=0, second=0, microsecond=0),
+            e.recorded_at.replace(second=0, microsecond=0)
+            if per_minute
+            else e.recorded_at.replace(minute=0, second=0, microsecond=0),
             e.metadata.tenant,
             j["campaign_id"] or "",
             j["sender"],
@@ -133,6 +136,17 @@ def reference(events: list[Envelope]) -> Counter:
             if human:
                 firsts.add(once)
         out[(*key, "uniq")] += unique
+    return +out
+
+
+def minutes(conn, since: datetime) -> Counter:
+    """What facts_minutes holds from `since` on: (minute, tenant, kind, measure) -> count."""
+    out: Counter = Counter()
+    for minute, tenant, kind, n, human, uniq in conn.execute(
+        "SELECT minute, tenant, kind, n, n_human, n_unique FROM facts_minutes WHERE minute >= %s", (since,)
+    ):
+        out.update({(minute, tenant, kind, "n"): n, (minute, tenant, kind, "human"): human})
+        out[(minute, tenant, kind, "uniq")] += uniq
     return +out
 
 
@@ -218,6 +232,7 @@ def wipe(conn) -> None:
         "facts_monthly",
         "facts_hourly_cube",
         "facts_daily_cube",
+        "facts_minutes",
     ):
         conn.execute(f"DELETE FROM {t}")
 
@@ -256,6 +271,13 @@ def test_aggregates_equal_a_from_scratch_recomputation_for_late_duplicated_and_o
     left = db.execute("SELECT hour, upto, high FROM facts_dirty").fetchall()
     assert all(hour >= FILLING and upto == high for hour, upto, high in left), left
     assert stored(db) == expected
+    # The per-minute counts of the last day (a margin from its edge, which moves with the clock).
+    recent = NOW - timedelta(hours=23)
+    by_minute: Counter = Counter()
+    for (minute, tenant, _campaign, _sender, _domain, kind, measure), n in reference(order, per_minute=True).items():
+        if minute >= recent:
+            by_minute[(minute, tenant, kind, measure)] += n
+    assert minutes(db, recent) == by_minute
     assert read(op) == coarsen(expected, "hour")
     for group in DIM:  # the narrow roll-ups, per dimension, and the fine tables for two filters
         assert read(op, "day", group) == coarsen(expected, "day", group)
@@ -441,6 +463,8 @@ def test_a_filling_hour_is_read_up_to_its_watermark_and_an_older_fact_or_a_rewin
         facts.reset(op, at[4], at[5])
     assert state()[0] is None and state()[2] == 2
     assert seen() == {"sent": 1, "delivered": 1, "opened": 0}
+    per_kind = dict(db.execute("SELECT kind, sum(n) FROM facts_minutes GROUP BY 1 HAVING sum(n) > 0").fetchall())
+    assert per_kind == {"sent": 1, "delivered": 1}  # the forgotten open and click are out of the minutes too
 
 
 def test_a_catch_up_hands_the_projection_ranges_and_a_malformed_event_among_them_is_dead_lettered_alone(

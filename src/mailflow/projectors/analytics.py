@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 from mailflow.errors import UsageError
 from mailflow.projectors import queries as q
 from mailflow.projectors.counters import cards, counters
-from mailflow.projectors.facts import hour_of
+from mailflow.projectors.facts import MINUTES_KEPT, hour_of
 
 __all__ = ["Aggregated", "Filter", "aggregate", "cards", "counters", "rebuild", "series", "summary"]
 
@@ -174,6 +174,8 @@ class Retained:
 
 def maintain(conn: psycopg.Connection, *, retention_days: int, today: date | None = None) -> Retained:
     """Make the next days' partitions, drop those past retention (and the facts' bookkeeping)."""
+    # The per-minute counts are kept a day (a given day: from its midnight; tests move the clock).
+    kept_since = (datetime.now(UTC) if today is None else _midnight(today)) - MINUTES_KEPT
     today = today or datetime.now(UTC).date()
     out = Retained()
     for i in range(-1, PARTITIONS_AHEAD_DAYS + 1):
@@ -184,6 +186,7 @@ def maintain(conn: psycopg.Connection, *, retention_days: int, today: date | Non
     floor = _midnight(cutoff)
     for name, stmt in q.RETENTION.items():
         out.rows_deleted[name] = conn.execute(stmt, (floor,)).rowcount
+    out.rows_deleted["facts_minutes"] = conn.execute(q.FORGET_OLD_MINUTES, (kept_since,)).rowcount
     return out
 
 

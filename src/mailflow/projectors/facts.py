@@ -65,6 +65,7 @@ TYPES = (
 REFUSALS = ("suppressed", "cancelled", "stopped")  # JobFailed kinds of jobs never handed to SMTP
 REPEATABLE = ("bounced_hard", "bounced_soft", "delayed", "complained", "replied", "auto_replied", "opened", "clicked")
 DEFAULT_RETENTION_DAYS = 180
+MINUTES_KEPT = timedelta(days=1)  # facts_minutes: the last day's facts per minute
 
 
 def hour_of(ts: datetime) -> datetime:
@@ -132,7 +133,12 @@ class Facts(Projection):
         if first is None:
             return  # nothing in the batch becomes a fact
         self._ensure_partitions(conn, first, last)
-        extra = {"refusals": list(REFUSALS), "repeatable": list(REPEATABLE), "live": now - timedelta(seconds=LIVE_S)}
+        extra = {
+            "refusals": list(REFUSALS),
+            "repeatable": list(REPEATABLE),
+            "live": now - timedelta(seconds=LIVE_S),
+            "minutes_since": now - MINUTES_KEPT,
+        }
         self._live = conn.execute(q.FACTS_OF_BATCH, batch | extra).fetchall()
 
     def _ensure_partitions(self, conn: psycopg.Connection, first: datetime, last: datetime) -> None:
@@ -159,6 +165,7 @@ class Facts(Projection):
         if from_position > applied_upto:
             return
         conn.execute(q.MARK_DIRTY_FROM_FACTS, (from_position,))
+        conn.execute(q.FORGET_MINUTES_FROM, {"from": from_position, "minutes_since": datetime.now(UTC) - MINUTES_KEPT})
         conn.execute(q.FORGET_FIRSTS_FROM, (from_position,))
         conn.execute(q.FORGET_FACTS_FROM, (from_position,))
         conn.execute(q.FORGET_FACT_JOBS_FROM, (from_position,))

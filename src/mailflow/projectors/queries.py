@@ -43,7 +43,8 @@ WHERE type = ANY(%(types)s::text[]) AND recorded_at >= %(floor)s
 #    over again changes nothing), and the hours of those that went in are marked dirty in the
 #    same statement: a fact after the highest position marked for its hour keeps the hour's
 #    watermark (`upto`: its roll-ups hold its facts up to there, readers add the rest); one
-#    before it (a replayed dead letter) clears it and counts a reset (0026_partial_hours.sql).
+#    before it (a replayed dead letter) clears it and counts a reset (0026_partial_hours.sql);
+#    those of the last day are counted per minute too (0027_fact_minutes.sql).
 #    Returned: what went in, recorded since %(live)s, per (tenant, kind, human, unique), with
 #    the count and the largest position - the live metric deltas (metrics.py).
 FACTS_OF_BATCH = """
@@ -117,6 +118,14 @@ WITH ev AS (
     FROM g
     ON CONFLICT (position, at) DO NOTHING
     RETURNING at, position, tenant, kind, human, first
+), minutes AS (
+    INSERT INTO facts_minutes AS m (tenant, minute, kind, n, n_human, n_unique)
+    SELECT tenant, date_trunc('minute', at, 'UTC'), kind,
+           count(*), count(*) FILTER (WHERE human), count(*) FILTER (WHERE human AND first)
+    FROM added WHERE at >= %(minutes_since)s
+    GROUP BY 1, 2, 3
+    ON CONFLICT (tenant, minute, kind) DO UPDATE
+    SET n = m.n + excluded.n, n_human = m.n_human + excluded.n_human, n_unique = m.n_unique + excluded.n_unique
 ), hours AS (
     SELECT date_trunc('hour', at, 'UTC') AS hour, min(position) AS lo, max(position) AS hi FROM added GROUP BY 1
 ), dirty AS (
@@ -146,7 +155,26 @@ MARK_DIRTY_FROM_FACTS = (
     + _REWOUND
 )
 MARK_AGGREGATED_DIRTY = "INSERT INTO facts_dirty (hour) SELECT DISTINCT hour FROM facts_hourly" + _REWOUND
-FORGET_ALL_FACTS = ("DELETE FROM facts", "DELETE FROM fact_firsts", "DELETE FROM fact_jobs")
+FORGET_ALL_FACTS = (
+    "DELETE FROM facts",
+    "DELETE FROM fact_firsts",
+    "DELETE FROM fact_jobs",
+    "DELETE FROM facts_minutes",
+)
+# ... and the per-minute counts of the facts a rewind forgets (those of kept minutes: a minute's
+# facts were all counted if it was less than a day old when they came, as it still is).
+FORGET_MINUTES_FROM = """
+UPDATE facts_minutes m
+SET n = m.n - x.n, n_human = m.n_human - x.n_human, n_unique = m.n_unique - x.n_unique
+FROM (
+    SELECT tenant, date_trunc('minute', at, 'UTC') AS minute, kind, count(*) AS n,
+           count(*) FILTER (WHERE human) AS n_human, count(*) FILTER (WHERE human AND first) AS n_unique
+    FROM facts WHERE position >= %(from)s AND at >= %(minutes_since)s
+    GROUP BY 1, 2, 3
+) x
+WHERE m.tenant = x.tenant AND m.minute = x.minute AND m.kind = x.kind
+"""
+FORGET_OLD_MINUTES = "DELETE FROM facts_minutes WHERE minute < %s"
 FORGET_FIRSTS_FROM = """
 DELETE FROM fact_firsts ff USING facts f
 WHERE f.position >= %s AND f.first AND ff.job_id = f.job_id AND ff.kind = f.kind AND ff.link = coalesce(f.link, -1)
@@ -285,6 +313,20 @@ FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s
 """
 
 
+def _dirty_raw(until: str) -> str:
+    """The dirty hours' raw facts from %(raw_since)s to %(<until>)s, as `f`: all of an hour
+    without a watermark (found by time), only those after it of one with (found by position:
+    the newest few, where a scan by time would read a busy hour to keep none of it)."""
+    return f"""(
+        SELECT f.* FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour'
+        WHERE d.upto IS NULL AND f.at >= %(raw_since)s AND f.at < %({until})s
+        UNION ALL
+        SELECT f.* FROM dirty d
+        JOIN facts f ON f.position > d.upto AND f.at >= d.hour AND f.at < d.hour + interval '1 hour'
+        WHERE d.upto IS NOT NULL AND f.at >= %(raw_since)s AND f.at < %({until})s
+    ) f"""
+
+
 def _part(select: str, t: str) -> str:
     return select.format(key=_KEY.format(t=t), agg=_AGG.format(t=t), filters=_FILTERS.format(t=t))
 
@@ -294,8 +336,10 @@ _RAW_PART = (
     SELECT date_trunc('{unit}', f.at, 'UTC'), {key}, """
     + _RAW
     + """
-    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour' AND f.position > coalesce(d.upto, 0)
-    WHERE f.at >= %(raw_since)s AND f.at < %(raw_until)s{filters}"""
+    FROM """
+    + _dirty_raw("raw_until")
+    + """
+    WHERE true{filters}"""
 )
 
 SERIES_BY_HOUR = (
@@ -389,8 +433,10 @@ _CUBE_RAW = (
     + ", "
     + _RAW
     + """
-    FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour' AND f.position > coalesce(d.upto, 0)
-    WHERE f.at >= %(raw_since)s AND f.at < %(fact_until)s AND (%(key)s::text IS NULL OR """
+    FROM """
+    + _dirty_raw("fact_until")
+    + """
+    WHERE (%(key)s::text IS NULL OR """
     + _RAW_KEY
     + " = %(key)s)"
 )
@@ -410,7 +456,8 @@ def _cube(select: str, t: str) -> str:
 # The dirty hours' raw facts of a range, grouped once for every dimension (a dashboard
 # snapshot's reads share them instead of each scanning the busy current hour): per hour, dim,
 # key and kind, the measures of _RAW.
-DIRTY_FACTS_CUBE = """
+DIRTY_FACTS_CUBE = (
+    """
 WITH dirty AS (SELECT hour, upto FROM facts_dirty WHERE hour >= %(since)s AND hour < %(until)s)
 SELECT date_trunc('hour', f.at, 'UTC') AS hour,
        CASE WHEN GROUPING(f.campaign) = 0 THEN 'campaign' WHEN GROUPING(f.sender) = 0 THEN 'sender'
@@ -418,10 +465,12 @@ SELECT date_trunc('hour', f.at, 'UTC') AS hour,
        coalesce(f.campaign, f.sender, f.domain, '') AS key, f.kind,
        count(*) AS n, count(*) FILTER (WHERE f.human) AS human, count(*) FILTER (WHERE f.human AND f.first) AS uniq,
        coalesce(sum(f.latency_ms), 0) AS latency_ms_sum, count(f.latency_ms) AS latency_n
-FROM dirty d JOIN facts f ON f.at >= d.hour AND f.at < d.hour + interval '1 hour' AND f.position > coalesce(d.upto, 0)
-WHERE f.at >= %(raw_since)s AND f.at < %(raw_until)s
+FROM """
+    + _dirty_raw("raw_until")
+    + """
 GROUP BY 1, f.kind, GROUPING SETS ((), (f.campaign), (f.sender), (f.domain))
 """
+)
 
 CUBE_BY_HOUR = (
     "WITH "

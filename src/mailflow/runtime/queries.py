@@ -134,12 +134,13 @@ FROM jobs WHERE state IN ('pending', 'retry', 'queued', 'active')
 GROUP BY priority
 """
 # Sent, delivered and bounced per minute over the last hour, from the raw facts.
+# The last 60 minutes, from the facts projection's per-minute counts (0027_fact_minutes.sql).
 DASHBOARD_MINUTES = """
-SELECT date_trunc('minute', at) AS minute,
-       count(*) FILTER (WHERE kind = 'sent' AND first) AS sent,
-       count(*) FILTER (WHERE kind = 'delivered') AS delivered,
-       count(*) FILTER (WHERE kind IN ('bounced_hard', 'bounced_soft')) AS bounced
-FROM facts WHERE at >= %(since)s
+SELECT minute,
+       coalesce(sum(n_unique) FILTER (WHERE kind = 'sent'), 0) AS sent,
+       coalesce(sum(n) FILTER (WHERE kind = 'delivered'), 0) AS delivered,
+       coalesce(sum(n) FILTER (WHERE kind IN ('bounced_hard', 'bounced_soft')), 0) AS bounced
+FROM facts_minutes WHERE minute >= %(since)s
 GROUP BY 1
 """
 DASHBOARD_CAMPAIGN_NAMES = "SELECT id::text AS id, name FROM campaigns WHERE id = ANY(%(ids)s::uuid[])"
