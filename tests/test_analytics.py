@@ -233,6 +233,7 @@ def wipe(conn) -> None:
         "facts_hourly_cube",
         "facts_daily_cube",
         "facts_minutes",
+        "facts_monthly_cube",
     ):
         conn.execute(f"DELETE FROM {t}")
 
@@ -504,3 +505,87 @@ def test_a_catch_up_hands_the_projection_ranges_and_a_malformed_event_among_them
         if e.type in ("JobStarted", "JobCompleted")
     ]
     assert got == want  # every event once: no range lost, none applied twice
+
+
+TOTALS_FROM_FACTS = """
+SELECT domain, kind, count(*), count(*) FILTER (WHERE human AND first) FROM facts
+WHERE at >= %s AND at < %s GROUP BY 1, 2
+"""
+
+
+def test_totals_over_months_read_whole_months_from_the_monthly_roll_up_and_equal_the_raw_facts(db, op, operator_store):
+    wipe(db)
+    facts, connect_op = Facts(), _connector(op)
+    events = []
+    for days_ago, domain in (
+        (100, "a.example"),
+        (70, "b.example"),
+        (45, "a.example"),
+        (20, "b.example"),
+        (3, "c.example"),
+    ):
+        for _ in range(2):
+            job, at = str(uuid.uuid4()), NOW - timedelta(days=days_ago)
+            events += [
+                envelope(0, "JobCreated", created(job, domain=domain), "acme", at),
+                envelope(0, "JobStarted", {"job_id": job, "attempt": 1}, "acme", at),
+                envelope(0, "JobCompleted", {"job_id": job, "attempt": 1, "code": 250}, "acme", at),
+            ]
+    late_job = str(uuid.uuid4())
+    late = [  # its bounce comes later, in an hour of a whole month that was aggregated already
+        envelope(0, "JobCreated", created(late_job, domain="a.example"), "acme", NOW - timedelta(days=45)),
+        envelope(
+            0,
+            "FeedbackReceived",
+            {"job_id": late_job, "kind": "bounce", "hard": True},
+            "acme",
+            NOW - timedelta(days=45),
+        ),
+    ]
+    log = recorded(operator_store, events + late)
+    with op.transaction():
+        facts.apply(op, log[: len(events) + 1])
+    analytics.aggregate(connect_op)
+    window = analytics.Filter(NOW - timedelta(days=110), NOW + timedelta(hours=1))
+    since = window.since.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def totals() -> dict[tuple[str, str], tuple[int, int]]:
+        rows = analytics.series(op, window, by="day", group="domain", per_bucket=False)
+        return {(r["key"], r["kind"]): (r["n"], r["uniq"]) for r in rows if r["n"]}
+
+    def truth() -> dict[tuple[str, str], tuple[int, int]]:
+        return {(d, k): (n, u) for d, k, n, u in db.execute(TOTALS_FROM_FACTS, (since, window.until))}
+
+    months = analytics._whole_months(since, window.until)
+    assert len(months) >= 2  # 110 days hold at least two whole months
+    assert (
+        totals()
+        == truth()
+        == {
+            ("a.example", "sent"): (4, 4),
+            ("a.example", "delivered"): (4, 4),
+            ("b.example", "sent"): (4, 4),
+            ("b.example", "delivered"): (4, 4),
+            ("c.example", "sent"): (2, 2),
+            ("c.example", "delivered"): (2, 2),
+        }
+    )
+    # The whole months are read from the monthly roll-up (a wrong row there shows) ...
+    shift = "UPDATE facts_monthly_cube SET n = n + %s WHERE month = ANY(%s) AND dim = 'domain'"
+    db.execute(shift, (100, months))
+    assert totals() != truth()
+    db.execute(shift, (-100, months))
+    # ... unless one of their days is dirty: then that month is read by the day, its dirty day raw.
+    with op.transaction():
+        facts.apply(op, log[len(events) + 1 :])
+    assert totals() == truth()
+    assert totals()[("a.example", "bounced_hard")] == (1, 1)
+    analytics.aggregate(connect_op)
+    assert totals() == truth()
+    cube = db.execute(
+        "SELECT month, key, kind, n FROM facts_monthly_cube WHERE dim = 'domain' AND n > 0 ORDER BY 1, 2, 3"
+    ).fetchall()
+    by_month = db.execute(
+        "SELECT date_trunc('month', at, 'UTC'), domain, kind, count(*) FROM facts GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ).fetchall()
+    assert cube == by_month  # the monthly roll-up is the facts' own, late bounce included

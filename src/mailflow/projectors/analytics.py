@@ -93,8 +93,11 @@ def aggregate_hours(conn: psycopg.Connection, hours: list[tuple[datetime, int]],
         conn.execute(q.ROLL_UP_DAY, at)
         conn.execute(q.MONTH_PLUS_DAY, at)
         conn.execute(q.DROP_EMPTY_MONTH_ROWS, (at["month"],))
+        conn.execute(q.MONTH_CUBE_LESS_DAY, at)
         conn.execute(q.DELETE_DAILY_CUBE, (at["day"],))
         conn.execute(q.ROLL_UP_DAY_CUBE, at)
+        conn.execute(q.MONTH_CUBE_PLUS_DAY, at)
+        conn.execute(q.DROP_EMPTY_MONTH_CUBE_ROWS, (at["month"],))
     return done
 
 
@@ -317,6 +320,11 @@ def series(
             shared = dirty is not None and dirty.since <= params["since"] and f.until == dirty.until
             # The raw facts' part is read here unless the shared one stands in for it.
             params |= {"dim": dim, "key": key, "per_bucket": per_bucket}
+            whole = [] if per_bucket else _whole_months(params["since"], params["until"])
+            if whole and (hi <= whole[0] or lo >= _next(whole[-1], "month")):  # no dirty hour in them
+                params |= {"whole_since": whole[0], "whole_until": _next(whole[-1], "month")}
+            else:
+                params |= {"whole_since": params["since"], "whole_until": params["since"]}
             params["fact_until"] = params["raw_since"] if shared else params["raw_until"]
             found = list(cur.execute(CUBES[by], params).fetchall())
             if shared:
@@ -335,6 +343,18 @@ def series(
 
 
 _MEASURES = ("n", "human", "uniq", "latency_ms_sum", "latency_n")
+
+
+def _whole_months(since: datetime, until: datetime) -> list[datetime]:
+    """The starts of the months that lie wholly in [since, until)."""
+    month = _floor(since, "month")
+    if month < since:
+        month = _next(month, "month")
+    out = []
+    while _next(month, "month") <= until:
+        out.append(month)
+        month = _next(month, "month")
+    return out
 
 
 # What people read: the kinds of the counters, in the order tables show them.

@@ -267,6 +267,27 @@ SET n = m.n + excluded.n, n_human = m.n_human + excluded.n_human, n_unique = m.n
     latency_ms_max = greatest(m.latency_ms_max, excluded.latency_ms_max), size_sum = m.size_sum + excluded.size_sum
 """
 DROP_EMPTY_MONTH_ROWS = "DELETE FROM facts_monthly WHERE month = %s AND n = 0"
+# The same for the narrow roll-ups: the day's old cube rows out of its month, its new ones in.
+MONTH_CUBE_LESS_DAY = """
+UPDATE facts_monthly_cube m
+SET n = m.n - d.n, n_human = m.n_human - d.n_human, n_unique = m.n_unique - d.n_unique,
+    latency_ms_sum = m.latency_ms_sum - d.latency_ms_sum, latency_n = m.latency_n - d.latency_n,
+    size_sum = m.size_sum - d.size_sum
+FROM facts_daily_cube d
+WHERE d.day = %(day)s AND m.month = %(month)s
+  AND (m.tenant, m.dim, m.key, m.kind) = (d.tenant, d.dim, d.key, d.kind)
+"""
+MONTH_CUBE_PLUS_DAY = """
+INSERT INTO facts_monthly_cube AS m (month, tenant, dim, key, kind, n, n_human, n_unique, latency_ms_sum, latency_n,
+                                     size_sum)
+SELECT %(month)s, tenant, dim, key, kind, n, n_human, n_unique, latency_ms_sum, latency_n, size_sum
+FROM facts_daily_cube WHERE day = %(day)s
+ON CONFLICT (tenant, dim, month, key, kind) DO UPDATE
+SET n = m.n + excluded.n, n_human = m.n_human + excluded.n_human, n_unique = m.n_unique + excluded.n_unique,
+    latency_ms_sum = m.latency_ms_sum + excluded.latency_ms_sum, latency_n = m.latency_n + excluded.latency_n,
+    size_sum = m.size_sum + excluded.size_sum
+"""
+DROP_EMPTY_MONTH_CUBE_ROWS = "DELETE FROM facts_monthly_cube WHERE month = %s AND n = 0"
 FACT_HOURS_SINCE = """
 INSERT INTO facts_dirty (hour)
 SELECT DISTINCT date_trunc('hour', at, 'UTC') FROM facts WHERE at >= %(since)s
@@ -492,11 +513,22 @@ CUBE_BY_DAY = (
     "WITH "
     + _DIRTY
     + ", dirty_days AS (SELECT DISTINCT date_trunc('day', hour, 'UTC') AS day FROM dirty)"
+    # Totals over a range (per_bucket false) take the whole months in [%(whole_since)s,
+    # %(whole_until)s) from the monthly roll-up and only the days around them from the daily one
+    # (analytics.series leaves that range empty when a dirty hour lies in it).
     + _CUBE_SUM.format(
         parts=_cube(
             """
+    SELECT c.month, {agg} FROM facts_monthly_cube c
+    WHERE c.month >= %(whole_since)s AND c.month < %(whole_until)s{filters}""",
+            "c",
+        )
+        + "\n    UNION ALL"
+        + _cube(
+            """
     SELECT c.day, {agg} FROM facts_daily_cube c
     WHERE c.day >= %(since)s AND c.day < %(until)s
+      AND (c.day < %(whole_since)s OR c.day >= %(whole_until)s)
       AND NOT EXISTS (SELECT 1 FROM dirty_days x WHERE x.day = c.day){filters}""",
             "c",
         )
