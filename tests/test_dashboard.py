@@ -167,3 +167,23 @@ def test_a_socket_from_another_site_or_without_a_session_is_refused(api, two):
             assert closed.value.rcvd is not None and closed.value.rcvd.code == web_dashboard.SIGNED_OUT
 
     asyncio.run(scenario())
+
+
+def test_a_snapshot_s_reads_share_one_database_snapshot(api, two, monkeypatch):
+    """The counters, charts and breakdowns of one snapshot are read in one read-only REPEATABLE
+    READ transaction: a fact committed between two of its reads is in all of them or none."""
+    seen = []
+    real = web_dashboard.dashboard.snapshot
+
+    def spy(conn, *args, **kwargs):
+        seen.append(
+            conn.execute(
+                "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
+            ).fetchone()
+        )
+        return real(conn, *args, **kwargs)
+
+    monkeypatch.setattr(web_dashboard.dashboard, "snapshot", spy)
+    acme = browser(api, "acme", "ops@acme.example")
+    assert acme.get("/dashboard/data").status_code == 200
+    assert seen == [("repeatable read", "on")]

@@ -187,10 +187,15 @@ def _transaction(store: EventStore, conn: psycopg.Connection) -> Iterator[Writer
 
 
 @contextmanager
-def reading(store: EventStore, *, timeout_ms: int | None = None) -> Iterator[psycopg.Connection]:
+def reading(
+    store: EventStore, *, timeout_ms: int | None = None, one_snapshot: bool = False
+) -> Iterator[psycopg.Connection]:
     """A pooled connection, in a transaction scoped as the store's writes are (see writing()),
-    whose statements are cancelled after `timeout_ms` if given (one round trip sets both)."""
+    whose statements are cancelled after `timeout_ms` if given (one round trip sets both).
+    `one_snapshot`: a read-only REPEATABLE READ transaction, so that its reads agree."""
     with store.pool.connection() as conn, conn.transaction():
+        if one_snapshot:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if store.tenant is not None and timeout_ms is not None:
             conn.execute(_SCOPE_FOR_TENANT_TIMED, {"tenant": store.tenant, "timeout": str(timeout_ms)})
         elif store.tenant is not None:

@@ -162,7 +162,8 @@ class DashboardPages:
     # -- numbers (in a thread, on the tenant's connection)
 
     def _snapshot(self, tenant: str, by: str, range_: str) -> dict[str, Any]:
-        with inline.reading(self.store.for_tenant(tenant), timeout_ms=READ_TIMEOUT_MS) as conn:
+        # One snapshot of the database for all its reads: the breakdowns agree with the counters.
+        with inline.reading(self.store.for_tenant(tenant), timeout_ms=READ_TIMEOUT_MS, one_snapshot=True) as conn:
             return dashboard.snapshot(conn, tenant, by=by, range_=range_)  # type: ignore[arg-type]
 
     def _queues(self, tenant: str) -> list[dict[str, Any]]:
